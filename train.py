@@ -1,0 +1,338 @@
+"""Train a patched diffusion model (pDDPM) on healthy head-CT slices.
+
+    python train.py --data_dir DATA --output_dir runs/scratch
+    python train.py --data_dir DATA --output_dir runs/pre --pretrained --hf_model google/ddpm-ema-celebahq-256
+    torchrun --nproc_per_node=4 train.py --data_dir DATA ...        (see README, "Multiple GPUs")
+
+Each step: take a batch of healthy slices, noise one random patch_size box per slice at a
+random timestep, and teach the network to rebuild the clean box from the noised box plus the
+clean surroundings (loss on the box only). Each epoch: validation loss on held-out healthy
+slices, then the same sliding-window anomaly scoring that evaluate.py runs, on the
+validation split (patients never seen in training), giving the ROC-AUC used to keep
+best_model.pt. The test split is left alone: evaluate.py reports it once.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import compare
+import data
+import evaluate
+import models
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default=None,
+                   help="RSNA folder (stage_2_train/ + stage_2_train.csv), CT-ICH folder, or a phantom from `python data.py phantom`")
+    g.add_argument("--dataset", default="auto", choices=["auto", "rsna", "ctich"])
+    g.add_argument("--cache_dir", default=None, help="slice/index cache (default: next to the data, or ~/.cache/ct-pddpm)")
+    g.add_argument("--output_dir", default="./checkpoints")
+    g.add_argument("--num_samples", type=int, default=2000, help="healthy training slices")
+    g.add_argument("--eval_samples", type=evaluate.parse_eval_samples, default=50,
+                   help="validation slices per class for the per-epoch ROC-AUC, or 'all'")
+    g.add_argument("--image_size", type=int, default=256)
+    g.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="1 = brain window, 3 = brain/subdural/bone (default: 1, or 3 with --pretrained)")
+    g.add_argument("--num_workers", type=int, default=2)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
+    g.add_argument("--hf_model", default="google/ddpm-ema-celebahq-256", help="hub id or local directory (offline clusters)")
+    g.add_argument("--base_channels", type=int, default=64, help="width of the scratch UNet")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=12)
+    g.add_argument("--batch_size", type=int, default=16, help="per process; global batch = nproc x batch_size")
+    g.add_argument("--lr", type=float, default=None, help="default 1e-4 scratch, 1e-5 pretrained")
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--device", default="auto")
+    g = p.add_argument_group("anomaly scoring (shared with evaluate.py)")
+    evaluate.add_scoring_args(g)
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from last.pt")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output_dir")
+    g.add_argument("--run_label", default=None, help="label for plots (default: built from the settings)")
+    g.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (smoke tests)")
+    args = p.parse_args(argv)
+    if not args.data_dir:
+        raise SystemExit("error: --data_dir is required: point it at the RSNA data (stage_2_train/ + stage_2_train.csv, "
+                         "see README 'Using RSNA'), a CT-ICH folder, or a phantom made by `python data.py phantom --out DIR`")
+    if args.channels is None:
+        args.channels = 3 if args.pretrained else 1
+    if args.lr is None:
+        args.lr = 1e-5 if args.pretrained else 1e-4
+    if args.run_label is None:
+        kind = f"pretrained {os.path.basename(os.path.normpath(args.hf_model))}" if args.pretrained else f"scratch bc{args.base_channels}"
+        args.run_label = f"{kind} {args.channels}ch {args.image_size}px"
+    return args
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as rank 0 of 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = models.pick_device(args.device)
+    if world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def check_output_dir(args):
+    """Refuse to silently overwrite a finished run."""
+    if args.resume:
+        if not os.path.exists(os.path.join(args.output_dir, "last.pt")):
+            raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
+        return
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise SystemExit(f"error: {args.output_dir}: output dir is not empty; "
+                         "use --resume to continue that run or --overwrite to replace it")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
+
+
+def autocast_dtype(args, device):
+    if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@torch.no_grad()
+def validation_loss(model, loader, scheduler, args, device, amp_dtype):
+    """Patch loss on held-out healthy slices, with boxes, timesteps and noise fixed across epochs."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    total, count = 0.0, 0
+    for batch in loader:
+        x0 = batch["image"].to(device)
+        n = x0.shape[0]
+        boxes = models.random_boxes(n, args.image_size, args.patch_size, gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = models.noise_boxes(x0, boxes, args.patch_size, t.to(device), scheduler, noise.to(device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x0_hat = model(x_t, t.to(device))
+        total += models.patch_loss(x0_hat.float(), x0, boxes, args.patch_size).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def save_diagnostics(path, model, dataset, index, scheduler, args, device, epoch, amp_dtype):
+    """Input, noised patch, one-step reconstruction and anomaly map for a few val slices."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = index["any"][dataset.positions]
+    picks = list(np.flatnonzero(labels == 0)[:3]) + list(np.flatnonzero(labels == 1)[:3])
+    if not picks:
+        return
+    items = [dataset[i] for i in picks]
+    x0 = torch.stack([it["image"] for it in items]).to(device)
+    masks = torch.stack([it["mask"] for it in items]).to(device)
+    n, t_show = len(items), args.eval_t[0]
+    # Noise the box centred on the brain (or the image centre) so the panel shows a typical window.
+    boxes = torch.zeros(n, 2, dtype=torch.long)
+    for i in range(n):
+        ys, xs = torch.nonzero(masks[i].cpu(), as_tuple=True)
+        cy, cx = (int(ys.float().mean()), int(xs.float().mean())) if len(ys) else (args.image_size // 2,) * 2
+        boxes[i, 0] = min(max(cy - args.patch_size // 2, 0), args.image_size - args.patch_size)
+        boxes[i, 1] = min(max(cx - args.patch_size // 2, 0), args.image_size - args.patch_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    t = torch.full((n,), t_show, dtype=torch.long)
+    x_t = models.noise_boxes(x0, boxes, args.patch_size, t.to(device), scheduler, torch.randn(x0.shape, generator=gen).to(device))
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        x0_hat = model(x_t, t.to(device)).float()
+    maps = models.anomaly_maps(model, x0, scheduler, **evaluate.map_settings(args), seeds=[args.seed + int(it["position"]) for it in items],
+                               brain_masks=masks)
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    for i in range(n):
+        kind = "hemorrhage" if items[i]["label"] else "healthy"
+        panels = [(x0[i, 0], "input (brain window)"), (x_t[i, 0], f"patch noised at t={t_show}"),
+                  (x0_hat[i, 0], "one-step reconstruction"), (maps[i], "anomaly map |x - x0_hat|")]
+        for j, (img, title) in enumerate(panels):
+            ax = axes[i, j]
+            cmap, vmin, vmax = ("inferno", 0, None) if j == 3 else ("gray", -1, 1)
+            im = ax.imshow(img.detach().cpu().float().numpy(), cmap=cmap, vmin=vmin, vmax=vmax)
+            if j in (1, 2):
+                y, x = boxes[i].tolist()
+                ax.add_patch(plt.Rectangle((x, y), args.patch_size, args.patch_size, fill=False, ec="cyan", lw=1))
+            if j == 3:
+                fig.colorbar(im, ax=ax, fraction=0.046)
+            ax.set_title(f"{kind}: {title}" if j == 0 else title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"Diagnostics after epoch {epoch} ({args.run_label})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed(args)
+    is_main = rank == 0
+    if is_main:
+        check_output_dir(args)
+    if world > 1:
+        dist.barrier()
+    amp_dtype = autocast_dtype(args, device)
+
+    # ---- data: patient-level splits; healthy slices only for training -----------------------
+    index = data.load_index(args.data_dir, dataset=None if args.dataset == "auto" else args.dataset,
+                            cache_dir=args.cache_dir, num_workers=args.num_workers)
+    splits = data.make_splits(index, args.seed, args.num_samples, args.eval_samples)
+    needed = np.concatenate([splits["train"], splits["val"]])
+    cache = data.prepare_slices(args.data_dir, index, needed, args.image_size, args.channels,
+                                cache_dir=args.cache_dir, num_workers=args.num_workers)
+    train_pos = cache.ok(splits["train"])
+    val_pos = cache.ok(splits["val"])
+    if len(train_pos) == 0:
+        raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices")
+    val_healthy = val_pos[index["any"][val_pos] == 0]
+    train_set = data.SliceDataset(cache, index, train_pos)
+    val_loss_set = data.SliceDataset(cache, index, val_healthy)
+    val_eval_set = data.SliceDataset(cache, index, val_pos)
+    if is_main:
+        print(f"train: {len(train_pos)} healthy slices | val: {len(val_pos)} slices "
+              f"({int(index['any'][val_pos].sum())} hemorrhage) | device {device} x{world} | "
+              f"precision {'bf16' if amp_dtype else 'fp32'}")
+
+    # ---- model, optimiser, cosine LR over all steps --------------------------------------------
+    torch.manual_seed(args.seed)
+    config = models.model_config(args)
+    model = models.build_model(config).to(device)
+    if is_main:
+        print(f"model: {args.run_label}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    scheduler = models.make_scheduler()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True) if world > 1 else None
+    steps_per_epoch = len(train_set) // (args.batch_size * world) or 1
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    history, start_epoch, best_auc, best_loss = [], 1, -math.inf, math.inf
+    if args.resume:
+        ckpt = torch.load(os.path.join(args.output_dir, "last.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        history = ckpt["history"]
+        start_epoch = ckpt["epoch"] + 1
+        best_auc = max([h["val_roc_auc"] for h in history if h["val_roc_auc"] is not None], default=-math.inf)
+        best_loss = min([h["val_loss"] for h in history], default=math.inf)
+        if is_main:
+            print(f"resuming {args.output_dir} after epoch {ckpt['epoch']}")
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if is_main:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args) | {"world_size": world}, f, indent=2)
+    loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=args.num_workers > 0)
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        # Every random draw of an epoch comes from (seed, epoch, rank), so a resumed run repeats it.
+        torch.manual_seed(args.seed + 1000 * epoch + rank)
+        gen = torch.Generator().manual_seed(args.seed + 1000 * epoch + rank)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
+                                             generator=gen if sampler is None else None, drop_last=len(train_set) >= args.batch_size,
+                                             **loader_kw)
+        model.train()
+        t0, losses = time.time(), []
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main, leave=False)
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            x0 = batch["image"].to(device, non_blocking=True)
+            n = x0.shape[0]
+            boxes = models.random_boxes(n, args.image_size, args.patch_size, gen)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            x_t = models.noise_boxes(x0, boxes, args.patch_size, t, scheduler, noise)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                x0_hat = train_model(x_t, t)
+            loss = models.patch_loss(x0_hat.float(), x0, boxes, args.patch_size)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
+                                 f"last good checkpoint: {os.path.join(args.output_dir, 'last.pt')}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        train_time = time.time() - t0
+
+        # ---- per-epoch evaluation: the same scoring evaluate.py runs, on the validation split ----
+        val_loader = torch.utils.data.DataLoader(val_loss_set, batch_size=args.batch_size, num_workers=0)
+        val_loss = validation_loss(model, val_loader, scheduler, args, device, amp_dtype)
+        t1 = time.time()
+        result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size},
+                                      device, seed=args.seed, rank=rank, world=world)
+        eval_time = time.time() - t1
+        if not is_main:
+            continue
+        metrics = evaluate.slice_metrics(result["labels"], result["scores"][args.score], result["patients"], n_boot=200, seed=args.seed)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                  "val_roc_auc": metrics["roc_auc"], "val_roc_auc_ci": metrics["roc_auc_ci"], "val_auprc": metrics["auprc"],
+                  "val_roc_auc_by_score": {name: evaluate.roc_auc(result["labels"], s) for name, s in result["scores"].items()},
+                  "lr": lr_schedule.get_last_lr()[0], "train_seconds": train_time, "eval_seconds": eval_time,
+                  "images_per_second": len(losses) * args.batch_size * world / max(train_time, 1e-9)}
+        history.append(record)
+        extra = {"args": vars(args), "epoch": epoch, "metrics": record}
+        auc = record["val_roc_auc"] if record["val_roc_auc"] is not None else -math.inf
+        if auc > best_auc:
+            best_auc = auc
+            models.save_checkpoint(os.path.join(args.output_dir, "best_model.pt"), model, config, **extra)
+        if val_loss < best_loss:
+            best_loss = val_loss
+            models.save_checkpoint(os.path.join(args.output_dir, "best_model_loss.pt"), model, config, **extra)
+        # last.pt last: it is what --resume trusts, so it only names an epoch whose files are all written.
+        with open(os.path.join(args.output_dir, "training_history.json.tmp"), "w") as f:
+            json.dump(history, f, indent=2)
+        os.replace(os.path.join(args.output_dir, "training_history.json.tmp"), os.path.join(args.output_dir, "training_history.json"))
+        compare.plot_runs([history], [args.run_label], os.path.join(args.output_dir, "training_curves.png"))
+        evaluate.plot_scores(os.path.join(args.output_dir, f"eval_scores_epoch_{epoch}.png"), result["labels"],
+                             result["scores"][args.score], title=f"validation, epoch {epoch}, score {args.score}")
+        save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), model, val_eval_set, index, scheduler,
+                         args, device, epoch, amp_dtype)
+        models.save_checkpoint(os.path.join(args.output_dir, "last.pt"), model, config, **extra,
+                               optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), history=history)
+        ci = record["val_roc_auc_ci"]
+        auc_text = "n/a" if record["val_roc_auc"] is None else f"{record['val_roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        print(f"epoch {epoch:3d} | train loss {record['train_loss']:.4f} | val loss {val_loss:.4f} | "
+              f"val ROC-AUC ({args.score}) {auc_text} | {train_time:.0f}s train, {eval_time:.0f}s eval", flush=True)
+
+    if is_main:
+        print(f"done: best val ROC-AUC {best_auc:.3f}; outputs in {args.output_dir}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
