@@ -1,0 +1,92 @@
+"""End to end: train.py, evaluate.py and compare.py as a user runs them, on a tiny phantom."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_train_args(data_dir, out, epochs=1, extra=()):
+    return [sys.executable, "train.py", "--data_dir", str(data_dir), "--output_dir", str(out),
+            "--image_size", "32", "--patch_size", "8", "--stride", "8", "--base_channels", "8",
+            "--num_samples", "32", "--eval_samples", "all", "--batch_size", "8", "--epochs", str(epochs),
+            "--num_workers", "0", "--eval_batch_size", "32", "--seed", "1", *extra]
+
+
+def run(cmd, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kw)
+    return proc
+
+
+def test_train_evaluate_compare(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run(tiny_train_args(phantom_dir, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ["best_model.pt", "best_model_loss.pt", "last.pt", "training_history.json", "training_curves.png",
+                 "diagnostics_epoch_1.png", "eval_scores_epoch_1.png", "args.json"]:
+        assert (out / name).is_file(), name
+    history = json.loads((out / "training_history.json").read_text())
+    assert len(history) == 1 and history[0]["epoch"] == 1
+    assert 0.0 <= history[0]["val_roc_auc"] <= 1.0
+    assert json.loads((out / "args.json").read_text())["image_size"] == 32
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    proc = run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best_model.pt"), "--output_dir", str(tmp_path / "ev")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "slice" in json.dumps(metrics)
+    rows = (tmp_path / "ev" / "scores.csv").read_text().splitlines()
+    assert len(rows) > 2 and "patient" in rows[0]
+
+    proc = run([sys.executable, "compare.py", "--scratch_dir", str(out), "--pretrained_dir", str(out),
+                "--output", str(tmp_path / "cmp.png")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refuses_to_overwrite_a_run(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best_model.pt").write_bytes(b"earlier result")
+    proc = run(tiny_train_args(phantom_dir, out))
+    assert proc.returncode != 0
+    assert "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "best_model.pt").read_bytes() == b"earlier result"
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path):
+    proc = run([sys.executable, "train.py", "--output_dir", str(tmp_path / "x")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--data_dir" in proc.stderr
+
+
+def test_sigkill_and_resume_matches_uninterrupted(phantom_dir, tmp_path):
+    straight = tmp_path / "straight"
+    proc = run(tiny_train_args(phantom_dir, straight, epochs=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(tiny_train_args(phantom_dir, killed, epochs=2), cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    proc = run(tiny_train_args(phantom_dir, killed, epochs=2, extra=["--resume"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a = json.loads((straight / "training_history.json").read_text())
+    b = json.loads((killed / "training_history.json").read_text())
+    assert [h["epoch"] for h in b] == [1, 2]
+    for ha, hb in zip(a, b):
+        for key in ["train_loss", "val_loss", "val_roc_auc"]:
+            assert ha[key] == pytest.approx(hb[key], abs=1e-6), key
