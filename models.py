@@ -1,0 +1,526 @@
+"""The pDDPM core: the networks, the noise schedule, patched noising, the patch loss and the
+anomaly maps that training-time evaluation and evaluate.py both score with.
+
+Method: Behrendt et al., "Patched Diffusion Models for Unsupervised Anomaly Detection in Brain
+MRI", MIDL 2023. A network that predicts the clean slice x0 from a slice in which only one box
+was noised learns to fill a box in from its healthy surroundings; where the tissue in the box is
+not healthy (a bleed), the fill-in differs from what is there, and that difference is the map.
+
+Which reading of the spec's architecture this is
+------------------------------------------------
+The spec lists the encoder levels as 64, 128, 256, 512 channels (the deepest at 1/8 of the image
+size, no downsample after it), a 512-channel middle (ResBlock, 4-head self-attention, ResBlock)
+and a decoder that concatenates one skip per level (512+512 -> 256, 256+256 -> 128,
+128+128 -> 64, 64+64 -> 64), and says "~14M parameters". Those two statements disagree. UNet()
+builds the description literally (channel_mults=(1, 2, 4, 8)):
+
+    base_channels=64, channel_mults=(1, 2, 4, 8): 30,281,793 parameters, 165.0 GFLOPs at 256^2
+    base_channels=64, channel_mults=(1, 2, 4, 4): 14,805,569 parameters, 132.8 GFLOPs at 256^2
+
+(measured with `python models.py`, which prints params= and gflops= for forward, batch 1).
+The second reading is the one that matches the stated count; it is one argument away
+(`channel_mults=[1, 2, 4, 4]` in the config). We default to the description because it says
+what every layer is, whereas the count is a one-word summary that could have been rounded from
+any model. Which one detects bleeds better is for held-out data to say, not this comment.
+
+Shapes: images are [B, C, H, W] in [-1, 1]; boxes are [B, 2] LongTensors of (top, left);
+t is an int or a [B] tensor of timesteps in [0, 1000).
+"""
+import argparse
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+
+import numpy as np
+import scipy.ndimage
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from pytorch_msssim import ssim
+from torch.utils.flop_counter import FlopCounterMode
+
+
+# ----------------------------------------------------------------------------------------------
+# noise schedule
+
+def make_scheduler():
+    # clip_sample defaults to True in diffusers; we never sample, and clipping would hide the
+    # error of an x0 prediction that overshoots [-1, 1], so it is off.
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="sample", clip_sample=False)
+
+
+def _timesteps(t, batch_size, device):
+    """An int, a 0-d or a [B] tensor of timesteps -> a [B] long tensor on device."""
+    t = torch.as_tensor(t, device=device).long().reshape(-1)
+    return t.expand(batch_size) if t.numel() == 1 else t
+
+
+# ----------------------------------------------------------------------------------------------
+# from-scratch UNet (the spec's architecture)
+
+def group_norm(channels):
+    # 32 groups at full width (the usual DDPM choice); at tiny test widths two channels per
+    # group, so the same code runs with base_channels=8.
+    groups = math.gcd(32, channels // 2) if channels % 2 == 0 else 1
+    return nn.GroupNorm(groups, channels)
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timesteps t [B] -> [B, dim] (Transformer positions)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GN -> SiLU -> Conv -> + time -> GN -> SiLU -> Dropout -> Conv, plus a (1x1) skip."""
+
+    def __init__(self, in_channels, out_channels, time_dim, dropout):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = (nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels
+                     else nn.Identity())
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of the deepest feature map, residual."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        # heads split so the feature dim is the contiguous one: the fused CPU/GPU attention
+        # kernels need that, otherwise torch silently takes the slow unfused path
+        qkv = self.qkv(tokens).reshape(B, H * W, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # each [B, heads, HW, C/heads]
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        return x + self.proj(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class UNet(nn.Module):
+    """x0-predicting UNet of the spec. Level i has base_channels * channel_mults[i] channels and
+    two ResBlocks; every level but the last halves the resolution after its ResBlocks. The
+    decoder mirrors it, concatenating the encoder output of the same level (one skip per level)."""
+
+    def __init__(self, in_channels=1, base_channels=64, channel_mults=(1, 2, 4, 8),
+                 num_res_blocks=2, attention_heads=4, time_embed_dim=64, time_dim=256, dropout=0.1):
+        super().__init__()
+        widths = [base_channels * m for m in channel_mults]
+        self.time_embed_dim = time_embed_dim
+        self.size_multiple = 2 ** (len(widths) - 1)
+        self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, time_dim), nn.SiLU(),
+                                      nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        channels = base_channels
+        for level, width in enumerate(widths):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(channels, width, time_dim, dropout))
+                channels = width
+            self.down_blocks.append(nn.ModuleList(blocks))
+            last = level == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else
+                                    nn.Conv2d(width, width, 3, stride=2, padding=1))
+
+        self.mid_block1 = ResBlock(channels, channels, time_dim, dropout)
+        self.mid_attention = SelfAttention(channels, attention_heads)
+        self.mid_block2 = ResBlock(channels, channels, time_dim, dropout)
+
+        # decoder level i: [h, skip_i] (2 * width_i) -> width_{i-1} (base_channels at level 0)
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            out_width = widths[level - 1] if level > 0 else base_channels
+            blocks = []
+            channels = 2 * widths[level]
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(channels, out_width, time_dim, dropout))
+                channels = out_width
+            self.up_blocks.append(nn.ModuleList(blocks))
+            self.upsamples.append(nn.Identity() if level == 0 else nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(out_width, out_width, 3, padding=1)))
+
+        self.norm_out = group_norm(base_channels)
+        self.conv_out = nn.Conv2d(base_channels, in_channels, 3, padding=1)
+
+    def forward(self, x_t, t):
+        if x_t.shape[-1] % self.size_multiple or x_t.shape[-2] % self.size_multiple:
+            raise ValueError(f"UNet input {tuple(x_t.shape[-2:])} is not a multiple of "
+                             f"{self.size_multiple} (one halving per level)")
+        t = _timesteps(t, x_t.shape[0], x_t.device)
+        emb = self.time_mlp(timestep_embedding(t, self.time_embed_dim))
+        h = self.conv_in(x_t)
+        skips = []
+        for blocks, downsample in zip(self.down_blocks, self.downsamples):
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
+            h = downsample(h)
+        h = self.mid_block2(self.mid_attention(self.mid_block1(h, emb)), emb)
+        for blocks, upsample in zip(self.up_blocks, self.upsamples):
+            h = torch.cat([h, skips.pop()], dim=1)
+            for block in blocks:
+                h = block(h, emb)
+            h = upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrained diffusers UNet behind the same call signature
+
+class PretrainedUNet(nn.Module):
+    """A diffusers UNet2DModel (default google/ddpm-ema-celebahq-256, 3 channels) fine-tuned to
+    predict x0. hf_model is a hub id or a local directory written by save_pretrained (offline
+    clusters). With unet_config (stored in our checkpoints) the architecture is built without
+    touching the hub and the weights come from the checkpoint.
+
+    The input must have the model's channel count: data.make_input gives the 3-channel model
+    three CT windows (brain, subdural, bone). We do not repeat or average channels here."""
+
+    def __init__(self, hf_model, unet_config=None):
+        super().__init__()
+        self.hf_model = str(hf_model)
+        if unet_config is not None:
+            self.unet = UNet2DModel.from_config(unet_config)
+        else:
+            self.unet = UNet2DModel.from_pretrained(self.hf_model, low_cpu_mem_usage=False)
+        self.in_channels = self.unet.config.in_channels
+        self.size_multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def forward(self, x_t, t):
+        if x_t.shape[1] != self.in_channels:
+            raise ValueError(f"{self.hf_model} takes {self.in_channels} channels, got {x_t.shape[1]}")
+        return self.unet(x_t, _timesteps(t, x_t.shape[0], x_t.device)).sample
+
+
+def _plain(value):
+    """diffusers configs hold tuples and FrozenDicts; checkpoints hold plain lists and dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def model_config(args):
+    """The plain-data model config of a train.py / bench.py argparse namespace."""
+    config = {"kind": "pretrained" if args.pretrained else "scratch", "in_channels": args.channels,
+              "base_channels": args.base_channels, "image_size": args.image_size,
+              "hf_model": str(args.hf_model)}
+    if hasattr(args, "channel_mults"):
+        config["channel_mults"] = list(args.channel_mults)
+    return config
+
+
+def build_model(config):
+    """config: plain data with kind ("scratch" | "pretrained"), in_channels, base_channels,
+    image_size, hf_model; optional channel_mults, dropout; unet_config (set by save_checkpoint)."""
+    if config["kind"] == "pretrained":
+        return PretrainedUNet(config["hf_model"], config.get("unet_config"))
+    if config["kind"] == "scratch":
+        return UNet(in_channels=config["in_channels"], base_channels=config["base_channels"],
+                    channel_mults=tuple(config.get("channel_mults", (1, 2, 4, 8))),
+                    dropout=config.get("dropout", 0.1))
+    raise ValueError(f"unknown model kind {config['kind']!r} (scratch | pretrained)")
+
+
+def save_standin(directory, in_channels=3):
+    """A tiny, randomly initialised UNet2DModel with the block types of
+    google/ddpm-ema-celebahq-256 (attention one level above the bottom), written with
+    save_pretrained. It stands in for the hub model where the hub is unreachable (tests, the
+    demo): --hf_model DIR then runs the same code path as the real model. Not pretrained."""
+    unet = UNet2DModel(sample_size=64, in_channels=in_channels, out_channels=in_channels,
+                       layers_per_block=2, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False,
+                       freq_shift=1, norm_eps=1e-6)
+    unet.save_pretrained(directory)
+    return unet
+
+
+def pick_device(name="auto"):
+    """"auto" -> cuda if present, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, model, config, **extra_plain_data):
+    """Write {"model": state_dict, "config": config, **extra} atomically: a crash mid-write
+    leaves the previous checkpoint in place, never a truncated one."""
+    config = dict(config)
+    if isinstance(model, PretrainedUNet):
+        config["unet_config"] = _plain(dict(model.unet.config))  # rebuild offline on load
+    checkpoint = {"model": model.state_dict(), "config": config, **extra_plain_data}
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode on device, config, checkpoint dict). Refuses anything that is not
+    plain tensors and data (weights_only) with a one-line message naming the file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise SystemExit(f"error: {path}: refused, not plain tensors and data ({first_line})")
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"error: {path}: unreadable or truncated checkpoint "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise SystemExit(f"error: {path}: not a ct-pddpm checkpoint (no 'model' and 'config' entries)")
+    config = checkpoint["config"]
+    model = build_model(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"error: {path}: weights do not match the architecture in its config "
+                         f"({str(e).strip().splitlines()[0]})")
+    return model.to(device).eval(), config, checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# patched noising and the patch loss
+
+def random_boxes(n, image_size, patch_size, generator=None):
+    """n uniformly placed boxes fully inside the image -> LongTensor [n, 2] of (top, left)."""
+    return torch.randint(0, image_size - patch_size + 1, (n, 2), generator=generator)
+
+
+def crop_boxes(images, boxes, patch_size):
+    """[B, C, H, W] and boxes [B, 2] -> the boxed patches [B, C, p, p]."""
+    return torch.stack([image[:, top:top + patch_size, left:left + patch_size]
+                        for image, (top, left) in zip(images, boxes.tolist())])
+
+
+def noise_boxes(x0, boxes, patch_size, t, scheduler, noise):
+    """Noise the box of each slice to timestep t with the scheduler's q(x_t | x0); every pixel
+    outside the box is copied, bit for bit. noise is [B, C, p, p] (patch-sized) or [B, C, H, W]
+    (the boxes are cut out of it)."""
+    if noise.shape[-2:] != (patch_size, patch_size):
+        noise = crop_boxes(noise, boxes, patch_size)
+    t = _timesteps(t, x0.shape[0], x0.device)
+    noisy = scheduler.add_noise(crop_boxes(x0, boxes, patch_size), noise.to(x0), t)
+    x_t = x0.clone()
+    for i, (top, left) in enumerate(boxes.tolist()):
+        x_t[i, :, top:top + patch_size, left:left + patch_size] = noisy[i]
+    return x_t
+
+
+def patch_loss(x0_hat, x0, boxes, patch_size):
+    """MSE + (1 - SSIM) between prediction and clean slice, on the noised box only (the rest of
+    the slice was given to the network, so copying it teaches nothing)."""
+    pred = crop_boxes(x0_hat, boxes, patch_size).float()
+    target = crop_boxes(x0, boxes, patch_size).float()
+    # SSIM's Gaussian window must fit in the patch (valid convolution) and be odd.
+    win_size = min(11, patch_size if patch_size % 2 else patch_size - 1)
+    structural = ssim(pred, target, data_range=2.0, win_size=win_size)  # [-1, 1] images
+    return F.mse_loss(pred, target) + (1.0 - structural)
+
+
+# ----------------------------------------------------------------------------------------------
+# anomaly maps and slice scores
+
+def window_grid(image_size, patch_size, stride):
+    """Top-left corners of a sliding window covering the image; the last row/column is moved
+    flush with the border so no pixel is left out (256, 64, 32 -> 7 x 7 = 49 windows)."""
+    starts = list(range(0, image_size - patch_size + 1, stride))
+    if starts[-1] != image_size - patch_size:
+        starts.append(image_size - patch_size)
+    return [(top, left) for top in starts for left in starts]
+
+
+def window_noise(seed, window_index, t, shape):
+    """The noise for one window: a function of (slice seed, window index, t) only, drawn on the
+    CPU, so a map does not depend on batch size, batch composition, device or process rank."""
+    state = np.random.SeedSequence([int(seed), int(window_index), int(t)]).generate_state(2)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn(shape, generator=generator)
+
+
+def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150,), seeds,
+                 eval_batch_size=16, brain_masks=None, skip_outside_mask=False, context=None,
+                 autocast_dtype=None, channels_last=False):
+    """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W].
+
+    For each slice, window and t: noise only that window, predict x0 in one step, and write
+    |x - x0_hat| (mean over channels) into the map, averaging where windows or timesteps overlap.
+    Windows of one or several slices go through the network eval_batch_size at a time.
+
+    seeds: one int per slice. skip_outside_mask: windows that do not touch brain_masks [N, H, W]
+    are not run; pixels no window covered are 0. context: feed the network a context x context
+    crop around each window (clamped inside the image) instead of the whole slice; None = whole
+    slice. autocast_dtype: e.g. torch.bfloat16. channels_last: NHWC input (the model's weights
+    are the caller's business: model.to(memory_format=torch.channels_last))."""
+    N, C, H, W = images.shape
+    if H != W:
+        raise ValueError(f"anomaly_maps expects square slices, got {H}x{W}")
+    if len(seeds) != N:
+        raise ValueError(f"anomaly_maps needs one seed per slice: {len(seeds)} seeds, {N} slices")
+    if skip_outside_mask and brain_masks is None:
+        raise ValueError("skip_outside_mask needs brain_masks")
+    crop = H if context is None else min(int(context), H)
+    if crop < patch_size:
+        raise ValueError(f"context {context} is smaller than the patch ({patch_size})")
+    device = images.device
+
+    # one job per (timestep, slice, window); the order is fixed, so is the order of the sums
+    windows = window_grid(H, patch_size, stride)
+    jobs = []
+    for t in timesteps:
+        for i in range(N):
+            for k, (top, left) in enumerate(windows):
+                if skip_outside_mask and not brain_masks[i, top:top + patch_size,
+                                                         left:left + patch_size].any():
+                    continue
+                jobs.append((i, k, top, left, t))
+
+    error_sum = torch.zeros(N, H, W, device=device)
+    count = torch.zeros(N, H, W, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                    enabled=autocast_dtype is not None):
+            for start in range(0, len(jobs), eval_batch_size):
+                batch = jobs[start:start + eval_batch_size]
+                inputs, boxes = [], []
+                for i, k, top, left, t in batch:
+                    # the crop around the window, clamped inside the image
+                    crop_top = min(max(top + patch_size // 2 - crop // 2, 0), H - crop)
+                    crop_left = min(max(left + patch_size // 2 - crop // 2, 0), W - crop)
+                    inputs.append(images[i, :, crop_top:crop_top + crop, crop_left:crop_left + crop])
+                    boxes.append((top - crop_top, left - crop_left))
+                x0 = torch.stack(inputs).float()
+                boxes = torch.tensor(boxes)
+                noise = torch.stack([window_noise(seeds[i], k, t, (C, patch_size, patch_size))
+                                     for i, k, _, _, t in batch])
+                t_batch = torch.tensor([t for *_, t in batch], device=device)
+                x_t = noise_boxes(x0, boxes, patch_size, t_batch, scheduler, noise.to(device))
+                if channels_last:
+                    x_t = x_t.contiguous(memory_format=torch.channels_last)
+                x0_hat = model(x_t, t_batch).float()
+                errors = (crop_boxes(x0, boxes, patch_size)
+                          - crop_boxes(x0_hat, boxes, patch_size)).abs().mean(dim=1)
+                for (i, _, top, left, _), error in zip(batch, errors):
+                    error_sum[i, top:top + patch_size, left:left + patch_size] += error
+                    count[i, top:top + patch_size, left:left + patch_size] += 1
+    finally:
+        model.train(was_training)
+    return error_sum / count.clamp(min=1)
+
+
+def slice_scores(maps, brain_masks, median_size=0):
+    """maps [N, H, W], brain_masks [N, H, W] (tensors or arrays) -> dict name -> np.ndarray [N]:
+    "mean" (the spec's score: mean over the whole map), "brain_mean" and "brain_p99" (mean and
+    99th percentile inside the intracranial mask). median_size > 1 median-filters each map first
+    (suppresses single-pixel noise so p99 follows blobs). A slice with an empty brain mask is
+    scored over the whole map."""
+    maps = torch.as_tensor(maps).float().cpu().numpy()
+    brain_masks = torch.as_tensor(brain_masks).bool().cpu().numpy()
+    scores = {"mean": [], "brain_mean": [], "brain_p99": []}
+    for error_map, mask in zip(maps, brain_masks):
+        if median_size and median_size > 1:
+            error_map = scipy.ndimage.median_filter(error_map, size=median_size)
+        inside = error_map[mask] if mask.any() else error_map.ravel()
+        scores["mean"].append(error_map.mean())
+        scores["brain_mean"].append(inside.mean())
+        scores["brain_p99"].append(np.percentile(inside, 99))
+    return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# size of the model
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """QK^T and attention x V, 2 FLOPs per multiply-add (FlopCounterMode's convention)."""
+    *batch, q_len, head_dim = query_shape
+    k_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch) * q_len * k_len * (head_dim + v_dim)
+
+
+def count_flops(model, image_size, channels):
+    """Forward FLOPs of model at batch 1. FlopCounterMode has no formula for the CPU kernel of
+    scaled_dot_product_attention (it counts it as 0), so its two matmuls are counted by hand
+    (_sdpa_flops) through custom_mapping."""
+    x = torch.zeros(1, channels, image_size, image_size, device=next(model.parameters()).device)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
+    with torch.no_grad(), counter:
+        model(x, 0)
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print parameter count and forward GFLOPs (batch 1).")
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--base_channels", type=int, default=64)
+    parser.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--pretrained", action="store_true")
+    parser.add_argument("--hf_model", default="google/ddpm-ema-celebahq-256")
+    parser.add_argument("--save_standin", metavar="DIR",
+                        help="write a tiny random UNet2DModel with the celebahq block types to DIR "
+                             "(a stand-in for --hf_model where the hub is unreachable) and print its size")
+    args = parser.parse_args()
+    if args.save_standin:
+        save_standin(args.save_standin)
+        args.pretrained, args.hf_model = True, args.save_standin
+    if args.pretrained:
+        try:
+            model = PretrainedUNet(args.hf_model)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {args.hf_model}: cannot load a UNet2DModel "
+                             f"({str(e).strip().splitlines()[0]})")
+        channels = model.in_channels
+    else:
+        model = UNet(in_channels=args.channels, base_channels=args.base_channels,
+                     channel_mults=tuple(args.channel_mults))
+        channels = args.channels
+    model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    gflops = count_flops(model, args.image_size, channels) / 1e9
+    print(f"params={params} gflops={gflops:.2f}")
+
+
+if __name__ == "__main__":
+    main()
