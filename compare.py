@@ -1,0 +1,135 @@
+"""Compare training runs: loss and validation ROC-AUC curves side by side.
+
+    python compare.py --scratch_dir runs/scratch --pretrained_dir runs/pretrained --output comparison.png
+    python compare.py runs/a runs/b runs/c --output comparison.png
+
+Each run dir holds training_history.json (one dict per epoch, written by train.py) and
+args.json (its flags); the legend label is args["run_label"], or is built from the flags.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def run_label(args):
+    """args['run_label'] if the run has one, else a short description of the model."""
+    if args.get("run_label"):
+        return args["run_label"]
+    if args.get("pretrained"):
+        kind = f"UNet2DModel from {os.path.basename(os.path.normpath(str(args.get('hf_model', '?'))))}"
+    else:
+        kind = f"scratch bc{args.get('base_channels', '?')}"
+    return f"{kind} {args.get('channels', '?')}ch"
+
+
+def load_run(run_dir):
+    """(history, label) of one run dir; one-line error if it is not a training run."""
+    path = os.path.join(run_dir, "training_history.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {run_dir}: no training_history.json (not a train.py output dir, or no epoch finished yet)")
+    try:
+        with open(path) as f:
+            history = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read ({e})")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise SystemExit(f"error: {path}: expected a list of per-epoch records")
+    args = {}
+    args_path = os.path.join(run_dir, "args.json")
+    if os.path.isfile(args_path):
+        try:
+            with open(args_path) as f:
+                args = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: {args_path}: cannot read ({e})")
+    label = run_label(args) if args else os.path.basename(os.path.normpath(run_dir))
+    return history, label
+
+
+def _series(history, key):
+    """Epochs and values of one metric, skipping epochs where it is missing or None."""
+    points = [(h.get("epoch", i + 1), h[key]) for i, h in enumerate(history) if h.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def best_epoch(history, key, mode):
+    """(epoch, value) of the best value of `key` (mode "max" or "min"), or (None, None)."""
+    epochs, values = _series(history, key)
+    if not values:
+        return None, None
+    i = int(np.argmax(values) if mode == "max" else np.argmin(values))
+    return epochs[i], values[i]
+
+
+def plot_runs(histories, labels, path):
+    """Left: train (solid) and validation (dashed) loss. Right: validation ROC-AUC, best epoch starred."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k, (history, label) in enumerate(zip(histories, labels)):
+        color = f"C{k}"
+        epochs, values = _series(history, "train_loss")
+        ax_loss.plot(epochs, values, "-o", ms=3, color=color, label=f"{label}: train")
+        epochs, values = _series(history, "val_loss")
+        ax_loss.plot(epochs, values, "--s", ms=3, color=color, label=f"{label}: validation")
+        epochs, values = _series(history, "val_roc_auc")
+        ax_auc.plot(epochs, values, "-o", ms=3, color=color, label=label)
+        ci = [(h.get("epoch", i + 1), h["val_roc_auc_ci"]) for i, h in enumerate(history) if h.get("val_roc_auc_ci")]
+        if ci:
+            ax_auc.fill_between([e for e, _ in ci], [c[0] for _, c in ci], [c[1] for _, c in ci], color=color, alpha=0.12, lw=0)
+        epoch, best = best_epoch(history, "val_roc_auc", "max")
+        if best is not None:
+            ax_auc.plot([epoch], [best], "*", ms=14, color=color, mec="black", zorder=5)
+            ax_auc.annotate(f"best {best:.3f} (epoch {epoch})", (epoch, best), textcoords="offset points",
+                            xytext=(6, 6 + 12 * k), fontsize=8, color=color)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("patch loss (MSE + 1 - SSIM)")
+    ax_loss.set_title("Training and validation loss (healthy slices)")
+    ax_loss.legend(fontsize=7)
+    ax_auc.axhline(0.5, color="gray", ls=":", lw=1, label="chance (0.5)")
+    ax_auc.set_xlabel("epoch")
+    ax_auc.set_ylabel("validation ROC-AUC (slice level)")
+    ax_auc.set_title("Hemorrhage detection on validation patients\n(band = 95% patient-bootstrap CI, star = best epoch)",
+                     fontsize=10)
+    ax_auc.set_ylim(0, 1.05)
+    ax_auc.legend(fontsize=7, loc="lower right")
+    for ax in (ax_loss, ax_auc):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dirs", nargs="*", help="any number of train.py output dirs")
+    p.add_argument("--scratch_dir", default=None, help="from-scratch run (spec default: checkpoints_patched)")
+    p.add_argument("--pretrained_dir", default=None, help="pretrained run (spec default: checkpoints_pretrained_3ch)")
+    p.add_argument("--output", default="comparison.png")
+    args = p.parse_args(argv)
+    run_dirs = list(args.run_dirs) + [d for d in (args.scratch_dir, args.pretrained_dir) if d]
+    if not run_dirs:  # the spec's defaults
+        run_dirs = ["checkpoints_patched", "checkpoints_pretrained_3ch"]
+    runs = [load_run(d) for d in run_dirs]
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise SystemExit(f"error: {args.output}: directory {out_dir} does not exist")
+    plot_runs([h for h, _ in runs], [label for _, label in runs], args.output)
+    for run_dir, (history, label) in zip(run_dirs, runs):
+        epoch, auc = best_epoch(history, "val_roc_auc", "max")
+        loss_epoch, loss = best_epoch(history, "val_loss", "min")
+        auc_text = "n/a" if auc is None else f"{auc:.3f} at epoch {epoch}"
+        loss_text = "n/a" if loss is None else f"{loss:.4f} at epoch {loss_epoch}"
+        print(f"{label} ({run_dir}): {len(history)} epochs, best val ROC-AUC {auc_text}, best val loss {loss_text}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""The evaluation protocol: metrics on synthetic scores, the pixel accumulator, plots, score_split, compare.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import evaluate
+import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- slice metrics ---------------------------------------------------------------------------
+
+def test_perfect_separation_gives_auc_one_with_ci_one():
+    labels = np.array([0] * 20 + [1] * 20)
+    scores = np.concatenate([np.linspace(0, 1, 20), np.linspace(2, 3, 20)])
+    patients = np.repeat(np.arange(10), 4)
+    m = evaluate.slice_metrics(labels, scores, patients, n_boot=200)
+    assert m["roc_auc"] == 1.0 and m["auprc"] == 1.0
+    assert m["roc_auc_ci"] == pytest.approx([1, 1]) and m["auprc_ci"] == pytest.approx([1, 1])
+    assert m["sens_at_90spec"] == 1.0 and m["sens_at_95spec"] == 1.0
+    assert (m["n_pos"], m["n_neg"], m["n_patients"]) == (20, 20, 10)
+
+
+def test_random_scores_give_auc_near_half():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 4000)
+    m = evaluate.slice_metrics(labels, rng.random(4000), np.arange(4000) // 10, n_boot=100)
+    assert abs(m["roc_auc"] - 0.5) < 0.03
+    assert m["roc_auc_ci"][0] < 0.5 < m["roc_auc_ci"][1]
+    assert abs(m["auprc"] - m["auprc_chance"]) < 0.03
+
+
+def test_patient_bootstrap_resamples_whole_patients():
+    # 12 patients, each all healthy or all bleed, 40 slices with the patient's score: a patient
+    # drawn k times must weigh exactly like one slice per patient drawn k times.
+    rng = np.random.default_rng(1)
+    patient_label = np.array([0, 1] * 6)
+    patient_score = patient_label * 0.8 + rng.normal(0, 0.6, 12)
+    m_one = evaluate.slice_metrics(patient_label, patient_score, np.arange(12), n_boot=300, seed=3)
+    m_all = evaluate.slice_metrics(np.repeat(patient_label, 40), np.repeat(patient_score, 40),
+                                   np.repeat(np.arange(12), 40), n_boot=300, seed=3)
+    assert m_all["roc_auc"] == pytest.approx(m_one["roc_auc"])
+    assert m_all["roc_auc_ci"] == pytest.approx(m_one["roc_auc_ci"])
+    assert m_all["n_boot_skipped"] == m_one["n_boot_skipped"]
+
+
+def test_patient_ci_is_wider_than_slice_ci_when_slices_cluster():
+    # Scores vary mostly between patients, barely within: 10 patients carry the evidence, not 400 slices.
+    rng = np.random.default_rng(2)
+    patient_label = np.array([0, 1] * 5)
+    patient_offset = patient_label * 0.7 + rng.normal(0, 0.7, 10)
+    patients = np.repeat(np.arange(10), 40)
+    labels = patient_label[patients]
+    scores = patient_offset[patients] + rng.normal(0, 0.05, 400)
+    by_patient = evaluate.slice_metrics(labels, scores, patients, n_boot=300)
+    by_slice = evaluate.slice_metrics(labels, scores, np.arange(400), n_boot=300)  # every slice its own patient
+    assert by_patient["roc_auc"] == by_slice["roc_auc"]
+    width = lambda m: m["roc_auc_ci"][1] - m["roc_auc_ci"][0]
+    assert width(by_patient) > 3 * width(by_slice)
+
+
+def test_single_class_input_and_single_class_resamples():
+    m = evaluate.slice_metrics([0, 0, 0], [0.1, 0.2, 0.3], ["a", "b", "c"], n_boot=10)
+    assert m["roc_auc"] is None and m["roc_auc_ci"] is None and "one class" in m["note"]
+    assert evaluate.roc_auc([1, 1], [0.3, 0.4]) is None
+    # 3 patients, only one has a bleed: many resamples miss it and must be skipped, not crash
+    m = evaluate.slice_metrics([0, 0, 1, 1, 0, 0], [0.1, 0.2, 0.9, 0.8, 0.3, 0.2], ["a", "a", "b", "b", "c", "c"], n_boot=200)
+    assert m["roc_auc"] == 1.0 and 0 < m["n_boot_skipped"] < 200 and m["roc_auc_ci"] == pytest.approx([1, 1])
+
+
+def test_sensitivity_at_fixed_specificity():
+    negatives = np.arange(100.0)  # thresholds at 90 / 95 let exactly 10 / 5 negatives through
+    positives = np.array([99.5, 92.5, 50.0, 10.0])
+    labels = np.array([0] * 100 + [1] * 4)
+    m = evaluate.slice_metrics(labels, np.concatenate([negatives, positives]), np.arange(104), n_boot=0)
+    assert m["sens_at_90spec"] == 0.5
+    assert m["sens_at_95spec"] == 0.25
+    assert m["roc_auc_ci"] is None  # no bootstrap asked for
+
+
+def test_scan_metrics_max_and_top3():
+    scans = np.array(["s1"] * 4 + ["s2"] * 4 + ["s3"] * 4)
+    labels = np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    scores = np.array([0.1, 0.1, 0.1, 0.9, 0.5, 0.2, 0.2, 0.2, 0.95, 0.0, 0.0, 0.0])
+    m = evaluate.scan_metrics(scans, labels, scores, reduce="max", n_boot=0)
+    # scan scores: s1 0.9 (bleed), s2 0.5, s3 0.95 -> the bleed scan beats one of two healthy scans
+    assert (m["n_scans"], m["n_pos"], m["n_neg"]) == (3, 1, 2)
+    assert m["roc_auc"] == 0.5
+    m = evaluate.scan_metrics(scans, labels, scores, reduce="top3", n_boot=0)
+    # top-3 means: s1 (0.9+0.1+0.1)/3 = 0.367, s2 0.3, s3 0.317 -> the bleed scan is highest
+    assert m["roc_auc"] == 1.0 and m["reduce"] == "top3"
+    with pytest.raises(ValueError):
+        evaluate.scan_metrics(scans, labels, scores, reduce="median")
+
+
+def test_scan_bootstrap_groups_scans_by_patient():
+    scans = np.array(["a1", "a2", "b1", "b2", "c1", "d1"])
+    patients = np.array(["A", "A", "B", "B", "C", "D"])
+    labels = np.array([1, 0, 0, 0, 1, 0])
+    m = evaluate.scan_metrics(scans, labels, np.array([0.9, 0.1, 0.2, 0.3, 0.8, 0.4]), patients=patients, n_boot=50)
+    assert m["n_patients"] == 4 and m["n_scans"] == 6
+
+
+def test_subtype_metrics_compare_one_subtype_with_all_healthy():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.15])
+    subtypes = {"epidural": np.array([0, 0, 0, 1, 0, 0]), "subdural": np.array([0, 0, 0, 0, 1, 1]),
+                "subarachnoid": np.zeros(6, int)}
+    m = evaluate.subtype_metrics(subtypes, labels, scores, np.arange(6), n_boot=0)
+    assert m["epidural"]["roc_auc"] == 1.0 and m["epidural"]["n_neg"] == 3
+    assert m["subdural"]["roc_auc"] == pytest.approx((2 / 3 + 1 / 3) / 2)  # 0.25 beats 2 of 3 healthy, 0.15 beats 1
+    assert m["subarachnoid"]["roc_auc"] is None and m["subarachnoid"]["n_pos"] == 0
+
+
+# ---- pixel metrics from the bounded accumulator --------------------------------------------
+
+def synthetic_pixels(seed, n=6, size=32):
+    rng = np.random.default_rng(seed)
+    maps = rng.gamma(2.0, 0.02, (n, size, size))
+    yy, xx = np.mgrid[:size, :size]
+    brain = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.42 * size) ** 2
+    gts = np.zeros((n, size, size), bool)
+    for i in range(n // 2):  # half the slices carry a round bleed with higher error
+        cy, cx = rng.integers(10, size - 10, 2)
+        gts[i] = ((yy - cy) ** 2 + (xx - cx) ** 2) < 16
+        maps[i][gts[i]] += rng.gamma(2.0, 0.03, gts[i].sum())
+    return maps, np.broadcast_to(brain, maps.shape), gts
+
+
+def accumulate(maps, brains, gts):
+    acc = evaluate.new_pixel_accumulator()
+    for m, b, g in zip(maps, brains, gts):
+        evaluate.accumulate_pixels(acc, m, b, g)
+    return acc
+
+
+def test_pixel_metrics_from_histograms_match_sklearn_on_all_pixels():
+    maps, brains, gts = synthetic_pixels(0)
+    acc = accumulate(maps, brains, gts)
+    y, v = gts[brains], maps[brains]
+    m = evaluate.pixel_metrics(acc)
+    assert m["n_pixels_bleed"] == y.sum() and m["n_pixels_no_bleed"] == (~y).sum() and m["n_slices"] == 6
+    assert m["pixel_roc_auc"] == pytest.approx(roc_auc_score(y, v), abs=2e-3)
+    assert m["pixel_auprc"] == pytest.approx(average_precision_score(y, v), abs=5e-3)
+    # bleed pixels outside the brain mask are not scored
+    gts_outside = gts.copy()
+    gts_outside[:, 0, 0] = True
+    assert evaluate.pixel_metrics(accumulate(maps, brains, gts_outside))["n_pixels_bleed"] == y.sum()
+
+
+def test_dice_threshold_chosen_on_one_split_applied_to_another():
+    val_maps, brains, val_gts = synthetic_pixels(1)
+    test_maps, _, test_gts = synthetic_pixels(2)
+    threshold = evaluate.choose_dice_threshold(accumulate(val_maps, brains, val_gts))
+    val = evaluate.pixel_metrics(accumulate(val_maps, brains, val_gts), threshold)
+    test = evaluate.pixel_metrics(accumulate(test_maps, brains, test_gts), threshold)
+
+    def exact_dice(maps, gts, t):
+        pred, y = maps[brains] >= t, gts[brains]
+        return 2 * (pred & y).sum() / (pred.sum() + y.sum())
+    assert val["dice"] == pytest.approx(exact_dice(val_maps, val_gts, threshold), abs=1e-9)
+    assert test["dice"] == pytest.approx(exact_dice(test_maps, test_gts, threshold), abs=1e-9)
+    # on its own split the chosen threshold is the oracle; no threshold on a grid does better
+    assert val["dice"] == pytest.approx(val["oracle_best_dice"])
+    grid = np.quantile(val_maps[brains], np.linspace(0.5, 0.999, 200))
+    assert val["oracle_best_dice"] >= max(exact_dice(val_maps, val_gts, t) for t in grid) - 2e-3
+    assert test["oracle_best_dice"] >= test["dice"]
+
+
+def test_dice_is_one_for_separable_maps():
+    maps, brains, gts = synthetic_pixels(3)
+    maps = np.where(gts, 0.5, 0.1)
+    acc = accumulate(maps, brains, gts)
+    threshold = evaluate.choose_dice_threshold(acc)
+    assert 0.1 < threshold <= 0.5
+    m = evaluate.pixel_metrics(acc, threshold)
+    assert m["dice"] == 1.0 and m["pixel_roc_auc"] == 1.0 and m["pixel_auprc"] == 1.0
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+def fake_examples(size=32, with_gt=True):
+    maps, brains, gts = synthetic_pixels(4, n=6, size=size)
+    out = {}
+    for k, kind in enumerate(evaluate.EXAMPLE_KINDS):
+        out[kind] = [{"kind": kind, "position": 10 * k + j, "id": f"ID_{k}{j}", "label": int(kind != "false positive"),
+                      "score": float(maps[2 * k + j].mean()), "image": np.where(brains[0], 0.2, -1.0).astype(np.float32),
+                      "map": maps[2 * k + j].astype(np.float32), "brain_mask": brains[0],
+                      "gt_mask": gts[2 * k + j] if with_gt else None} for j in range(2)]
+    return out
+
+
+def test_plots_write_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 50 + [1] * 30)
+    evaluate.plot_scores(tmp_path / "scores.png", labels, rng.random(80) + labels * 0.5, title="test split, score 'mean'")
+    evaluate.plot_scores(tmp_path / "one_class.png", np.zeros(5), rng.random(5), title="one class only")
+    evaluate.plot_overlays(tmp_path / "overlays.png", fake_examples())
+    evaluate.plot_overlays(tmp_path / "overlays_no_gt.png", fake_examples(with_gt=False))
+    for name in ["scores.png", "one_class.png", "overlays.png", "overlays_no_gt.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == PNG, name
+
+
+# ---- score_split on a tiny model ---------------------------------------------------------------
+
+class TinySlices(torch.utils.data.Dataset):
+    """Items shaped like data.SliceDataset's; bright discs stand in for bleeds."""
+
+    def __init__(self, n=10, size=32, seed=0):
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:size, :size]
+        self.brain = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
+        self.labels = np.arange(n) % 2
+        self.images = np.where(self.brain, 0.0, -1.0)[None].repeat(n, 0) + rng.normal(0, 0.05, (n, size, size))
+        self.gts = np.zeros((n, size, size), bool)
+        for i in np.flatnonzero(self.labels):
+            self.gts[i] = ((yy - 12 - i % 5) ** 2 + (xx - 14) ** 2) < 12
+            self.images[i][self.gts[i]] = 0.9
+        self.positions = np.arange(100, 100 + n)  # rows in a pretend index
+        self.index = {"patient": np.array([f"P{i // 3}" for i in range(200)])}
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": torch.tensor(self.images[i][None], dtype=torch.float32), "mask": torch.from_numpy(self.brain.copy()),
+                "label": int(self.labels[i]), "position": int(self.positions[i])}
+
+
+def test_score_split_streams_scores_keeps_few_examples_and_pixels():
+    torch.manual_seed(0)
+    model = models.build_model({"kind": "scratch", "in_channels": 1, "base_channels": 8, "image_size": 32})
+    dataset = TinySlices()
+    settings = {"patch_size": 16, "stride": 8, "timesteps": [150], "eval_batch_size": 16, "median_size": 0, "score": "brain_mean"}
+    gt_of = {int(p): dataset.gts[i] for i, p in enumerate(dataset.positions)}
+    result = evaluate.score_split(model, dataset, models.make_scheduler(), settings, torch.device("cpu"), seed=1,
+                                  keep_examples=2, gt_masks_fn=lambda pos: gt_of[pos] if gt_of[pos].any() else None)
+    assert list(result["positions"]) == list(dataset.positions)
+    assert list(result["labels"]) == list(dataset.labels)
+    assert result["patients"][0] == "P33" and set(result["scores"]) == set(evaluate.SCORES)
+    assert all(len(v) == 10 and np.isfinite(v).all() for v in result["scores"].values())
+    assert [len(result["examples"][k]) for k in evaluate.EXAMPLE_KINDS] == [2, 2, 2]
+    tp, miss = result["examples"]["true positive"], result["examples"]["miss"]
+    assert tp[0]["score"] >= tp[1]["score"] and miss[0]["score"] <= miss[1]["score"]
+    assert tp[0]["score"] == result["scores"]["brain_mean"][dataset.labels == 1].max()
+    assert miss[0]["score"] == result["scores"]["brain_mean"][dataset.labels == 1].min()
+    assert tp[0]["gt_mask"].any() and result["examples"]["false positive"][0]["gt_mask"].sum() == 0
+    pixel = result["pixel"]
+    assert pixel["slices"] == 10 and pixel["pos"].sum() == sum(g[dataset.brain].sum() for g in dataset.gts)
+
+    # Scores of a slice depend on (seed, position) only: a subset in another batch gives the same numbers.
+    subset = torch.utils.data.Subset(dataset, [7, 3])
+    subset.index = dataset.index
+    again = evaluate.score_split(model, subset, models.make_scheduler(), settings | {"eval_batch_size": 5},
+                                 torch.device("cpu"), seed=1, keep_examples=0)
+    assert list(again["positions"]) == [103, 107] and again["pixel"] is None
+    for name, values in again["scores"].items():
+        np.testing.assert_allclose(values, result["scores"][name][[3, 7]], rtol=1e-5, atol=1e-7)
+
+
+# ---- compare.py --------------------------------------------------------------------------------
+
+def write_run(run_dir, label_args, aucs):
+    run_dir.mkdir()
+    history = [{"epoch": e + 1, "train_loss": 0.5 / (e + 1), "val_loss": 0.6 / (e + 1), "val_roc_auc": a,
+                "val_roc_auc_ci": [a - 0.1, min(a + 0.1, 1.0)]} for e, a in enumerate(aucs)]
+    history[1].pop("val_loss")  # missing keys are tolerated
+    (run_dir / "training_history.json").write_text(json.dumps(history))
+    (run_dir / "args.json").write_text(json.dumps(label_args))
+
+
+def test_compare_two_runs_writes_png(tmp_path):
+    write_run(tmp_path / "scratch", {"pretrained": False, "channels": 1, "base_channels": 16}, [0.6, 0.8, 0.75])
+    write_run(tmp_path / "standin", {"pretrained": True, "channels": 3, "hf_model": "x/standin_unet2d",
+                                     "run_label": "stand-in UNet2DModel (random init)"}, [0.55, 0.6, 0.7])
+    out = tmp_path / "cmp.png"
+    proc = subprocess.run([sys.executable, "compare.py", "--scratch_dir", str(tmp_path / "scratch"),
+                           "--pretrained_dir", str(tmp_path / "standin"), "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == PNG
+    assert "scratch bc16 1ch" in proc.stdout and "best val ROC-AUC 0.800 at epoch 2" in proc.stdout
+    assert "stand-in UNet2DModel (random init)" in proc.stdout and "0.700 at epoch 3" in proc.stdout
+
+    proc = subprocess.run([sys.executable, "compare.py", str(tmp_path / "scratch"), str(tmp_path / "nothing"),
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "training_history.json" in proc.stderr
