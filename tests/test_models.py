@@ -282,7 +282,8 @@ def test_channels_last_and_bf16_autocast():
     kw = dict(patch_size=16, stride=8, seeds=[2])
     fp32 = models.anomaly_maps(model, images, scheduler, **kw)
     nhwc = models.anomaly_maps(model, images, scheduler, channels_last=True, **kw)
-    torch.testing.assert_close(nhwc, fp32, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nhwc, fp32, atol=1e-4, rtol=0)  # other conv kernels, same maths
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     bf16 = models.anomaly_maps(model, images, scheduler, autocast_dtype=torch.bfloat16,
                                channels_last=True, **kw)
     assert bf16.dtype == torch.float32
@@ -337,7 +338,7 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     torch.save({"model": model.state_dict(), "config": scratch_config(), "extra": NotPlainData()}, pickled)
     with pytest.raises(SystemExit) as e:
         models.load_checkpoint(pickled)
-    assert str(pickled) in str(e.value) and "\n" not in str(e.value) and "refused" in str(e.value)
+    assert str(pickled) in str(e.value) and "\n" not in str(e.value) and "refused" in str(e.value) and "NotPlainData" in str(e.value)
 
     good = tmp_path / "good.pt"
     models.save_checkpoint(good, model, scratch_config())
