@@ -685,12 +685,16 @@ def prepare_slices(data_dir, index, positions, image_size, channels, cache_dir=N
 
 class SliceDataset(torch.utils.data.Dataset):
     """Items dict(image float32 [C, S, S], mask bool [S, S], label int (any), position int (index row)).
-    Positions whose slice did not decode (cache state != 1) are left out."""
+    Positions whose slice did not decode (cache state != 1) are left out. .positions, .labels, .patients
+    and .scans are aligned arrays over the items (for metrics that group by patient or scan)."""
 
     def __init__(self, cache, index, positions):
         self.cache = cache
         self.positions = cache.ok(positions)
-        self.labels = np.asarray(index["any"])[self.positions].astype(np.int64)  # not the whole index: workers stay light
+        # copies of the few columns needed, not the whole index: DataLoader workers stay light
+        self.labels = np.asarray(index["any"])[self.positions].astype(np.int64)
+        self.patients = np.asarray(index["patient"])[self.positions]
+        self.scans = np.asarray(index["scan"])[self.positions]
 
     def __len__(self):
         return len(self.positions)

@@ -398,6 +398,7 @@ def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, mo
     assert item["image"].dtype == torch.float32 and item["image"].shape == (1, 32, 32)
     assert item["mask"].dtype == torch.bool and item["mask"].shape == (32, 32) and item["mask"].any()
     assert item["label"] == int(index["any"][item["position"]]) and isinstance(item["position"], int)
+    assert np.array_equal(dataset.patients, index["patient"][dataset.positions]) and len(dataset.scans) == 47
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert batch["image"].shape == (4, 1, 32, 32)
     copy = pickle.loads(pickle.dumps(cache))
