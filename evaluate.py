@@ -128,6 +128,9 @@ def score_split(model, dataset, scheduler, settings, device, seed=0, keep_exampl
                 rank=0, world=1):
     """Score every slice of `dataset` with the sliding-window anomaly map.
 
+    dataset: items dict(image, mask, label, position), plus aligned arrays .positions, .patients and
+    .scans (as data.SliceDataset has), reported with the scores for the patient bootstrap and scan metrics.
+
     settings: anomaly_maps keyword arguments (map_settings) plus optional "median_size" (slice-score
     median filter), "score" (which score ranks the kept examples, default "mean"), "autocast_dtype",
     "num_workers" (DataLoader workers). Noise of slice `position` depends only on
@@ -136,7 +139,7 @@ def score_split(model, dataset, scheduler, settings, device, seed=0, keep_exampl
     (a hemorrhage slice without a mask is counted and left out; a healthy slice without one has no bleed).
     With world > 1 (torch.distributed initialised) each rank scores every world-th slice and all ranks
     return the merged result.
-    Returns a dict: positions, labels, patients, scores {name: float64 [N]}, examples
+    Returns a dict: positions, labels, patients, scans, scores {name: float64 [N]}, examples
     {kind: [example dicts]}, pixel (accumulator or None), seconds.
     """
     map_kwargs = {k: settings[k] for k in MAP_KEYS if k in settings}
@@ -205,9 +208,17 @@ def score_split(model, dataset, scheduler, settings, device, seed=0, keep_exampl
     if pixel is not None and pixel["pos"].sum() == 0:
         pixel = None  # masks were looked up but none of the slices had one: no pixel metrics
     return {"positions": positions, "labels": result["labels"][order],
-            "patients": np.asarray(dataset.index["patient"])[positions],
+            "patients": _lookup(dataset.positions, dataset.patients, positions),
+            "scans": _lookup(dataset.positions, dataset.scans, positions),
             "scores": {name: v[order] for name, v in result["scores"].items()},
             "examples": examples, "pixel": pixel, "seconds": time.time() - t0}
+
+
+def _lookup(keys, values, wanted):
+    """values[k] for each wanted key k (keys unique), vectorised: a dict would cost ~100 MB on all of RSNA."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    return np.asarray(values)[order][np.searchsorted(keys[order], wanted)]
 
 
 def _merge_ranks(result, keep_examples):
@@ -441,7 +452,7 @@ def plot_overlays(path, examples, title="Error maps over the brain window"):
             shown = np.ma.masked_less(ex["map"], 0.15 * vmax)
             heat = ax.imshow(shown, cmap="inferno", vmin=0, vmax=vmax, alpha=0.65)
             if ex["brain_mask"].any():
-                ax.contour(ex["brain_mask"], levels=[0.5], colors="white", linewidths=0.5, linestyles="dotted")
+                ax.contour(ex["brain_mask"], levels=[0.5], colors="white", linewidths=0.8, linestyles="dashed")
             if ex.get("gt_mask") is not None and np.any(ex["gt_mask"]):
                 ax.contour(ex["gt_mask"], levels=[0.5], colors="cyan", linewidths=1.0)
             name = ex.get("id", f"row {ex['position']}")
@@ -450,7 +461,7 @@ def plot_overlays(path, examples, title="Error maps over the brain window"):
     fig.suptitle(f"{title}\n"
                  "true positive = highest-scoring hemorrhage slices; false positive = highest-scoring healthy slices;\n"
                  "miss = lowest-scoring hemorrhage slices. Cyan outline = ground-truth bleed (where known), "
-                 "dotted white = brain mask", fontsize=8)
+                 "dashed white = brain mask", fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -544,7 +555,7 @@ def main(argv=None):
 
     # ---- metrics ------------------------------------------------------------------------------
     rows = result["positions"]
-    labels, patients, scans = result["labels"], result["patients"], index["scan"][rows]
+    labels, patients, scans = result["labels"], result["patients"], result["scans"]
     primary = result["scores"][s["score"]]
     metrics = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "score": s["score"],
                "counts": {"slices": len(rows), "hemorrhage_slices": int(labels.sum()), "healthy_slices": int((labels == 0).sum()),

@@ -225,7 +225,8 @@ class TinySlices(torch.utils.data.Dataset):
             self.gts[i] = ((yy - 12 - i % 5) ** 2 + (xx - 14) ** 2) < 12
             self.images[i][self.gts[i]] = 0.9
         self.positions = np.arange(100, 100 + n)  # rows in a pretend index
-        self.index = {"patient": np.array([f"P{i // 3}" for i in range(200)])}
+        self.patients = np.array([f"P{p // 3}" for p in self.positions])
+        self.scans = np.array([f"S{p // 3}" for p in self.positions])
 
     def __len__(self):
         return len(self.labels)
@@ -245,7 +246,7 @@ def test_score_split_streams_scores_keeps_few_examples_and_pixels():
                                   keep_examples=2, gt_masks_fn=lambda pos: gt_of[pos] if gt_of[pos].any() else None)
     assert list(result["positions"]) == list(dataset.positions)
     assert list(result["labels"]) == list(dataset.labels)
-    assert result["patients"][0] == "P33" and set(result["scores"]) == set(evaluate.SCORES)
+    assert result["patients"][0] == "P33" and result["scans"][-1] == "S36" and set(result["scores"]) == set(evaluate.SCORES)
     assert all(len(v) == 10 and np.isfinite(v).all() for v in result["scores"].values())
     assert [len(result["examples"][k]) for k in evaluate.EXAMPLE_KINDS] == [2, 2, 2]
     tp, miss = result["examples"]["true positive"], result["examples"]["miss"]
@@ -258,7 +259,7 @@ def test_score_split_streams_scores_keeps_few_examples_and_pixels():
 
     # Scores of a slice depend on (seed, position) only: a subset in another batch gives the same numbers.
     subset = torch.utils.data.Subset(dataset, [7, 3])
-    subset.index = dataset.index
+    subset.positions, subset.patients, subset.scans = (a[[7, 3]] for a in (dataset.positions, dataset.patients, dataset.scans))
     again = evaluate.score_split(model, subset, models.make_scheduler(), settings | {"eval_batch_size": 5},
                                  torch.device("cpu"), seed=1, keep_examples=0)
     assert list(again["positions"]) == [103, 107] and again["pixel"] is None
@@ -294,3 +295,58 @@ def test_compare_two_runs_writes_png(tmp_path):
                            "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "training_history.json" in proc.stderr
+
+
+# ---- evaluate.py end to end on the phantom ---------------------------------------------------------
+
+def tiny_checkpoint(path, data_dir, **overrides):
+    config = {"kind": "scratch", "in_channels": 1, "base_channels": 8, "image_size": 32}
+    torch.manual_seed(0)
+    train_args = {"data_dir": str(data_dir), "image_size": 32, "channels": 1, "seed": 1, "num_samples": 12,
+                  "eval_samples": "all", "patch_size": 16, "stride": 16, "eval_t": [150], "score": "brain_mean",
+                  "median_size": 0, "eval_batch_size": 64, "num_workers": 0, "precision": "fp32"} | overrides
+    models.save_checkpoint(str(path), models.build_model(config), config, args=train_args, epoch=1)
+    return path
+
+
+def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
+    import data
+    (tmp_path / "run").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
+    evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "50", "--keep_examples", "3"])
+    out = tmp_path / "run" / "eval_test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"split", "score", "counts", "slice", "scan", "subtype", "pixel", "settings"}
+    assert metrics["split"] == "test" and metrics["score"] == "brain_mean"
+    assert set(metrics["slice"]) == set(evaluate.SCORES) and set(metrics["scan"]) == {"max", "top3"}
+    assert set(metrics["subtype"]) == set(data.SUBTYPES)
+    c = metrics["counts"]
+    assert c["hemorrhage_slices"] > 0 and c["healthy_slices"] > 0 and c["slices"] == c["hemorrhage_slices"] + c["healthy_slices"]
+    m = metrics["slice"]["brain_mean"]
+    assert 0 <= m["roc_auc"] <= 1 and m["roc_auc_ci"][0] <= m["roc_auc_ci"][1] and m["n_patients"] == c["patients"]
+    pixel = metrics["pixel"]  # the phantom has bleed masks
+    assert pixel["dice_threshold_chosen_on"] == "val" and 0 <= pixel["dice"] <= pixel["oracle_best_dice"] + 1e-9
+    assert 0 <= pixel["pixel_roc_auc"] <= 1 and pixel["n_pixels_bleed"] > 0
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["id", "patient", "scan", "any"] and "brain_p99" in rows[0]
+    assert len(rows) == 1 + c["slices"]
+    for name in ["overlays.png"] + [f"scores_{s}.png" for s in evaluate.SCORES]:
+        assert (out / name).read_bytes()[:8] == PNG, name
+    printed = capsys.readouterr().out
+    assert "ROC-AUC" in printed and "scan (max" in printed and "pixel" in printed
+
+    # The split comes from the training seed whatever --seed says: no training patient in the test split.
+    evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "0", "--seed", "7", "--output_dir", str(tmp_path / "other_seed")])
+    ids = lambda d: sorted(r.split(",")[0] for r in (d / "scores.csv").read_text().splitlines()[1:])
+    assert ids(tmp_path / "other_seed") == ids(out)
+
+
+def test_main_user_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(tmp_path / "missing.pt")])
+    assert "missing.pt" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "run").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", tmp_path / "no_data_here")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(ckpt)])
+    assert "no_data_here" in str(e.value) and "\n" not in str(e.value)
