@@ -483,6 +483,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the scoring noise (default: the training seed). The splits always use the training "
                         "seed, so that no training patient can land in the test split")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="autocast for scoring (default: the training run's value)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap samples for the confidence intervals")
     p.add_argument("--keep_examples", type=int, default=6, help="overlay panels per kind")
     g = p.add_argument_group("anomaly scoring (default: the training run's values)")
@@ -503,7 +505,7 @@ def resolve_settings(args, train_args, config):
          "patch_size": pick("patch_size", 64), "stride": pick("stride", 32), "eval_t": list(pick("eval_t", [150])),
          "eval_batch_size": pick("eval_batch_size", 64), "score": pick("score", "mean"), "median_size": pick("median_size", 0),
          "skip_outside_mask": bool(pick("skip_outside_mask", False)), "context": pick("context"),
-         "precision": train_args.get("precision", "auto")}
+         "precision": pick("precision", "auto")}
     if s["data_dir"] is None:
         raise SystemExit(f"error: {args.checkpoint}: checkpoint does not record a data dir; pass --data_dir")
     return s
@@ -542,7 +544,7 @@ def main(argv=None):
     # Pixel metrics only where the data set has bleed masks (the phantom); RSNA and this CT-ICH copy have none.
     has_masks = any(gt_masks_fn(p) is not None for p in positions[index["any"][positions] == 1])
 
-    amp = torch.bfloat16 if s["precision"] == "bf16" or (s["precision"] == "auto" and device.type == "cuda") else None
+    amp = models.autocast_dtype(s["precision"], device)
     settings = {"patch_size": s["patch_size"], "stride": s["stride"], "timesteps": s["eval_t"],
                 "eval_batch_size": s["eval_batch_size"], "skip_outside_mask": s["skip_outside_mask"],
                 "context": s["context"], "autocast_dtype": amp, "median_size": s["median_size"],

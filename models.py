@@ -271,6 +271,30 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def cpu_has_native_bf16():
+    # bf16 autocast pays off only where the CPU computes bf16 natively (AVX512-BF16 / AMX):
+    # on this project's machine it made a training step 1.9-2.9x faster. Elsewhere it is
+    # emulated and slower than fp32.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision, device):
+    """--precision {auto,fp32,bf16} -> the torch.autocast dtype, or None for plain fp32.
+    auto = bf16 on CUDA GPUs that support it and on CPUs with native bf16, else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 

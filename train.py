@@ -57,7 +57,7 @@ def get_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     g.add_argument("--device", default="auto")
     g = p.add_argument_group("anomaly scoring (shared with evaluate.py)")
     evaluate.add_scoring_args(g)
@@ -111,12 +111,6 @@ def check_output_dir(args):
         raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
 
 
-def autocast_dtype(args, device):
-    if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 @torch.no_grad()
 def validation_loss(model, loader, scheduler, args, device, amp_dtype):
     """Patch loss on held-out healthy slices, with boxes, timesteps and noise fixed across epochs."""
@@ -165,7 +159,7 @@ def save_diagnostics(path, model, dataset, index, scheduler, args, device, epoch
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         x0_hat = model(x_t, t.to(device)).float()
     maps = models.anomaly_maps(model, x0, scheduler, **evaluate.map_settings(args), seeds=[args.seed + int(it["position"]) for it in items],
-                               brain_masks=masks)
+                               brain_masks=masks, autocast_dtype=amp_dtype)
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
     for i in range(n):
         kind = "hemorrhage" if items[i]["label"] else "healthy"
@@ -196,7 +190,7 @@ def main(argv=None):
         check_output_dir(args)
     if world > 1:
         dist.barrier()
-    amp_dtype = autocast_dtype(args, device)
+    amp_dtype = models.autocast_dtype(args.precision, device)
 
     # ---- data: patient-level splits; healthy slices only for training -----------------------
     index = data.load_index(args.data_dir, dataset=None if args.dataset == "auto" else args.dataset,
@@ -292,7 +286,7 @@ def main(argv=None):
         val_loader = torch.utils.data.DataLoader(val_loss_set, batch_size=args.batch_size, num_workers=0)
         val_loss = validation_loss(model, val_loader, scheduler, args, device, amp_dtype)
         t1 = time.time()
-        result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size},
+        result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype, "score": args.score},
                                       device, seed=args.seed, rank=rank, world=world)
         eval_time = time.time() - t1
         if not is_main:
