@@ -45,6 +45,13 @@ def test_train_evaluate_compare(phantom_dir, tmp_path):
     rows = (tmp_path / "ev" / "scores.csv").read_text().splitlines()
     assert len(rows) > 2 and "patient" in rows[0]
 
+    proc = run([sys.executable, "sweep.py", "--checkpoint", str(out / "best_model.pt"), "--eval_t", "100", "300",
+                "--multi_t", "100", "300", "--median_sizes", "0", "3", "--n_boot", "20", "--output_dir", str(tmp_path / "sw")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert sweep["split"] == "val" and len(sweep["rows"]) == 3 * 2 * 3  # t in {100, 300, 100+300} x median x score
+    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| window/stride")
+
     proc = run([sys.executable, "compare.py", "--scratch_dir", str(out), "--pretrained_dir", str(out),
                 "--output", str(tmp_path / "cmp.png")])
     assert proc.returncode == 0, proc.stderr[-3000:]

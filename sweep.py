@@ -1,0 +1,118 @@
+"""Choose the scoring settings on the VALIDATION split: slice score x median filter x t x window.
+
+    python sweep.py --checkpoint runs/ctich/best_model.pt --eval_t 100 150 250 400 500 \
+        --windows 32:16 48:24 --median_sizes 0 5 --output_dir runs/ctich/sweep_val
+
+For every window setting and every t, the anomaly maps of the validation slices are computed
+once (models.anomaly_maps, the function evaluate.py and training use) and kept in memory; the
+average over several t ("multi-t", as in cDDPM) is the mean of those maps, which is exactly
+what anomaly_maps computes when given several timesteps. Every slice score (with and without
+a median filter) is then read off the same maps. The test split is never touched here: test
+figures are reported once, by evaluate.py, for the setting chosen on validation.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+import data
+import evaluate
+import models
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
+    p.add_argument("--eval_samples", type=evaluate.parse_eval_samples, default="all",
+                   help="validation slices per class, or 'all'")
+    p.add_argument("--eval_t", type=int, nargs="+", default=[100, 150, 250, 400, 500])
+    p.add_argument("--multi_t", type=int, nargs="*", default=[150, 250, 400],
+                   help="also score the average map over these t (each must be in --eval_t)")
+    p.add_argument("--windows", nargs="+", default=None,
+                   help="patch:stride pairs (default: the training run's patch_size:stride)")
+    p.add_argument("--median_sizes", type=int, nargs="+", default=[0, 5])
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--n_boot", type=int, default=1000)
+    p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_val")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
+    if not set(args.multi_t) <= set(args.eval_t):
+        raise SystemExit(f"error: --multi_t {args.multi_t} must be a subset of --eval_t {args.eval_t}")
+    device = models.pick_device(args.device)
+    model, config, checkpoint = models.load_checkpoint(args.checkpoint)
+    model = model.to(device).eval()
+    train_args = checkpoint.get("args") or {}
+    data_dir = args.data_dir or train_args.get("data_dir")
+    amp = models.autocast_dtype(args.precision or train_args.get("precision", "auto"), device)
+    windows = [tuple(int(v) for v in w.split(":")) for w in args.windows] if args.windows else \
+        [(train_args.get("patch_size", 64), train_args.get("stride", 32))]
+    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "sweep_val")
+    os.makedirs(output_dir, exist_ok=True)
+
+    # The validation split of the training run: same seed, so the same patients.
+    dataset_kind = train_args.get("dataset", "auto")
+    index = data.load_index(data_dir, dataset=None if dataset_kind == "auto" else dataset_kind)
+    splits = data.make_splits(index, train_args.get("seed", 42), train_args.get("num_samples", 2000), args.eval_samples)
+    cache = data.prepare_slices(data_dir, index, splits["val"], config["image_size"], config["in_channels"])
+    val = data.SliceDataset(cache, index, cache.ok(splits["val"]))
+    items = [val[i] for i in range(len(val))]
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["mask"] for it in items])
+    labels, patients, scans = val.labels, val.patients, val.scans
+    seeds = [train_args.get("seed", 42) * 1_000_003 + int(p) for p in val.positions]
+    print(f"validation split: {len(items)} slices ({int(labels.sum())} hemorrhage) from {len(np.unique(patients))} patients")
+
+    rows = []
+    for patch_size, stride in windows:
+        maps_by_t = {}
+        for t in args.eval_t:
+            maps = []
+            for start in range(0, len(items), 16):
+                maps.append(models.anomaly_maps(model, images[start:start + 16].to(device), models.make_scheduler(),
+                                                patch_size=patch_size, stride=stride, timesteps=[t],
+                                                seeds=seeds[start:start + 16], eval_batch_size=args.eval_batch_size,
+                                                brain_masks=masks[start:start + 16].to(device),
+                                                autocast_dtype=amp).cpu())
+            maps_by_t[str(t)] = torch.cat(maps)
+            print(f"  maps done: window {patch_size}/{stride}, t={t}", flush=True)
+        if len(args.multi_t) > 1:
+            maps_by_t["+".join(map(str, args.multi_t))] = torch.stack([maps_by_t[str(t)] for t in args.multi_t]).mean(0)
+        for t_name, maps in maps_by_t.items():
+            for median_size in args.median_sizes:
+                scores = models.slice_scores(maps, masks, median_size=median_size)
+                for score_name, values in scores.items():
+                    m = evaluate.slice_metrics(labels, values, patients, n_boot=args.n_boot, seed=0)
+                    scan = evaluate.scan_metrics(scans, labels, values, "max", patients, n_boot=args.n_boot, seed=0)
+                    rows.append({"patch_size": patch_size, "stride": stride, "t": t_name, "median_size": median_size,
+                                 "score": score_name, "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"],
+                                 "auprc": m["auprc"], "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"]})
+    rows.sort(key=lambda r: -(r["roc_auc"] or 0))
+    with open(os.path.join(output_dir, "sweep.json"), "w") as f:
+        json.dump({"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(items),
+                   "hemorrhage_slices": int(labels.sum()), "patients": int(len(np.unique(patients))), "rows": rows}, f, indent=2)
+    lines = ["| window/stride | t | median | score | slice ROC-AUC [95% CI] | AUPRC | scan ROC-AUC (max) [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci, sci = r["roc_auc_ci"], r["scan_roc_auc_ci"]
+        scan = "n/a" if r["scan_roc_auc"] is None else f"{r['scan_roc_auc']:.3f} [{sci[0]:.3f}, {sci[1]:.3f}]"
+        lines.append(f"| {r['patch_size']}/{r['stride']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+                     f"{r['roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['auprc']:.3f} | {scan} |")
+    with open(os.path.join(output_dir, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+    print(f"... {len(rows)} settings; full table in {os.path.join(output_dir, 'sweep.md')}")
+
+
+if __name__ == "__main__":
+    main()
