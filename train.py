@@ -51,8 +51,10 @@ def get_args(argv=None):
     g.add_argument("--base_channels", type=int, default=64, help="width of the scratch UNet")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12)
-    g.add_argument("--batch_size", type=int, default=16, help="per process; global batch = nproc x batch_size")
-    g.add_argument("--lr", type=float, default=None, help="default 1e-4 scratch, 1e-5 pretrained")
+    g.add_argument("--batch_size", type=int, default=16,
+                   help="slices per process per step; under torchrun one step sees nproc x batch_size slices (the global batch)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="default 1e-4 scratch, 1e-5 pretrained; not scaled with the number of processes")
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
@@ -80,17 +82,12 @@ def get_args(argv=None):
     return args
 
 
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` runs as rank 0 of 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = models.pick_device(args.device)
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+def last_good(args):
+    """End of the message when training stops on a non-finite value: what is left to resume from."""
+    last = os.path.join(args.output_dir, "last.pt")
+    if not os.path.exists(last):
+        return "no epoch had finished, so no checkpoint was written"
+    return f"the last good checkpoint, {last}, is untouched (train.py --resume continues from it)"
 
 
 def check_output_dir(args):
@@ -158,13 +155,19 @@ def save_diagnostics(path, model, dataset, index, scheduler, args, device, epoch
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         x0_hat = model(x_t, t.to(device)).float()
+    # Only the box is trained and scored; outside it the network's output is unconstrained, so the
+    # panel shows the input with the reconstructed box pasted in.
+    inside = torch.zeros_like(x0, dtype=torch.bool)
+    for i, (y, x) in enumerate(boxes.tolist()):
+        inside[i, :, y:y + args.patch_size, x:x + args.patch_size] = True
+    x0_hat = torch.where(inside, x0_hat, x0)
     maps = models.anomaly_maps(model, x0, scheduler, **evaluate.map_settings(args), seeds=[args.seed + int(it["position"]) for it in items],
                                brain_masks=masks, autocast_dtype=amp_dtype)
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
     for i in range(n):
         kind = "hemorrhage" if items[i]["label"] else "healthy"
         panels = [(x0[i, 0], "input (brain window)"), (x_t[i, 0], f"patch noised at t={t_show}"),
-                  (x0_hat[i, 0], "one-step reconstruction"), (maps[i], "anomaly map |x - x0_hat|")]
+                  (x0_hat[i, 0], "box rebuilt in one step"), (maps[i], "anomaly map |x - x0_hat|")]
         for j, (img, title) in enumerate(panels):
             ax = axes[i, j]
             cmap, vmin, vmax = ("inferno", 0, None) if j == 3 else ("gray", -1, 1)
@@ -184,25 +187,28 @@ def save_diagnostics(path, model, dataset, index, scheduler, args, device, epoch
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed(args)
+    # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
+    rank, world, device = evaluate.setup_distributed(args.device)
     is_main = rank == 0
-    if is_main:
-        check_output_dir(args)
-    if world > 1:
-        dist.barrier()
     amp_dtype = models.autocast_dtype(args.precision, device)
 
     # ---- data: patient-level splits; healthy slices only for training -----------------------
-    index = data.load_index(args.data_dir, dataset=None if args.dataset == "auto" else args.dataset,
-                            cache_dir=args.cache_dir, num_workers=args.num_workers)
-    splits = data.make_splits(index, args.seed, args.num_samples, args.eval_samples)
-    needed = np.concatenate([splits["train"], splits["val"]])
-    cache = data.prepare_slices(args.data_dir, index, needed, args.image_size, args.channels,
+    def build():
+        if is_main:
+            check_output_dir(args)
+        index = data.load_index(args.data_dir, dataset=None if args.dataset == "auto" else args.dataset,
                                 cache_dir=args.cache_dir, num_workers=args.num_workers)
+        splits = data.make_splits(index, args.seed, args.num_samples, args.eval_samples)
+        needed = np.concatenate([splits["train"], splits["val"]])
+        cache = data.prepare_slices(args.data_dir, index, needed, args.image_size, args.channels,
+                                    cache_dir=args.cache_dir, num_workers=args.num_workers)
+        return index, splits, cache
+    index, splits, cache = evaluate.in_turn(build, rank, world)  # rank 0 first: it builds the caches, the others read them
     train_pos = cache.ok(splits["train"])
     val_pos = cache.ok(splits["val"])
     if len(train_pos) == 0:
-        raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices")
+        why = "all of them are bad files" if len(splits["train"]) else "no patient without a hemorrhage slice to train on"
+        raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices ({why})")
     val_healthy = val_pos[index["any"][val_pos] == 0]
     train_set = data.SliceDataset(cache, index, train_pos)
     val_loss_set = data.SliceDataset(cache, index, val_healthy)
@@ -220,6 +226,8 @@ def main(argv=None):
         print(f"model: {args.run_label}, {sum(p.numel() for p in model.parameters()):,} parameters")
     scheduler = models.make_scheduler()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # Each process trains on its own 1/world of the slices (reshuffled every epoch by set_epoch), so one optimiser
+    # step sees world x batch_size slices; the learning rate is not scaled for that.
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True) if world > 1 else None
     steps_per_epoch = len(train_set) // (args.batch_size * world) or 1
     if args.max_steps:
@@ -227,7 +235,17 @@ def main(argv=None):
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     history, start_epoch, best_auc, best_loss = [], 1, -math.inf, math.inf
     if args.resume:
-        ckpt = torch.load(os.path.join(args.output_dir, "last.pt"), map_location="cpu", weights_only=True)
+        last = os.path.join(args.output_dir, "last.pt")
+        # load_checkpoint refuses, in one line naming the file, a truncated file, pickled objects (weights_only)
+        # and weights that do not fit their config; the run's model must then be the one this command builds.
+        _, saved_config, ckpt = models.load_checkpoint(last)
+        changed = [f"{key} {saved_config.get(key)!r}, now {value!r}" for key, value in config.items() if saved_config.get(key) != value]
+        if changed:
+            raise SystemExit(f"error: {last}: the run was trained with another model ({'; '.join(changed)}); "
+                             "resume with the run's own settings (see args.json next to it)")
+        missing = [key for key in ("optimizer", "lr_schedule", "history", "epoch") if key not in ckpt]
+        if missing:
+            raise SystemExit(f"error: {last}: not a resumable checkpoint (no {', '.join(missing)})")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_schedule.load_state_dict(ckpt["lr_schedule"])
@@ -242,20 +260,22 @@ def main(argv=None):
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if is_main:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": world}, f, indent=2)
+            json.dump(vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world}, f, indent=2)
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
                      persistent_workers=args.num_workers > 0)
 
     for epoch in range(start_epoch, args.epochs + 1):
-        # Every random draw of an epoch comes from (seed, epoch, rank), so a resumed run repeats it.
+        # Every random draw of an epoch comes from (seed, epoch, rank), so a resumed run repeats it and the
+        # processes of a torchrun draw different patch boxes, timesteps and noise.
         torch.manual_seed(args.seed + 1000 * epoch + rank)
         gen = torch.Generator().manual_seed(args.seed + 1000 * epoch + rank)
         if sampler is not None:
             sampler.set_epoch(epoch)
+        per_process = len(sampler) if sampler is not None else len(train_set)
         loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None,
-                                             generator=gen if sampler is None else None, drop_last=len(train_set) >= args.batch_size,
+                                             generator=gen if sampler is None else None, drop_last=per_process >= args.batch_size,
                                              **loader_kw)
-        model.train()
+        train_model.train()
         t0, losses = time.time(), []
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main, leave=False)
         for step, batch in enumerate(bar):
@@ -271,20 +291,32 @@ def main(argv=None):
                 x0_hat = train_model(x_t, t)
             loss = models.patch_loss(x0_hat.float(), x0, boxes, args.patch_size)
             if not torch.isfinite(loss):
-                raise SystemExit(f"error: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                                 f"last good checkpoint: {os.path.join(args.output_dir, 'last.pt')}")
+                raise SystemExit(f"error: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; {last_good(args)}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if not torch.isfinite(grad_norm):  # stepping would write NaN into every weight
+                raise SystemExit(f"error: non-finite gradient norm at epoch {epoch}, step {step}; {last_good(args)}")
             optimizer.step()
             lr_schedule.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
         train_time = time.time() - t0
+        train_loss = float(np.mean(losses))
+        if world > 1:  # the mean over all processes' steps, not rank 0's alone
+            total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            train_loss = (total[0] / total[1]).item()
 
         # ---- per-epoch evaluation: the same scoring evaluate.py runs, on the validation split ----
-        val_loader = torch.utils.data.DataLoader(val_loss_set, batch_size=args.batch_size, num_workers=0)
-        val_loss = validation_loss(model, val_loader, scheduler, args, device, amp_dtype)
+        # The validation loss is cheap (one forward per slice) and uses fixed draws: rank 0 computes it alone, on
+        # all of the set, so it is the same number whatever the world size. The scoring is sharded over the processes.
+        val_loss = None
+        if is_main:
+            val_loader = torch.utils.data.DataLoader(val_loss_set, batch_size=args.batch_size, num_workers=0)
+            val_loss = validation_loss(model, val_loader, scheduler, args, device, amp_dtype)
+        if val_loss is not None and not math.isfinite(val_loss):  # the last step left non-finite weights: do not save them
+            raise SystemExit(f"error: non-finite validation loss at epoch {epoch}; {last_good(args)}")
         t1 = time.time()
         result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype, "score": args.score},
                                       device, seed=args.seed, rank=rank, world=world)
@@ -292,13 +324,13 @@ def main(argv=None):
         if not is_main:
             continue
         metrics = evaluate.slice_metrics(result["labels"], result["scores"][args.score], result["patients"], n_boot=200, seed=args.seed)
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                   "val_roc_auc": metrics["roc_auc"], "val_roc_auc_ci": metrics["roc_auc_ci"], "val_auprc": metrics["auprc"],
                   "val_roc_auc_by_score": {name: evaluate.roc_auc(result["labels"], s) for name, s in result["scores"].items()},
                   "lr": lr_schedule.get_last_lr()[0], "train_seconds": train_time, "eval_seconds": eval_time,
                   "images_per_second": len(losses) * args.batch_size * world / max(train_time, 1e-9)}
         history.append(record)
-        extra = {"args": vars(args), "epoch": epoch, "metrics": record}
+        extra = {"args": vars(args) | {"world_size": world}, "epoch": epoch, "metrics": record}
         auc = record["val_roc_auc"] if record["val_roc_auc"] is not None else -math.inf
         if auc > best_auc:
             best_auc = auc
