@@ -47,6 +47,7 @@ CHANNEL_WINDOWS = {1: ("brain",), 2: ("brain", "bone"), 3: ("brain", "subdural",
 INDEX_COLUMNS = ("id", "path", "patient", "scan", "series", "z") + LABELS
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+MIN_SLICE_SIDE = 16  # pixels; real head CT is 512 (RSNA) or 650 (CT-ICH), the tests' phantoms 32 and up
 HOW_TO_GET_DATA = ("get the RSNA data (kaggle competitions download -c rsna-intracranial-hemorrhage-detection: "
                    "stage_2_train/ + stage_2_train.csv) or make a phantom: python data.py phantom --out DIR")
 SHORT_NAMES = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
@@ -111,14 +112,17 @@ def default_cache_dir(data_dir):
     return path
 
 
-def report_skips(what, skips, examples=5):
-    """One summary line for all skipped files: count per reason and the first few names."""
+def report_skips(what, skips, examples=10):
+    """One summary line for all skipped files: count per reason, and the first file of each reason
+    (so every kind of problem comes with a file to look at)."""
     if not skips:
         return
     counts = collections.Counter(reason.split(":")[0] for _, reason in skips)
     summary = ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
-    first = "; ".join(f"{name} ({reason})" for name, reason in skips[:examples])
-    print(f"{what}: skipped {len(skips)} file(s): {summary}. First: {first}")
+    first_of_each = {}
+    for name, reason in skips:
+        first_of_each.setdefault(reason.split(":")[0], f"{name} ({reason})")
+    print(f"{what}: skipped {len(skips)} file(s): {summary}. First: {'; '.join(list(first_of_each.values())[:examples])}")
 
 
 def _one_line(error):
@@ -130,6 +134,8 @@ def _skip_bad(fn, item):
         return True, fn(item)
     except BadFile as error:
         return False, str(error)
+    except Exception as error:  # a file nobody foresaw must not end an hours-long run: count it, name it, go on
+        return False, f"unexpected error: {_one_line(error)}"
 
 
 def _worker_init():
@@ -163,6 +169,15 @@ def header_number(ds, keyword, default):
 
 
 HEADER_TAGS = ["Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient", "InstanceNumber"]
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as written in little-endian files
+
+
+def _header_lacks(what, path):
+    """Reason for a header without `what`. pydicom reads a file cut off mid-header without complaint, as a
+    header that simply stops, so a file with no pixel data element at all is called truncated."""
+    with open(path, "rb") as f:  # read in full, but only for files that are already failing
+        cut = PIXEL_DATA_TAG not in f.read()
+    return f"truncated DICOM: {what}, and the file ends before any pixel data" if cut else what
 
 
 def read_header(path):
@@ -176,7 +191,7 @@ def read_header(path):
         raise BadFile(f"modality {modality}, not CT")
     patient = str(first(ds.get("PatientID")) or "")
     if not patient:
-        raise BadFile("no PatientID")
+        raise BadFile(_header_lacks("no PatientID", path))
     study = str(first(ds.get("StudyInstanceUID")) or patient)  # scan falls back to the patient
     series = str(first(ds.get("SeriesInstanceUID")) or study)
     position = ds.get("ImagePositionPatient")
@@ -185,7 +200,7 @@ def read_header(path):
     elif ds.get("InstanceNumber") not in (None, ""):
         z = float(first(ds.InstanceNumber))
     else:
-        raise BadFile("no slice position (ImagePositionPatient, InstanceNumber)")
+        raise BadFile(_header_lacks("no slice position (ImagePositionPatient, InstanceNumber)", path))
     return patient, study, series, z
 
 
@@ -206,17 +221,28 @@ def hu_from_dicom(path):
         raise BadFile(f"truncated or undecodable pixel data: {_one_line(error)}")
     if pixels.ndim != 2:
         raise BadFile(f"pixel array of shape {pixels.shape}, not one 2-D slice")
-    slope = header_number(ds, "RescaleSlope", 1.0)
-    intercept = header_number(ds, "RescaleIntercept", 0.0)
+    try:
+        slope = header_number(ds, "RescaleSlope", 1.0)
+        intercept = header_number(ds, "RescaleIntercept", 0.0)
+    except (TypeError, ValueError) as error:
+        raise BadFile(f"unreadable RescaleSlope/RescaleIntercept: {_one_line(error)}")
     if header_number(ds, "BitsStored", 16) == 12 and header_number(ds, "PixelRepresentation", 0) == 0 and intercept > -100:
         # RSNA quirk: some series store HU + 1000 wrapped modulo 4096 as unsigned 12-bit values with an
         # intercept near 0, so air reads ~3096 and bone wraps around. Unwrapping and using intercept
         # -1000 gives air ~ -1000 HU and brain 20-45 HU.
         pixels = np.mod(pixels + 1000, 4096)
         intercept = -1000.0
-    hu = pixels * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below as one reason, not a numpy warning per file
+        hu = pixels * slope + intercept
     if not np.isfinite(hu).all():
-        raise BadFile("non-finite HU values")
+        raise BadFile("non-finite HU values (check RescaleSlope/RescaleIntercept)")
+    # A wrong slope/intercept (or an image that is not in HU) puts the slice far outside the CT range;
+    # windowing would turn it into a flat square. Padding outside the field of view (-2000 or -3024 HU
+    # on many scanners) covers at most ~21 % of a slice, so a real slice is mostly inside this range.
+    plausible = np.mean((hu >= -1100) & (hu <= 4000))
+    if plausible < 0.5:
+        raise BadFile(f"implausible HU values: {plausible:.0%} of pixels within -1100..4000 HU "
+                      f"(min {hu.min():.4g}, max {hu.max():.4g}; check RescaleSlope/RescaleIntercept)")
     return hu
 
 
@@ -589,13 +615,15 @@ def make_splits(index, seed, num_samples, eval_samples, train_fraction=0.5):
 def load_slice(path, channels, image_size):
     """Decode one slice: (image float16 [C, S, S] in [-1, 1], brain mask uint8 [S, S])."""
     if path.endswith(".jpg"):
-        images = read_ctich_slice(path, with_bone=channels > 1)
-        mask = brain_mask_from_windowed(images["brain"])
-        image = make_input(images, channels, image_size)
+        pixels = read_ctich_slice(path, with_bone=channels > 1)  # {"brain": ..., "bone": ...}, already windowed
+        shape = pixels["brain"].shape
     else:
-        hu = hu_from_dicom(path)
-        mask = brain_mask_from_hu(hu)
-        image = make_input(hu, channels, image_size)
+        pixels = hu_from_dicom(path)
+        shape = pixels.shape
+    if min(shape) < MIN_SLICE_SIDE:
+        raise BadFile(f"image of {shape[0]}x{shape[1]} pixels, too small for a head CT slice")
+    mask = brain_mask_from_windowed(pixels["brain"]) if isinstance(pixels, dict) else brain_mask_from_hu(pixels)
+    image = make_input(pixels, channels, image_size)
     return image.astype(np.float16), resize_mask(mask, image_size).astype(np.uint8)
 
 

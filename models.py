@@ -330,7 +330,8 @@ def load_checkpoint(path, device="cpu"):
             what = f"a pickled {found.group(1)}" if found else "an object"
             raise SystemExit(f"error: {path}: refused to load, it holds {what}, not only tensors and "
                              f"plain data (checkpoints are loaded with weights_only=True)")
-        first_line = text.strip().splitlines()[0][:160] if text.strip() else ""
+        # torch's own text runs to several sentences of advice; its first sentence says what is wrong
+        first_line = re.split(r"(?<=\.) ", text.strip().splitlines()[0])[0][:160] if text.strip() else ""
         raise SystemExit(f"error: {path}: unreadable or truncated checkpoint ({type(e).__name__}: {first_line})")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise SystemExit(f"error: {path}: not a ct-pddpm checkpoint (no 'model' and 'config' entries)")
