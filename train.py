@@ -95,6 +95,9 @@ def check_output_dir(args):
     if args.resume:
         if not os.path.exists(os.path.join(args.output_dir, "last.pt")):
             raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
+        for name in os.listdir(args.output_dir):
+            if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
+                os.remove(os.path.join(args.output_dir, name))
         return
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
         raise SystemExit(f"error: {args.output_dir}: output dir is not empty; "

@@ -75,25 +75,40 @@ def test_missing_data_dir_is_one_line_error(tmp_path):
 
 
 def test_sigkill_and_resume_matches_uninterrupted(phantom_dir, tmp_path):
+    import torch
+    # 3 epochs of 3 steps: the kill comes once epoch 1's last.pt exists, so it has all of epochs 2 and 3 to land in
+    # (checked below, so a slow machine cannot turn this into a test of an uninterrupted run).
+    extra = ["--batch_size", "4"]
     straight = tmp_path / "straight"
-    proc = run(tiny_train_args(phantom_dir, straight, epochs=2))
+    proc = run(tiny_train_args(phantom_dir, straight, epochs=3, extra=extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen(tiny_train_args(phantom_dir, killed, epochs=2), cwd=ROOT, env=env,
+    p = subprocess.Popen(tiny_train_args(phantom_dir, killed, epochs=3, extra=extra), cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "last.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    proc = run(tiny_train_args(phantom_dir, killed, epochs=2, extra=["--resume"]))
+    assert p.returncode == -signal.SIGKILL  # killed, not finished or crashed
+    epoch_at_kill = torch.load(killed / "last.pt", weights_only=True)["epoch"]
+    assert epoch_at_kill in (1, 2)
+    proc = run(tiny_train_args(phantom_dir, killed, epochs=3, extra=extra + ["--resume"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming {killed} after epoch {epoch_at_kill}" in proc.stdout
 
     a = json.loads((straight / "training_history.json").read_text())
     b = json.loads((killed / "training_history.json").read_text())
-    assert [h["epoch"] for h in b] == [1, 2]
+    assert [h["epoch"] for h in b] == [1, 2, 3]
     for ha, hb in zip(a, b):
-        for key in ["train_loss", "val_loss", "val_roc_auc"]:
+        for key in ["train_loss", "val_loss", "val_roc_auc", "val_auprc", "lr"]:
             assert ha[key] == pytest.approx(hb[key], abs=1e-6), key
+        assert ha["val_roc_auc_by_score"] == pytest.approx(hb["val_roc_auc_by_score"], abs=1e-6)
+    for name in ["last.pt", "best_model.pt", "best_model_loss.pt"]:
+        ca, cb = (torch.load(d / name, weights_only=True) for d in (straight, killed))
+        assert ca["epoch"] == cb["epoch"], name
+        for key, tensor in ca["model"].items():
+            assert torch.allclose(tensor, cb["model"][key], atol=1e-6), (name, key)
+    assert not list(killed.glob("*.tmp"))  # a kill mid-write leaves no temporary files behind after the resume
