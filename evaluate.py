@@ -88,6 +88,35 @@ def map_settings(args):
                 context=args.context)
 
 
+def setup_distributed(device_name="auto"):
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1.
+    Each process drives the GPU of its local rank (backend nccl), or the CPU (backend gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = models.pick_device(device_name)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def in_turn(build, rank, world):
+    """build() on every process, but one group after the other, with a barrier between: first rank 0, then local
+    rank 0 of each other node, then the rest. build() fills the index and slice caches, and two processes creating
+    the same cache files at once would replace each other's files; going in turn, the later ones find them built
+    (on a node-local cache dir, each node builds its own copy once)."""
+    if world == 1:
+        return build()
+    turn = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    result = None
+    for t in range(3):
+        if t == turn:
+            result = build()
+        torch.distributed.barrier()
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # scoring a split
 
@@ -228,7 +257,8 @@ def _merge_ranks(result, keep_examples):
     dist.all_gather_object(parts, result)
     merged = {"positions": np.concatenate([p["positions"] for p in parts]),
               "labels": np.concatenate([p["labels"] for p in parts]),
-              "scores": {name: np.concatenate([p["scores"][name] for p in parts]) for name in parts[0]["scores"]},
+              # a rank with an empty shard (fewer slices than processes) has no score arrays at all
+              "scores": {name: np.concatenate([p["scores"].get(name, np.zeros(0)) for p in parts]) for name in parts[0]["scores"]},
               "heaps": {kind: heapq.nlargest(keep_examples, [item for p in parts for item in p["heaps"][kind]])
                         for kind in EXAMPLE_KINDS},
               "pixel": None}
@@ -515,26 +545,31 @@ def main(argv=None):
     args = get_args(argv)
     if not os.path.isfile(args.checkpoint):
         raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
-    device = models.pick_device(args.device)
+    # Under torchrun every process scores every world-th slice; rank 0 gathers the scores and alone writes the files.
+    rank, world, device = setup_distributed(args.device)
     model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
     model = model.to(device).eval()
     s = resolve_settings(args, checkpoint.get("args") or {}, config)
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: {output_dir}: cannot create output dir ({e.strerror})")
-    if not os.access(output_dir, os.W_OK):
-        raise SystemExit(f"error: {output_dir}: output dir is not writable")
 
     # ---- the same patient-level splits as training ------------------------------------------
-    index = data.load_index(s["data_dir"], dataset=None if s["dataset"] == "auto" else s["dataset"],
-                            cache_dir=s["cache_dir"], num_workers=s["num_workers"])
-    splits = data.make_splits(index, s["split_seed"], s["num_samples"], s["eval_samples"])
-    # Dice on the test split needs a threshold chosen on val, so val is decoded too (cheap; cached).
-    needed = np.concatenate([splits["val"], splits["test"]]) if args.split == "test" else splits["val"]
-    cache = data.prepare_slices(s["data_dir"], index, needed, s["image_size"], s["channels"],
+    def build():
+        if rank == 0:
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+            except OSError as e:
+                raise SystemExit(f"error: {output_dir}: cannot create output dir ({e.strerror})")
+            if not os.access(output_dir, os.W_OK):
+                raise SystemExit(f"error: {output_dir}: output dir is not writable")
+        index = data.load_index(s["data_dir"], dataset=None if s["dataset"] == "auto" else s["dataset"],
                                 cache_dir=s["cache_dir"], num_workers=s["num_workers"])
+        splits = data.make_splits(index, s["split_seed"], s["num_samples"], s["eval_samples"])
+        # Dice on the test split needs a threshold chosen on val, so val is decoded too (cheap; cached).
+        needed = np.concatenate([splits["val"], splits["test"]]) if args.split == "test" else splits["val"]
+        cache = data.prepare_slices(s["data_dir"], index, needed, s["image_size"], s["channels"],
+                                    cache_dir=s["cache_dir"], num_workers=s["num_workers"])
+        return index, splits, cache
+    index, splits, cache = in_turn(build, rank, world)
     positions = cache.ok(splits[args.split])
     if len(positions) == 0:
         raise SystemExit(f"error: {s['data_dir']}: the {args.split} split has no usable slices")
@@ -551,9 +586,21 @@ def main(argv=None):
                 "score": s["score"], "num_workers": s["num_workers"]}
     scheduler = models.make_scheduler()
     dataset = data.SliceDataset(cache, index, positions)
-    print(f"scoring the {args.split} split: {len(positions)} slices on {device}")
-    result = score_split(model, dataset, scheduler, settings, device, seed=s["seed"],
-                         keep_examples=args.keep_examples, gt_masks_fn=gt_masks_fn if has_masks else None)
+    if rank == 0:
+        print(f"scoring the {args.split} split: {len(positions)} slices on {device}" + (f" x{world} processes" if world > 1 else ""))
+    result = score_split(model, dataset, scheduler, settings, device, seed=s["seed"], keep_examples=args.keep_examples,
+                         gt_masks_fn=gt_masks_fn if has_masks else None, rank=rank, world=world)
+    val = None
+    if result["pixel"] is not None and args.split == "test":  # every rank sees the gathered result: same decision
+        val_positions = cache.ok(splits["val"])
+        if rank == 0:
+            print(f"choosing the Dice threshold on the val split ({len(val_positions)} slices)")
+        val = score_split(model, data.SliceDataset(cache, index, val_positions), scheduler, settings, device,
+                          seed=s["seed"], keep_examples=0, gt_masks_fn=gt_masks_fn, rank=rank, world=world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
 
     # ---- metrics ------------------------------------------------------------------------------
     rows = result["positions"]
@@ -574,10 +621,6 @@ def main(argv=None):
                "settings": s}
     if result["pixel"] is not None:
         if args.split == "test":
-            val_positions = cache.ok(splits["val"])
-            print(f"choosing the Dice threshold on the val split ({len(val_positions)} slices)")
-            val = score_split(model, data.SliceDataset(cache, index, val_positions), scheduler, settings, device,
-                              seed=s["seed"], keep_examples=0, gt_masks_fn=gt_masks_fn)
             threshold, chosen_on = (choose_dice_threshold(val["pixel"]), "val") if val["pixel"] is not None else (None, None)
         else:
             threshold, chosen_on = choose_dice_threshold(result["pixel"]), "val (the reported split itself: equals the oracle)"
