@@ -242,7 +242,9 @@ def main(argv=None):
         # load_checkpoint refuses, in one line naming the file, a truncated file, pickled objects (weights_only)
         # and weights that do not fit their config; the run's model must then be the one this command builds.
         _, saved_config, ckpt = models.load_checkpoint(last)
-        changed = [f"{key} {saved_config.get(key)!r}, now {value!r}" for key, value in config.items() if saved_config.get(key) != value]
+        # hf_model is left out: it only says where the starting weights came from (a path may move); last.pt holds them
+        changed = [f"{key} {saved_config.get(key)!r}, now {value!r}" for key, value in config.items()
+                   if key != "hf_model" and saved_config.get(key) != value]
         if changed:
             raise SystemExit(f"error: {last}: the run was trained with another model ({'; '.join(changed)}); "
                              "resume with the run's own settings (see args.json next to it)")
