@@ -653,10 +653,18 @@ class SliceCache:
     def state(self):
         return self._open()["state"]
 
-    def ok(self, positions):
-        """The positions that decoded fine, in the given order."""
+    def ok(self, positions, min_brain_fraction=0.0):
+        """The positions that decoded fine, in the given order; with min_brain_fraction > 0, only
+        those whose intracranial mask covers at least that fraction of the slice. Face, skull-base
+        and vertex slices hold little brain, almost never a labelled bleed, and mostly bone edges
+        that no model rebuilds exactly, so they dominate a ranking of slices by error: on CT-ICH
+        at 128 px, 470 of 1,767 slices have under 5 % brain and 2 of them a bleed."""
         positions = np.asarray(positions, np.int64)
-        return positions[self.state[positions] == 1]
+        positions = positions[self.state[positions] == 1]
+        if min_brain_fraction > 0 and len(positions):
+            fraction = np.array([self.masks[p].mean() for p in positions])
+            positions = positions[fraction >= min_brain_fraction]
+        return positions
 
     def __getstate__(self):
         return {"prefix": self.prefix, "_arrays": None}

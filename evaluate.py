@@ -513,6 +513,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the scoring noise (default: the training seed). The splits always use the training "
                         "seed, so that no training patient can land in the test split")
+    p.add_argument("--min_brain_fraction", type=float, default=None,
+                   help="score only slices with at least this much intracranial area (default: the training run's value)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="autocast for scoring (default: the training run's value)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap samples for the confidence intervals")
@@ -535,7 +537,7 @@ def resolve_settings(args, train_args, config):
          "patch_size": pick("patch_size", 64), "stride": pick("stride", 32), "eval_t": list(pick("eval_t", [150])),
          "eval_batch_size": pick("eval_batch_size", 64), "score": pick("score", "mean"), "median_size": pick("median_size", 0),
          "skip_outside_mask": bool(pick("skip_outside_mask", False)), "context": pick("context"),
-         "precision": pick("precision", "auto")}
+         "precision": pick("precision", "auto"), "min_brain_fraction": pick("min_brain_fraction", 0.0)}
     if s["data_dir"] is None:
         raise SystemExit(f"error: {args.checkpoint}: checkpoint does not record a data dir; pass --data_dir")
     return s
@@ -570,7 +572,7 @@ def main(argv=None):
                                     cache_dir=s["cache_dir"], num_workers=s["num_workers"])
         return index, splits, cache
     index, splits, cache = in_turn(build, rank, world)
-    positions = cache.ok(splits[args.split])
+    positions = cache.ok(splits[args.split], s["min_brain_fraction"])
     if len(positions) == 0:
         raise SystemExit(f"error: {s['data_dir']}: the {args.split} split has no usable slices")
 
@@ -592,7 +594,7 @@ def main(argv=None):
                          gt_masks_fn=gt_masks_fn if has_masks else None, rank=rank, world=world)
     val = None
     if result["pixel"] is not None and args.split == "test":  # every rank sees the gathered result: same decision
-        val_positions = cache.ok(splits["val"])
+        val_positions = cache.ok(splits["val"], s["min_brain_fraction"])
         if rank == 0:
             print(f"choosing the Dice threshold on the val split ({len(val_positions)} slices)")
         val = score_split(model, data.SliceDataset(cache, index, val_positions), scheduler, settings, device,

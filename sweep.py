@@ -29,6 +29,7 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
     p.add_argument("--eval_samples", type=evaluate.parse_eval_samples, default="all",
                    help="validation slices per class, or 'all'")
+    p.add_argument("--min_brain_fraction", type=float, default=None, help="default: the training run's value")
     p.add_argument("--eval_t", type=int, nargs="+", default=[100, 150, 250, 400, 500])
     p.add_argument("--multi_t", type=int, nargs="*", default=[150, 250, 400],
                    help="also score the average map over these t (each must be in --eval_t)")
@@ -65,7 +66,8 @@ def main(argv=None):
     index = data.load_index(data_dir, dataset=None if dataset_kind == "auto" else dataset_kind)
     splits = data.make_splits(index, train_args.get("seed", 42), train_args.get("num_samples", 2000), args.eval_samples)
     cache = data.prepare_slices(data_dir, index, splits["val"], config["image_size"], config["in_channels"])
-    val = data.SliceDataset(cache, index, cache.ok(splits["val"]))
+    min_brain_fraction = args.min_brain_fraction if args.min_brain_fraction is not None else train_args.get("min_brain_fraction", 0.0)
+    val = data.SliceDataset(cache, index, cache.ok(splits["val"], min_brain_fraction))
     items = [val[i] for i in range(len(val))]
     images = torch.stack([it["image"] for it in items])
     masks = torch.stack([it["mask"] for it in items])

@@ -45,6 +45,9 @@ def get_args(argv=None):
     g.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="1 = brain window, 3 = brain/subdural/bone (default: 1, or 3 with --pretrained)")
     g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--min_brain_fraction", type=float, default=0.0,
+                   help="use only slices whose intracranial mask covers at least this fraction of the image, "
+                        "in training and evaluation (leaves out face, skull-base and vertex slices; see README)")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
     g.add_argument("--hf_model", default="google/ddpm-ema-celebahq-256", help="hub id or local directory (offline clusters)")
@@ -207,8 +210,8 @@ def main(argv=None):
                                     cache_dir=args.cache_dir, num_workers=args.num_workers)
         return index, splits, cache
     index, splits, cache = evaluate.in_turn(build, rank, world)  # rank 0 first: it builds the caches, the others read them
-    train_pos = cache.ok(splits["train"])
-    val_pos = cache.ok(splits["val"])
+    train_pos = cache.ok(splits["train"], args.min_brain_fraction)
+    val_pos = cache.ok(splits["val"], args.min_brain_fraction)
     if len(train_pos) == 0:
         why = "all of them are bad files" if len(splits["train"]) else "no patient without a hemorrhage slice to train on"
         raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices ({why})")

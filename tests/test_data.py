@@ -404,6 +404,14 @@ def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, mo
     copy = pickle.loads(pickle.dumps(cache))
     assert len(pickle.dumps(cache)) < 1000 and np.array_equal(copy.images[7], cache.images[7])
 
+    # min_brain_fraction keeps exactly the slices with that much intracranial area, in order
+    fractions = cache.masks[cache.ok(positions)].reshape(47, -1).mean(1)
+    threshold = float(np.median(fractions))
+    kept = cache.ok(positions, min_brain_fraction=threshold)
+    assert 0 < len(kept) < 47 and np.all(np.diff(kept) > 0)
+    assert np.array_equal(kept, cache.ok(positions)[fractions >= threshold])
+    assert len(cache.ok(positions, min_brain_fraction=1.01)) == 0
+
 
 def test_slice_cache_three_channels_and_parallel_decode(phantom_dir, tmp_path, index):
     one = data.prepare_slices(phantom_dir, index, np.arange(12), 32, 1, cache_dir=str(tmp_path / "a"), num_workers=1)
