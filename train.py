@@ -70,6 +70,7 @@ def get_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from last.pt")
     g.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output_dir")
     g.add_argument("--run_label", default=None, help="label for plots (default: built from the settings)")
+    g.add_argument("--eval_every", type=int, default=1, help="score the validation split every N epochs (and after the last)")
     g.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (smoke tests)")
     args = p.parse_args(argv)
     if not args.data_dir:
@@ -326,15 +327,19 @@ def main(argv=None):
         if val_loss is not None and not math.isfinite(val_loss):  # the last step left non-finite weights: do not save them
             raise SystemExit(f"error: non-finite validation loss at epoch {epoch}; {last_good(args)}")
         t1 = time.time()
+        # Sliding-window scoring costs far more than an epoch of training on small sets; --eval_every
+        # thins it out (the last epoch is always scored).
+        scored = epoch % args.eval_every == 0 or epoch == args.epochs
         result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype, "score": args.score},
-                                      device, seed=args.seed, rank=rank, world=world)
+                                      device, seed=args.seed, rank=rank, world=world) if scored else None
         eval_time = time.time() - t1
         if not is_main:
             continue
-        metrics = evaluate.slice_metrics(result["labels"], result["scores"][args.score], result["patients"], n_boot=200, seed=args.seed)
+        metrics = evaluate.slice_metrics(result["labels"], result["scores"][args.score], result["patients"], n_boot=200,
+                                         seed=args.seed) if scored else {"roc_auc": None, "roc_auc_ci": None, "auprc": None}
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                   "val_roc_auc": metrics["roc_auc"], "val_roc_auc_ci": metrics["roc_auc_ci"], "val_auprc": metrics["auprc"],
-                  "val_roc_auc_by_score": {name: evaluate.roc_auc(result["labels"], s) for name, s in result["scores"].items()},
+                  "val_roc_auc_by_score": {name: evaluate.roc_auc(result["labels"], s) for name, s in result["scores"].items()} if scored else None,
                   "lr": lr_schedule.get_last_lr()[0], "train_seconds": train_time, "eval_seconds": eval_time,
                   "images_per_second": len(losses) * args.batch_size * world / max(train_time, 1e-9)}
         history.append(record)
@@ -351,10 +356,11 @@ def main(argv=None):
             json.dump(history, f, indent=2)
         os.replace(os.path.join(args.output_dir, "training_history.json.tmp"), os.path.join(args.output_dir, "training_history.json"))
         compare.plot_runs([history], [args.run_label], os.path.join(args.output_dir, "training_curves.png"))
-        evaluate.plot_scores(os.path.join(args.output_dir, f"eval_scores_epoch_{epoch}.png"), result["labels"],
-                             result["scores"][args.score], title=f"validation, epoch {epoch}, score {args.score}")
-        save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), model, val_eval_set, index, scheduler,
-                         args, device, epoch, amp_dtype)
+        if scored:
+            evaluate.plot_scores(os.path.join(args.output_dir, f"eval_scores_epoch_{epoch}.png"), result["labels"],
+                                 result["scores"][args.score], title=f"validation, epoch {epoch}, score {args.score}")
+            save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), model, val_eval_set, index,
+                             scheduler, args, device, epoch, amp_dtype)
         models.save_checkpoint(os.path.join(args.output_dir, "last.pt"), model, config, **extra,
                                optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), history=history)
         ci = record["val_roc_auc_ci"]
