@@ -8,14 +8,15 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 start=$(date +%s)
 
-echo "== 1/6 phantom: 24 patients x 12 slices, 64 px, RSNA layout"
-$PY data.py phantom --out "$OUT/phantom" --patients 24 --slices 12 --size 64 --seed 0
+echo "== 1/6 phantom: 40 patients x 12 slices, 64 px, RSNA layout"
+$PY data.py phantom --out "$OUT/phantom" --patients 40 --slices 12 --size 64 --seed 0
 
-COMMON=(--data_dir "$OUT/phantom" --image_size 64 --patch_size 16 --stride 8 --eval_batch_size 64
-        --num_samples 400 --eval_samples all --batch_size 16 --num_workers 0 --seed 0)
+# 64 px instead of 256, so window, stride and median filter are scaled down with the image.
+COMMON=(--data_dir "$OUT/phantom" --image_size 64 --patch_size 16 --stride 8 --median_size 3
+        --num_samples 1000 --eval_samples 30 --eval_every 2 --batch_size 16 --num_workers 0 --seed 0)
 
 echo "== 2/6 train the scratch UNet (small width for CPU)"
-$PY train.py "${COMMON[@]}" --output_dir "$OUT/scratch" --base_channels 16 --epochs 4 --lr 1e-3
+$PY train.py "${COMMON[@]}" --output_dir "$OUT/scratch" --base_channels 16 --epochs 6 --lr 1e-3
 
 echo "== 3/6 build a small randomly initialised diffusers UNet2DModel as a STAND-IN for the pretrained"
 echo "       model (the hub is unreachable here; users pass --hf_model google/ddpm-ema-celebahq-256)"
@@ -26,7 +27,7 @@ $PY train.py "${COMMON[@]}" --output_dir "$OUT/standin" --pretrained --hf_model 
     --epochs 2 --lr 1e-3 --run_label "stand-in UNet2DModel (random init, not pretrained)"
 
 echo "== 5/6 evaluate the best scratch checkpoint on the held-out test patients"
-$PY evaluate.py --checkpoint "$OUT/scratch/best_model.pt"
+$PY evaluate.py --checkpoint "$OUT/scratch/best_model.pt" --eval_samples all
 
 echo "== 6/6 compare the two runs"
 $PY compare.py --scratch_dir "$OUT/scratch" --pretrained_dir "$OUT/standin" --output "$OUT/comparison.png"
