@@ -404,9 +404,28 @@ def window_noise(seed, window_index, t, shape):
     return torch.randn(shape, generator=generator)
 
 
+def pack_windows(windows, patch_size, stride, gap):
+    """Groups of windows [(k, top, left), ...] in which every two windows are at least `gap`
+    pixels apart (edge to edge, along rows or along columns). Windows are taken class by class of
+    the grid (row and column index modulo the number of strides that span patch + gap), each put
+    in the first group it fits: on a regular grid every class is one group, e.g. 256^2, window 64,
+    stride 32, gap 32 -> every third window of every third row, 49 windows in 9 groups."""
+    spacing = -(-(patch_size + gap) // stride)
+    order = sorted(windows, key=lambda w: ((w[1] // stride) % spacing, (w[2] // stride) % spacing, w[1], w[2]))
+    groups = []
+    for k, top, left in order:
+        for group in groups:
+            if all(max(abs(top - t), abs(left - l)) >= patch_size + gap for _, t, l in group):
+                group.append((k, top, left))
+                break
+        else:
+            groups.append([(k, top, left)])
+    return groups
+
+
 def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150,), seeds,
                  eval_batch_size=16, brain_masks=None, skip_outside_mask=False, context=None,
-                 autocast_dtype=None, channels_last=False):
+                 autocast_dtype=None, channels_last=False, pack_gap=None):
     """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W].
 
     For each slice, window and t: noise only that window, predict x0 in one step, and write
@@ -416,9 +435,17 @@ def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150
     seeds: one int per slice. skip_outside_mask: windows that do not touch brain_masks [N, H, W]
     are not run; pixels no window covered are 0. context: feed the network a context x context
     crop around each window (clamped inside the image) instead of the whole slice; None = whole
-    slice. autocast_dtype: e.g. torch.bfloat16. channels_last: NHWC inputs, and the model's conv
-    weights are converted to channels_last in place (same values; on this CPU an NHWC input
-    alone gained nothing, input and weights together 1.2-1.4x at 128^2)."""
+    slice. pack_gap: None = one noised window per forward pass (the spec); an int = noise, in one
+    forward pass of the whole slice, several windows that are at least pack_gap pixels apart
+    (pack_windows), and read each window's error from that one prediction. Each window gets the
+    same noise as alone; what changes is that its surroundings hold other noised windows. The
+    UNet's receptive field, GroupNorm and bottleneck attention span the whole slice, so this is an
+    approximation, like context: bench.py measures what it does to the ROC-AUC.
+    autocast_dtype: e.g. torch.bfloat16. channels_last: NHWC inputs, and the model's conv
+    weights are converted to channels_last for the call (same values; on this CPU an NHWC input
+    alone gained nothing, input and weights together 1.2-1.4x at 128^2) and back to the default
+    layout afterwards, so a model that goes on training after validation scoring trains in NCHW
+    (with bf16 on this CPU a channels_last training step was slower)."""
     N, C, H, W = images.shape
     if H != W:
         raise ValueError(f"anomaly_maps expects square slices, got {H}x{W}")
@@ -429,22 +456,24 @@ def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150
     crop = H if context is None else min(int(context), H)
     if crop < patch_size:
         raise ValueError(f"context {context} is smaller than the patch ({patch_size})")
+    if pack_gap is not None and crop < H:
+        raise ValueError("pack_gap needs the whole slice as input, not a context crop")
     device = images.device
     timesteps = [int(timesteps)] if np.ndim(timesteps) == 0 else [int(t) for t in timesteps]
 
     if skip_outside_mask:  # decided on the CPU: one GPU sync per window would cost more than it saves
         brain_masks = torch.as_tensor(brain_masks).bool().cpu()
 
-    # one job per (timestep, slice, window); the order is fixed, so is the order of the sums
+    # one job per (timestep, slice, group of windows noised together: one window unless pack_gap);
+    # the order is fixed, so is the order of the sums
     windows = window_grid(H, patch_size, stride)
     jobs = []
     for t in timesteps:
         for i in range(N):
-            for k, (top, left) in enumerate(windows):
-                if skip_outside_mask and not brain_masks[i, top:top + patch_size,
-                                                         left:left + patch_size].any():
-                    continue
-                jobs.append((i, k, top, left, t))
+            kept = [(k, top, left) for k, (top, left) in enumerate(windows)
+                    if not skip_outside_mask or brain_masks[i, top:top + patch_size, left:left + patch_size].any()]
+            groups = [[window] for window in kept] if pack_gap is None else pack_windows(kept, patch_size, stride, pack_gap)
+            jobs += [(i, t, group) for group in groups]
 
     error_sum = torch.zeros(N, H, W, device=device)
     count = torch.zeros(N, H, W, device=device)
@@ -457,29 +486,41 @@ def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150
                                                     enabled=autocast_dtype is not None):
             for start in range(0, len(jobs), eval_batch_size):
                 batch = jobs[start:start + eval_batch_size]
-                inputs, boxes = [], []
-                for i, k, top, left, t in batch:
-                    # the crop around the window, clamped inside the image
+                inputs, corners = [], []
+                for i, t, group in batch:
+                    # the crop around the window (with context there is one per job), clamped inside the image
+                    _, top, left = group[0]
                     crop_top = min(max(top + patch_size // 2 - crop // 2, 0), H - crop)
                     crop_left = min(max(left + patch_size // 2 - crop // 2, 0), W - crop)
                     inputs.append(images[i, :, crop_top:crop_top + crop, crop_left:crop_left + crop])
-                    boxes.append((top - crop_top, left - crop_left))
+                    corners.append((crop_top, crop_left))
                 x0 = torch.stack(inputs).float()
-                boxes = torch.tensor(boxes)
-                noise = torch.stack([window_noise(seeds[i], k, t, (C, patch_size, patch_size))
-                                     for i, k, _, _, t in batch])
-                t_batch = torch.tensor([t for *_, t in batch], device=device)
-                x_t = noise_boxes(x0, boxes, patch_size, t_batch, scheduler, noise.to(device))
+                t_batch = torch.tensor([t for _, t, _ in batch], device=device)
+                x_t = x0
+                for j in range(max(len(group) for _, _, group in batch)):
+                    # the j-th window of every job that has one (a packed job's windows do not overlap)
+                    rows = [b for b, (_, _, group) in enumerate(batch) if len(group) > j]
+                    boxes = torch.tensor([(batch[b][2][j][1] - corners[b][0], batch[b][2][j][2] - corners[b][1])
+                                          for b in rows])
+                    noise = torch.stack([window_noise(seeds[batch[b][0]], batch[b][2][j][0], batch[b][1],
+                                                      (C, patch_size, patch_size)) for b in rows]).to(device)
+                    if len(rows) == len(batch):
+                        x_t = noise_boxes(x_t, boxes, patch_size, t_batch, scheduler, noise)
+                    else:
+                        x_t[rows] = noise_boxes(x_t[rows], boxes, patch_size, t_batch[rows], scheduler, noise)
                 if channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 x0_hat = model(x_t, t_batch).float()
-                errors = (crop_boxes(x0, boxes, patch_size)
-                          - crop_boxes(x0_hat, boxes, patch_size)).abs().mean(dim=1)
-                for (i, _, top, left, _), error in zip(batch, errors):
-                    error_sum[i, top:top + patch_size, left:left + patch_size] += error
-                    count[i, top:top + patch_size, left:left + patch_size] += 1
+                errors = (x0 - x0_hat).abs().mean(dim=1)
+                for b, (i, _, group) in enumerate(batch):
+                    for _, top, left in group:
+                        r, c = top - corners[b][0], left - corners[b][1]
+                        error_sum[i, top:top + patch_size, left:left + patch_size] += errors[b, r:r + patch_size, c:c + patch_size]
+                        count[i, top:top + patch_size, left:left + patch_size] += 1
     finally:
         model.train(was_training)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     return error_sum / count.clamp(min=1)
 
 
