@@ -1,24 +1,34 @@
-"""Speed of pDDPM scoring and training: slices/s per scoring mode, steps/s, GFLOPs.
+"""Speed of pDDPM scoring and training: slices/s per scoring mode, steps/s, loader images/s, GFLOPs.
 
     python bench.py                                   # small CPU run, a few minutes
+    python bench.py --image_size 128 --patch_size 32 --stride 16      # the CPU acceptance size
     python bench.py --image_size 256 --base_channels 64 --patch_size 64 --stride 32 \
-        --device cuda --slices 64 --compile --peak_tflops 989    # H100 dense bf16 peak
+        --device cuda --slices 64 --compile --peak_tflops 989    # H100 SXM dense bf16 peak
 
-Every mode scores the same phantom slices with the same model, so its ROC-AUC is printed
-beside its speed: a speed-up that changes the result shows up here. The model is trained for
-a few steps first (--train_steps), which also gives the training figures; a random network
-would make every ROC-AUC meaningless.
+Every mode scores the same phantom slices with the same model and the same noise, so its
+ROC-AUC is printed beside its speed: a speed-up that changes the result shows up here. The
+model is trained for a few steps first (--train_steps), which also gives the training figures;
+a random network would make every ROC-AUC meaningless.
 
-`naive` is the spec's pipeline (one window, one forward pass, in a Python loop). It exists
-only here, as the reference: users run `batched` and its options through evaluate.py.
+`naive` is the spec's pipeline (one window, one forward pass, in a Python loop, fp32). It exists
+only here, as the reference: users run models.anomaly_maps through evaluate.py and train.py,
+whose defaults are the `default` row. The other rows switch one option at a time so that what
+each contributes can be read off.
+
+Timing: a short warm-up run of every mode, then --repeats rounds in which every mode scores all
+slices once, in turn; the median per mode is reported. Taking the modes in turn
+spreads the load of a shared machine over all of them, instead of over whichever ran last.
 """
 import argparse
+import copy
 import json
+import os
 import statistics
 import tempfile
 import time
 
 import numpy as np
+import scipy.stats
 import torch
 
 import data
@@ -34,166 +44,364 @@ def get_args(argv=None):
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--patch_size", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--eval_t", type=int, default=150)
-    p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--context", type=int, default=None, help="context crop for the crop mode (default 2 x patch_size)")
+    p.add_argument("--eval_t", type=int, nargs="+", default=None, help="default: evaluate.py's")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="windows per forward pass of the batched modes")
+    p.add_argument("--context", type=int, default=None, help="crop side of the context modes (default 2 x patch_size)")
+    p.add_argument("--pack_gap", type=int, default=None,
+                   help="gap between windows noised in one pass in the packed modes (default patch_size / 2)")
+    p.add_argument("--score", default=None, choices=evaluate.SCORES,
+                   help="the slice score whose ROC-AUC is the headline, all are reported (default: evaluate.py's)")
+    p.add_argument("--median_size", type=int, default=None,
+                   help="median filter before the slice scores (default: evaluate.py's)")
     p.add_argument("--slices", type=int, default=16, help="phantom slices scored per mode (half with a bleed)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up; the median is reported")
     p.add_argument("--train_steps", type=int, default=200, help="training steps before scoring (also timed)")
     p.add_argument("--batch_size", type=int, default=16, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="training lr: higher than train.py's, so that a few hundred steps give a usable model")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="of training and of the default scoring mode, as in train.py / evaluate.py")
+    p.add_argument("--loader_images", type=int, default=2048, help="images read per loader measurement (0 = skip)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile")
-    p.add_argument("--peak_tflops", type=float, default=None, help="device peak (e.g. bf16 dense) to report the fraction achieved")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice). On a loaded machine, fewer threads than cores "
+                        "avoids OpenMP threads waiting on each other, which penalises small forward passes most")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the default mode")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="device peak (e.g. dense bf16) to report the fraction achieved")
     p.add_argument("--data_dir", default=None, help="phantom or real data; default: a fresh phantom in a temp dir")
+    p.add_argument("--checkpoint", default=None,
+                   help="score this trained model (train.py's best_model.pt, or --save_model's) instead of the briefly "
+                        "trained one; its image size and channels are used. Training is still timed, on a fresh model")
+    p.add_argument("--save_model", default=None, help="save the briefly trained model here (for --checkpoint)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def timed(fn, repeats, device):
-    """Median wall time of fn() over `repeats` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def load_slices(args, device):
-    """Equal numbers of healthy and hemorrhage slices, through the same loading path as training."""
+def relative_height(index):
+    """Position of each row within its scan, 0 (lowest slice) to 1 (highest); rows are ordered by
+    (patient, scan, z)."""
+    scans = index["scan"]
+    starts = np.flatnonzero(np.r_[True, scans[1:] != scans[:-1]])
+    lengths = np.diff(np.r_[starts, len(scans)])
+    rank = np.arange(len(scans)) - np.repeat(starts, lengths)
+    return rank / np.maximum(np.repeat(lengths, lengths) - 1, 1)
+
+
+def load_slices(args):
+    """A phantom (or --data_dir), its slice cache and two disjoint sets of patients: healthy slices
+    of half the patients without a bleed (training), and the hemorrhage slices against as many
+    healthy slices of the other bleed-free patients, taken at the same heights in the head
+    (scoring). Matching heights keeps the AUC about bleeds: the top and bottom of a head give
+    larger errors than its middle, where most bleeds are."""
     data_dir = args.data_dir
     if data_dir is None:
         data_dir = tempfile.mkdtemp(prefix="ctpddpm_bench_")
-        data.write_phantom(data_dir, patients=16, slices=10, size=args.image_size, seed=args.seed)
+        data.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
     index = data.load_index(data_dir, num_workers=0)
-    positions = np.arange(len(index["id"]))
-    cache = data.prepare_slices(data_dir, index, positions, args.image_size, args.channels, num_workers=0)
-    ok = cache.ok(positions)
     rng = np.random.default_rng(args.seed)
-    bleed_patients = set(index["patient"][ok][index["any"][ok] == 1])
-    # Train on slices of patients without any bleed, score slices of the others.
-    train_pos = ok[~np.isin(index["patient"][ok], list(bleed_patients))]
-    held = ok[np.isin(index["patient"][ok], list(bleed_patients))]
-    pos, neg = held[index["any"][held] == 1], held[index["any"][held] == 0]
+    patients, labels = index["patient"], index["any"]
+    sick_patients = np.unique(patients[labels == 1])
+    healthy_patients = rng.permutation(np.setdiff1d(np.unique(patients), sick_patients))
+    train = np.flatnonzero(np.isin(patients, healthy_patients[: len(healthy_patients) // 2]))
+    train = np.sort(rng.choice(train, min(len(train), 512), replace=False))  # plenty for a few hundred steps
+    neg = np.flatnonzero(np.isin(patients, healthy_patients[len(healthy_patients) // 2:]))
+    pos = np.flatnonzero(labels == 1)
     k = min(args.slices // 2, len(pos), len(neg))
-    score_pos = np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)])
-    images = torch.from_numpy(cache.images[score_pos].astype(np.float32)).to(device)
-    masks = torch.from_numpy(cache.masks[score_pos].astype(bool)).to(device)
-    labels = index["any"][score_pos]
-    train_images = torch.from_numpy(cache.images[train_pos].astype(np.float32))
-    return images, masks, labels, score_pos, train_images
+    if k == 0 or len(train) == 0:
+        raise SystemExit(f"error: {data_dir}: need hemorrhage slices and at least two patients without a bleed")
+    pos = rng.choice(pos, k, replace=False)
+    height = relative_height(index)
+    neg_left, matched = list(rng.permutation(neg)), []
+    for p in pos:  # the nearest height among the healthy slices not taken yet
+        j = int(np.argmin([abs(height[n] - height[p]) for n in neg_left]))
+        matched.append(neg_left.pop(j))
+    score = np.concatenate([pos, matched])
+    cache = data.prepare_slices(data_dir, index, np.concatenate([train, score]), args.image_size, args.channels, num_workers=0)
+    return index, cache, cache.ok(train), cache.ok(score)
 
 
-def bench_training(model, scheduler, train_images, args, device, amp_dtype=None):
-    """Steps/s of the real training step (patched noising + loss + AdamW)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+def bench_training(model, scheduler, train_images, args, device, amp_dtype):
+    """Steps/s of train.py's step (patched noising, forward under autocast, patch loss, clipped AdamW)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
 
     def step():
-        idx = torch.randint(0, len(train_images), (args.batch_size,), generator=gen)
-        x0 = train_images[idx].to(device)
-        boxes = models.random_boxes(len(idx), args.image_size, args.patch_size, gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        x0 = train_images[torch.randint(0, len(train_images), (args.batch_size,), generator=gen)].to(device)
+        boxes = models.random_boxes(len(x0), args.image_size, args.patch_size, gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
         x_t = models.noise_boxes(x0, boxes, args.patch_size, t, scheduler, torch.randn(x0.shape, generator=gen).to(device))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             x0_hat = model(x_t, t)
         loss = models.patch_loss(x0_hat.float(), x0, boxes, args.patch_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return loss.item()
+        return loss
 
     step()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(args.train_steps):
-        last_loss = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        loss = step()
+    sync(device)
     seconds = time.perf_counter() - t0
     model.eval()
     return {"steps_per_s": args.train_steps / seconds, "images_per_s": args.train_steps * args.batch_size / seconds,
-            "final_loss": last_loss}
+            "seconds": seconds, "steps": args.train_steps, "batch_size": args.batch_size,
+            "precision": "bf16" if amp_dtype is not None else "fp32", "final_loss": loss.item()}
+
+
+def bench_loader(cache, index, positions, args, device):
+    """Images/s of the training input pipeline alone: DataLoader over data.SliceDataset (memory-mapped
+    slice cache), random order, after the first batch (worker start-up is not counted)."""
+    dataset = data.SliceDataset(cache, index, positions)
+    results = {}
+    for workers in (0, 1, 2):
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=args.loader_images,
+                                                 generator=torch.Generator().manual_seed(args.seed))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                                             pin_memory=device.type == "cuda")
+        batches = iter(loader)
+        next(batches)
+        t0, n = time.perf_counter(), 0
+        for batch in batches:
+            n += len(batch["image"].to(device, non_blocking=True))
+        sync(device)
+        results[f"num_workers={workers}"] = n / (time.perf_counter() - t0)
+    return results
+
+
+def default_map_settings(args, device):
+    """The anomaly_maps options evaluate.py and train.py use when no other scoring flag than the
+    window size and batch size is given; fills in bench's --eval_t, --score, --median_size from
+    their defaults too."""
+    parser = argparse.ArgumentParser()
+    evaluate.add_scoring_args(parser)
+    flags = parser.parse_args(["--patch_size", str(args.patch_size), "--stride", str(args.stride),
+                               "--eval_batch_size", str(args.eval_batch_size)])
+    args.eval_t = flags.eval_t if args.eval_t is None else args.eval_t
+    args.score = flags.score if args.score is None else args.score
+    args.median_size = flags.median_size if args.median_size is None else args.median_size
+    settings = evaluate.map_settings(flags)
+    for key in ("patch_size", "stride", "timesteps"):
+        settings.pop(key)
+    settings["autocast_dtype"] = models.autocast_dtype(args.precision, device)
+    return settings
+
+
+def mode_name(options, args):
+    """A row name that says which options a mode switches on."""
+    if options.get("eval_batch_size", 1) == 1:
+        return "naive"
+    name = "batched"
+    if options.get("channels_last"):
+        name += "+channels_last"
+    if options.get("autocast_dtype") is not None:
+        name += "+" + str(options["autocast_dtype"]).replace("torch.bfloat", "bf").replace("torch.float", "fp")
+    if options.get("skip_outside_mask"):
+        name += "+skip"
+    if options.get("context"):
+        name += f"+context{options['context']}"
+    if options.get("pack_gap") is not None:
+        name += f"+pack{options['pack_gap']}"
+    if options.get("compile"):
+        name += "+compile"
+    if options.get("eval_batch_size") != args.eval_batch_size:
+        name += f"@{options['eval_batch_size']}"
+    return name
+
+
+def scoring_modes(args, default):
+    """name -> anomaly_maps options: the reference, then one option at a time on top of batching
+    and of the default's precision, then the default and options on top of it. Modes with the
+    same options are run once."""
+    batch = {"eval_batch_size": args.eval_batch_size}
+    bf16 = {"autocast_dtype": torch.bfloat16}
+    one_per_pass = {k: v for k, v in default.items() if k != "pack_gap"} | batch  # the default, unpacked
+    context = {"context": args.context or 2 * args.patch_size}
+    pack = {"pack_gap": args.patch_size // 2 if args.pack_gap is None else args.pack_gap}
+    candidates = [
+        {"eval_batch_size": 1},  # naive
+        batch,
+        batch | bf16,
+        one_per_pass,
+        one_per_pass | {"channels_last": True},
+        one_per_pass | {"skip_outside_mask": True},
+        one_per_pass | context,
+        one_per_pass | pack,
+        default,
+        default | {"channels_last": True},
+        default | {"skip_outside_mask": True},
+    ]
+    if args.compile:
+        candidates.append(default | {"compile": True})
+    modes = {}
+    for options in candidates:
+        options = {k: v for k, v in options.items() if v is not None and v is not False}
+        modes.setdefault(mode_name(options, args), options)
+    return modes
+
+
+def forwards_per_slice(masks, options, args):
+    """Forward passes the mode runs per slice (skip_outside_mask leaves out windows without brain)."""
+    p, masks = args.patch_size, masks.cpu()
+    windows = list(enumerate(models.window_grid(args.image_size, p, args.stride)))
+    total = 0
+    for mask in masks:
+        kept = [(k, top, left) for k, (top, left) in windows
+                if not options.get("skip_outside_mask") or mask[top:top + p, left:left + p].any()]
+        total += len(kept) if options.get("pack_gap") is None else len(models.pack_windows(kept, p, args.stride, options["pack_gap"]))
+    return total / len(masks) * len(args.eval_t)
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = models.pick_device(args.device)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    trained = None
+    if args.checkpoint:
+        trained, config, _ = models.load_checkpoint(args.checkpoint, device)
+        args.image_size, args.channels = config["image_size"], config["in_channels"]
+        args.base_channels = config.get("base_channels", args.base_channels)
     torch.manual_seed(args.seed)
-    images, masks, labels, positions, train_images = load_slices(args, device)
-    config = {"kind": "scratch", "in_channels": args.channels, "base_channels": args.base_channels, "image_size": args.image_size}
+    index, cache, train_positions, score_positions = load_slices(args)
+    images = torch.from_numpy(cache.images[score_positions].astype(np.float32)).to(device)
+    masks = torch.from_numpy(cache.masks[score_positions] > 0).to(device)
+    labels = index["any"][score_positions].astype(int)
+    train_images = torch.from_numpy(cache.images[train_positions].astype(np.float32))
+
+    config = config if trained is not None else {"kind": "scratch", "in_channels": args.channels,
+                                                  "base_channels": args.base_channels, "image_size": args.image_size}
     model = models.build_model(config).to(device)
     scheduler = models.make_scheduler()
+    default = default_map_settings(args, device)
+    amp_dtype = default["autocast_dtype"]
     gflops = models.count_flops(model, args.image_size, args.channels) / 1e9
-    train = bench_training(model, scheduler, train_images, args, device)
-    print(f"device {device} | image {args.image_size}^2 | base_channels {args.base_channels} | patch {args.patch_size} "
-          f"stride {args.stride} | {gflops:.2f} GFLOPs per forward | {len(labels)} slices ({int(labels.sum())} hemorrhage)")
-    print(f"training: {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
-          f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+                        f"{', native bf16' if models.cpu_has_native_bf16() else ''})")
+    print(f"device {device_name} | load average {load_before[0]:.2f} | image {args.image_size}^2 | base_channels "
+          f"{args.base_channels} | patch {args.patch_size} stride {args.stride} | {gflops:.3f} GFLOPs per forward | "
+          f"{len(labels)} slices scored ({labels.sum()} hemorrhage)")
 
-    seeds = [args.seed * 1_000_003 + int(p) for p in positions]
-    base = dict(patch_size=args.patch_size, stride=args.stride, timesteps=[args.eval_t], seeds=seeds, brain_masks=masks)
-    context = args.context or 2 * args.patch_size
-    bf16 = torch.bfloat16
-    modes = {
-        "naive": dict(eval_batch_size=1),
-        "batched": dict(eval_batch_size=args.eval_batch_size),
-        "batched+channels_last": dict(eval_batch_size=args.eval_batch_size, channels_last=True),
-        "batched+bf16": dict(eval_batch_size=args.eval_batch_size, autocast_dtype=bf16),
-        "batched+bf16+channels_last": dict(eval_batch_size=args.eval_batch_size, autocast_dtype=bf16, channels_last=True),
-        "batched+skip_outside_mask": dict(eval_batch_size=args.eval_batch_size, skip_outside_mask=True),
-        f"batched+context{context}": dict(eval_batch_size=args.eval_batch_size, context=context),
-        f"batched+skip+context{context}": dict(eval_batch_size=args.eval_batch_size, skip_outside_mask=True, context=context),
-        f"batched+skip+context{context}+bf16": dict(eval_batch_size=args.eval_batch_size, skip_outside_mask=True,
-                                                     context=context, autocast_dtype=bf16, channels_last=True),
-    }
-    scoring_model = {name: model for name in modes}
-    if args.compile:
-        compiled = torch.compile(model)
-        modes["batched+compile"] = dict(eval_batch_size=args.eval_batch_size)
-        scoring_model["batched+compile"] = compiled
+    train = bench_training(model, scheduler, train_images, args, device, amp_dtype)
+    print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
+          f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
+    if args.save_model:
+        models.save_checkpoint(args.save_model, model, config, bench_train_steps=args.train_steps, bench_lr=args.lr)
+    if trained is not None:
+        model = trained.eval()
+        print(f"scoring with {args.checkpoint}")
+    loader = bench_loader(cache, index, train_positions, args, device) if args.loader_images else {}
+    if loader:
+        print("loader alone (SliceDataset over the slice cache): "
+              + ", ".join(f"{k} {v:.0f} images/s" for k, v in loader.items()))
+
+    # ---- scoring modes ----------------------------------------------------------------------
+    modes = scoring_modes(args, default)
+    seeds = [args.seed * 1_000_003 + int(p) for p in score_positions]
+    scoring_model = {}
+    for name, options in modes.items():
+        # a copy per mode: no mode can leave something behind (weight layout, compiled state) for the next
+        scoring_model[name] = copy.deepcopy(model)
+        if options.get("compile"):
+            scoring_model[name] = torch.compile(scoring_model[name])
+
+    def run(name, n):
+        options = {k: v for k, v in modes[name].items() if k != "compile"}
+        maps = models.anomaly_maps(scoring_model[name], images[:n], scheduler, seeds=seeds[:n], brain_masks=masks[:n],
+                                   patch_size=args.patch_size, stride=args.stride, timesteps=args.eval_t, **options)
+        sync(device)
+        return maps
+
+    for name in modes:  # warm-up (torch.compile compiles for every batch shape it will see)
+        run(name, len(images) if modes[name].get("compile") else min(2, len(images)))
+    maps, times = {}, {name: [] for name in modes}
+    for _ in range(max(args.repeats, 1)):
+        for name in modes:
+            t0 = time.perf_counter()
+            maps[name] = run(name, len(images))  # the same every round: the noise is fixed by the seeds
+            times[name].append(time.perf_counter() - t0)
 
     results = {}
-    naive_maps = None
-    n_windows_full = len(models.window_grid(args.image_size, args.patch_size, args.stride))
+    inside = masks.bool()
+    naive_scores = models.slice_scores(maps["naive"], masks, args.median_size)[args.score]
     for name, options in modes.items():
-        def run():
-            return models.anomaly_maps(scoring_model[name], images, scheduler, **base, **options)
-        # the naive loop is slow; one timed repeat is enough to rank it
-        seconds, maps = timed(run, 1 if name == "naive" else args.repeats, device)
-        scores = models.slice_scores(maps, masks)
-        naive_maps = maps if name == "naive" else naive_maps
-        results[name] = {"slices_per_s": len(labels) / seconds,
-                         "roc_auc": {k: evaluate.roc_auc(labels, v) for k, v in scores.items()},
-                         "max_abs_map_diff_vs_naive": float((maps - naive_maps).abs().max())}
-    naive_speed = results["naive"]["slices_per_s"]
-    score_names = list(results["naive"]["roc_auc"])
-    print(f"\nanomaly maps: {n_windows_full} windows per slice, median of {args.repeats} repeats after warm-up")
-    header = f"{'mode':38s} {'slices/s':>9s} {'x naive':>8s} " + " ".join(f"{'AUC ' + s:>15s}" for s in score_names) + f" {'max|dmap|':>10s}"
+        seconds = statistics.median(times[name])
+        scores = models.slice_scores(maps[name], masks, args.median_size)
+        aucs = {k: evaluate.roc_auc(labels, v) for k, v in scores.items()}
+        crop = min(options.get("context") or args.image_size, args.image_size)
+        forward_gflops = gflops if crop == args.image_size else models.count_flops(model, crop, args.channels) / 1e9
+        per_slice = forwards_per_slice(masks, options, args)
+        diff = (maps[name] - maps["naive"]).abs()
+        results[name] = {
+            "slices_per_s": len(images) / seconds, "roc_auc": aucs[args.score], "roc_auc_by_score": aucs,
+            "seconds": seconds, "seconds_all_repeats": times[name],
+            "forwards_per_slice": per_slice, "gflops_per_slice": per_slice * forward_gflops,
+            "tflops_achieved": per_slice * forward_gflops * len(images) / seconds / 1e3,
+            "max_abs_map_diff_vs_naive": float(diff.max()), "max_abs_map_diff_vs_naive_in_brain": float(diff[inside].max()),
+            # finer than the AUC: does the mode rank the slices (all of them, not only across classes) as naive does?
+            "score_spearman_vs_naive": float(scipy.stats.spearmanr(scores[args.score], naive_scores)[0]),
+            "options": {k: str(v) if k == "autocast_dtype" else v for k, v in options.items()}}
+    default_name = mode_name(default, args)
+    naive = results["naive"]
+    for r in results.values():
+        r["speedup_vs_naive"] = r["slices_per_s"] / naive["slices_per_s"]
+        r["roc_auc_minus_naive"] = (None if r["roc_auc"] is None or naive["roc_auc"] is None
+                                    else r["roc_auc"] - naive["roc_auc"])
+        if args.peak_tflops:
+            r["fraction_of_peak"] = r["tflops_achieved"] / args.peak_tflops
+    train["tflops_achieved"] = 3 * gflops * train["images_per_s"] / 1e3  # forward + backward ~ 3 forwards
+    if args.peak_tflops:
+        train["fraction_of_peak"] = train["tflops_achieved"] / args.peak_tflops
+    load_after = os.getloadavg()
+
+    # ---- the table --------------------------------------------------------------------------
+    score_names = list(naive["roc_auc_by_score"])
+    print(f"\nanomaly maps: {len(images)} slices, {len(models.window_grid(args.image_size, args.patch_size, args.stride))} "
+          f"windows x {len(args.eval_t)} t per slice, median of {args.repeats} rounds after warm-up; "
+          f"* = the default of evaluate.py / train.py; AUC headline: {args.score}; rho = Spearman correlation of "
+          f"the {args.score} slice scores with naive")
+    fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"  # noqa: E731
+    header = (f"{'mode':44s} {'slices/s':>9s} {'x naive':>8s} {'GFLOP/slice':>11s} {'TFLOP/s':>8s} "
+              + " ".join(f"{'AUC ' + s:>14s}" for s in score_names) + f" {'max|dmap| brain':>16s} {'rho':>6s}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        r["speedup_vs_naive"] = r["slices_per_s"] / naive_speed
-        aucs = " ".join(f"{(r['roc_auc'][s] if r['roc_auc'][s] is not None else float('nan')):15.3f}" for s in score_names)
-        print(f"{name:38s} {r['slices_per_s']:9.2f} {r['speedup_vs_naive']:8.1f} {aucs} {r['max_abs_map_diff_vs_naive']:10.2e}")
+        print(f"{name + (' *' if name == default_name else ''):44s} {r['slices_per_s']:9.2f} {r['speedup_vs_naive']:8.2f} "
+              f"{r['gflops_per_slice']:11.2f} {r['tflops_achieved']:8.3f} "
+              + " ".join(f"{fmt(r['roc_auc_by_score'][s]):>14s}" for s in score_names)
+              + f" {r['max_abs_map_diff_vs_naive_in_brain']:16.2e} {r['score_spearman_vs_naive']:6.3f}")
     if args.peak_tflops:
-        achieved = results["batched+bf16+channels_last"]["slices_per_s"] * n_windows_full * gflops / 1e3
-        print(f"\nbatched+bf16: {achieved:.1f} TFLOP/s = {100 * achieved / args.peak_tflops:.1f}% of the given peak {args.peak_tflops} TFLOP/s")
-    report = {"modes": results, "train": train, "gflops_per_forward": gflops, "windows_per_slice": n_windows_full,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "settings": vars(args)}
+        d = results[default_name]
+        print(f"\nof the given peak {args.peak_tflops} TFLOP/s: default scoring {100 * d['fraction_of_peak']:.1f}%, "
+              f"training {100 * train['fraction_of_peak']:.1f}% (3 x forward FLOPs per image)")
+    seconds_total = time.perf_counter() - started
+    print(f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {seconds_total:.0f} s in all")
+    if naive["roc_auc"] is not None and naive["roc_auc"] < 0.6:
+        print(f"warning: the reference ROC-AUC ({args.score}) is {naive['roc_auc']:.3f}: the model is barely trained, "
+              "so the AUC columns say little (raise --train_steps or --lr)")
+
+    report = {"modes": results, "default_mode": default_name, "train": train, "loader_images_per_s": loader,
+              "gflops_per_forward": gflops, "device": device_name, "load_average": [load_before[0], load_after[0]],
+              "seconds": seconds_total, "settings": vars(args)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":
