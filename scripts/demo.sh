@@ -13,10 +13,10 @@ $PY data.py phantom --out "$OUT/phantom" --patients 40 --slices 12 --size 64 --s
 
 # 64 px instead of 256, so window, stride and median filter are scaled down with the image.
 COMMON=(--data_dir "$OUT/phantom" --image_size 64 --patch_size 16 --stride 8 --median_size 3
-        --num_samples 1000 --eval_samples 30 --eval_every 2 --batch_size 16 --num_workers 0 --seed 0)
+        --num_samples 1000 --eval_samples 30 --batch_size 8 --num_workers 0 --seed 0)
 
 echo "== 2/6 train the scratch UNet (small width for CPU)"
-$PY train.py "${COMMON[@]}" --output_dir "$OUT/scratch" --base_channels 16 --epochs 6 --lr 1e-3
+$PY train.py "${COMMON[@]}" --output_dir "$OUT/scratch" --base_channels 16 --epochs 20 --eval_every 10 --lr 1e-3
 
 echo "== 3/6 build a small randomly initialised diffusers UNet2DModel as a STAND-IN for the pretrained"
 echo "       model (the hub is unreachable here; users pass --hf_model google/ddpm-ema-celebahq-256)"
