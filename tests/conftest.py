@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pydicom
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import data, models, ... from the repo root
@@ -15,3 +16,14 @@ def phantom_dir(tmp_path_factory):
     the first hemorrhage patient, one truncated file of the first healthy patient). Shared: do not
     modify it; its index/slice caches go to <phantom_dir>/.ctpddpm_cache unless cache_dir is given."""
     return data.write_phantom(str(tmp_path_factory.mktemp("phantom")), patients=8, slices=6, size=64, seed=0)
+
+
+def edit_dicom(path, **changes):
+    """Set header fields of a DICOM file in place; a value of None deletes the field."""
+    ds = pydicom.dcmread(str(path))
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(str(path))

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import data
+from conftest import edit_dicom
 import evaluate
 import models
 import train
@@ -51,13 +52,7 @@ def ct_file(path, hu=None, *, instance, quirk12=False, slope=1.0, **changes):
                         series_uid="1.2.826.0.1.5.1", instance=instance, z=5.0 * instance, spacing=0.75, slope=slope,
                         intercept=-1024.0, quirk12=quirk12)
     if changes:
-        ds = pydicom.dcmread(str(path))
-        for keyword, value in changes.items():
-            if value is None:
-                delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-        ds.save_as(str(path))
+        edit_dicom(path, **changes)
 
 
 def cut(path, keep):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import edit_dicom
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +35,7 @@ def write_test_dicom(path, hu, **changes):
                         spacing=0.5, slope=changes.pop("slope", 1.0), intercept=changes.pop("intercept", -1024.0),
                         quirk12=changes.pop("quirk12", False))
     if changes:
-        ds = pydicom.dcmread(str(path))
-        for keyword, value in changes.items():
-            if value is None:
-                delattr(ds, keyword)
-            else:
-                setattr(ds, keyword, value)
-        ds.save_as(str(path))
+        edit_dicom(path, **changes)
     return str(path)
 
 
