@@ -36,7 +36,7 @@ import models
 SCORES = ("mean", "brain_mean", "brain_p99")  # the names models.slice_scores returns
 # Keyword arguments of models.anomaly_maps that a settings dict may carry (see map_settings).
 MAP_KEYS = ("patch_size", "stride", "timesteps", "eval_batch_size", "skip_outside_mask", "context",
-            "autocast_dtype", "channels_last", "pack_gap")
+            "autocast_dtype", "channels_last", "pack_gap", "residual")
 # Pixel histogram bins: error maps are |x - x0_hat| with x in [-1, 1], so values lie in [0, 2]
 # (larger values go to the last bin). Log-spaced edges keep ~0.25 % relative resolution from 1e-4 up,
 # enough for pixel ROC-AUC / AUPRC / Dice within ~1e-3 of the exact values, in 32 KB per class.
@@ -75,6 +75,12 @@ def add_scoring_args(group):
                                 "or its 99th percentile there"),
         group.add_argument("--median_size", type=int, default=5,
                            help="median filter (pixels) on the error map before scoring (0 = off, the spec)"),
+        group.add_argument("--residual", default="abs", choices=["abs", "positive"],
+                           help="error map: |x - rebuilt| (the spec) or only where x is brighter than rebuilt "
+                                "(acute blood is hyperdense)"),
+        group.add_argument("--smooth_slices", type=int, default=0,
+                           help="average each slice score with those of the scored slices up to N slices above and "
+                                "below in the same scan (bleeds span several slices, edge noise does not; 0 = off)"),
         group.add_argument("--skip_outside_mask", action="store_true",
                            help="do not run windows that contain no brain (faster; their error counts as 0)"),
         group.add_argument("--context", type=int, default=None,
@@ -98,7 +104,7 @@ def map_settings(args):
                 eval_batch_size=args.eval_batch_size, skip_outside_mask=bool(args.skip_outside_mask),
                 context=args.context,  # a context crop holds one window: nothing to pack
                 pack_gap=args.patch_size // 2 if args.pack_windows and args.context is None else None,
-                channels_last=bool(args.channels_last))
+                channels_last=bool(args.channels_last), residual=args.residual)
 
 
 def setup_distributed(device_name="auto"):
@@ -254,11 +260,35 @@ def score_split(model, dataset, scheduler, settings, device, seed=0, keep_exampl
     pixel = result["pixel"]
     if pixel is not None and pixel["pos"].sum() == 0:
         pixel = None  # masks were looked up but none of the slices had one: no pixel metrics
+    scans = _lookup(dataset.positions, dataset.scans, positions)
+    # The overlays above rank slices by their own score; the smoothing is applied to the reported scores only.
+    scores = {name: smooth_along_scans(positions, scans, v[order], settings.get("smooth_slices", 0))
+              for name, v in result["scores"].items()}
     return {"positions": positions, "labels": result["labels"][order],
-            "patients": _lookup(dataset.positions, dataset.patients, positions),
-            "scans": _lookup(dataset.positions, dataset.scans, positions),
-            "scores": {name: v[order] for name, v in result["scores"].items()},
-            "examples": examples, "pixel": pixel, "seconds": time.time() - t0}
+            "patients": _lookup(dataset.positions, dataset.patients, positions), "scans": scans,
+            "scores": scores, "examples": examples, "pixel": pixel, "seconds": time.time() - t0}
+
+
+def smooth_along_scans(positions, scans, scores, width):
+    """Mean of each slice's score and the scores of the slices up to `width` index rows above and below it
+    in the same scan, where those were scored too. Index rows of a scan are consecutive and ordered by z
+    (data.load_index), so row p +- 1 is the next slice up or down; slices left out (bad file, too little
+    brain, not sampled) simply do not count. Scores only: the maps are untouched."""
+    positions, scans, scores = np.asarray(positions), np.asarray(scans), np.asarray(scores, np.float64)
+    if width <= 0 or len(positions) == 0:
+        return scores
+    order = np.argsort(positions, kind="stable")
+    sorted_positions = positions[order]
+    total, count = scores.copy(), np.ones(len(scores))
+    for offset in range(-width, width + 1):
+        if offset == 0:
+            continue
+        at = np.clip(np.searchsorted(sorted_positions, positions + offset), 0, len(positions) - 1)
+        other = order[at]
+        found = (positions[other] == positions + offset) & (scans[other] == scans)
+        total[found] += scores[other[found]]
+        count[found] += 1
+    return total / count
 
 
 def _lookup(keys, values, wanted):
@@ -554,6 +584,7 @@ def resolve_settings(args, train_args, config):
          "eval_samples": pick("eval_samples", 50), "seed": pick("seed", 42), "num_workers": pick("num_workers", 0),
          "patch_size": pick("patch_size", 64), "stride": pick("stride", 32), "eval_t": list(pick("eval_t", [150])),
          "eval_batch_size": pick("eval_batch_size", 64), "score": pick("score", "mean"), "median_size": pick("median_size", 0),
+         "smooth_slices": pick("smooth_slices", 0), "residual": pick("residual", "abs"),
          "skip_outside_mask": bool(pick("skip_outside_mask", False)), "context": pick("context"),
          "pack_windows": bool(pick("pack_windows", True)), "channels_last": bool(pick("channels_last", True)),
          "precision": pick("precision", "auto"), "min_brain_fraction": pick("min_brain_fraction", 0.0)}
@@ -605,8 +636,8 @@ def main(argv=None):
                 "eval_batch_size": s["eval_batch_size"], "skip_outside_mask": s["skip_outside_mask"],
                 "context": s["context"],
                 "pack_gap": s["patch_size"] // 2 if s["pack_windows"] and s["context"] is None else None,
-                "channels_last": s["channels_last"],
-                "autocast_dtype": amp, "median_size": s["median_size"],
+                "channels_last": s["channels_last"], "residual": s["residual"],
+                "autocast_dtype": amp, "median_size": s["median_size"], "smooth_slices": s["smooth_slices"],
                 "score": s["score"], "num_workers": s["num_workers"]}
     scheduler = models.make_scheduler()
     dataset = data.SliceDataset(cache, index, positions)

@@ -425,12 +425,15 @@ def pack_windows(windows, patch_size, stride, gap):
 
 def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150,), seeds,
                  eval_batch_size=16, brain_masks=None, skip_outside_mask=False, context=None,
-                 autocast_dtype=None, channels_last=False, pack_gap=None):
+                 autocast_dtype=None, channels_last=False, pack_gap=None, residual="abs"):
     """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W].
 
     For each slice, window and t: noise only that window, predict x0 in one step, and write
     |x - x0_hat| (mean over channels) into the map, averaging where windows or timesteps overlap.
     Windows of one or several slices go through the network eval_batch_size at a time.
+    residual="positive" writes max(x - x0_hat, 0) instead: only what is brighter than the model
+    expects. Acute blood is hyperdense, while at bone edges the rebuilt window smears bright bone
+    into the darker brain, which is an error of the other sign.
 
     seeds: one int per slice. skip_outside_mask: windows that do not touch brain_masks [N, H, W]
     are not run; pixels no window covered are 0. context: feed the network a context x context
@@ -458,6 +461,8 @@ def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150
         raise ValueError(f"context {context} is smaller than the patch ({patch_size})")
     if pack_gap is not None and crop < H:
         raise ValueError("pack_gap needs the whole slice as input, not a context crop")
+    if residual not in ("abs", "positive"):
+        raise ValueError(f"residual must be 'abs' or 'positive', got {residual!r}")
     device = images.device
     timesteps = [int(timesteps)] if np.ndim(timesteps) == 0 else [int(t) for t in timesteps]
 
@@ -511,7 +516,8 @@ def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150
                 if channels_last:
                     x_t = x_t.contiguous(memory_format=torch.channels_last)
                 x0_hat = model(x_t, t_batch).float()
-                errors = (x0 - x0_hat).abs().mean(dim=1)
+                difference = x0 - x0_hat
+                errors = (difference.abs() if residual == "abs" else difference.clamp(min=0)).mean(dim=1)
                 for b, (i, _, group) in enumerate(batch):
                     for _, top, left in group:
                         r, c = top - corners[b][0], left - corners[b][1]

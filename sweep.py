@@ -1,4 +1,4 @@
-"""Choose the scoring settings on the VALIDATION split: slice score x median filter x t x window.
+"""Choose the scoring settings on the VALIDATION split: slice score x median filter x t x window x smoothing.
 
     python sweep.py --checkpoint runs/ctich/best_model.pt --eval_t 100 150 250 400 500 \
         --windows 32:16 48:24 --median_sizes 0 5 --output_dir runs/ctich/sweep_val
@@ -7,7 +7,8 @@ For every window setting and every t, the anomaly maps of the validation slices 
 once (models.anomaly_maps, the function evaluate.py and training use) and kept in memory; the
 average over several t ("multi-t", as in cDDPM) is the mean of those maps, which is exactly
 what anomaly_maps computes when given several timesteps. Every slice score (with and without
-a median filter) is then read off the same maps. The test split is never touched here: test
+a median filter, with and without averaging over neighbouring slices) is then read off the same
+maps. The test split is never touched here: test
 figures are reported once, by evaluate.py, for the setting chosen on validation.
 """
 import argparse
@@ -36,6 +37,13 @@ def get_args(argv=None):
     p.add_argument("--windows", nargs="+", default=None,
                    help="patch:stride pairs (default: the training run's patch_size:stride)")
     p.add_argument("--median_sizes", type=int, nargs="+", default=[0, 5])
+    p.add_argument("--smooth_slices", type=int, nargs="+", default=[0, 1],
+                   help="neighbouring-slice averaging widths (evaluate.py --smooth_slices); needs --eval_samples all "
+                        "to have neighbours")
+    p.add_argument("--residuals", nargs="+", default=["abs"], choices=["abs", "positive"],
+                   help="error maps to try (evaluate.py --residual); each costs a full set of maps")
+    p.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=True,
+                   help="as evaluate.py: several windows per forward pass")
     p.add_argument("--skip_outside_mask", action="store_true",
                    help="do not run windows without brain (faster; brain_* scores are unchanged, the whole-image "
                         "'mean' is then not the spec's score and is left out of the table)")
@@ -79,7 +87,7 @@ def main(argv=None):
     print(f"validation split: {len(items)} slices ({int(labels.sum())} hemorrhage) from {len(np.unique(patients))} patients")
 
     rows = []
-    for patch_size, stride in windows:
+    for (patch_size, stride), residual in [(w, r) for w in windows for r in args.residuals]:
         maps_by_t = {}
         for t in args.eval_t:
             maps = []
@@ -88,32 +96,38 @@ def main(argv=None):
                                                 patch_size=patch_size, stride=stride, timesteps=[t],
                                                 seeds=seeds[start:start + 16], eval_batch_size=args.eval_batch_size,
                                                 brain_masks=masks[start:start + 16].to(device),
-                                                skip_outside_mask=args.skip_outside_mask, autocast_dtype=amp).cpu())
+                                                skip_outside_mask=args.skip_outside_mask, autocast_dtype=amp,
+                                                pack_gap=patch_size // 2 if args.pack_windows else None,
+                                                channels_last=True, residual=residual).cpu())
             maps_by_t[str(t)] = torch.cat(maps)
-            print(f"  maps done: window {patch_size}/{stride}, t={t}", flush=True)
+            print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
         if len(args.multi_t) > 1:
             maps_by_t["+".join(map(str, args.multi_t))] = torch.stack([maps_by_t[str(t)] for t in args.multi_t]).mean(0)
         for t_name, maps in maps_by_t.items():
             for median_size in args.median_sizes:
                 scores = models.slice_scores(maps, masks, median_size=median_size)
-                for score_name, values in scores.items():
+                for score_name, raw in scores.items():
                     if args.skip_outside_mask and not score_name.startswith("brain"):
                         continue
-                    m = evaluate.slice_metrics(labels, values, patients, n_boot=args.n_boot, seed=0)
-                    scan = evaluate.scan_metrics(scans, labels, values, "max", patients, n_boot=args.n_boot, seed=0)
-                    rows.append({"patch_size": patch_size, "stride": stride, "t": t_name, "median_size": median_size,
-                                 "score": score_name, "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"],
-                                 "auprc": m["auprc"], "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"]})
+                    for width in args.smooth_slices:
+                        values = evaluate.smooth_along_scans(val.positions, scans, raw, width)
+                        m = evaluate.slice_metrics(labels, values, patients, n_boot=args.n_boot, seed=0)
+                        scan = evaluate.scan_metrics(scans, labels, values, "max", patients, n_boot=args.n_boot, seed=0)
+                        rows.append({"patch_size": patch_size, "stride": stride, "residual": residual, "t": t_name,
+                                     "median_size": median_size, "score": score_name, "smooth_slices": width, "roc_auc": m["roc_auc"],
+                                     "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"], "scan_roc_auc": scan["roc_auc"],
+                                     "scan_roc_auc_ci": scan["roc_auc_ci"]})
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     with open(os.path.join(output_dir, "sweep.json"), "w") as f:
         json.dump({"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(items),
                    "hemorrhage_slices": int(labels.sum()), "patients": int(len(np.unique(patients))), "rows": rows}, f, indent=2)
-    lines = ["| window/stride | t | median | score | slice ROC-AUC [95% CI] | AUPRC | scan ROC-AUC (max) [95% CI] |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | AUPRC | scan ROC-AUC (max) [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci, sci = r["roc_auc_ci"], r["scan_roc_auc_ci"]
         scan = "n/a" if r["scan_roc_auc"] is None else f"{r['scan_roc_auc']:.3f} [{sci[0]:.3f}, {sci[1]:.3f}]"
-        lines.append(f"| {r['patch_size']}/{r['stride']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+        lines.append(f"| {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+                     f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
                      f"{r['roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['auprc']:.3f} | {scan} |")
     with open(os.path.join(output_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -61,6 +61,9 @@ def get_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--grad_clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
+                   help="flip each training slice left-right with probability 1/2 (heads are near-symmetric; "
+                        "doubles what a small healthy set shows the model)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     g.add_argument("--device", default="auto")
@@ -292,6 +295,9 @@ def main(argv=None):
                 break
             x0 = batch["image"].to(device, non_blocking=True)
             n = x0.shape[0]
+            if args.hflip:  # drawn from gen like every other draw, so a resumed epoch flips the same slices
+                flip = (torch.rand(n, generator=gen) < 0.5).to(device)
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             boxes = models.random_boxes(n, args.image_size, args.patch_size, gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -330,7 +336,8 @@ def main(argv=None):
         # Sliding-window scoring costs far more than an epoch of training on small sets; --eval_every
         # thins it out (the last epoch is always scored).
         scored = epoch % args.eval_every == 0 or epoch == args.epochs
-        result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype, "score": args.score},
+        result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype, "score": args.score,
+                                                                                  "smooth_slices": args.smooth_slices},
                                       device, seed=args.seed, rank=rank, world=world) if scored else None
         eval_time = time.time() - t1
         if not is_main:

@@ -109,6 +109,23 @@ def test_scan_bootstrap_groups_scans_by_patient():
     assert m["n_patients"] == 4 and m["n_scans"] == 6
 
 
+def test_smooth_along_scans_averages_scored_neighbours_of_the_same_scan_only():
+    # rows 0-3 are scan A, rows 4-6 scan B; row 2 was not scored (left out), row 4 borders scan A
+    positions = np.array([5, 0, 1, 3, 4, 6])  # any order
+    scans = np.array(["B", "A", "A", "A", "B", "B"])
+    scores = np.array([6.0, 0.0, 1.0, 3.0, 4.0, 8.0])
+    smoothed = evaluate.smooth_along_scans(positions, scans, scores, width=1)
+    by_row = dict(zip(positions.tolist(), smoothed.tolist()))
+    assert by_row[0] == pytest.approx(0.5)          # rows 0, 1
+    assert by_row[1] == pytest.approx(0.5)          # rows 0, 1 (row 2 not scored)
+    assert by_row[3] == pytest.approx(3.0)          # alone: row 2 missing, row 4 is scan B
+    assert by_row[4] == pytest.approx(5.0)          # rows 4, 5 (row 3 is scan A)
+    assert by_row[6] == pytest.approx(7.0)          # rows 5, 6
+    assert np.array_equal(evaluate.smooth_along_scans(positions, scans, scores, width=0), scores)
+    wide = dict(zip(positions.tolist(), evaluate.smooth_along_scans(positions, scans, scores, width=2).tolist()))
+    assert wide[1] == pytest.approx((0 + 1 + 3) / 3)  # rows 0, 1, 3 (two above: row 3)
+
+
 def test_subtype_metrics_compare_one_subtype_with_all_healthy():
     labels = np.array([0, 0, 0, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.15])

@@ -242,6 +242,19 @@ def test_bright_blob_scores_higher_under_brain_p99():
     assert scores["brain_mean"][1] > scores["brain_mean"][0]
 
 
+def test_positive_residual_keeps_only_what_is_brighter_than_the_rebuild():
+    model, scheduler = HealthyTissue(0.2), models.make_scheduler()
+    images = torch.cat([torch.full((1, 1, 32, 32), -0.5), torch.full((1, 1, 32, 32), 0.9)])  # darker, brighter
+    kw = dict(patch_size=8, stride=8, seeds=[0, 1])
+    abs_maps = models.anomaly_maps(model, images, scheduler, **kw)
+    positive = models.anomaly_maps(model, images, scheduler, residual="positive", **kw)
+    assert torch.allclose(abs_maps[0], torch.full((32, 32), 0.7)) and torch.allclose(abs_maps[1], torch.full((32, 32), 0.7))
+    assert torch.all(positive[0] == 0)                 # darker than expected: not an anomaly of this kind
+    assert torch.allclose(positive[1], abs_maps[1])    # brighter: the same as |x - x0_hat|
+    with pytest.raises(ValueError, match="residual"):
+        models.anomaly_maps(model, images, scheduler, residual="squared", **kw)
+
+
 def test_skip_outside_mask_and_context_crop():
     images = phantom(64)[0]
     mask = torch.zeros(1, 64, 64, dtype=torch.bool)

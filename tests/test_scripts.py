@@ -38,18 +38,23 @@ def test_train_evaluate_compare(phantom_dir, tmp_path):
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    proc = run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best_model.pt"), "--output_dir", str(tmp_path / "ev")])
+    proc = run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best_model.pt"), "--output_dir", str(tmp_path / "ev"),
+                "--smooth_slices", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert "slice" in json.dumps(metrics)
+    assert metrics["settings"]["smooth_slices"] == 1
     rows = (tmp_path / "ev" / "scores.csv").read_text().splitlines()
     assert len(rows) > 2 and "patient" in rows[0]
 
     proc = run([sys.executable, "sweep.py", "--checkpoint", str(out / "best_model.pt"), "--eval_t", "100", "300",
-                "--multi_t", "100", "300", "--median_sizes", "0", "3", "--n_boot", "20", "--output_dir", str(tmp_path / "sw")])
+                "--multi_t", "100", "300", "--median_sizes", "0", "3", "--residuals", "abs", "positive", "--n_boot", "20",
+                "--output_dir", str(tmp_path / "sw")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert sweep["split"] == "val" and len(sweep["rows"]) == 3 * 2 * 3  # t in {100, 300, 100+300} x median x score
+    # residual x t in {100, 300, 100+300} x median x score x smoothing {0, 1}
+    assert sweep["split"] == "val" and len(sweep["rows"]) == 2 * 3 * 2 * 3 * 2
+    assert {r["residual"] for r in sweep["rows"]} == {"abs", "positive"}
     assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| window/stride")
 
     proc = run([sys.executable, "compare.py", "--scratch_dir", str(out), "--pretrained_dir", str(out),
@@ -78,7 +83,7 @@ def test_sigkill_and_resume_matches_uninterrupted(phantom_dir, tmp_path):
     import torch
     # 3 epochs of 3 steps: the kill comes once epoch 1's last.pt exists, so it has all of epochs 2 and 3 to land in
     # (checked below, so a slow machine cannot turn this into a test of an uninterrupted run).
-    extra = ["--batch_size", "4"]
+    extra = ["--batch_size", "4", "--hflip"]  # the flips are random draws too: a resumed epoch must repeat them
     straight = tmp_path / "straight"
     proc = run(tiny_train_args(phantom_dir, straight, epochs=3, extra=extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
