@@ -70,6 +70,8 @@ def get_args(argv=None):
                    help="torch CPU threads (default: torch's choice). On a loaded machine, fewer threads than cores "
                         "avoids OpenMP threads waiting on each other, which penalises small forward passes most")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the default mode")
+    p.add_argument("--modes", nargs="+", default=None,
+                   help="time only these rows (names as printed, or 'default'); naive, the reference, always runs")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak (e.g. dense bf16) to report the fraction achieved")
     p.add_argument("--data_dir", default=None, help="phantom or real data; default: a fresh phantom in a temp dir")
@@ -310,6 +312,12 @@ def main(argv=None):
 
     # ---- scoring modes ----------------------------------------------------------------------
     modes = scoring_modes(args, default)
+    if args.modes:
+        wanted = {mode_name(default, args) if name == "default" else name for name in args.modes} | {"naive"}
+        unknown = wanted - set(modes)
+        if unknown:
+            raise SystemExit(f"error: --modes: no row named {', '.join(sorted(unknown))}; rows: {', '.join(modes)}")
+        modes = {name: options for name, options in modes.items() if name in wanted}
     seeds = [args.seed * 1_000_003 + int(p) for p in score_positions]
     scoring_model = {}
     for name, options in modes.items():
@@ -383,7 +391,7 @@ def main(argv=None):
               f"{r['gflops_per_slice']:11.2f} {r['tflops_achieved']:8.3f} "
               + " ".join(f"{fmt(r['roc_auc_by_score'][s]):>14s}" for s in score_names)
               + f" {r['max_abs_map_diff_vs_naive_in_brain']:16.2e} {r['score_spearman_vs_naive']:6.3f}")
-    if args.peak_tflops:
+    if args.peak_tflops and default_name in results:
         d = results[default_name]
         print(f"\nof the given peak {args.peak_tflops} TFLOP/s: default scoring {100 * d['fraction_of_peak']:.1f}%, "
               f"training {100 * train['fraction_of_peak']:.1f}% (3 x forward FLOPs per image)")

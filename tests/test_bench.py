@@ -38,6 +38,15 @@ def test_bench_tiny_run_writes_the_table(tmp_path):
     assert set(report["loader_images_per_s"]) == {"num_workers=0", "num_workers=1", "num_workers=2"}
 
 
+def test_bench_modes_keeps_naive_and_the_default(tmp_path):
+    path = tmp_path / "bench.json"
+    bench.main(["--image_size", "32", "--base_channels", "8", "--patch_size", "8", "--stride", "8",
+                "--slices", "4", "--train_steps", "1", "--repeats", "1", "--loader_images", "0",
+                "--threads", "1", "--modes", "default", "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert set(report["modes"]) == {"naive", report["default_mode"]}
+
+
 def _tiny_setup():
     torch.manual_seed(0)
     model = models.UNet(in_channels=1, base_channels=8).eval()
