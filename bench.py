@@ -54,6 +54,8 @@ def get_args(argv=None):
     p.add_argument("--score", default="mean", choices=evaluate.SCORES,
                    help="the slice score whose ROC-AUC is the headline; all are reported. At 64^2 the phantom's "
                         "extra-axial bleeds lie mostly outside the brain mask, so only mean sees them")
+    p.add_argument("--residual", default="abs", choices=["abs", "positive"],
+                   help="error map of every row, naive included (abs = the spec's |x - x0_hat|)")
     p.add_argument("--median_size", type=int, default=None,
                    help="median filter before the slice scores (default: evaluate.py's)")
     p.add_argument("--slices", type=int, default=16, help="phantom slices scored per mode (half with a bleed)")
@@ -192,7 +194,8 @@ def default_map_settings(args, device):
                                "--eval_batch_size", str(args.eval_batch_size)])
     args.median_size = flags.median_size if args.median_size is None else args.median_size
     settings = evaluate.map_settings(flags)
-    for key in ("patch_size", "stride", "timesteps"):
+    # every row uses bench's --residual, so that a row differs from naive only in how it computes the map
+    for key in ("patch_size", "stride", "timesteps", "residual"):
         settings.pop(key)
     settings["autocast_dtype"] = models.autocast_dtype(args.precision, device)
     return settings
@@ -329,7 +332,8 @@ def main(argv=None):
     def run(name, n):
         options = {k: v for k, v in modes[name].items() if k != "compile"}
         maps = models.anomaly_maps(scoring_model[name], images[:n], scheduler, seeds=seeds[:n], brain_masks=masks[:n],
-                                   patch_size=args.patch_size, stride=args.stride, timesteps=args.eval_t, **options)
+                                   patch_size=args.patch_size, stride=args.stride, timesteps=args.eval_t,
+                                   residual=args.residual, **options)
         sync(device)
         return maps
 

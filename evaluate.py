@@ -37,11 +37,12 @@ SCORES = ("mean", "brain_mean", "brain_p99")  # the names models.slice_scores re
 # Keyword arguments of models.anomaly_maps that a settings dict may carry (see map_settings).
 MAP_KEYS = ("patch_size", "stride", "timesteps", "eval_batch_size", "skip_outside_mask", "context",
             "autocast_dtype", "channels_last", "pack_gap", "residual")
-# Pixel histogram bins: error maps are |x - x0_hat| with x in [-1, 1], so values lie in [0, 2]
+# Pixel histogram bins: error maps are |x - x0_hat| (or its positive part) with x in [-1, 1], so values lie in [0, 2]
 # (larger values go to the last bin). Log-spaced edges keep ~0.25 % relative resolution from 1e-4 up,
 # enough for pixel ROC-AUC / AUPRC / Dice within ~1e-3 of the exact values, in 32 KB per class.
 PIXEL_EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 2.0, 4095)])
 EXAMPLE_KINDS = ("true positive", "false positive", "miss")
+RESIDUAL_LABELS = {"abs": "reconstruction error |x - x0_hat|", "positive": "brighter than rebuilt: max(x - x0_hat, 0)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +67,8 @@ def add_scoring_args(group):
         group.add_argument("--patch_size", type=int, default=64, help="side of the noised square window"),
         group.add_argument("--stride", type=int, default=32, help="step between sliding windows at test time"),
         # Defaults chosen on the CT-ICH validation split with sweep.py (README, "Choosing the scoring
-        # settings"); the spec's scoring is --score mean --eval_t 150 --median_size 0.
-        group.add_argument("--eval_t", type=int, nargs="+", default=[500],
+        # settings"); the spec's scoring is --score mean --eval_t 150 --median_size 0 --residual abs --smooth_slices 0.
+        group.add_argument("--eval_t", type=int, nargs="+", default=[250],
                            help="noise timestep(s) at test time; several are averaged (spec: 150)"),
         group.add_argument("--eval_batch_size", type=int, default=64, help="windows per forward pass when scoring"),
         group.add_argument("--score", default="brain_p99", choices=SCORES,
@@ -75,19 +76,19 @@ def add_scoring_args(group):
                                 "or its 99th percentile there"),
         group.add_argument("--median_size", type=int, default=5,
                            help="median filter (pixels) on the error map before scoring (0 = off, the spec)"),
-        group.add_argument("--residual", default="abs", choices=["abs", "positive"],
+        group.add_argument("--residual", default="positive", choices=["abs", "positive"],
                            help="error map: |x - rebuilt| (the spec) or only where x is brighter than rebuilt "
-                                "(acute blood is hyperdense)"),
-        group.add_argument("--smooth_slices", type=int, default=0,
+                                "(acute blood is hyperdense; spec: abs)"),
+        group.add_argument("--smooth_slices", type=int, default=2,
                            help="average each slice score with those of the scored slices up to N slices above and "
-                                "below in the same scan (bleeds span several slices, edge noise does not; 0 = off)"),
+                                "below in the same scan (bleeds span several slices, edge noise does not; 0 = off, the spec)"),
         group.add_argument("--skip_outside_mask", action="store_true",
                            help="do not run windows that contain no brain (faster; their error counts as 0)"),
         group.add_argument("--context", type=int, default=None,
                            help="feed the model a context x context crop around each window instead of the whole slice "
                                 "(faster, but it changed the slice ranking completely in bench.py: not recommended)"),
-        # bench.py (README, "Speed"): ~5x fewer forward passes, slice ROC-AUC within 0.01 of one window per pass
-        # on the phantom and on CT-ICH, Spearman rho of the slice scores >= 0.995.
+        # bench.py (README, "Speed"): 49 windows in 9 passes at 128^2; slice ROC-AUC moved by 0.004-0.021 against one
+        # window per pass on the phantom (and <= 0.008 on CT-ICH), Spearman rho of the slice scores >= 0.976.
         group.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=True,
                            help="noise several windows at least patch_size/2 apart in one forward pass (49 windows in 9 "
                                 "passes); --no-pack_windows runs one window per pass, as the spec"),
@@ -502,7 +503,7 @@ def plot_scores(path, labels, scores, title):
     plt.close(fig)
 
 
-def plot_overlays(path, examples, title="Error maps over the brain window"):
+def plot_overlays(path, examples, title="Error maps over the brain window", residual="abs"):
     """One row per kind (true positive / false positive / miss): error heat-map over the input slice.
 
     examples: {kind: [dict(image, map, brain_mask, gt_mask or None, score, and "id" or "position")]}
@@ -535,7 +536,7 @@ def plot_overlays(path, examples, title="Error maps over the brain window"):
                 ax.contour(ex["gt_mask"], levels=[0.5], colors="cyan", linewidths=1.0)
             name = ex.get("id", f"row {ex['position']}")
             ax.set_title(f"{kind}\n{name}  score {ex['score']:.4g}", fontsize=7)
-    fig.colorbar(heat, ax=axes, shrink=0.6, aspect=30).set_label("reconstruction error |x - x0_hat|", fontsize=8)
+    fig.colorbar(heat, ax=axes, shrink=0.6, aspect=30).set_label(RESIDUAL_LABELS[residual], fontsize=8)
     fig.suptitle(f"{title}\n"
                  "true positive = highest-scoring hemorrhage slices; false positive = highest-scoring healthy slices;\n"
                  "miss = lowest-scoring hemorrhage slices. Cyan outline = ground-truth bleed (where known), "
@@ -698,7 +699,7 @@ def main(argv=None):
         for ex in exs:
             ex["id"] = str(index["id"][ex["position"]])
     plot_overlays(os.path.join(output_dir, "overlays.png"), result["examples"],
-                  title=f"{args.split} split, ranked by score '{s['score']}'")
+                  title=f"{args.split} split, ranked by score '{s['score']}'", residual=s["residual"])
 
     # ---- table ---------------------------------------------------------------------------------
     def fmt(m, key):

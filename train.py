@@ -177,7 +177,7 @@ def save_diagnostics(path, model, dataset, index, scheduler, args, device, epoch
     for i in range(n):
         kind = "hemorrhage" if items[i]["label"] else "healthy"
         panels = [(x0[i, 0], "input (brain window)"), (x_t[i, 0], f"patch noised at t={t_show}"),
-                  (x0_hat[i, 0], "box rebuilt in one step"), (maps[i], "anomaly map |x - x0_hat|")]
+                  (x0_hat[i, 0], "box rebuilt in one step"), (maps[i], "anomaly map: " + evaluate.RESIDUAL_LABELS[args.residual])]
         for j, (img, title) in enumerate(panels):
             ax = axes[i, j]
             cmap, vmin, vmax = ("inferno", 0, None) if j == 3 else ("gray", -1, 1)
