@@ -16,11 +16,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# One OpenMP thread per process unless told otherwise: the tests start train/evaluate/torchrun
+# subprocesses, and several multi-threaded processes on a small machine wait on each other.
 test: venv
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow"
 
 test-all: venv
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 demo: venv
 	bash scripts/demo.sh $(PY)
