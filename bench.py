@@ -45,7 +45,7 @@ def get_args(argv=None):
     p.add_argument("--patch_size", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
     # t and score: what separates the phantom's bleeds after a short training (the demo's t too);
-    # evaluate.py's defaults (t=500, brain_p99) were chosen on CT-ICH: pass them for real data.
+    # evaluate.py's defaults (t=250, brain_p99, positive residual) were chosen on CT-ICH: pass them for real data.
     p.add_argument("--eval_t", type=int, nargs="+", default=[150])
     p.add_argument("--eval_batch_size", type=int, default=64, help="windows per forward pass of the batched modes")
     p.add_argument("--context", type=int, default=None, help="crop side of the context modes (default 2 x patch_size)")
