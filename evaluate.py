@@ -292,6 +292,15 @@ def smooth_along_scans(positions, scans, scores, width):
     return total / count
 
 
+def smoothing_note(smooth_slices, eval_samples):
+    """A one-line warning when --smooth_slices has few neighbours to average: a per-class sample of
+    slices (--eval_samples N) leaves most slices without their scored neighbours."""
+    if smooth_slices and eval_samples != "all":
+        return (f"note: --smooth_slices {smooth_slices} averages a slice's score with its scored neighbours; with "
+                f"--eval_samples {eval_samples} most slices have none, so use --eval_samples all for reported figures")
+    return None
+
+
 def _lookup(keys, values, wanted):
     """values[k] for each wanted key k (keys unique), vectorised: a dict would cost ~100 MB on all of RSNA."""
     keys = np.asarray(keys)
@@ -644,6 +653,8 @@ def main(argv=None):
     dataset = data.SliceDataset(cache, index, positions)
     if rank == 0:
         print(f"scoring the {args.split} split: {len(positions)} slices on {device}" + (f" x{world} processes" if world > 1 else ""))
+        if smoothing_note(s["smooth_slices"], s["eval_samples"]):
+            print(smoothing_note(s["smooth_slices"], s["eval_samples"]))
     result = score_split(model, dataset, scheduler, settings, device, seed=s["seed"], keep_examples=args.keep_examples,
                          gt_masks_fn=gt_masks_fn if has_masks else None, rank=rank, world=world)
     val = None

@@ -227,6 +227,8 @@ def main(argv=None):
         print(f"train: {len(train_pos)} healthy slices | val: {len(val_pos)} slices "
               f"({int(index['any'][val_pos].sum())} hemorrhage) | device {device} x{world} | "
               f"precision {'bf16' if amp_dtype else 'fp32'}")
+        if evaluate.smoothing_note(args.smooth_slices, args.eval_samples):
+            print(evaluate.smoothing_note(args.smooth_slices, args.eval_samples))
 
     # ---- model, optimiser, cosine LR over all steps --------------------------------------------
     torch.manual_seed(args.seed)

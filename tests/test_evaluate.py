@@ -126,6 +126,12 @@ def test_smooth_along_scans_averages_scored_neighbours_of_the_same_scan_only():
     assert wide[1] == pytest.approx((0 + 1 + 3) / 3)  # rows 0, 1, 3 (two above: row 3)
 
 
+def test_smoothing_note_only_when_slices_are_sampled():
+    assert evaluate.smoothing_note(2, 50) and "--eval_samples all" in evaluate.smoothing_note(2, 50)
+    assert evaluate.smoothing_note(2, "all") is None
+    assert evaluate.smoothing_note(0, 50) is None
+
+
 def test_subtype_metrics_compare_one_subtype_with_all_healthy():
     labels = np.array([0, 0, 0, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.15])
