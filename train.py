@@ -277,6 +277,9 @@ def main(argv=None):
             json.dump(vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world}, f, indent=2)
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
                      persistent_workers=args.num_workers > 0)
+    # the scoring evaluate.py runs, with this run's flags
+    val_settings = evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype,
+                                                  "score": args.score, "smooth_slices": args.smooth_slices}
 
     for epoch in range(start_epoch, args.epochs + 1):
         # Every random draw of an epoch comes from (seed, epoch, rank), so a resumed run repeats it and the
@@ -338,9 +341,8 @@ def main(argv=None):
         # Sliding-window scoring costs far more than an epoch of training on small sets; --eval_every
         # thins it out (the last epoch is always scored).
         scored = epoch % args.eval_every == 0 or epoch == args.epochs
-        result = evaluate.score_split(model, val_eval_set, scheduler, evaluate.map_settings(args) | {"median_size": args.median_size, "autocast_dtype": amp_dtype, "score": args.score,
-                                                                                  "smooth_slices": args.smooth_slices},
-                                      device, seed=args.seed, rank=rank, world=world) if scored else None
+        result = evaluate.score_split(model, val_eval_set, scheduler, val_settings, device, seed=args.seed,
+                                      rank=rank, world=world) if scored else None
         eval_time = time.time() - t1
         if not is_main:
             continue
