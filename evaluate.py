@@ -665,6 +665,7 @@ def main(argv=None):
         val = score_split(model, data.SliceDataset(cache, index, val_positions), scheduler, settings, device,
                           seed=s["seed"], keep_examples=0, gt_masks_fn=gt_masks_fn, rank=rank, world=world)
     if world > 1:
+        torch.distributed.barrier()  # leave together (see the end of train.py)
         torch.distributed.destroy_process_group()
     if rank != 0:
         return

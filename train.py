@@ -382,6 +382,9 @@ def main(argv=None):
     if is_main:
         print(f"done: best val ROC-AUC {best_auc:.3f}; outputs in {args.output_dir}")
     if world > 1:
+        # Leave together: rank 0 writes plots and checkpoints long after the others finish the last epoch, and a
+        # rank that tears its process group down alone was seen to hang there once (gloo, CPU, a local CI run).
+        dist.barrier()
         dist.destroy_process_group()
 
 
