@@ -18,10 +18,19 @@ def tiny_train_args(data_dir, out, epochs=1, extra=()):
             "--num_workers", "0", "--eval_batch_size", "32", "--seed", "1", *extra]
 
 
-def run(cmd, **kw):
+def run(cmd, timeout=300):
+    """Run a script as a user would; on timeout kill its whole process group (torchrun's workers too, which
+    would otherwise outlive the test) and fail."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, **kw)
-    return proc
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_train_evaluate_compare(phantom_dir, tmp_path):
