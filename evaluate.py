@@ -642,13 +642,10 @@ def main(argv=None):
     has_masks = any(gt_masks_fn(p) is not None for p in positions[index["any"][positions] == 1])
 
     amp = models.autocast_dtype(s["precision"], device)
-    settings = {"patch_size": s["patch_size"], "stride": s["stride"], "timesteps": s["eval_t"],
-                "eval_batch_size": s["eval_batch_size"], "skip_outside_mask": s["skip_outside_mask"],
-                "context": s["context"],
-                "pack_gap": s["patch_size"] // 2 if s["pack_windows"] and s["context"] is None else None,
-                "channels_last": s["channels_last"], "residual": s["residual"],
-                "autocast_dtype": amp, "median_size": s["median_size"], "smooth_slices": s["smooth_slices"],
-                "score": s["score"], "num_workers": s["num_workers"]}
+    # the resolved flags go through the same map_settings as train.py's
+    settings = map_settings(argparse.Namespace(**s)) | {"autocast_dtype": amp, "median_size": s["median_size"],
+                                                        "smooth_slices": s["smooth_slices"], "score": s["score"],
+                                                        "num_workers": s["num_workers"]}
     scheduler = models.make_scheduler()
     dataset = data.SliceDataset(cache, index, positions)
     if rank == 0:
