@@ -32,6 +32,7 @@ import scipy.stats
 import torch
 
 import data
+import phantom
 import evaluate
 import models
 
@@ -108,7 +109,7 @@ def load_slices(args, data_dir):
     (scoring). Matching heights keeps the AUC about bleeds: the top and bottom of a head give
     larger errors than its middle, where most bleeds are."""
     if args.data_dir is None:
-        data.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
+        phantom.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
     index = data.load_index(data_dir, num_workers=0)
     rng = np.random.default_rng(args.seed)
     patients, labels = index["patient"], index["any"]

@@ -34,7 +34,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default=None,
-                   help="RSNA folder (stage_2_train/ + stage_2_train.csv), CT-ICH folder, or a phantom from `python data.py phantom`")
+                   help="RSNA folder (stage_2_train/ + stage_2_train.csv), CT-ICH folder, or a phantom from `python phantom.py`")
     g.add_argument("--dataset", default="auto", choices=["auto", "rsna", "ctich"])
     g.add_argument("--cache_dir", default=None, help="slice/index cache (default: next to the data, or ~/.cache/ct-pddpm)")
     g.add_argument("--output_dir", default="./checkpoints")
@@ -78,7 +78,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not args.data_dir:
         raise SystemExit("error: --data_dir is required: point it at the RSNA data (stage_2_train/ + stage_2_train.csv, "
-                         "see README 'Using RSNA'), a CT-ICH folder, or a phantom made by `python data.py phantom --out DIR`")
+                         "see README 'Using RSNA'), a CT-ICH folder, or a phantom made by `python phantom.py --out DIR`")
     if args.channels is None:
         args.channels = 3 if args.pretrained else 1
     if args.lr is None:

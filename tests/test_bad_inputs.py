@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import data
+import phantom
 from conftest import edit_dicom
 import evaluate
 import models
@@ -48,7 +49,7 @@ def head_hu(rows=32, columns=32):
 
 def ct_file(path, hu=None, *, instance, quirk12=False, slope=1.0, **changes):
     """A CT DICOM of the corpus patient (as the phantom writes them), then header changes (None deletes)."""
-    data.write_ct_dicom(str(path), head_hu() if hu is None else hu, patient_id=PATIENT, study_uid="1.2.826.0.1.5",
+    phantom.write_ct_dicom(str(path), head_hu() if hu is None else hu, patient_id=PATIENT, study_uid="1.2.826.0.1.5",
                         series_uid="1.2.826.0.1.5.1", instance=instance, z=5.0 * instance, spacing=0.75, slope=slope,
                         intercept=-1024.0, quirk12=quirk12)
     if changes:

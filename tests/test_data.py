@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import phantom
 from conftest import edit_dicom
 
 
@@ -22,7 +23,7 @@ def index(phantom_dir):
 @pytest.fixture(scope="module")
 def phantom_128(tmp_path_factory):
     """A slightly larger phantom (10 patients x 8 slices at 128 px) for anatomy and bleed checks."""
-    out = data.write_phantom(str(tmp_path_factory.mktemp("phantom128")), patients=10, slices=8, size=128, seed=1)
+    out = phantom.write_phantom(str(tmp_path_factory.mktemp("phantom128")), patients=10, slices=8, size=128, seed=1)
     return out, data.load_index(out, num_workers=1)
 
 
@@ -31,7 +32,7 @@ def dicom_files(phantom_dir):
 
 
 def write_test_dicom(path, hu, **changes):
-    data.write_ct_dicom(str(path), hu, patient_id="ID_test", study_uid="1.2.3", series_uid="1.2.3.4", instance=1, z=0.0,
+    phantom.write_ct_dicom(str(path), hu, patient_id="ID_test", study_uid="1.2.3", series_uid="1.2.3.4", instance=1, z=0.0,
                         spacing=0.5, slope=changes.pop("slope", 1.0), intercept=changes.pop("intercept", -1024.0),
                         quirk12=changes.pop("quirk12", False))
     if changes:
@@ -113,10 +114,10 @@ def test_phantom_looks_like_head_ct_in_hounsfield_units(phantom_128):
 
 def test_write_phantom_cli_refuses_to_overwrite(tmp_path, capsys):
     out = str(tmp_path / "p")
-    data.main(["phantom", "--out", out, "--patients", "2", "--slices", "2", "--size", "32"])
+    phantom.main(["--out", out, "--patients", "2", "--slices", "2", "--size", "32"])
     assert len(dicom_files(out)) == 4 and "phantom: 2 patients" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already holds"):
-        data.main(["phantom", "--out", out])
+        phantom.main(["--out", out])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_rsna_csv_parsing_and_errors(tmp_path):
 def test_detect_dataset_and_clear_messages(tmp_path, phantom_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match=r"folder is empty; .*python data.py phantom --out DIR"):
+    with pytest.raises(SystemExit, match=r"folder is empty; .*python phantom.py --out DIR"):
         data.detect_dataset(str(empty))
     with pytest.raises(SystemExit, match="folder is empty"):
         data.load_index(str(empty))
@@ -311,7 +312,7 @@ def test_index_parallel_workers_match_serial(phantom_dir, tmp_path, index):
 
 
 def test_index_skips_are_counted_and_reported_once(tmp_path, capsys):
-    out = data.write_phantom(str(tmp_path / "p"), patients=2, slices=3, size=32, seed=2)
+    out = phantom.write_phantom(str(tmp_path / "p"), patients=2, slices=3, size=32, seed=2)
     image_dir = os.path.join(out, "stage_2_train")
     good = dicom_files(out)[0]
     hu, _ = head_hu(32)
