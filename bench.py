@@ -21,6 +21,7 @@ spreads the load of a shared machine over all of them, instead of over whichever
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -35,6 +36,7 @@ import data
 import phantom
 import evaluate
 import models
+import scoring
 
 
 def get_args(argv=None):
@@ -43,32 +45,16 @@ def get_args(argv=None):
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--base_channels", type=int, default=16)
     p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--patch_size", type=int, default=16)
-    p.add_argument("--stride", type=int, default=8)
-    # t and score: what separates the phantom's bleeds after a short training (the demo's t too);
-    # evaluate.py's defaults (t=250, brain_p99, positive residual) were chosen on CT-ICH: pass them for real data.
-    p.add_argument("--eval_t", type=int, nargs="+", default=[150])
-    p.add_argument("--eval_batch_size", type=int, default=64, help="windows per forward pass of the batched modes")
-    p.add_argument("--context", type=int, default=None, help="crop side of the context modes (default 2 x patch_size)")
-    p.add_argument("--pack_gap", type=int, default=None,
-                   help="gap between windows noised in one pass in the packed modes (default patch_size / 2)")
-    p.add_argument("--score", default="mean", choices=evaluate.SCORES,
-                   help="the slice score whose ROC-AUC is the headline; all are reported. At 64^2 the phantom's "
-                        "extra-axial bleeds lie mostly outside the brain mask, so only mean sees them")
-    p.add_argument("--residual", default="abs", choices=["abs", "positive"],
-                   help="error map of every row, naive included (abs = the spec's |x - x0_hat|)")
-    p.add_argument("--median_size", type=int, default=None,
-                   help="median filter before the slice scores (default: evaluate.py's)")
+    # The scoring flags of train.py / evaluate.py, with their defaults: the `default` row is what they run.
+    scoring.add_scoring_flags(p.add_argument_group("scoring (every row; naive and the other rows change only speed options)"))
     p.add_argument("--slices", type=int, default=16, help="phantom slices scored per mode (half with a bleed)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up; the median is reported")
     p.add_argument("--train_steps", type=int, default=400, help="training steps before scoring (also timed)")
     p.add_argument("--batch_size", type=int, default=16, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="training lr: higher than train.py's, so that a few hundred steps give a usable model")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="of training and of the default scoring mode, as in train.py / evaluate.py")
     p.add_argument("--loader_images", type=int, default=2048, help="images read per loader measurement (0 = skip)")
-    p.add_argument("--device", default="auto")
+    models.add_device_flags(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice). On a loaded machine, fewer threads than cores "
                         "avoids OpenMP threads waiting on each other, which penalises small forward passes most")
@@ -103,50 +89,38 @@ def relative_height(index):
 
 
 def load_slices(args, data_dir):
-    """A phantom (or --data_dir), its slice cache and two disjoint sets of patients: healthy slices
-    of half the patients without a bleed (training), and the hemorrhage slices against as many
-    healthy slices of the other bleed-free patients, taken at the same heights in the head
-    (scoring). Matching heights keeps the AUC about bleeds: the top and bottom of a head give
-    larger errors than its middle, where most bleeds are."""
+    """A phantom (or --data_dir) opened as a training run opens it (seed 0 splits): healthy slices of the training
+    patients (training), and the hemorrhage slices of the held-out patients against as many of their healthy
+    slices, taken at the same heights in the head (scoring). Matching heights keeps the AUC about bleeds: the top
+    and bottom of a head give larger errors than its middle, where most bleeds are."""
     if args.data_dir is None:
         phantom.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
-    index = data.load_index(data_dir, num_workers=0)
+    rd = data.open_run_data(data_dir, image_size=args.image_size, channels=args.channels, split_seed=args.seed,
+                            num_samples=512, eval_samples="all", decode=("train", "val", "test"), num_workers=0)
     rng = np.random.default_rng(args.seed)
-    patients, labels = index["patient"], index["any"]
-    sick_patients = np.unique(patients[labels == 1])
-    healthy_patients = rng.permutation(np.setdiff1d(np.unique(patients), sick_patients))
-    train = np.flatnonzero(np.isin(patients, healthy_patients[: len(healthy_patients) // 2]))
-    train = np.sort(rng.choice(train, min(len(train), 512), replace=False))  # plenty for a few hundred steps
-    neg = np.flatnonzero(np.isin(patients, healthy_patients[len(healthy_patients) // 2:]))
-    pos = np.flatnonzero(labels == 1)
+    held_out = rd.cache.ok(np.concatenate([rd.splits["val"], rd.splits["test"]]))
+    pos, neg = held_out[rd.index["any"][held_out] == 1], held_out[rd.index["any"][held_out] == 0]
     k = min(args.slices // 2, len(pos), len(neg))
-    if k == 0 or len(train) == 0:
+    if k == 0 or len(rd.cache.ok(rd.splits["train"])) == 0:
         raise SystemExit(f"error: {data_dir}: need hemorrhage slices and at least two patients without a bleed")
     pos = rng.choice(pos, k, replace=False)
-    height = relative_height(index)
+    height = relative_height(rd.index)
     neg_left, matched = list(rng.permutation(neg)), []
     for p in pos:  # the nearest height among the healthy slices not taken yet
         j = int(np.argmin([abs(height[n] - height[p]) for n in neg_left]))
         matched.append(neg_left.pop(j))
-    score = np.concatenate([pos, matched])
-    cache = data.prepare_slices(data_dir, index, np.concatenate([train, score]), args.image_size, args.channels, num_workers=0)
-    return index, cache, cache.ok(train), cache.ok(score)
+    return rd.index, rd.cache, rd.cache.ok(rd.splits["train"]), np.concatenate([pos, matched])
 
 
 def bench_training(model, scheduler, train_images, args, device, amp_dtype):
-    """Steps/s of train.py's step (patched noising, forward under autocast, patch loss, clipped AdamW)."""
+    """Steps/s of train.py's step (models.patch_step under autocast, clipped AdamW)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
 
     def step():
         x0 = train_images[torch.randint(0, len(train_images), (args.batch_size,), generator=gen)].to(device)
-        boxes = models.random_boxes(len(x0), args.image_size, args.patch_size, gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
-        x_t = models.noise_boxes(x0, boxes, args.patch_size, t, scheduler, torch.randn(x0.shape, generator=gen).to(device))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            x0_hat = model(x_t, t)
-        loss = models.patch_loss(x0_hat.float(), x0, boxes, args.patch_size)
+        loss = models.patch_step(model, x0, scheduler, args.patch_size, gen, amp_dtype).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -186,24 +160,8 @@ def bench_loader(cache, index, positions, args, device):
     return results
 
 
-def default_map_settings(args, device):
-    """The anomaly_maps options evaluate.py and train.py use when no other scoring flag than the
-    window size and batch size is given; fills in bench's --median_size from its default too."""
-    parser = argparse.ArgumentParser()
-    evaluate.add_scoring_args(parser)
-    flags = parser.parse_args(["--patch_size", str(args.patch_size), "--stride", str(args.stride),
-                               "--eval_batch_size", str(args.eval_batch_size)])
-    args.median_size = flags.median_size if args.median_size is None else args.median_size
-    settings = evaluate.map_settings(flags)
-    # every row uses bench's --residual, so that a row differs from naive only in how it computes the map
-    for key in ("patch_size", "stride", "timesteps", "residual"):
-        settings.pop(key)
-    settings["autocast_dtype"] = models.autocast_dtype(args.precision, device)
-    return settings
-
-
 def mode_name(options, args):
-    """A row name that says which options a mode switches on."""
+    """A row name that says which speed options a mode switches on."""
     if options.get("eval_batch_size", 1) == 1:
         return "naive"
     name = "batched"
@@ -213,10 +171,8 @@ def mode_name(options, args):
         name += "+" + str(options["autocast_dtype"]).replace("torch.bfloat", "bf").replace("torch.float", "fp")
     if options.get("skip_outside_mask"):
         name += "+skip"
-    if options.get("context"):
-        name += f"+context{options['context']}"
-    if options.get("pack_gap") is not None:
-        name += f"+pack{options['pack_gap']}"
+    if options.get("pack_windows"):
+        name += "+pack"
     if options.get("compile"):
         name += "+compile"
     if options.get("eval_batch_size") != args.eval_batch_size:
@@ -224,24 +180,24 @@ def mode_name(options, args):
     return name
 
 
+SPEED_OPTIONS = ("eval_batch_size", "channels_last", "skip_outside_mask", "pack_windows")
+
+
 def scoring_modes(args, default):
-    """name -> anomaly_maps options: the reference, then one option at a time on top of batching
-    and of the default's precision, then the default and options on top of it. Modes with the
-    same options are run once."""
+    """name -> speed options (SPEED_OPTIONS, autocast_dtype, compile): the reference, then one option at a time on
+    top of batching and of the default's precision, then the default and options on top of it. Modes with the same
+    options are run once."""
     batch = {"eval_batch_size": args.eval_batch_size}
     bf16 = {"autocast_dtype": torch.bfloat16}
-    one_per_pass = {k: v for k, v in default.items() if k != "pack_gap"} | batch  # the default, unpacked
-    context = {"context": args.context or 2 * args.patch_size}
-    pack = {"pack_gap": args.patch_size // 2 if args.pack_gap is None else args.pack_gap}
+    one_per_pass = default | batch | {"pack_windows": False}  # the default, unpacked
     candidates = [
-        {"eval_batch_size": 1},  # naive
+        {"eval_batch_size": 1},  # naive: the spec's pipeline
         batch,
         batch | bf16,
         one_per_pass,
         one_per_pass | {"channels_last": True},
         one_per_pass | {"skip_outside_mask": True},
-        one_per_pass | context,
-        one_per_pass | pack,
+        one_per_pass | {"pack_windows": True},
         default,
         default | {"channels_last": True},
         default | {"skip_outside_mask": True},
@@ -255,74 +211,21 @@ def scoring_modes(args, default):
     return modes
 
 
-def forwards_per_slice(masks, options, args):
+def mode_settings(base, options):
+    """The scoring settings of a mode: the run's, with the mode's speed options (absent = off)."""
+    return dataclasses.replace(base, **{k: options.get(k, False) for k in SPEED_OPTIONS if k != "eval_batch_size"},
+                               eval_batch_size=options.get("eval_batch_size", 1))
+
+
+def forwards_per_slice(masks, settings, args):
     """Forward passes the mode runs per slice (skip_outside_mask leaves out windows without brain)."""
-    p, masks = args.patch_size, masks.cpu()
-    windows = list(enumerate(models.window_grid(args.image_size, p, args.stride)))
-    total = 0
-    for mask in masks:
-        kept = [(k, top, left) for k, (top, left) in windows
-                if not options.get("skip_outside_mask") or mask[top:top + p, left:left + p].any()]
-        total += len(kept) if options.get("pack_gap") is None else len(models.pack_windows(kept, p, args.stride, options["pack_gap"]))
-    return total / len(masks) * len(args.eval_t)
+    jobs = scoring.window_jobs(settings, args.image_size, len(masks), masks.cpu() if settings.skip_outside_mask else None)
+    return len(jobs) / len(masks)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = models.pick_device(args.device)
-    load_before = os.getloadavg()
-    started = time.perf_counter()
-    trained = None
-    if args.checkpoint:
-        trained, config, _ = models.load_checkpoint(args.checkpoint, device)
-        args.image_size, args.channels = config["image_size"], config["in_channels"]
-        args.base_channels = config.get("base_channels", args.base_channels)
-    torch.manual_seed(args.seed)
-    phantom = tempfile.TemporaryDirectory(prefix="ctpddpm_bench_") if args.data_dir is None else None  # removed at exit
-    index, cache, train_positions, score_positions = load_slices(args, args.data_dir or phantom.name)
-    images = torch.from_numpy(cache.images[score_positions].astype(np.float32)).to(device)
-    masks = torch.from_numpy(cache.masks[score_positions] > 0).to(device)
-    labels = index["any"][score_positions].astype(int)
-    train_images = torch.from_numpy(cache.images[train_positions].astype(np.float32))
-
-    config = config if trained is not None else {"kind": "scratch", "in_channels": args.channels,
-                                                  "base_channels": args.base_channels, "image_size": args.image_size}
-    model = models.build_model(config).to(device)
-    scheduler = models.make_scheduler()
-    default = default_map_settings(args, device)
-    amp_dtype = default["autocast_dtype"]
-    gflops = models.count_flops(model, args.image_size, args.channels) / 1e9
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-                        f"{', native bf16' if models.cpu_has_native_bf16() else ''})")
-    print(f"device {device_name} | load average {load_before[0]:.2f} | image {args.image_size}^2 | base_channels "
-          f"{args.base_channels} | patch {args.patch_size} stride {args.stride} | {gflops:.3f} GFLOPs per forward | "
-          f"{len(labels)} slices scored ({labels.sum()} hemorrhage)")
-
-    train = bench_training(model, scheduler, train_images, args, device, amp_dtype)
-    print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
-          f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
-    if args.save_model:
-        models.save_checkpoint(args.save_model, model, config, bench_train_steps=args.train_steps, bench_lr=args.lr)
-    if trained is not None:
-        model = trained.eval()
-        print(f"scoring with {args.checkpoint}")
-    loader = bench_loader(cache, index, train_positions, args, device) if args.loader_images else {}
-    if loader:
-        print("loader alone (SliceDataset over the slice cache): "
-              + ", ".join(f"{k} {v:.0f} images/s" for k, v in loader.items()))
-
-    # ---- scoring modes ----------------------------------------------------------------------
-    modes = scoring_modes(args, default)
-    if args.modes:
-        wanted = {mode_name(default, args) if name == "default" else name for name in args.modes} | {"naive"}
-        unknown = wanted - set(modes)
-        if unknown:
-            raise SystemExit(f"error: --modes: no row named {', '.join(sorted(unknown))}; rows: {', '.join(modes)}")
-        modes = {name: options for name, options in modes.items() if name in wanted}
-    seeds = [args.seed * 1_000_003 + int(p) for p in score_positions]
+def time_modes(model, modes, images, masks, seeds, scheduler, base, repeats, device):
+    """-> (maps per mode, seconds per round per mode): a warm-up run of every mode, then `repeats` rounds in which
+    every mode scores all slices once, in turn."""
     scoring_model = {}
     for name, options in modes.items():
         # a copy per mode: no mode can leave something behind (weight layout, compiled state) for the next
@@ -331,43 +234,41 @@ def main(argv=None):
             scoring_model[name] = torch.compile(scoring_model[name])
 
     def run(name, n):
-        options = {k: v for k, v in modes[name].items() if k != "compile"}
-        maps = models.anomaly_maps(scoring_model[name], images[:n], scheduler, seeds=seeds[:n], brain_masks=masks[:n],
-                                   patch_size=args.patch_size, stride=args.stride, timesteps=args.eval_t,
-                                   residual=args.residual, **options)
+        maps = scoring.anomaly_maps(scoring_model[name], images[:n], scheduler, mode_settings(base, modes[name]), seeds[:n],
+                                    masks[:n], modes[name].get("autocast_dtype"))
         sync(device)
         return maps
 
     for name in modes:  # warm-up (torch.compile compiles for every batch shape it will see)
         run(name, len(images) if modes[name].get("compile") else min(2, len(images)))
     maps, times = {}, {name: [] for name in modes}
-    for _ in range(max(args.repeats, 1)):
+    for _ in range(max(repeats, 1)):
         for name in modes:
             t0 = time.perf_counter()
             maps[name] = run(name, len(images))  # the same every round: the noise is fixed by the seeds
             times[name].append(time.perf_counter() - t0)
+    return maps, times
 
-    results = {}
-    inside = masks.bool()
-    naive_scores = models.slice_scores(maps["naive"], masks, args.median_size)[args.score]
+
+def mode_results(modes, maps, times, masks, labels, base, gflops, args):
+    """Speed, FLOPs, ROC-AUC per slice score and agreement with naive, per mode."""
+    results, inside = {}, masks.bool()
+    naive_scores = scoring.slice_scores(maps["naive"], masks, base.median_size)[base.score]
     for name, options in modes.items():
         seconds = statistics.median(times[name])
-        scores = models.slice_scores(maps[name], masks, args.median_size)
+        scores = scoring.slice_scores(maps[name], masks, base.median_size)
         aucs = {k: evaluate.roc_auc(labels, v) for k, v in scores.items()}
-        crop = min(options.get("context") or args.image_size, args.image_size)
-        forward_gflops = gflops if crop == args.image_size else models.count_flops(model, crop, args.channels) / 1e9
-        per_slice = forwards_per_slice(masks, options, args)
+        per_slice = forwards_per_slice(masks, mode_settings(base, options), args) * len(base.eval_t)
         diff = (maps[name] - maps["naive"]).abs()
         results[name] = {
-            "slices_per_s": len(images) / seconds, "roc_auc": aucs[args.score], "roc_auc_by_score": aucs,
+            "slices_per_s": len(masks) / seconds, "roc_auc": aucs[base.score], "roc_auc_by_score": aucs,
             "seconds": seconds, "seconds_all_repeats": times[name],
-            "forwards_per_slice": per_slice, "gflops_per_slice": per_slice * forward_gflops,
-            "tflops_achieved": per_slice * forward_gflops * len(images) / seconds / 1e3,
+            "forwards_per_slice": per_slice, "gflops_per_slice": per_slice * gflops,
+            "tflops_achieved": per_slice * gflops * len(masks) / seconds / 1e3,
             "max_abs_map_diff_vs_naive": float(diff.max()), "max_abs_map_diff_vs_naive_in_brain": float(diff[inside].max()),
             # finer than the AUC: does the mode rank the slices (all of them, not only across classes) as naive does?
-            "score_spearman_vs_naive": float(scipy.stats.spearmanr(scores[args.score], naive_scores)[0]),
+            "score_spearman_vs_naive": float(scipy.stats.spearmanr(scores[base.score], naive_scores)[0]),
             "options": {k: str(v) if k == "autocast_dtype" else v for k, v in options.items()}}
-    default_name = mode_name(default, args)
     naive = results["naive"]
     for r in results.values():
         r["speedup_vs_naive"] = r["slices_per_s"] / naive["slices_per_s"]
@@ -375,17 +276,16 @@ def main(argv=None):
                                     else r["roc_auc"] - naive["roc_auc"])
         if args.peak_tflops:
             r["fraction_of_peak"] = r["tflops_achieved"] / args.peak_tflops
-    train["tflops_achieved"] = 3 * gflops * train["images_per_s"] / 1e3  # forward + backward ~ 3 forwards
-    if args.peak_tflops:
-        train["fraction_of_peak"] = train["tflops_achieved"] / args.peak_tflops
-    load_after = os.getloadavg()
+    return results
 
-    # ---- the table --------------------------------------------------------------------------
+
+def print_table(results, default_name, train, base, args, n_slices):
+    naive = results["naive"]
     score_names = list(naive["roc_auc_by_score"])
-    print(f"\nanomaly maps: {len(images)} slices, {len(models.window_grid(args.image_size, args.patch_size, args.stride))} "
-          f"windows x {len(args.eval_t)} t per slice, median of {args.repeats} rounds after warm-up; "
-          f"* = the default of evaluate.py / train.py; AUC headline: {args.score}; rho = Spearman correlation of "
-          f"the {args.score} slice scores with naive")
+    print(f"\nanomaly maps: {n_slices} slices, {len(scoring.window_grid(args.image_size, base.patch_size, base.stride))} "
+          f"windows x {len(base.eval_t)} t per slice, median of {args.repeats} rounds after warm-up; "
+          f"* = the default of evaluate.py / train.py; AUC headline: {base.score}; rho = Spearman correlation of "
+          f"the {base.score} slice scores with naive")
     fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"  # noqa: E731
     header = (f"{'mode':44s} {'slices/s':>9s} {'x naive':>8s} {'GFLOP/slice':>11s} {'TFLOP/s':>8s} "
               + " ".join(f"{'AUC ' + s:>14s}" for s in score_names) + f" {'max|dmap| brain':>16s} {'rho':>6s}")
@@ -400,13 +300,75 @@ def main(argv=None):
         d = results[default_name]
         print(f"\nof the given peak {args.peak_tflops} TFLOP/s: default scoring {100 * d['fraction_of_peak']:.1f}%, "
               f"training {100 * train['fraction_of_peak']:.1f}% (3 x forward FLOPs per image)")
-    seconds_total = time.perf_counter() - started
-    print(f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {seconds_total:.0f} s in all")
     if naive["roc_auc"] is not None and abs(naive["roc_auc"] - 0.5) < 0.1:
-        print(f"warning: the reference ROC-AUC ({args.score}) is {naive['roc_auc']:.3f}, close to chance, so the AUC "
+        print(f"warning: the reference ROC-AUC ({base.score}) is {naive['roc_auc']:.3f}, close to chance, so the AUC "
               "columns say little about a mode; look at rho, or raise --train_steps / --slices, or pass --checkpoint")
 
-    report = {"modes": results, "default_mode": default_name, "train": train, "loader_images_per_s": loader,
+
+def pick_modes(args, default):
+    modes = scoring_modes(args, default)
+    if args.modes:
+        wanted = {mode_name(default, args) if name == "default" else name for name in args.modes} | {"naive"}
+        unknown = wanted - set(modes)
+        if unknown:
+            raise SystemExit(f"error: --modes: no row named {', '.join(sorted(unknown))}; rows: {', '.join(modes)}")
+        modes = {name: options for name, options in modes.items() if name in wanted}
+    return modes
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = models.pick_device(args.device)
+    load_before, started = os.getloadavg(), time.perf_counter()
+    trained, config = models.load_checkpoint(args.checkpoint, device)[:2] if args.checkpoint else (None, models.model_config(
+        pretrained=False, in_channels=args.channels, image_size=args.image_size, base_channels=args.base_channels))
+    args.image_size, args.channels = config["image_size"], config["in_channels"]
+    args.base_channels = config.get("base_channels", args.base_channels)
+    base = scoring.ScoringSettings.from_flags(args).for_image(args.image_size)
+    args.patch_size, args.stride = base.patch_size, base.stride
+    torch.manual_seed(args.seed)
+    tmp = tempfile.TemporaryDirectory(prefix="ctpddpm_bench_") if args.data_dir is None else None  # removed at exit
+    index, cache, train_positions, score_positions = load_slices(args, args.data_dir or tmp.name)
+    images = torch.from_numpy(cache.images[score_positions].astype(np.float32)).to(device)
+    masks = torch.from_numpy(cache.masks[score_positions] > 0).to(device)
+    labels = index["any"][score_positions].astype(int)
+    model, scheduler = models.build_model(config).to(device), models.make_scheduler()
+    amp_dtype = models.autocast_dtype(args.precision, device)
+    default = {k: getattr(base, k) for k in SPEED_OPTIONS} | {"autocast_dtype": amp_dtype}
+    gflops = models.count_flops(model, args.image_size, args.channels) / 1e9
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+                        f"{', native bf16' if models.cpu_has_native_bf16() else ''})")
+    print(f"device {device_name} | load average {load_before[0]:.2f} | image {args.image_size}^2 | base_channels "
+          f"{args.base_channels} | patch {base.patch_size} stride {base.stride} | {gflops:.3f} GFLOPs per forward | "
+          f"{len(labels)} slices scored ({labels.sum()} hemorrhage)")
+
+    train = bench_training(model, scheduler, torch.from_numpy(cache.images[train_positions].astype(np.float32)),
+                           args, device, amp_dtype)
+    print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
+          f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
+    if args.save_model:
+        models.save_checkpoint(args.save_model, model, config, bench_train_steps=args.train_steps, bench_lr=args.lr)
+    if trained is not None:
+        model = trained.eval()
+        print(f"scoring with {args.checkpoint}")
+    loader = bench_loader(cache, index, train_positions, args, device) if args.loader_images else {}
+    if loader:
+        print("loader alone (SliceDataset over the slice cache): " + ", ".join(f"{k} {v:.0f} images/s" for k, v in loader.items()))
+
+    modes = pick_modes(args, default)
+    seeds = [scoring.noise_seed(args.seed, p) for p in score_positions]
+    maps, times = time_modes(model, modes, images, masks, seeds, scheduler, base, args.repeats, device)
+    results = mode_results(modes, maps, times, masks, labels, base, gflops, args)
+    train["tflops_achieved"] = 3 * gflops * train["images_per_s"] / 1e3  # forward + backward ~ 3 forwards
+    if args.peak_tflops:
+        train["fraction_of_peak"] = train["tflops_achieved"] / args.peak_tflops
+    print_table(results, mode_name(default, args), train, base, args, len(images))
+    load_after, seconds_total = os.getloadavg(), time.perf_counter() - started
+    print(f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {seconds_total:.0f} s in all")
+    report = {"modes": results, "default_mode": mode_name(default, args), "train": train, "loader_images_per_s": loader,
               "gflops_per_forward": gflops, "device": device_name, "load_average": [load_before[0], load_after[0]],
               "seconds": seconds_total, "settings": vars(args)}
     if args.json:

@@ -44,6 +44,10 @@ CHANNEL_WINDOWS = {1: ("brain",), 2: ("brain", "bone"), 3: ("brain", "subdural",
 INDEX_COLUMNS = ("id", "path", "patient", "scan", "series", "z") + LABELS
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# what a run reads unless told otherwise (train.py's flags; evaluate.py falls back to them for old checkpoints)
+DEFAULT_SEED = 42  # the split seed
+DEFAULT_NUM_SAMPLES = 2000  # healthy training slices
+DEFAULT_EVAL_SAMPLES = 50  # validation / test slices per class
 MIN_SLICE_SIDE = 16  # pixels; real head CT is 512 (RSNA) or 650 (CT-ICH), the tests' phantoms 32 and up
 HOW_TO_GET_DATA = ("get the RSNA data (kaggle competitions download -c rsna-intracranial-hemorrhage-detection: "
                    "stage_2_train/ + stage_2_train.csv) or make a phantom: python phantom.py --out DIR")
@@ -586,6 +590,19 @@ def _draw(rng, positions, n, what):
     return np.sort(rng.choice(positions, int(n), replace=False))
 
 
+def parse_eval_samples(text):
+    """--eval_samples: 'all' or a positive number of slices per class."""
+    if str(text) == "all":
+        return "all"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return n
+
+
 def make_splits(index, seed, num_samples, eval_samples, train_fraction=0.5):
     """{"train", "val", "test"} -> int64 row positions, patient level, deterministic from seed.
 
@@ -744,6 +761,43 @@ class SliceDataset(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(self.cache.images[position].astype(np.float32)),
                 "mask": torch.from_numpy(self.cache.masks[position] > 0),
                 "label": int(self.labels[i]), "position": position}
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run reads: index, splits and the slice cache
+
+RunData = collections.namedtuple("RunData", "index splits cache")
+
+
+def in_turn(build, rank, world):
+    """build() on every process, but one group after the other, with a barrier between: first rank 0, then local
+    rank 0 of each other node, then the rest. build() fills the index and slice caches, and two processes creating
+    the same cache files at once would replace each other's files; going in turn, the later ones find them built
+    (on a node-local cache dir, each node builds its own copy once)."""
+    if world == 1:
+        return build()
+    turn = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    result = None
+    for t in range(3):
+        if t == turn:
+            result = build()
+        torch.distributed.barrier()
+    return result
+
+
+def open_run_data(data_dir, *, image_size, channels, split_seed, num_samples, eval_samples, decode,
+                  dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1):
+    """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
+    (e.g. ("train", "val")), as train.py, evaluate.py, sweep.py and bench.py all read them. Under torchrun the
+    processes build the caches in turn (in_turn), rank 0 first."""
+    def build():
+        index = load_index(data_dir, dataset=None if dataset == "auto" else dataset, cache_dir=cache_dir,
+                           num_workers=num_workers)
+        splits = make_splits(index, split_seed, num_samples, eval_samples)
+        needed = np.concatenate([splits[name] for name in decode])
+        cache = prepare_slices(data_dir, index, needed, image_size, channels, cache_dir=cache_dir, num_workers=num_workers)
+        return RunData(index, splits, cache)
+    return in_turn(build, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------

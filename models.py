@@ -27,13 +27,12 @@ Shapes: images are [B, C, H, W] in [-1, 1]; boxes are [B, 2] LongTensors of (top
 t is an int or a [B] tensor of timesteps in [0, 1000).
 """
 import argparse
+import collections
 import math
 import os
 import re
 import tempfile
 
-import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -227,14 +226,13 @@ def _plain(value):
     return value
 
 
-def model_config(args):
-    """The plain-data model config of a train.py / bench.py argparse namespace."""
-    config = {"kind": "pretrained" if args.pretrained else "scratch", "in_channels": args.channels,
-              "base_channels": args.base_channels, "image_size": args.image_size,
-              "hf_model": str(args.hf_model)}
-    if hasattr(args, "channel_mults"):
-        config["channel_mults"] = list(args.channel_mults)
-    return config
+def model_config(*, pretrained, in_channels, image_size, base_channels=64, channel_mults=(1, 2, 4, 8), dropout=0.1,
+                 hf_model="google/ddpm-ema-celebahq-256"):
+    """The plain-data model config that checkpoints store and build_model reads. The scratch UNet's defaults
+    are the spec's description (30.3M parameters); channel_mults=(1, 2, 4, 4) is its "~14M" reading (14.8M)."""
+    return {"kind": "pretrained" if pretrained else "scratch", "in_channels": in_channels, "base_channels": base_channels,
+            "image_size": image_size, "hf_model": str(hf_model), "channel_mults": [int(m) for m in channel_mults],
+            "dropout": float(dropout)}
 
 
 def build_model(config):
@@ -293,6 +291,35 @@ def autocast_dtype(precision, device):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def add_device_flags(group, from_checkpoint=False):
+    """--device and --precision (from_checkpoint: precision defaults to None, "the training run's value")."""
+    group.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    group.add_argument("--precision", default=None if from_checkpoint else "auto", choices=["auto", "fp32", "bf16"],
+                       help="autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
+                            + (" (default: the training run's value)" if from_checkpoint else ""))
+
+
+def setup_distributed(device_name="auto"):
+    """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1.
+    Each process drives the GPU of its local rank (backend nccl), or the CPU (backend gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def teardown_distributed(world):
+    """Leave together: rank 0 writes plots and checkpoints long after the others finish, and a rank that tore its
+    process group down alone was seen to hang there once (gloo, CPU, a local CI run)."""
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,169 +411,25 @@ def patch_loss(x0_hat, x0, boxes, patch_size):
     return F.mse_loss(pred, target) + (1.0 - structural)
 
 
-# ----------------------------------------------------------------------------------------------
-# anomaly maps and slice scores
-
-def window_grid(image_size, patch_size, stride):
-    """Top-left corners of a sliding window covering the image; the last row/column is moved
-    flush with the border so no pixel is left out (256, 64, 32 -> 7 x 7 = 49 windows)."""
-    starts = list(range(0, image_size - patch_size + 1, stride))
-    if starts[-1] != image_size - patch_size:
-        starts.append(image_size - patch_size)
-    return [(top, left) for top in starts for left in starts]
+PatchStep = collections.namedtuple("PatchStep", "loss x_t x0_hat boxes t")
 
 
-def window_noise(seed, window_index, t, shape):
-    """The noise for one window: a function of (slice seed, window index, t) only, drawn on the
-    CPU, so a map does not depend on batch size, batch composition, device or process rank."""
-    state = np.random.SeedSequence([int(seed), int(window_index), int(t)]).generate_state(2)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randn(shape, generator=generator)
-
-
-def pack_windows(windows, patch_size, stride, gap):
-    """Groups of windows [(k, top, left), ...] in which every two windows are at least `gap`
-    pixels apart (edge to edge, along rows or along columns). Windows are taken class by class of
-    the grid (row and column index modulo the number of strides that span patch + gap), each put
-    in the first group it fits: on a regular grid every class is one group, e.g. 256^2, window 64,
-    stride 32, gap 32 -> every third window of every third row, 49 windows in 9 groups."""
-    spacing = -(-(patch_size + gap) // stride)
-    order = sorted(windows, key=lambda w: ((w[1] // stride) % spacing, (w[2] // stride) % spacing, w[1], w[2]))
-    groups = []
-    for k, top, left in order:
-        for group in groups:
-            if all(max(abs(top - t), abs(left - l)) >= patch_size + gap for _, t, l in group):
-                group.append((k, top, left))
-                break
-        else:
-            groups.append([(k, top, left)])
-    return groups
-
-
-def anomaly_maps(model, images, scheduler, *, patch_size, stride, timesteps=(150,), seeds,
-                 eval_batch_size=16, brain_masks=None, skip_outside_mask=False, context=None,
-                 autocast_dtype=None, channels_last=False, pack_gap=None, residual="abs"):
-    """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W].
-
-    For each slice, window and t: noise only that window, predict x0 in one step, and write
-    |x - x0_hat| (mean over channels) into the map, averaging where windows or timesteps overlap.
-    Windows of one or several slices go through the network eval_batch_size at a time.
-    residual="positive" writes max(x - x0_hat, 0) instead: only what is brighter than the model
-    expects. Acute blood is hyperdense, while at bone edges the rebuilt window smears bright bone
-    into the darker brain, which is an error of the other sign.
-
-    seeds: one int per slice. skip_outside_mask: windows that do not touch brain_masks [N, H, W]
-    are not run; pixels no window covered are 0. context: feed the network a context x context
-    crop around each window (clamped inside the image) instead of the whole slice; None = whole
-    slice. pack_gap: None = one noised window per forward pass (the spec); an int = noise, in one
-    forward pass of the whole slice, several windows that are at least pack_gap pixels apart
-    (pack_windows), and read each window's error from that one prediction. Each window gets the
-    same noise as alone; what changes is that its surroundings hold other noised windows. The
-    UNet's receptive field, GroupNorm and bottleneck attention span the whole slice, so this is an
-    approximation, like context: bench.py measures what it does to the ROC-AUC.
-    autocast_dtype: e.g. torch.bfloat16. channels_last: NHWC inputs, and the model's conv
-    weights are converted to channels_last for the call (same values; on this CPU an NHWC input
-    alone gained nothing, input and weights together 1.2-1.4x at 128^2) and back to the default
-    layout afterwards, so a model that goes on training after validation scoring trains in NCHW
-    (with bf16 on this CPU a channels_last training step was slower)."""
-    N, C, H, W = images.shape
-    if H != W:
-        raise ValueError(f"anomaly_maps expects square slices, got {H}x{W}")
-    if len(seeds) != N:
-        raise ValueError(f"anomaly_maps needs one seed per slice: {len(seeds)} seeds, {N} slices")
-    if skip_outside_mask and brain_masks is None:
-        raise ValueError("skip_outside_mask needs brain_masks")
-    crop = H if context is None else min(int(context), H)
-    if crop < patch_size:
-        raise ValueError(f"context {context} is smaller than the patch ({patch_size})")
-    if pack_gap is not None and crop < H:
-        raise ValueError("pack_gap needs the whole slice as input, not a context crop")
-    if residual not in ("abs", "positive"):
-        raise ValueError(f"residual must be 'abs' or 'positive', got {residual!r}")
-    device = images.device
-    timesteps = [int(timesteps)] if np.ndim(timesteps) == 0 else [int(t) for t in timesteps]
-
-    if skip_outside_mask:  # decided on the CPU: one GPU sync per window would cost more than it saves
-        brain_masks = torch.as_tensor(brain_masks).bool().cpu()
-
-    # one job per (timestep, slice, group of windows noised together: one window unless pack_gap);
-    # the order is fixed, so is the order of the sums
-    windows = window_grid(H, patch_size, stride)
-    jobs = []
-    for t in timesteps:
-        for i in range(N):
-            kept = [(k, top, left) for k, (top, left) in enumerate(windows)
-                    if not skip_outside_mask or brain_masks[i, top:top + patch_size, left:left + patch_size].any()]
-            groups = [[window] for window in kept] if pack_gap is None else pack_windows(kept, patch_size, stride, pack_gap)
-            jobs += [(i, t, group) for group in groups]
-
-    error_sum = torch.zeros(N, H, W, device=device)
-    count = torch.zeros(N, H, W, device=device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                    enabled=autocast_dtype is not None):
-            for start in range(0, len(jobs), eval_batch_size):
-                batch = jobs[start:start + eval_batch_size]
-                inputs, corners = [], []
-                for i, t, group in batch:
-                    # the crop around the window (with context there is one per job), clamped inside the image
-                    _, top, left = group[0]
-                    crop_top = min(max(top + patch_size // 2 - crop // 2, 0), H - crop)
-                    crop_left = min(max(left + patch_size // 2 - crop // 2, 0), W - crop)
-                    inputs.append(images[i, :, crop_top:crop_top + crop, crop_left:crop_left + crop])
-                    corners.append((crop_top, crop_left))
-                x0 = torch.stack(inputs).float()
-                t_batch = torch.tensor([t for _, t, _ in batch], device=device)
-                x_t = x0
-                for j in range(max(len(group) for _, _, group in batch)):
-                    # the j-th window of every job that has one (a packed job's windows do not overlap)
-                    rows = [b for b, (_, _, group) in enumerate(batch) if len(group) > j]
-                    boxes = torch.tensor([(batch[b][2][j][1] - corners[b][0], batch[b][2][j][2] - corners[b][1])
-                                          for b in rows])
-                    noise = torch.stack([window_noise(seeds[batch[b][0]], batch[b][2][j][0], batch[b][1],
-                                                      (C, patch_size, patch_size)) for b in rows]).to(device)
-                    if len(rows) == len(batch):
-                        x_t = noise_boxes(x_t, boxes, patch_size, t_batch, scheduler, noise)
-                    else:
-                        x_t[rows] = noise_boxes(x_t[rows], boxes, patch_size, t_batch[rows], scheduler, noise)
-                if channels_last:
-                    x_t = x_t.contiguous(memory_format=torch.channels_last)
-                x0_hat = model(x_t, t_batch).float()
-                difference = x0 - x0_hat
-                errors = (difference.abs() if residual == "abs" else difference.clamp(min=0)).mean(dim=1)
-                for b, (i, _, group) in enumerate(batch):
-                    for _, top, left in group:
-                        r, c = top - corners[b][0], left - corners[b][1]
-                        error_sum[i, top:top + patch_size, left:left + patch_size] += errors[b, r:r + patch_size, c:c + patch_size]
-                        count[i, top:top + patch_size, left:left + patch_size] += 1
-    finally:
-        model.train(was_training)
-        if channels_last:
-            model.to(memory_format=torch.contiguous_format)
-    return error_sum / count.clamp(min=1)
-
-
-def slice_scores(maps, brain_masks, median_size=0):
-    """maps [N, H, W], brain_masks [N, H, W] (tensors or arrays) -> dict name -> np.ndarray [N]:
-    "mean" (the spec's score: mean over the whole map), "brain_mean" and "brain_p99" (mean and
-    99th percentile inside the intracranial mask). median_size > 1 median-filters each map first
-    (suppresses single-pixel noise so p99 follows blobs). A slice with an empty brain mask is
-    scored over the whole map."""
-    maps = torch.as_tensor(maps).float().cpu().numpy()
-    brain_masks = torch.as_tensor(brain_masks).bool().cpu().numpy()
-    scores = {"mean": [], "brain_mean": [], "brain_p99": []}
-    for error_map, mask in zip(maps, brain_masks):
-        if median_size and median_size > 1:
-            error_map = scipy.ndimage.median_filter(error_map, size=median_size)
-        inside = error_map[mask] if mask.any() else error_map.ravel()
-        scores["mean"].append(error_map.mean())
-        scores["brain_mean"].append(inside.mean())
-        scores["brain_p99"].append(np.percentile(inside, 99))
-    return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
+def patch_step(model, x0, scheduler, patch_size, generator, autocast_dtype=None, boxes=None, t=None):
+    """One patched denoising step, as training, the validation loss, the diagnostics panel and bench.py run it:
+    per slice a box (uniform, fully inside), a timestep (uniform in [0, 1000)) and noise, drawn in that order from
+    generator (a CPU torch.Generator) unless boxes / t are given; noise the box, predict x0 under autocast, and
+    the patch loss on the box. Gradients flow unless the caller turns them off."""
+    n, device = x0.shape[0], x0.device
+    if boxes is None:
+        boxes = random_boxes(n, x0.shape[-1], patch_size, generator)
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    t = torch.as_tensor(t).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    x_t = noise_boxes(x0, boxes, patch_size, t, scheduler, noise)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        x0_hat = model(x_t, t)
+    return PatchStep(patch_loss(x0_hat.float(), x0, boxes, patch_size), x_t, x0_hat, boxes, t)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Choose the scoring settings on the VALIDATION split: slice score x median filter x t x window x smoothing.
+"""Choose the scoring settings on the VALIDATION split: slice score x median filter x t x window x smoothing x residual.
 
     python sweep.py --checkpoint runs/ctich/best_model.pt --eval_t 100 150 250 400 500 \
         --windows 32:16 48:24 --median_sizes 0 5 --output_dir runs/ctich/sweep_val
@@ -12,6 +12,7 @@ maps. The test split is never touched here: test
 figures are reported once, by evaluate.py, for the setting chosen on validation.
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -21,6 +22,9 @@ import torch
 import data
 import evaluate
 import models
+import scoring
+
+D = scoring.DEFAULTS  # every default grid below holds the default setting, so the table shows where it stands
 
 
 def get_args(argv=None):
@@ -28,99 +32,77 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
-    p.add_argument("--eval_samples", type=evaluate.parse_eval_samples, default="all",
+    p.add_argument("--eval_samples", type=data.parse_eval_samples, default="all",
                    help="validation slices per class, or 'all'")
     p.add_argument("--min_brain_fraction", type=float, default=None, help="default: the training run's value")
-    p.add_argument("--eval_t", type=int, nargs="+", default=[100, 150, 250, 400, 500])
+    p.add_argument("--eval_t", type=int, nargs="+", default=sorted({100, 150, 250, 400, 500} | set(D.eval_t)))
     p.add_argument("--multi_t", type=int, nargs="*", default=[150, 250, 400],
                    help="also score the average map over these t (each must be in --eval_t)")
     p.add_argument("--windows", nargs="+", default=None,
                    help="patch:stride pairs (default: the training run's patch_size:stride)")
-    p.add_argument("--median_sizes", type=int, nargs="+", default=[0, 5])
-    p.add_argument("--smooth_slices", type=int, nargs="+", default=[0, 1],
+    p.add_argument("--median_sizes", type=int, nargs="+", default=sorted({0, D.median_size}))
+    p.add_argument("--smooth_slices", type=int, nargs="+", default=sorted({0, 1, D.smooth_slices}),
                    help="neighbouring-slice averaging widths (evaluate.py --smooth_slices); needs --eval_samples all "
                         "to have neighbours")
-    p.add_argument("--residuals", nargs="+", default=["abs"], choices=["abs", "positive"],
+    p.add_argument("--residuals", nargs="+", default=list(scoring.RESIDUALS), choices=list(scoring.RESIDUALS),
                    help="error maps to try (evaluate.py --residual); each costs a full set of maps")
-    p.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=D.pack_windows,
                    help="as evaluate.py: several windows per forward pass")
     p.add_argument("--skip_outside_mask", action="store_true",
                    help="do not run windows without brain (faster; brain_* scores are unchanged, the whole-image "
                         "'mean' is then not the spec's score and is left out of the table)")
-    p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--eval_batch_size", type=int, default=D.eval_batch_size)
+    models.add_device_flags(p, from_checkpoint=True)
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_val")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
-    if not set(args.multi_t) <= set(args.eval_t):
-        raise SystemExit(f"error: --multi_t {args.multi_t} must be a subset of --eval_t {args.eval_t}")
-    device = models.pick_device(args.device)
-    model, config, checkpoint = models.load_checkpoint(args.checkpoint)
-    model = model.to(device).eval()
-    train_args = checkpoint.get("args") or {}
-    data_dir = args.data_dir or train_args.get("data_dir")
-    amp = models.autocast_dtype(args.precision or train_args.get("precision", "auto"), device)
-    windows = [tuple(int(v) for v in w.split(":")) for w in args.windows] if args.windows else \
-        [(train_args.get("patch_size", 64), train_args.get("stride", 32))]
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "sweep_val")
-    os.makedirs(output_dir, exist_ok=True)
-
-    # The validation split of the training run: same seed, so the same patients.
-    dataset_kind = train_args.get("dataset", "auto")
-    index = data.load_index(data_dir, dataset=None if dataset_kind == "auto" else dataset_kind)
-    splits = data.make_splits(index, train_args.get("seed", 42), train_args.get("num_samples", 2000), args.eval_samples)
-    cache = data.prepare_slices(data_dir, index, splits["val"], config["image_size"], config["in_channels"])
+def validation_slices(args, train_args, config):
+    """The validation split of the training run (same seed, so the same patients, same caches) as tensors."""
+    rd = data.open_run_data(args.data_dir or train_args.get("data_dir"), image_size=config["image_size"],
+                            channels=config["in_channels"], split_seed=train_args.get("seed", data.DEFAULT_SEED),
+                            num_samples=train_args.get("num_samples", data.DEFAULT_NUM_SAMPLES), eval_samples=args.eval_samples,
+                            decode=("val",), dataset=train_args.get("dataset", "auto"), cache_dir=train_args.get("cache_dir"),
+                            num_workers=train_args.get("num_workers", 0))
     min_brain_fraction = args.min_brain_fraction if args.min_brain_fraction is not None else train_args.get("min_brain_fraction", 0.0)
-    val = data.SliceDataset(cache, index, cache.ok(splits["val"], min_brain_fraction))
+    val = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["val"], min_brain_fraction))
     items = [val[i] for i in range(len(val))]
-    images = torch.stack([it["image"] for it in items])
-    masks = torch.stack([it["mask"] for it in items])
-    labels, patients, scans = val.labels, val.patients, val.scans
-    seeds = [train_args.get("seed", 42) * 1_000_003 + int(p) for p in val.positions]
-    print(f"validation split: {len(items)} slices ({int(labels.sum())} hemorrhage) from {len(np.unique(patients))} patients")
+    return val, torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
 
+
+def maps_of(model, images, masks, positions, settings, seed, device, amp):
+    """Anomaly maps of all validation slices, 16 slices at a time, on the CPU."""
+    maps = []
+    for start in range(0, len(images), 16):
+        seeds = [scoring.noise_seed(seed, p) for p in positions[start:start + 16]]
+        maps.append(scoring.anomaly_maps(model, images[start:start + 16].to(device), models.make_scheduler(), settings,
+                                         seeds, masks[start:start + 16].to(device), amp).cpu())
+    return torch.cat(maps)
+
+
+def score_rows(val, maps, masks, setting, t_name, args):
+    """Table rows for every median filter x slice score x smoothing width read off one set of maps."""
     rows = []
-    for (patch_size, stride), residual in [(w, r) for w in windows for r in args.residuals]:
-        maps_by_t = {}
-        for t in args.eval_t:
-            maps = []
-            for start in range(0, len(items), 16):
-                maps.append(models.anomaly_maps(model, images[start:start + 16].to(device), models.make_scheduler(),
-                                                patch_size=patch_size, stride=stride, timesteps=[t],
-                                                seeds=seeds[start:start + 16], eval_batch_size=args.eval_batch_size,
-                                                brain_masks=masks[start:start + 16].to(device),
-                                                skip_outside_mask=args.skip_outside_mask, autocast_dtype=amp,
-                                                pack_gap=patch_size // 2 if args.pack_windows else None,
-                                                channels_last=True, residual=residual).cpu())
-            maps_by_t[str(t)] = torch.cat(maps)
-            print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
-        if len(args.multi_t) > 1:
-            maps_by_t["+".join(map(str, args.multi_t))] = torch.stack([maps_by_t[str(t)] for t in args.multi_t]).mean(0)
-        for t_name, maps in maps_by_t.items():
-            for median_size in args.median_sizes:
-                scores = models.slice_scores(maps, masks, median_size=median_size)
-                for score_name, raw in scores.items():
-                    if args.skip_outside_mask and not score_name.startswith("brain"):
-                        continue
-                    for width in args.smooth_slices:
-                        values = evaluate.smooth_along_scans(val.positions, scans, raw, width)
-                        m = evaluate.slice_metrics(labels, values, patients, n_boot=args.n_boot, seed=0)
-                        scan = evaluate.scan_metrics(scans, labels, values, "max", patients, n_boot=args.n_boot, seed=0)
-                        rows.append({"patch_size": patch_size, "stride": stride, "residual": residual, "t": t_name,
-                                     "median_size": median_size, "score": score_name, "smooth_slices": width, "roc_auc": m["roc_auc"],
-                                     "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"], "scan_roc_auc": scan["roc_auc"],
-                                     "scan_roc_auc_ci": scan["roc_auc_ci"]})
+    for median_size in args.median_sizes:
+        for score_name, raw in scoring.slice_scores(maps, masks, median_size=median_size).items():
+            if args.skip_outside_mask and not score_name.startswith("brain"):
+                continue
+            for width in args.smooth_slices:
+                values = scoring.smooth_along_scans(val.positions, val.scans, raw, width)
+                m = evaluate.slice_metrics(val.labels, values, val.patients, n_boot=args.n_boot, seed=0)
+                scan = evaluate.scan_metrics(val.scans, val.labels, values, "max", val.patients, n_boot=args.n_boot, seed=0)
+                rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
+                             "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
+                             "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
+                             "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"]})
+    return rows
+
+
+def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     with open(os.path.join(output_dir, "sweep.json"), "w") as f:
-        json.dump({"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(items),
-                   "hemorrhage_slices": int(labels.sum()), "patients": int(len(np.unique(patients))), "rows": rows}, f, indent=2)
+        json.dump(header | {"rows": rows}, f, indent=2)
     lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | AUPRC | scan ROC-AUC (max) [95% CI] |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -133,6 +115,42 @@ def main(argv=None):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
     print(f"... {len(rows)} settings; full table in {os.path.join(output_dir, 'sweep.md')}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
+    if not set(args.multi_t) <= set(args.eval_t):
+        raise SystemExit(f"error: --multi_t {args.multi_t} must be a subset of --eval_t {args.eval_t}")
+    device = models.pick_device(args.device)
+    model, config, checkpoint = models.load_checkpoint(args.checkpoint)
+    model = model.to(device).eval()
+    train_args = checkpoint.get("args") or {}
+    amp = models.autocast_dtype(args.precision or train_args.get("precision", "auto"), device)
+    base, _ = scoring.ScoringSettings.resolve(train_args, {"eval_batch_size": args.eval_batch_size, "pack_windows": args.pack_windows,
+                                                           "skip_outside_mask": args.skip_outside_mask})
+    base = base.for_image(config["image_size"])
+    windows = [tuple(int(v) for v in w.split(":")) for w in args.windows] if args.windows else [(base.patch_size, base.stride)]
+    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "sweep_val")
+    os.makedirs(output_dir, exist_ok=True)
+    val, images, masks = validation_slices(args, train_args, config)
+    seed = train_args.get("seed", data.DEFAULT_SEED)
+    print(f"validation split: {len(val)} slices ({int(val.labels.sum())} hemorrhage) from {len(np.unique(val.patients))} patients")
+
+    rows = []
+    for (patch_size, stride), residual in [(w, r) for w in windows for r in args.residuals]:
+        setting = dataclasses.replace(base, patch_size=patch_size, stride=stride, residual=residual)
+        maps_by_t = {}
+        for t in args.eval_t:
+            maps_by_t[str(t)] = maps_of(model, images, masks, val.positions, dataclasses.replace(setting, eval_t=(t,)), seed, device, amp)
+            print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
+        if len(args.multi_t) > 1:  # the mean of the maps is what anomaly_maps computes when given several t
+            maps_by_t["+".join(map(str, args.multi_t))] = torch.stack([maps_by_t[str(t)] for t in args.multi_t]).mean(0)
+        for t_name, maps in maps_by_t.items():
+            rows += score_rows(val, maps, masks, setting, t_name, args)
+    write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(val),
+                                   "hemorrhage_slices": int(val.labels.sum()), "patients": int(len(np.unique(val.patients)))})
 
 
 if __name__ == "__main__":

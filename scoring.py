@@ -1,0 +1,489 @@
+"""Anomaly scoring, in one place: the settings, the sliding-window anomaly map, slice scores, and
+scoring a whole split. train.py (per-epoch validation), evaluate.py, sweep.py and bench.py all
+score through this file, so a number from one is the number the others would give.
+
+The map (pDDPM): for each slice, window and timestep t, noise only that window, let the model
+predict the clean slice x0 in one step, and write the residual of the window into the map,
+averaging where windows or timesteps overlap. A slice score reduces the map to one number.
+
+Adding a residual or a slice score: one entry in RESIDUALS (and RESIDUAL_LABELS) or SLICE_SCORES
+below, plus its test; the flags, sweep.py and the reports pick it up from there.
+"""
+import argparse
+import collections
+import contextlib
+import dataclasses
+import heapq
+import time
+
+import numpy as np
+import scipy.ndimage
+import torch
+from tqdm import tqdm
+
+import models
+
+# error map [B, H, W] from the difference x - x0_hat [B, C, H, W] (mean over channels)
+RESIDUALS = {
+    "abs": lambda difference: difference.abs().mean(dim=1),  # the spec's |x - x0_hat|
+    # Acute blood is hyperdense, while at bone edges the rebuilt window smears bright bone into the
+    # darker brain, which is an error of the other sign: keep only what is brighter than rebuilt.
+    "positive": lambda difference: difference.clamp(min=0).mean(dim=1),
+}
+RESIDUAL_LABELS = {"abs": "reconstruction error |x - x0_hat|", "positive": "brighter than rebuilt: max(x - x0_hat, 0)"}
+
+# slice score from (the whole map [H, W], its values inside the intracranial mask [n])
+SLICE_SCORES = {
+    "mean": lambda error_map, inside: error_map.mean(),  # the spec's score
+    "brain_mean": lambda error_map, inside: inside.mean(),
+    "brain_p99": lambda error_map, inside: np.percentile(inside, 99),
+}
+SCORES = tuple(SLICE_SCORES)
+
+# Pixel histogram bins: error maps are residuals of images in [-1, 1], so values lie in [0, 2] (larger values go
+# to the last bin). Log-spaced edges keep ~0.25 % relative resolution from 1e-4 up, enough for pixel ROC-AUC /
+# AUPRC / Dice within ~1e-3 of the exact values, in 32 KB per class.
+PIXEL_EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 2.0, 4095)])
+EXAMPLE_KINDS = ("true positive", "false positive", "miss")
+
+
+# ---------------------------------------------------------------------------------------------
+# the settings: one set of defaults for every script
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSettings:
+    """How slices are scored. The defaults were chosen on the CT-ICH validation split (README, "Choosing
+    the scoring settings"); SPEC below is the spec's scoring. patch_size None = image_size // 4 (64 at the
+    spec's 256^2), stride None = patch_size // 2: call for_image() to fill them in."""
+    patch_size: int = None
+    stride: int = None
+    eval_t: tuple = (250,)
+    eval_batch_size: int = 64
+    residual: str = "positive"
+    score: str = "brain_p99"
+    median_size: int = 5
+    smooth_slices: int = 2
+    skip_outside_mask: bool = False
+    # bench.py (README, "Speed"): 49 windows in 9 passes at 128^2, 9-11x naive with bf16 + channels_last; slice
+    # ROC-AUC moved by up to 0.02 against one window per pass on the phantom (<= 0.008 on CT-ICH), rho >= 0.976.
+    pack_windows: bool = True
+    # bench.py: 1.3x at 128^2 with bf16 on this CPU (slightly slower at 64^2); the same map up to bf16 rounding.
+    channels_last: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "eval_t", tuple(int(t) for t in np.atleast_1d(self.eval_t)))
+
+    def for_image(self, image_size):
+        """A copy with patch_size and stride filled in for this image size."""
+        patch_size = self.patch_size or image_size // 4
+        return dataclasses.replace(self, patch_size=patch_size, stride=self.stride or patch_size // 2)
+
+    @property
+    def pack_gap(self):
+        """Windows noised in one forward pass are at least this far apart (None: one window per pass)."""
+        return self.patch_size // 2 if self.pack_windows else None
+
+    def as_dict(self):
+        return {name: list(value) if name == "eval_t" else value for name, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_flags(cls, flags):
+        """From parsed flags (an argparse namespace or a dict); names missing or None keep the default."""
+        flags = vars(flags) if isinstance(flags, argparse.Namespace) else flags
+        return cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls) if flags.get(f.name) is not None})
+
+    @classmethod
+    def resolve(cls, saved, overrides):
+        """The training run's saved args (a dict), with the flags given now (not None) on top. -> (settings,
+        names the checkpoint did not record, which take today's defaults)."""
+        overrides = vars(overrides) if isinstance(overrides, argparse.Namespace) else overrides
+        merged = {name: saved.get(name) for name in FIELDS} | {k: v for k, v in overrides.items() if k in FIELDS and v is not None}
+        return cls.from_flags(merged), [name for name in FIELDS if merged.get(name) is None]
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(ScoringSettings))
+DEFAULTS = ScoringSettings()
+SPEC = ScoringSettings(eval_t=(150,), residual="abs", score="mean", median_size=0, smooth_slices=0, pack_windows=False)
+
+
+def noise_seed(seed, position):
+    """The seed of one slice's scoring noise: a function of the run's seed and the slice's index row only, so a
+    map does not depend on batch size, order, device or process rank."""
+    return seed * 1_000_003 + int(position)
+
+
+def add_scoring_flags(group, from_checkpoint=False):
+    """The scoring flags of train.py, evaluate.py and bench.py, with DEFAULTS as their defaults. from_checkpoint:
+    every default is None, meaning "the training run's value" (evaluate.py)."""
+    def default(name):
+        value = None if from_checkpoint else getattr(DEFAULTS, name)
+        return list(value) if isinstance(value, tuple) else value
+    group.add_argument("--patch_size", type=int, default=default("patch_size"),
+                       help="side of the noised square window (default: image_size / 4, 64 at 256^2)")
+    group.add_argument("--stride", type=int, default=default("stride"), help="step between windows (default: patch_size / 2)")
+    group.add_argument("--eval_t", type=int, nargs="+", default=default("eval_t"),
+                       help=f"noise timestep(s) when scoring; several are averaged (spec: {SPEC.eval_t[0]})")
+    group.add_argument("--eval_batch_size", type=int, default=default("eval_batch_size"), help="windows per forward pass when scoring")
+    group.add_argument("--residual", default=default("residual"), choices=list(RESIDUALS),
+                       help="error map: abs = |x - rebuilt| (the spec), positive = only where x is brighter than rebuilt")
+    group.add_argument("--score", default=default("score"), choices=SCORES,
+                       help="slice score: mean of the whole map (the spec's), or mean / 99th percentile inside the brain mask")
+    group.add_argument("--median_size", type=int, default=default("median_size"),
+                       help="median filter (pixels) on the error map before scoring (0 = off, the spec)")
+    group.add_argument("--smooth_slices", type=int, default=default("smooth_slices"),
+                       help="average each slice score with those of the scored slices up to N slices above and below "
+                            "in the same scan (bleeds span several slices, edge noise does not; 0 = off, the spec)")
+    group.add_argument("--skip_outside_mask", action=argparse.BooleanOptionalAction, default=default("skip_outside_mask"),
+                       help="do not run windows that contain no brain (faster; their error counts as 0)")
+    group.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=default("pack_windows"),
+                       help="noise several windows at least patch_size/2 apart in one forward pass (49 windows in 9 "
+                            "passes); --no-pack_windows runs one window per pass, as the spec")
+    group.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=default("channels_last"),
+                       help="score in NHWC memory layout (weights converted for the call and back)")
+
+
+def smoothing_note(smooth_slices, eval_samples):
+    """A one-line warning when --smooth_slices has few neighbours to average: a per-class sample of
+    slices (--eval_samples N) leaves most slices without their scored neighbours."""
+    if smooth_slices and eval_samples != "all":
+        return (f"note: --smooth_slices {smooth_slices} averages a slice's score with its scored neighbours; with "
+                f"--eval_samples {eval_samples} most slices have none, so use --eval_samples all for reported figures")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+Window = collections.namedtuple("Window", "k top left")  # k: the window's number in the grid (its noise)
+Job = collections.namedtuple("Job", "slice t windows")  # one forward pass: these windows of this slice, noised at t
+
+
+def window_grid(image_size, patch_size, stride):
+    """Top-left corners of a sliding window covering the image; the last row/column is moved
+    flush with the border so no pixel is left out (256, 64, 32 -> 7 x 7 = 49 windows)."""
+    starts = list(range(0, image_size - patch_size + 1, stride))
+    if starts[-1] != image_size - patch_size:
+        starts.append(image_size - patch_size)
+    return [(top, left) for top in starts for left in starts]
+
+
+def window_noise(seed, window_index, t, shape):
+    """The noise for one window: a function of (slice seed, window index, t) only, drawn on the
+    CPU, so a map does not depend on batch size, batch composition, device or process rank."""
+    state = np.random.SeedSequence([int(seed), int(window_index), int(t)]).generate_state(2)
+    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn(shape, generator=generator)
+
+
+def pack_windows(windows, patch_size, stride, gap):
+    """Groups of windows [(k, top, left), ...] in which every two windows are at least `gap`
+    pixels apart (edge to edge, along rows or along columns). Windows are taken class by class of
+    the grid (row and column index modulo the number of strides that span patch + gap), each put
+    in the first group it fits: on a regular grid every class is one group, e.g. 256^2, window 64,
+    stride 32, gap 32 -> every third window of every third row, 49 windows in 9 groups."""
+    spacing = -(-(patch_size + gap) // stride)
+    order = sorted(windows, key=lambda w: ((w[1] // stride) % spacing, (w[2] // stride) % spacing, w[1], w[2]))
+    groups = []
+    for window in order:
+        for group in groups:
+            if all(max(abs(window[1] - w[1]), abs(window[2] - w[2])) >= patch_size + gap for w in group):
+                group.append(window)
+                break
+        else:
+            groups.append([window])
+    return groups
+
+
+def window_jobs(settings, image_size, n_slices, brain_masks=None):
+    """The forward passes that score n_slices slices, in a fixed order (so is the order of the sums): per t, per
+    slice, per group of windows noised together (one window unless settings.pack_windows). With brain_masks
+    (bool [N, H, W], on the CPU), windows that touch no brain are left out."""
+    p = settings.patch_size
+    windows = [Window(k, top, left) for k, (top, left) in enumerate(window_grid(image_size, p, settings.stride))]
+    jobs = []
+    for t in settings.eval_t:
+        for i in range(n_slices):
+            kept = windows if brain_masks is None else [
+                w for w in windows if brain_masks[i, w.top:w.top + p, w.left:w.left + p].any()]
+            groups = [[w] for w in kept] if settings.pack_gap is None else pack_windows(kept, p, settings.stride, settings.pack_gap)
+            jobs += [Job(i, t, group) for group in groups]
+    return jobs
+
+
+def passes_per_slice(settings, image_size):
+    """Forward passes per slice and timestep when no window is skipped."""
+    return len(window_jobs(dataclasses.replace(settings, eval_t=(0,)), image_size, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the anomaly map of a batch of slices
+
+@contextlib.contextmanager
+def scoring_mode(model, channels_last):
+    """Eval mode (and NHWC weights) for the call; afterwards the model is as it was, so a model that goes on
+    training after validation scoring trains in train mode and NCHW (with bf16 on this CPU a channels_last
+    training step was slower). On this CPU an NHWC input alone gained nothing, input and weights 1.2-1.4x."""
+    was_training = model.training
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
+def noise_windows(x0, jobs, seeds, t, scheduler, patch_size):
+    """x0 [B, C, H, W] (one row per job) with every window of its job noised to the job's t; row b's noise depends
+    on (seeds[job.slice], window number, t) only. A packed job's windows do not overlap, so they are noised one
+    after the other: the j-th window of every job that has one, together."""
+    shape = (x0.shape[1], patch_size, patch_size)
+    x_t = x0
+    for j in range(max(len(job.windows) for job in jobs)):
+        rows = [b for b, job in enumerate(jobs) if len(job.windows) > j]
+        windows = [jobs[b].windows[j] for b in rows]
+        boxes = torch.tensor([(w.top, w.left) for w in windows])
+        noise = torch.stack([window_noise(seeds[jobs[b].slice], w.k, jobs[b].t, shape) for b, w in zip(rows, windows)])
+        if len(rows) == len(jobs):  # j = 0: every job, and a copy of x0
+            x_t = models.noise_boxes(x_t, boxes, patch_size, t, scheduler, noise.to(x0.device))
+        else:
+            x_t[rows] = models.noise_boxes(x_t[rows], boxes, patch_size, t[rows], scheduler, noise.to(x0.device))
+    return x_t
+
+
+def anomaly_maps(model, images, scheduler, settings, seeds, brain_masks=None, autocast_dtype=None):
+    """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W] in [-1, 1].
+
+    seeds: one int per slice (noise_seed). Jobs (window_jobs) go through the network eval_batch_size at a time,
+    under autocast_dtype (e.g. torch.bfloat16) if given. With settings.skip_outside_mask, windows that do not touch
+    brain_masks [N, H, W] are not run and pixels no window covered are 0. Packing (settings.pack_windows) noises
+    several windows far apart in one pass of the whole slice and reads each window's error from that one
+    prediction: each window gets the same noise as alone, but its surroundings hold other noised windows, and the
+    UNet's receptive field, GroupNorm and bottleneck attention span the whole slice, so this is an approximation
+    (bench.py measures what it does to the ROC-AUC)."""
+    N, C, H, W = images.shape
+    if H != W:
+        raise ValueError(f"anomaly_maps expects square slices, got {H}x{W}")
+    if len(seeds) != N:
+        raise ValueError(f"anomaly_maps needs one seed per slice: {len(seeds)} seeds, {N} slices")
+    if settings.residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, got {settings.residual!r}")
+    if settings.skip_outside_mask and brain_masks is None:
+        raise ValueError("skip_outside_mask needs brain_masks")
+    p, device = settings.patch_size, images.device
+    # decided on the CPU: one GPU sync per window would cost more than it saves
+    jobs = window_jobs(settings, H, N, torch.as_tensor(brain_masks).bool().cpu() if settings.skip_outside_mask else None)
+    error_sum = torch.zeros(N, H, W, device=device)
+    count = torch.zeros(N, H, W, device=device)
+    with scoring_mode(model, settings.channels_last), torch.inference_mode(), \
+            torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        for start in range(0, len(jobs), settings.eval_batch_size):
+            batch = jobs[start:start + settings.eval_batch_size]
+            x0 = images[[job.slice for job in batch]].float()
+            t = torch.tensor([job.t for job in batch], device=device)
+            x_t = noise_windows(x0, batch, seeds, t, scheduler, p)
+            if settings.channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+            errors = RESIDUALS[settings.residual](x0 - model(x_t, t).float())
+            for b, job in enumerate(batch):
+                for w in job.windows:
+                    error_sum[job.slice, w.top:w.top + p, w.left:w.left + p] += errors[b, w.top:w.top + p, w.left:w.left + p]
+                    count[job.slice, w.top:w.top + p, w.left:w.left + p] += 1
+    return error_sum / count.clamp(min=1)
+
+
+def median_filtered(error_map, median_size):
+    """The filter applied to a map [H, W] (numpy) before it is scored (and shown: overlays, pixel metrics)."""
+    if median_size and median_size > 1:
+        return scipy.ndimage.median_filter(error_map, size=median_size)
+    return error_map
+
+
+def slice_scores(maps, brain_masks, median_size=0):
+    """maps [N, H, W], brain_masks [N, H, W] (tensors or arrays) -> {name: float64 [N]} for every SLICE_SCORES
+    entry. median_size > 1 median-filters each map first (suppresses single-pixel noise so p99 follows blobs).
+    A slice with an empty brain mask is scored over the whole map."""
+    maps = torch.as_tensor(maps).float().cpu().numpy()
+    brain_masks = torch.as_tensor(brain_masks).bool().cpu().numpy()
+    scores = {name: [] for name in SLICE_SCORES}
+    for error_map, mask in zip(maps, brain_masks):
+        error_map = median_filtered(error_map, median_size)
+        inside = error_map[mask] if mask.any() else error_map.ravel()
+        for name, score in SLICE_SCORES.items():
+            scores[name].append(score(error_map, inside))
+    return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
+
+
+def score_slices(model, images, masks, positions, scheduler, settings, seed, autocast_dtype=None):
+    """(maps [N, H, W], {score name: [N]}) of slices at index rows `positions`: the map and scores a split's
+    scoring gives these slices (the noise of a slice depends on (seed, position) only)."""
+    seeds = [noise_seed(seed, p) for p in positions]
+    maps = anomaly_maps(model, images, scheduler, settings, seeds, masks, autocast_dtype).float()
+    return maps, slice_scores(maps, masks, settings.median_size)
+
+
+def smooth_along_scans(positions, scans, scores, width):
+    """Mean of each slice's score and the scores of the slices up to `width` index rows above and below it
+    in the same scan, where those were scored too. Index rows of a scan are consecutive and ordered by z
+    (data.load_index), so row p +- 1 is the next slice up or down; slices left out (bad file, too little
+    brain, not sampled) simply do not count. Scores only: the maps are untouched."""
+    positions, scans, scores = np.asarray(positions), np.asarray(scans), np.asarray(scores, np.float64)
+    if width <= 0 or len(positions) == 0:
+        return scores
+    order = np.argsort(positions, kind="stable")
+    sorted_positions = positions[order]
+    total, count = scores.copy(), np.ones(len(scores))
+    for offset in range(-width, width + 1):
+        if offset == 0:
+            continue
+        at = np.clip(np.searchsorted(sorted_positions, positions + offset), 0, len(positions) - 1)
+        other = order[at]
+        found = (positions[other] == positions + offset) & (scans[other] == scans)
+        total[found] += scores[other[found]]
+        count[found] += 1
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring a split
+
+def new_pixel_accumulator():
+    """Histograms of error-map values inside the brain mask, for bleed and non-bleed pixels."""
+    return {"edges": PIXEL_EDGES, "pos": np.zeros(len(PIXEL_EDGES), np.int64),
+            "neg": np.zeros(len(PIXEL_EDGES), np.int64), "slices": 0, "positive_slices_without_mask": 0}
+
+
+def accumulate_pixels(acc, error_map, brain_mask, gt_mask):
+    """Add one slice. Only pixels inside the brain mask count (the protocol scores the intracranial space)."""
+    values = np.asarray(error_map, np.float64)[brain_mask]
+    bleed = np.asarray(gt_mask, bool)[brain_mask]
+    bins = np.searchsorted(acc["edges"], values, side="right") - 1  # bin i holds [edges[i], edges[i+1])
+    acc["pos"] += np.bincount(bins[bleed], minlength=len(acc["edges"]))
+    acc["neg"] += np.bincount(bins[~bleed], minlength=len(acc["edges"]))
+    acc["slices"] += 1
+
+
+def _add_pixels(acc, error_map, brain_mask, label, gt):
+    """Accumulate one slice's pixels; -> its bleed mask (None for a hemorrhage slice without one, which is
+    counted and left out; a healthy slice without one has no bleed)."""
+    if gt is None and label == 1:
+        acc["positive_slices_without_mask"] += 1
+        return None
+    gt = np.zeros(brain_mask.shape, bool) if gt is None else np.asarray(gt, bool)
+    accumulate_pixels(acc, error_map, brain_mask, gt)
+    return gt
+
+
+def _keep(heap, k, key, make_example, counter):
+    """Keep the k items with the largest key; build the (copied) example only when it is kept."""
+    if k <= 0:
+        return
+    if len(heap) < k:
+        heapq.heappush(heap, (key, counter, make_example()))
+    elif key > heap[0][0]:
+        heapq.heapreplace(heap, (key, counter, make_example()))
+
+
+def _record_batch(acc, batch, maps, masks, scores, settings, keep_examples, gt_masks_fn):
+    """Add one loader batch (maps and masks as numpy) to the accumulated scores, examples and pixel histograms."""
+    positions, labels = batch["position"].numpy().astype(np.int64), batch["label"].numpy().astype(np.int8)
+    acc["positions"].append(positions)
+    acc["labels"].append(labels)
+    for name, values in scores.items():
+        acc["scores"].setdefault(name, []).append(np.asarray(values, np.float64))
+    for i, (pos, label) in enumerate(zip(positions, labels)):
+        # Pixel metrics and overlays see the map the slice score saw (median-filtered if asked);
+        # filtering is slow on CPU, so it is done only for slices that need it.
+        error_map = median_filtered(maps[i], settings.median_size) if acc["pixel"] is not None else None
+        gt = _add_pixels(acc["pixel"], error_map, masks[i], label, gt_masks_fn(int(pos))) if acc["pixel"] is not None else None
+        score = float(scores[settings.score][i])
+
+        def example(kind, i=i, pos=pos, label=label, score=score, error_map=error_map, gt=gt):
+            shown = median_filtered(maps[i], settings.median_size) if error_map is None else error_map
+            return {"kind": kind, "position": int(pos), "label": int(label), "score": score,
+                    "image": batch["image"][i, 0].numpy().copy(), "map": np.array(shown, np.float32),
+                    "brain_mask": masks[i].copy(), "gt_mask": gt}
+        heaps = acc["heaps"]
+        if label == 1:
+            _keep(heaps["true positive"], keep_examples, score, lambda: example("true positive"), int(pos))
+            _keep(heaps["miss"], keep_examples, -score, lambda: example("miss"), int(pos))
+        else:
+            _keep(heaps["false positive"], keep_examples, score, lambda: example("false positive"), int(pos))
+
+
+def split_loader(dataset, settings, num_workers=0, rank=0, world=1):
+    """This process's share of the slices (every world-th), in batches that fill a few forward passes."""
+    passes = passes_per_slice(settings, dataset[0]["image"].shape[-1]) if len(dataset) else 1
+    slices_per_batch = max(8, -(-4 * settings.eval_batch_size // passes))
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(shard, batch_size=slices_per_batch, shuffle=False, num_workers=num_workers)
+
+
+def score_split(model, dataset, scheduler, settings, device, *, seed, autocast_dtype=None, num_workers=0,
+                keep_examples=8, gt_masks_fn=None, rank=0, world=1):
+    """Score every slice of `dataset` (items dict(image, mask, label, position), with aligned arrays .positions,
+    .patients, .scans as data.SliceDataset has) with the sliding-window anomaly map of `settings`.
+
+    Keeps the keep_examples highest- and lowest-scoring slices of each EXAMPLE_KINDS (ranked by settings.score,
+    unsmoothed) for the overlays. gt_masks_fn(position) -> bool [S, S] bleed mask or None; when given, pixel
+    histograms are accumulated. With world > 1 (torch.distributed initialised) each rank scores every world-th
+    slice and all ranks return the merged result. Returns a dict: positions, labels, patients, scans (sorted by
+    position), scores {name: float64 [N]} (smoothed along scans by settings.smooth_slices), examples
+    {kind: [example dicts]}, pixel (accumulator or None), seconds."""
+    acc = {"positions": [], "labels": [], "scores": {}, "heaps": {kind: [] for kind in EXAMPLE_KINDS},
+           "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None}
+    model.eval()
+    t0 = time.time()
+    for batch in tqdm(split_loader(dataset, settings, num_workers, rank, world), desc="scoring slices", unit="batch",
+                      leave=False, disable=rank != 0):
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        maps, scores = score_slices(model, images, masks, batch["position"].tolist(), scheduler, settings, seed, autocast_dtype)
+        _record_batch(acc, batch, maps.cpu().numpy(), masks.cpu().numpy(), scores, settings, keep_examples, gt_masks_fn)
+    result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
+              "labels": np.concatenate(acc["labels"]) if acc["labels"] else np.zeros(0, np.int8),
+              "scores": {name: np.concatenate(v) for name, v in acc["scores"].items()},
+              "heaps": acc["heaps"], "pixel": acc["pixel"]}
+    if world > 1:
+        result = _merge_ranks(result, keep_examples)
+    order = np.argsort(result["positions"], kind="stable")  # one order whatever the sharding
+    positions = result["positions"][order]
+    pixel = result["pixel"]
+    if pixel is not None and pixel["pos"].sum() == 0:
+        pixel = None  # masks were looked up but none of the slices had one: no pixel metrics
+    scans = _lookup(dataset.positions, dataset.scans, positions)
+    return {"positions": positions, "labels": result["labels"][order],
+            "patients": _lookup(dataset.positions, dataset.patients, positions), "scans": scans,
+            "scores": {name: smooth_along_scans(positions, scans, v[order], settings.smooth_slices)
+                       for name, v in result["scores"].items()},
+            "examples": {kind: [ex for _, _, ex in sorted(result["heaps"][kind], reverse=True)] for kind in EXAMPLE_KINDS},
+            "pixel": pixel, "seconds": time.time() - t0}
+
+
+def _lookup(keys, values, wanted):
+    """values[k] for each wanted key k (keys unique), vectorised: a dict would cost ~100 MB on all of RSNA."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    return np.asarray(values)[order][np.searchsorted(keys[order], wanted)]
+
+
+def _merge_ranks(result, keep_examples):
+    """Gather the shards of every rank (small: scores, a few examples, two histograms)."""
+    import torch.distributed as dist
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, result)
+    merged = {"positions": np.concatenate([p["positions"] for p in parts]),
+              "labels": np.concatenate([p["labels"] for p in parts]),
+              # a rank with an empty shard (fewer slices than processes) has no score arrays at all
+              "scores": {name: np.concatenate([p["scores"].get(name, np.zeros(0)) for p in parts])
+                         for name in SCORES if any(name in p["scores"] for p in parts)},
+              "heaps": {kind: heapq.nlargest(keep_examples, [item for p in parts for item in p["heaps"][kind]])
+                        for kind in EXAMPLE_KINDS},
+              "pixel": None}
+    if parts[0]["pixel"] is not None:
+        merged["pixel"] = new_pixel_accumulator()
+        for p in parts:
+            for key in ("pos", "neg", "slices", "positive_slices_without_mask"):
+                merged["pixel"][key] += p["pixel"][key]
+    return merged
