@@ -96,7 +96,7 @@ def load_slices(args, data_dir):
     if args.data_dir is None:
         phantom.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
     rd = data.open_run_data(data_dir, image_size=args.image_size, channels=args.channels, split_seed=args.seed,
-                            num_samples=512, eval_samples="all", decode=("train", "val", "test"), num_workers=0)
+                            num_samples="all", eval_samples="all", decode=("train", "val", "test"), num_workers=0)
     rng = np.random.default_rng(args.seed)
     held_out = rd.cache.ok(np.concatenate([rd.splits["val"], rd.splits["test"]]))
     pos, neg = held_out[rd.index["any"][held_out] == 1], held_out[rd.index["any"][held_out] == 0]

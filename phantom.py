@@ -92,8 +92,9 @@ def random_bleed(rng, kind, levels):
     return bleed
 
 
-def draw_slice(rng, head, level, slice_number, bleeds, size):
-    """HU image [size, size] of one axial slice at `level` (0 skull base .. 1 vertex) and {subtype: bleed mask}."""
+def _head_frame(head, level, size):
+    """Pixel coordinates in the head's frame: u (px, left-right), xn/yn normalised to the skull,
+    theta around it, rho (1 at the outer surface of the skull) and one pixel in units of rho."""
     row, col = np.mgrid[0:size, 0:size].astype(np.float32)
     x = col - (size - 1) / 2 - head["cx"]
     y = (size - 1) / 2 + head["cy"] - row  # +y = front of the head = top of the image (radiological view)
@@ -106,7 +107,11 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
     outline = 1 + sum(w * np.cos((k + 3) * theta + p) for k, (w, p) in enumerate(zip(head["wobble"], head["wobble_phase"])))
     rho = np.hypot(xn, yn) / outline  # 1 at the outer surface of the skull
     pixel = 1.0 / a  # one pixel in units of rho (at most)
+    return u, xn, yn, theta, rho, pixel
 
+
+def _scalp_and_skull(head, level, theta, rho, pixel, size):
+    """Air, scalp and skull HU, the inner table's rho and the bone mask."""
     # scalp (skin, a fat layer, temporal muscle at the sides low down) and skull (two tables, diploe between)
     scalp = np.maximum(head["scalp"] * (1 + 1.5 * np.cos(theta) ** 2 * max(0.0, 1 - 1.6 * level)), 1.5 * pixel)
     skull = head["skull"] * (1 + 0.4 * np.clip(-np.sin(theta), 0, None) ** 2 - 0.25 * np.cos(theta) ** 2)
@@ -119,11 +124,12 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
     in_bone = (rho > inner) & (rho <= 1)
     across = (1 - rho) / skull  # 0 at the outer table, 1 at the inner table
     hu[in_bone] = (head["diploe"] + (head["table"] - head["diploe"]) * np.abs(2 * across - 1) ** 1.5)[in_bone]
+    return hu, inner, in_bone
 
-    # brain: white matter; a grey cortex that folds around sulci; CSF in the rim, sulci, fissures,
-    # cisterns and ventricles; deep grey nuclei
-    inside = rho <= inner
-    q = rho / inner  # 0 at the centre, 1 at the inner table
+
+def _grey_and_white_matter(rng, head, level, xn, yn, theta, q, pixel, size):
+    """White matter, a grey cortex that folds around sulci, and the deep grey nuclei; also the sulcus
+    mask and the sulcus geometry (the subarachnoid bleeds fill it). Draws one noise field from rng."""
     scale = size / 256  # structure widths below are in pixels at 256^2 (about 0.94 mm)
     phase = head["gyri_phase"]
     psi = head["gyri"] * theta + phase[0] + 0.8 * np.sin(2 * theta + phase[1])
@@ -144,6 +150,13 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
         for side in (-1, 1):
             brain[_ellipse(xn, yn, side * 0.2, 0.06, 0.07 * nuclei, 0.13 * nuclei, side * 0.2)] = head["grey"] - 1
             brain[_ellipse(xn, yn, side * 0.08, -0.1, 0.06 * nuclei, 0.08 * nuclei, 0.0)] = head["grey"] - 2
+    sulci = {"px": sulcus_px, "half": sulcus_half, "depth": sulcus_depth, "rim": rim}
+    return brain, in_sulcus, sulci
+
+
+def _csf_spaces(head, level, u, xn, yn, q, pixel, size, in_sulcus, rim):
+    """CSF outside the ventricles (the rim, sulci, interhemispheric and sylvian fissures, cisterns) and the falx."""
+    scale = size / 256  # widths in pixels at 256^2, as in _grey_and_white_matter
     corpus_callosum = 0.42 * _bump(level, 0.42, 0.25)  # the interhemispheric fissure stops where the hemispheres join
     fissure = (np.abs(u) < max(1.0, 1.2 * scale)) & (np.abs(yn) > corpus_callosum)
     csf = (q > 1 - rim) | in_sulcus | fissure
@@ -156,8 +169,12 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
         angle = np.arctan2(yn + 0.08, xn)
         midbrain = np.hypot(xn, yn + 0.08) / (0.12 * (1 + 0.18 * np.cos(2 * angle)))  # heart-ish, wider than deep
         csf |= (midbrain > 1) & (midbrain < 1 + 0.3 * low + pixel / 0.12) & (yn < 0.05)
-    brain[csf] = head["csf"]
-    brain[fissure & (np.abs(u) < 0.45 * max(1.0, scale))] = 48.0  # the falx, slightly dense
+    falx = fissure & (np.abs(u) < 0.45 * max(1.0, scale))
+    return csf, falx
+
+
+def _ventricles(head, level, xn, yn, q, pixel, size):
+    """Ventricle mask and how large the lateral ventricles are at this level (0 .. 1)."""
     # lateral ventricles: two bananas concave outwards ")(" with a thin septum between them,
     # wider at the frontal horns and atria; the third ventricle is a midline slit lower down
     widen = 1 + 0.9 * head["atrophy"]
@@ -174,12 +191,26 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
     if third > 0:
         ventricles |= _ellipse(xn, yn, 0.0, -0.02, 0.012 * widen + pixel, 0.08 * third, 0.0)
     ventricles &= q < 0.8
+    return ventricles, size_v
+
+
+def _brain(rng, head, level, u, xn, yn, theta, q, pixel, size):
+    """Brain HU (valid inside the skull), the ventricle mask and the sulcus geometry."""
+    brain, in_sulcus, sulci = _grey_and_white_matter(rng, head, level, xn, yn, theta, q, pixel, size)
+    csf, falx = _csf_spaces(head, level, u, xn, yn, q, pixel, size, in_sulcus, sulci["rim"])
+    brain[csf] = head["csf"]
+    brain[falx] = 48.0  # the falx, slightly dense
+    ventricles, size_v = _ventricles(head, level, xn, yn, q, pixel, size)
     brain[ventricles] = head["csf"]
     if head["plexus_calcified"] and size_v > 0.6 and level > 0.36:
         for side in (-1, 1):  # in the atria
             brain[_ellipse(xn, yn, side * 0.16, -0.22 * size_v, max(0.02, pixel), max(0.02, pixel), 0.0)] = 150.0
-    hu[inside] = brain[inside]
+    return brain, ventricles, sulci
 
+
+def _draw_bleeds(hu, head, bleeds, slice_number, xn, yn, theta, q, inside, ventricles, sulci, pixel):
+    """Paints the bleeds that reach this slice into hu (in place); returns {subtype: bleed mask}."""
+    size = hu.shape[0]
     # bleeds: each is largest on its centre slice and tapers off over `reach` slices either side
     masks = {}
     for bleed in bleeds:
@@ -210,18 +241,39 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
         else:
             off = _angle_difference(theta, bleed["theta"])
             sector = np.abs(off) < bleed["width"] * (0.4 + 0.6 * taper)
-            in_sulci = (sulcus_px < max(1.6 * sulcus_half, 0.9)) & (q > 1 - 1.1 * sulcus_depth)
-            region = inside & sector & (in_sulci | (q > 1 - 1.5 * rim))
+            in_sulci = (sulci["px"] < max(1.6 * sulci["half"], 0.9)) & (q > 1 - 1.1 * sulci["depth"])
+            region = inside & sector & (in_sulci | (q > 1 - 1.5 * sulci["rim"]))
         hu[region] = bleed["hu"]
         masks[kind] = masks.get(kind, np.zeros((size, size), bool)) | region
+    return masks
 
+
+def _scanner_effects(rng, hu, head, inside, in_bone, size):
+    """Blur, texture and noise (three noise fields from rng, in this order) and the field-of-view edge."""
     # partial volume (edges of a 5 mm slice are soft), tissue texture, diploe texture, scanner noise
     hu = ndimage.gaussian_filter(hu, 0.6)
     hu += 2.0 * inside * _smooth_noise(rng, size, size / 40)
     hu += 60.0 * in_bone * _smooth_noise(rng, size, 1.0)
     hu += 3.5 * _smooth_noise(rng, size, 0.6)
     if head["fov_circle"]:
+        row, col = np.mgrid[0:size, 0:size].astype(np.float32)
         hu[np.hypot(col - (size - 1) / 2, row - (size - 1) / 2) > size / 2] = -2000.0
+    return hu
+
+
+def draw_slice(rng, head, level, slice_number, bleeds, size):
+    """HU image [size, size] of one axial slice at `level` (0 skull base .. 1 vertex) and {subtype: bleed mask}.
+
+    The order of the rng draws is part of the output (a seed gives the same phantom): the sulcus
+    field in _brain first, then the three texture/noise fields in _scanner_effects."""
+    u, xn, yn, theta, rho, pixel = _head_frame(head, level, size)
+    hu, inner, in_bone = _scalp_and_skull(head, level, theta, rho, pixel, size)
+    inside = rho <= inner
+    q = rho / inner  # 0 at the centre, 1 at the inner table
+    brain, ventricles, sulci = _brain(rng, head, level, u, xn, yn, theta, q, pixel, size)
+    hu[inside] = brain[inside]
+    masks = _draw_bleeds(hu, head, bleeds, slice_number, xn, yn, theta, q, inside, ventricles, sulci, pixel)
+    hu = _scanner_effects(rng, hu, head, inside, in_bone, size)
     return hu, masks
 
 

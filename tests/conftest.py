@@ -6,9 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import data, models, ... from the repo root
 
-import data  # noqa: E402
 import phantom  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
@@ -17,7 +15,6 @@ def phantom_dir(tmp_path_factory):
     the first hemorrhage patient, one truncated file of the first healthy patient). Shared: do not
     modify it; its index/slice caches go to <phantom_dir>/.ctpddpm_cache unless cache_dir is given."""
     return phantom.write_phantom(str(tmp_path_factory.mktemp("phantom")), patients=8, slices=6, size=64, seed=0)
-
 
 def edit_dicom(path, **changes):
     """Set header fields of a DICOM file in place; a value of None deletes the field."""

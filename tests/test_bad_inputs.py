@@ -21,7 +21,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 

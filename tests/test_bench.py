@@ -1,11 +1,9 @@
-"""bench.py end to end at a tiny size (schema, and the batched fp32 maps equal the naive ones), and
-the speed options of models.anomaly_maps that bench.py measures. No timing assertions."""
+"""bench.py end to end at a tiny size (schema, and the batched fp32 maps equal the naive ones). No timing
+assertions; the speed options themselves are tested in test_scoring.py."""
 import json
 
-import torch
 
 import bench
-import models
 
 
 def test_bench_tiny_run_writes_the_table(tmp_path):
@@ -45,42 +43,3 @@ def test_bench_modes_keeps_naive_and_the_default(tmp_path):
                 "--threads", "1", "--modes", "default", "--json", str(path)])
     report = json.loads(path.read_text())
     assert set(report["modes"]) == {"naive", report["default_mode"]}
-
-
-def _tiny_setup():
-    torch.manual_seed(0)
-    model = models.UNet(in_channels=1, base_channels=8).eval()
-    images = torch.rand(2, 1, 32, 32) * 2 - 1
-    return model, models.make_scheduler(), images
-
-
-def test_channels_last_scoring_leaves_the_weights_as_they_were():
-    model, scheduler, images = _tiny_setup()
-    before = models.anomaly_maps(model, images, scheduler, patch_size=8, stride=8, seeds=[1, 2])
-    after = models.anomaly_maps(model, images, scheduler, patch_size=8, stride=8, seeds=[1, 2], channels_last=True)
-    assert all(p.is_contiguous() for p in model.parameters())
-    assert torch.allclose(before, after, atol=1e-5)
-
-
-def test_packed_windows_are_apart_and_cover_every_window_once():
-    for size, patch, stride, gap in [(128, 32, 16, 16), (60, 16, 8, 8), (64, 16, 8, 0)]:
-        windows = [(k, top, left) for k, (top, left) in enumerate(models.window_grid(size, patch, stride))]
-        groups = models.pack_windows(windows, patch, stride, gap)
-        assert sorted(w for group in groups for w in group) == windows
-        for group in groups:
-            for a in group:
-                for b in group:
-                    assert a == b or max(abs(a[1] - b[1]), abs(a[2] - b[2])) >= patch + gap
-    grid = [(k, top, left) for k, (top, left) in enumerate(models.window_grid(128, 32, 16))]
-    assert len(models.pack_windows(grid, 32, 16, 16)) == 9  # every third window of every third row
-
-
-def test_packing_with_one_window_per_group_is_the_plain_map():
-    model, scheduler, images = _tiny_setup()
-    plain = models.anomaly_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5)
-    alone = models.anomaly_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5,
-                                pack_gap=1000)
-    packed = models.anomaly_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5,
-                                 pack_gap=4)
-    assert torch.allclose(plain, alone, atol=1e-5)
-    assert (packed > 0).all() and not torch.allclose(plain, packed, atol=1e-5)  # an approximation, not the same map

@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import evaluate
 import models
+import scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -109,29 +110,6 @@ def test_scan_bootstrap_groups_scans_by_patient():
     assert m["n_patients"] == 4 and m["n_scans"] == 6
 
 
-def test_smooth_along_scans_averages_scored_neighbours_of_the_same_scan_only():
-    # rows 0-3 are scan A, rows 4-6 scan B; row 2 was not scored (left out), row 4 borders scan A
-    positions = np.array([5, 0, 1, 3, 4, 6])  # any order
-    scans = np.array(["B", "A", "A", "A", "B", "B"])
-    scores = np.array([6.0, 0.0, 1.0, 3.0, 4.0, 8.0])
-    smoothed = evaluate.smooth_along_scans(positions, scans, scores, width=1)
-    by_row = dict(zip(positions.tolist(), smoothed.tolist()))
-    assert by_row[0] == pytest.approx(0.5)          # rows 0, 1
-    assert by_row[1] == pytest.approx(0.5)          # rows 0, 1 (row 2 not scored)
-    assert by_row[3] == pytest.approx(3.0)          # alone: row 2 missing, row 4 is scan B
-    assert by_row[4] == pytest.approx(5.0)          # rows 4, 5 (row 3 is scan A)
-    assert by_row[6] == pytest.approx(7.0)          # rows 5, 6
-    assert np.array_equal(evaluate.smooth_along_scans(positions, scans, scores, width=0), scores)
-    wide = dict(zip(positions.tolist(), evaluate.smooth_along_scans(positions, scans, scores, width=2).tolist()))
-    assert wide[1] == pytest.approx((0 + 1 + 3) / 3)  # rows 0, 1, 3 (two above: row 3)
-
-
-def test_smoothing_note_only_when_slices_are_sampled():
-    assert evaluate.smoothing_note(2, 50) and "--eval_samples all" in evaluate.smoothing_note(2, 50)
-    assert evaluate.smoothing_note(2, "all") is None
-    assert evaluate.smoothing_note(0, 50) is None
-
-
 def test_subtype_metrics_compare_one_subtype_with_all_healthy():
     labels = np.array([0, 0, 0, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.15])
@@ -159,9 +137,9 @@ def synthetic_pixels(seed, n=6, size=32):
 
 
 def accumulate(maps, brains, gts):
-    acc = evaluate.new_pixel_accumulator()
+    acc = scoring.new_pixel_accumulator()
     for m, b, g in zip(maps, brains, gts):
-        evaluate.accumulate_pixels(acc, m, b, g)
+        scoring.accumulate_pixels(acc, m, b, g)
     return acc
 
 
@@ -213,7 +191,7 @@ def test_dice_is_one_for_separable_maps():
 def fake_examples(size=32, with_gt=True):
     maps, brains, gts = synthetic_pixels(4, n=6, size=size)
     out = {}
-    for k, kind in enumerate(evaluate.EXAMPLE_KINDS):
+    for k, kind in enumerate(scoring.EXAMPLE_KINDS):
         out[kind] = [{"kind": kind, "position": 10 * k + j, "id": f"ID_{k}{j}", "label": int(kind != "false positive"),
                       "score": float(maps[2 * k + j].mean()), "image": np.where(brains[0], 0.2, -1.0).astype(np.float32),
                       "map": maps[2 * k + j].astype(np.float32), "brain_mask": brains[0],
@@ -230,64 +208,6 @@ def test_plots_write_pngs(tmp_path):
     evaluate.plot_overlays(tmp_path / "overlays_no_gt.png", fake_examples(with_gt=False))
     for name in ["scores.png", "one_class.png", "overlays.png", "overlays_no_gt.png"]:
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
-
-
-# ---- score_split on a tiny model ---------------------------------------------------------------
-
-class TinySlices(torch.utils.data.Dataset):
-    """Items shaped like data.SliceDataset's; bright discs stand in for bleeds."""
-
-    def __init__(self, n=10, size=32, seed=0):
-        rng = np.random.default_rng(seed)
-        yy, xx = np.mgrid[:size, :size]
-        self.brain = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
-        self.labels = np.arange(n) % 2
-        self.images = np.where(self.brain, 0.0, -1.0)[None].repeat(n, 0) + rng.normal(0, 0.05, (n, size, size))
-        self.gts = np.zeros((n, size, size), bool)
-        for i in np.flatnonzero(self.labels):
-            self.gts[i] = ((yy - 12 - i % 5) ** 2 + (xx - 14) ** 2) < 12
-            self.images[i][self.gts[i]] = 0.9
-        self.positions = np.arange(100, 100 + n)  # rows in a pretend index
-        self.patients = np.array([f"P{p // 3}" for p in self.positions])
-        self.scans = np.array([f"S{p // 3}" for p in self.positions])
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"image": torch.tensor(self.images[i][None], dtype=torch.float32), "mask": torch.from_numpy(self.brain.copy()),
-                "label": int(self.labels[i]), "position": int(self.positions[i])}
-
-
-def test_score_split_streams_scores_keeps_few_examples_and_pixels():
-    torch.manual_seed(0)
-    model = models.build_model({"kind": "scratch", "in_channels": 1, "base_channels": 8, "image_size": 32})
-    dataset = TinySlices()
-    settings = {"patch_size": 16, "stride": 8, "timesteps": [150], "eval_batch_size": 16, "median_size": 0, "score": "brain_mean"}
-    gt_of = {int(p): dataset.gts[i] for i, p in enumerate(dataset.positions)}
-    result = evaluate.score_split(model, dataset, models.make_scheduler(), settings, torch.device("cpu"), seed=1,
-                                  keep_examples=2, gt_masks_fn=lambda pos: gt_of[pos] if gt_of[pos].any() else None)
-    assert list(result["positions"]) == list(dataset.positions)
-    assert list(result["labels"]) == list(dataset.labels)
-    assert result["patients"][0] == "P33" and result["scans"][-1] == "S36" and set(result["scores"]) == set(evaluate.SCORES)
-    assert all(len(v) == 10 and np.isfinite(v).all() for v in result["scores"].values())
-    assert [len(result["examples"][k]) for k in evaluate.EXAMPLE_KINDS] == [2, 2, 2]
-    tp, miss = result["examples"]["true positive"], result["examples"]["miss"]
-    assert tp[0]["score"] >= tp[1]["score"] and miss[0]["score"] <= miss[1]["score"]
-    assert tp[0]["score"] == result["scores"]["brain_mean"][dataset.labels == 1].max()
-    assert miss[0]["score"] == result["scores"]["brain_mean"][dataset.labels == 1].min()
-    assert tp[0]["gt_mask"].any() and result["examples"]["false positive"][0]["gt_mask"].sum() == 0
-    pixel = result["pixel"]
-    assert pixel["slices"] == 10 and pixel["pos"].sum() == sum(g[dataset.brain].sum() for g in dataset.gts)
-
-    # Scores of a slice depend on (seed, position) only: a subset in another batch gives the same numbers.
-    subset = torch.utils.data.Subset(dataset, [7, 3])
-    subset.positions, subset.patients, subset.scans = (a[[7, 3]] for a in (dataset.positions, dataset.patients, dataset.scans))
-    again = evaluate.score_split(model, subset, models.make_scheduler(), settings | {"eval_batch_size": 5},
-                                 torch.device("cpu"), seed=1, keep_examples=0)
-    assert list(again["positions"]) == [103, 107] and again["pixel"] is None
-    for name, values in again["scores"].items():
-        np.testing.assert_allclose(values, result["scores"][name][[3, 7]], rtol=1e-5, atol=1e-7)
 
 
 # ---- compare.py --------------------------------------------------------------------------------
@@ -341,7 +261,7 @@ def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"split", "score", "counts", "slice", "scan", "subtype", "pixel", "settings"}
     assert metrics["split"] == "test" and metrics["score"] == "brain_mean"
-    assert set(metrics["slice"]) == set(evaluate.SCORES) and set(metrics["scan"]) == {"max", "top3"}
+    assert set(metrics["slice"]) == set(scoring.SCORES) and set(metrics["scan"]) == {"max", "top3"}
     assert set(metrics["subtype"]) == set(data.SUBTYPES)
     c = metrics["counts"]
     assert c["hemorrhage_slices"] > 0 and c["healthy_slices"] > 0 and c["slices"] == c["hemorrhage_slices"] + c["healthy_slices"]
@@ -353,7 +273,7 @@ def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0].split(",")[:4] == ["id", "patient", "scan", "any"] and "brain_p99" in rows[0]
     assert len(rows) == 1 + c["slices"]
-    for name in ["overlays.png"] + [f"scores_{s}.png" for s in evaluate.SCORES]:
+    for name in ["overlays.png"] + [f"scores_{s}.png" for s in scoring.SCORES]:
         assert (out / name).read_bytes()[:8] == PNG, name
     printed = capsys.readouterr().out
     assert "ROC-AUC" in printed and "scan (max" in printed and "pixel" in printed

@@ -61,8 +61,8 @@ def test_train_evaluate_compare(phantom_dir, tmp_path):
                 "--output_dir", str(tmp_path / "sw")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    # residual x t in {100, 300, 100+300} x median x score x smoothing {0, 1}
-    assert sweep["split"] == "val" and len(sweep["rows"]) == 2 * 3 * 2 * 3 * 2
+    # residual x t in {100, 300, 100+300} x median x score x smoothing {0, 1, 2} (the default grid)
+    assert sweep["split"] == "val" and len(sweep["rows"]) == 2 * 3 * 2 * 3 * 3
     assert {r["residual"] for r in sweep["rows"]} == {"abs", "positive"}
     assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| window/stride")
 
