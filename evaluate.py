@@ -69,8 +69,7 @@ def slice_metrics(labels, scores, patients, n_boot=1000, seed=0):
     rng = np.random.default_rng(seed)
     aucs, auprcs = [], []
     for _ in range(n_boot):
-        times_drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
-        weight = times_drawn[patient_codes]
+        weight = _bootstrap_weights(patient_codes, n_patients, rng)
         keep = weight > 0
         y, s, w = labels[keep], scores[keep], weight[keep]
         if y.min() == y.max():
@@ -86,13 +85,9 @@ def slice_metrics(labels, scores, patients, n_boot=1000, seed=0):
     return out
 
 
-def scan_metrics(scans, labels, scores, reduce="max", patients=None, n_boot=1000, seed=0):
+def scan_scores(scans, labels, scores, reduce="max", patients=None):
     """One score per scan (max, or mean of the top 3 slice scores), label = any bleed slice in the scan.
-
-    Only the slices given are used: with a per-class slice sample (--eval_samples N) a scan's label and
-    score come from its sampled slices; use --eval_samples all for the clinical question. The bootstrap
-    resamples patients (patients=None: each scan is its own patient).
-    """
+    -> (scan labels, scan scores, scan patients), scans in sorted order (patients=None: each scan its own patient)."""
     scans, labels, scores = np.asarray(scans), np.asarray(labels).astype(int), np.asarray(scores, np.float64)
     patients = scans if patients is None else np.asarray(patients)
     names, scan_of_slice = np.unique(scans, return_inverse=True)
@@ -102,17 +97,75 @@ def scan_metrics(scans, labels, scores, reduce="max", patients=None, n_boot=1000
     order = np.lexsort((-scores, scan_of_slice))  # by scan, then score descending
     starts = np.searchsorted(scan_of_slice[order], np.arange(len(names)))
     if reduce == "max":
-        scan_scores = scores[order][starts]
+        reduced = scores[order][starts]
     elif reduce == "top3":
         ends = np.append(starts[1:], len(order))
-        scan_scores = np.array([scores[order][a:min(b, a + 3)].mean() for a, b in zip(starts, ends)])
+        reduced = np.array([scores[order][a:min(b, a + 3)].mean() for a, b in zip(starts, ends)])
     else:
         raise ValueError(f"reduce must be 'max' or 'top3', got {reduce!r}")
-    scan_patients = patients[order][starts]
-    out = slice_metrics(scan_labels, scan_scores, scan_patients, n_boot=n_boot, seed=seed)
+    return scan_labels, reduced, patients[order][starts]
+
+
+def scan_metrics(scans, labels, scores, reduce="max", patients=None, n_boot=1000, seed=0):
+    """Scan-level slice_metrics on scan_scores ("does this head CT contain a bleed?").
+
+    Only the slices given are used: with a per-class slice sample (--eval_samples N) a scan's label and
+    score come from its sampled slices; use --eval_samples all for the clinical question. The bootstrap
+    resamples patients (patients=None: each scan is its own patient).
+    """
+    scan_labels, reduced, scan_patients = scan_scores(scans, labels, scores, reduce, patients)
+    out = slice_metrics(scan_labels, reduced, scan_patients, n_boot=n_boot, seed=seed)
     out["reduce"] = reduce
-    out["n_scans"] = len(names)
+    out["n_scans"] = len(scan_labels)
     return out
+
+
+def _bootstrap_weights(patient_codes, n_patients, rng):
+    """Sample weights of one patient-bootstrap sample: how often each slice's patient was drawn."""
+    return np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)[patient_codes]
+
+
+def paired_auc_difference(labels, scores_a, scores_b, patients, n_boot=1000, seed=0):
+    """ROC-AUC of scores_b minus that of scores_a on the same slices, with a 95 % CI from a bootstrap over
+    patients in which both are scored on the SAME resampled patients: the CI of the difference, much narrower
+    than either AUC's own CI, because both settings see the same hard and easy patients.
+
+    -> dict(delta, ci, excludes_zero (the CI lies wholly above or below 0), auc_a, auc_b, n_boot, n_boot_skipped).
+    Identical score vectors give delta 0 and the CI [0, 0]."""
+    labels, patients = np.asarray(labels).astype(int), np.asarray(patients)
+    scores_a, scores_b = np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)
+    if not len(labels) == len(scores_a) == len(scores_b) == len(patients):
+        raise ValueError("paired_auc_difference: labels, both score vectors and patients must be aligned")
+    out = {"delta": None, "ci": None, "excludes_zero": False, "auc_a": roc_auc(labels, scores_a),
+           "auc_b": roc_auc(labels, scores_b), "n_boot": n_boot, "n_boot_skipped": 0}
+    if out["auc_a"] is None:
+        return out
+    out["delta"] = out["auc_b"] - out["auc_a"]
+    patient_codes = np.unique(patients, return_inverse=True)[1].reshape(-1)
+    n_patients = int(patient_codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_boot):
+        weight = _bootstrap_weights(patient_codes, n_patients, rng)
+        keep = weight > 0
+        y, w = labels[keep], weight[keep]
+        if y.min() == y.max():
+            out["n_boot_skipped"] += 1
+            continue
+        deltas.append(roc_auc_score(y, scores_b[keep], sample_weight=w) - roc_auc_score(y, scores_a[keep], sample_weight=w))
+    if deltas:
+        low, high = np.percentile(deltas, [2.5, 97.5])
+        out["ci"] = [float(low), float(high)]
+        out["excludes_zero"] = bool(low > 0 or high < 0)
+    return out
+
+
+def paired_scan_auc_difference(scans, labels, scores_a, scores_b, patients, reduce="max", n_boot=1000, seed=0):
+    """paired_auc_difference at the scan level: each setting's slice scores reduced per scan (scan_scores),
+    scans resampled by patient, the same patients for both settings."""
+    scan_labels, a, scan_patients = scan_scores(scans, labels, scores_a, reduce, patients)
+    _, b, _ = scan_scores(scans, labels, scores_b, reduce, patients)
+    return paired_auc_difference(scan_labels, a, b, scan_patients, n_boot=n_boot, seed=seed)
 
 
 def subtype_metrics(subtype_labels, labels, scores, patients, n_boot=1000, seed=0):
@@ -151,7 +204,8 @@ def pixel_metrics(acc, threshold=None):
     out = {"pixel_roc_auc": None, "pixel_auprc": None, "pixel_auprc_chance": n_pos / max(n_pos + n_neg, 1),
            "dice": None, "dice_threshold": threshold, "oracle_best_dice": None, "oracle_threshold": None,
            "n_pixels_bleed": n_pos, "n_pixels_no_bleed": n_neg, "n_slices": int(acc["slices"]),
-           "positive_slices_without_mask": int(acc["positive_slices_without_mask"])}
+           "positive_slices_without_mask": int(acc["positive_slices_without_mask"]),
+           "unusable_masks": int(acc.get("unusable_masks", 0))}  # of those, slices whose mask did not fit (skipped)
     if n_pos == 0 or n_neg == 0:
         out["note"] = "pixel metrics need bleed and non-bleed pixels inside the brain mask"
         return out
@@ -264,7 +318,8 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a .pt written by train.py (best_model.pt, ...)")
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
     p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/eval_<split>")
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--split", default="test", choices=["val", "test", "all"],
+                   help="all: every patient of --data_dir, a data set the model never trained on (external test)")
     p.add_argument("--eval_samples", type=data.parse_eval_samples, default=None,
                    help="slices per class, or 'all' (default: the training run's value)")
     p.add_argument("--num_workers", type=int, default=None, help="default: the training run's value")
@@ -309,6 +364,55 @@ def make_output_dir(output_dir):
         raise SystemExit(f"error: {output_dir}: output dir is not writable")
 
 
+def training_patients(checkpoint, checkpoint_path, train_args):
+    """The patient ids of the run's training split: the lists the run saved (data.load_splits_record) where it has
+    them, otherwise the split recomputed from the run's data dir and seed (data.split_patients). None when neither
+    is at hand."""
+    record = data.load_splits_record(checkpoint, checkpoint_path)
+    if record is not None:
+        return set(map(str, record["patients"]["train"]))
+    train_dir = train_args.get("data_dir")
+    if not train_dir or not os.path.isdir(train_dir):
+        return None
+    index = data.load_index(train_dir, dataset=None if train_args.get("dataset", "auto") == "auto" else train_args["dataset"],
+                            cache_dir=train_args.get("cache_dir"), num_workers=train_args.get("num_workers", 0) or 1)
+    return set(map(str, data.split_patients(index, train_args.get("seed", data.DEFAULT_SEED))["train"]))
+
+
+def open_external(args, run, checkpoint, train_args):
+    """--split all: every patient of a data set the model never trained on, as one split "all". Refuses the run's
+    own data dir; patients whose ids are among the run's training patients are left out, loudly, and counted."""
+    if args.data_dir is None:
+        raise SystemExit("error: --split all needs --data_dir: a data set the model did not train on")
+    run["eval_samples"] = args.eval_samples or "all"
+    own = {train_args.get("data_dir"), (checkpoint.get("splits") or {}).get("data_dir")} - {None}  # the record's is absolute
+    if any(os.path.realpath(args.data_dir) == os.path.realpath(d) for d in own):
+        raise SystemExit(f"error: {args.data_dir}: this is the training run's own data dir; --split all is for data the "
+                         "model never saw (use --split val or test here)")
+    if not os.path.isdir(args.data_dir):
+        raise SystemExit(f"error: {args.data_dir}: data dir not found")
+    index = data.load_index(args.data_dir, num_workers=max(run["num_workers"], 1))
+    trained_on = training_patients(checkpoint, args.checkpoint, train_args)
+    overlap = sorted(set(map(str, index["patient"])) & trained_on) if trained_on is not None else []
+    if trained_on is None:
+        print(f"WARNING: the training data dir {train_args.get('data_dir')!r} is not at hand, so patient ids could not be "
+              "checked against the run's training patients")
+    elif overlap:
+        print(f"WARNING: {len(overlap)} patient(s) of {args.data_dir} have the id of a training patient of this run and are "
+              f"left out: {', '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''}")
+    rows = np.flatnonzero(~np.isin(index["patient"].astype(str), overlap)).astype(np.int64)
+    if args.eval_samples is not None and args.eval_samples != "all":
+        rng = np.random.default_rng([run["split_seed"], 3])
+        positive, negative = rows[index["any"][rows] == 1], rows[index["any"][rows] == 0]
+        rows = np.sort(np.concatenate([data._draw(rng, positive, args.eval_samples, "hemorrhage slices"),
+                                       data._draw(rng, negative, args.eval_samples, "healthy slices")]))
+    cache = data.prepare_slices(args.data_dir, index, rows, run["image_size"], run["channels"],
+                                num_workers=max(run["num_workers"], 1))
+    patients = {"all": np.unique(index["patient"][rows])}
+    return data.RunData(index, {"all": rows}, cache, patients), {"training_patients_left_out": len(overlap),
+                                                       "checked_against_training_patients": trained_on is not None}
+
+
 def score_run(model, run, settings, rd, split, device, keep_examples, rank, world):
     """Score the split; where the data set has bleed masks, also the val split when reporting test (the Dice
     threshold is chosen there). -> (result, val result or None)."""
@@ -316,9 +420,17 @@ def score_run(model, run, settings, rd, split, device, keep_examples, rank, worl
     if len(positions) == 0:
         raise SystemExit(f"error: {run['data_dir']}: the {split} split has no usable slices")
 
+    unusable_masks = {}  # position -> why: a mask that does not fit its slice is a counted skip
+
     def gt_masks_fn(position):
-        return data.load_gt_mask(run["data_dir"], rd.index["id"][position], run["image_size"])
-    # Pixel metrics only where the data set has bleed masks (the phantom); RSNA and this CT-ICH copy have none.
+        try:
+            return data.load_gt_mask(run["data_dir"], rd.index["id"][position], run["image_size"])
+        except data.BadFile as error:
+            if position not in unusable_masks and rank == 0:
+                print(f"skipped mask: {error}")
+            unusable_masks[position] = str(error)
+            return None
+    # Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none.
     has_masks = any(gt_masks_fn(p) is not None for p in positions[rd.index["any"][positions] == 1])
     common = dict(seed=run["seed"], autocast_dtype=models.autocast_dtype(run["precision"], device),
                   num_workers=run["num_workers"], rank=rank, world=world)
@@ -330,6 +442,8 @@ def score_run(model, run, settings, rd, split, device, keep_examples, rank, worl
     result = scoring.score_split(model, data.SliceDataset(rd.cache, rd.index, positions), scheduler, settings, device,
                                  keep_examples=keep_examples, gt_masks_fn=gt_masks_fn if has_masks else None, **common)
     result["skipped_slices"] = int(len(rd.splits[split]) - len(positions))
+    if result["pixel"] is not None:
+        result["pixel"]["unusable_masks"] = len(unusable_masks)
     if result["pixel"] is None or split != "test":  # every rank sees the gathered result: same decision
         return result, None
     val_positions = rd.cache.ok(rd.splits["val"], run["min_brain_fraction"])
@@ -357,8 +471,10 @@ def compute_metrics(result, val, index, split, settings, n_boot, seed):
     if result["pixel"] is not None:
         if split == "test":
             threshold, chosen_on = (choose_dice_threshold(val["pixel"]), "val") if val["pixel"] is not None else (None, None)
-        else:
+        elif split == "val":
             threshold, chosen_on = choose_dice_threshold(result["pixel"]), "val (the reported split itself: equals the oracle)"
+        else:  # an external set has no validation split of its own: Dice at a threshold is not reported
+            threshold, chosen_on = None, "none (external set: see the oracle Dice, labelled as such)"
         metrics["pixel"] = pixel_metrics(result["pixel"], threshold) | {"dice_threshold_chosen_on": chosen_on}
     return metrics
 
@@ -406,7 +522,8 @@ def print_table(metrics, n_boot):
         m = metrics["pixel"]
         dice = "n/a" if m["dice"] is None else f"{m['dice']:.3f} (threshold {m['dice_threshold']:.4g} from {m['dice_threshold_chosen_on']})"
         print(f"pixel (inside brain mask): AUPRC {m['pixel_auprc']:.3f}, ROC-AUC {m['pixel_roc_auc']:.3f}, "
-              f"Dice {dice}, oracle best Dice {m['oracle_best_dice']:.3f}")
+              f"Dice {dice}, oracle best Dice {m['oracle_best_dice']:.3f}; {m['positive_slices_without_mask']} hemorrhage "
+              f"slice(s) without a usable mask left out ({m['unusable_masks']} of them: mask did not fit the slice)")
 
 
 def main(argv=None):
@@ -421,17 +538,21 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}")
     if rank == 0:
         make_output_dir(output_dir)
-    # the same patient-level splits as training (the training seed); Dice on test needs a threshold chosen on val
-    rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
-                            split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
-                            decode=("val", "test") if args.split == "test" else ("val",), dataset=run["dataset"],
-                            cache_dir=run["cache_dir"], num_workers=run["num_workers"], rank=rank, world=world)
+    external = {}
+    if args.split == "all":  # an external set: every patient, none of the run's splits
+        rd, external = data.in_turn(lambda: open_external(args, run, checkpoint, checkpoint.get("args") or {}), rank, world)
+    else:  # the same patient-level splits as training (the training seed); Dice on test needs a threshold chosen on val
+        rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
+                                split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
+                                decode=("val", "test") if args.split == "test" else ("val",), dataset=run["dataset"],
+                                cache_dir=run["cache_dir"], num_workers=run["num_workers"], rank=rank, world=world)
     result, val = score_run(model, run, settings, rd, args.split, device, args.keep_examples, rank, world)
     models.teardown_distributed(world)
     if rank != 0:
         return
     metrics = {"checkpoint": os.path.abspath(args.checkpoint)} | compute_metrics(
         result, val, rd.index, args.split, settings, args.n_boot, run["seed"]) | {"settings": run | settings.as_dict()}
+    metrics["counts"] |= external
     write_results(output_dir, metrics, result, rd.index, args.split, settings)
     print_table(metrics, args.n_boot)
     print(f"* = the run's score '{settings.score}'. wrote {output_dir}/metrics.json, scores.csv, scores_*.png, overlays.png")

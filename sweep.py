@@ -95,22 +95,54 @@ def score_rows(val, maps, masks, setting, t_name, args):
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
-                             "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"]})
+                             "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"], "values": values})
     return rows
+
+
+def is_default(row, default):
+    """Whether a table row is the scoring default (scoring.DEFAULTS at this image size)."""
+    return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"]) == (
+        default.patch_size, default.stride, default.residual, "+".join(map(str, default.eval_t)), default.median_size,
+        default.score, default.smooth_slices)
+
+
+def add_paired_differences(val, rows, baseline, n_boot):
+    """Each row's slice and scan ROC-AUC minus the default's, with paired patient-bootstrap 95 % CIs (the same
+    resampled patients for both), so that a difference can be told from noise; drops the score vectors."""
+    for row in rows:
+        values = row.pop("values")
+        d = evaluate.paired_auc_difference(val.labels, baseline, values, val.patients, n_boot=n_boot, seed=0)
+        s = evaluate.paired_scan_auc_difference(val.scans, val.labels, baseline, values, val.patients, n_boot=n_boot, seed=0)
+        row.update({"delta_roc_auc": d["delta"], "delta_roc_auc_ci": d["ci"], "delta_excludes_zero": d["excludes_zero"],
+                    "delta_scan_roc_auc": s["delta"], "delta_scan_roc_auc_ci": s["ci"],
+                    "delta_scan_excludes_zero": s["excludes_zero"]})
+
+
+def format_delta(row, key, mark_key):
+    if row.get(key) is None:
+        return "n/a"
+    ci = row[key + "_ci"]
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    return f"{row[key]:+.3f}{interval}{' *' if row[mark_key] else ''}"
 
 
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     with open(os.path.join(output_dir, "sweep.json"), "w") as f:
         json.dump(header | {"rows": rows}, f, indent=2)
-    lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | AUPRC | scan ROC-AUC (max) [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
+             "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci, sci = r["roc_auc_ci"], r["scan_roc_auc_ci"]
         scan = "n/a" if r["scan_roc_auc"] is None else f"{r['scan_roc_auc']:.3f} [{sci[0]:.3f}, {sci[1]:.3f}]"
         lines.append(f"| {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
                      f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
-                     f"{r['roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['auprc']:.3f} | {scan} |")
+                     f"{r['roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
+                     f"{r['auprc']:.3f} | {scan} | {format_delta(r, 'delta_scan_roc_auc', 'delta_scan_excludes_zero')} |")
+    lines.append("")
+    lines.append("Δ: this row's ROC-AUC minus the default setting's (scoring.DEFAULTS) on the same slices; * = the paired "
+                 "patient-bootstrap 95 % CI excludes 0.")
     with open(os.path.join(output_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:12]))
@@ -149,6 +181,15 @@ def main(argv=None):
             maps_by_t["+".join(map(str, args.multi_t))] = torch.stack([maps_by_t[str(t)] for t in args.multi_t]).mean(0)
         for t_name, maps in maps_by_t.items():
             rows += score_rows(val, maps, masks, setting, t_name, args)
+    default = dataclasses.replace(D.for_image(config["image_size"]), skip_outside_mask=args.skip_outside_mask)
+    baseline = [r["values"] for r in rows if is_default(r, default)]
+    if not baseline:  # the grid does not hold the default: score it once more
+        maps = maps_of(model, images, masks, val.positions, default, seed, device, amp)
+        baseline = [r["values"] for r in score_rows(val, maps, masks, default, "+".join(map(str, default.eval_t)),
+                                                   argparse.Namespace(**vars(args) | {"median_sizes": [default.median_size],
+                                                                                        "smooth_slices": [default.smooth_slices]}))
+                    if r["score"] == default.score]
+    add_paired_differences(val, rows, baseline[0], args.n_boot)
     write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(val),
                                    "hemorrhage_slices": int(val.labels.sum()), "patients": int(len(np.unique(val.patients)))})
 

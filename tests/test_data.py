@@ -487,6 +487,34 @@ def test_ctich_reader(tmp_path, capsys):
         data.load_index(root, cache_dir=str(tmp_path / "other"))
 
 
+def write_ctich_with_masks(root):
+    """write_ctich with three hemorrhage slices: 051/2 with a good *_HGE_Seg.jpg mask, 050/2 without one, 052/1
+    with a mask of the wrong size. -> the CSV rows."""
+    rows = write_ctich(root)
+    rows = [r.replace("50,2,0,0,0,0,0,1,0", "50,2,0,0,0,1,0,0,0").replace("52,1,0,0,0,0,0,1,0", "52,1,0,0,0,1,0,0,0") for r in rows]
+    with open(os.path.join(root, "hemorrhage_diagnosis.csv"), "w", encoding="utf-8-sig", newline="") as f:
+        f.write("\r\n".join(rows) + "\r\n")
+    _, radius = head_hu(64)
+    brain = os.path.join(root, "Patients_CT", "{}", "brain", "{}_HGE_Seg.jpg")
+    Image.fromarray(np.where(radius < 6, 255, 0).astype(np.uint8)).save(brain.format("051", 2), quality=90)
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(brain.format("052", 1))
+    return rows
+
+
+def test_ctich_bleed_masks_read_when_present(tmp_path):
+    root = str(tmp_path / "ctich")
+    write_ctich_with_masks(root)
+    index = data.load_index(root, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    assert not any("HGE" in str(p) for p in index["path"]) and len(index["id"]) == 8  # masks are not slices
+    mask = data.load_gt_mask(root, "ctich_051_2", 32)
+    _, radius = head_hu(32)
+    assert mask.shape == (32, 32) and mask.dtype == bool
+    assert mask[radius < 2].all() and not mask[radius > 9].any()  # JPEG ringing is cut at mid-grey
+    assert data.load_gt_mask(root, "ctich_050_2", 32) is None  # no mask file: None, as for the phantom
+    with pytest.raises(data.BadFile, match=r"052/brain/1_HGE_Seg.jpg: mask of 40x64 pixels, its slice is 64x64"):
+        data.load_gt_mask(root, "ctich_052_1", 32)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 

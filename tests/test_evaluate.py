@@ -110,6 +110,38 @@ def test_scan_bootstrap_groups_scans_by_patient():
     assert m["n_patients"] == 4 and m["n_scans"] == 6
 
 
+def test_paired_difference_of_identical_scores_is_zero_with_zero_width_ci():
+    rng = np.random.default_rng(1)
+    labels, patients = rng.integers(0, 2, 200), np.arange(200) // 10
+    scores = rng.random(200) + labels * 0.3
+    d = evaluate.paired_auc_difference(labels, scores, scores.copy(), patients, n_boot=200)
+    assert d["delta"] == 0 and d["ci"] == [0, 0] and not d["excludes_zero"]
+    scans = np.arange(200) // 5  # 4 scans per patient, every other one healthy
+    labels = np.where(scans % 2 == 0, 0, labels)
+    d = evaluate.paired_scan_auc_difference(scans, labels, scores, scores.copy(), patients, n_boot=200)
+    assert d["delta"] == 0 and d["ci"] == [0, 0]
+
+
+def test_paired_difference_of_a_clearly_better_score_lies_above_zero():
+    rng = np.random.default_rng(2)
+    labels, patients = np.tile([0, 1], 150), np.arange(300) // 10  # 30 patients, both classes each
+    weak = rng.random(300) + 0.2 * labels
+    strong = weak + 0.8 * labels  # same noise (paired), far more separation
+    d = evaluate.paired_auc_difference(labels, weak, strong, patients, n_boot=300)
+    assert d["delta"] > 0.2 and d["ci"][0] > 0 and d["excludes_zero"]
+    assert d["delta"] == pytest.approx(d["auc_b"] - d["auc_a"])
+    # swapped: the same difference, negative, CI below 0
+    r = evaluate.paired_auc_difference(labels, strong, weak, patients, n_boot=300)
+    assert r["delta"] == pytest.approx(-d["delta"]) and r["ci"][1] < 0 and r["excludes_zero"]
+    # the paired CI is narrower than the unpaired CI of either AUC
+    single = evaluate.slice_metrics(labels, weak, patients, n_boot=300)
+    assert d["ci"][1] - d["ci"][0] < single["roc_auc_ci"][1] - single["roc_auc_ci"][0] + 0.05
+    # healthy slices in scans of their own, so that half the scans have no bleed
+    scans = np.where(labels == 0, 1000 + np.arange(300) // 6, np.arange(300) // 6)
+    s = evaluate.paired_scan_auc_difference(scans, labels, weak, strong, patients, n_boot=300)
+    assert s["delta"] > 0 and s["ci"][0] > 0
+
+
 def test_subtype_metrics_compare_one_subtype_with_all_healthy():
     labels = np.array([0, 0, 0, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.15])
@@ -282,6 +314,50 @@ def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
     evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "0", "--seed", "7", "--output_dir", str(tmp_path / "other_seed")])
     ids = lambda d: sorted(r.split(",")[0] for r in (d / "scores.csv").read_text().splitlines()[1:])
     assert ids(tmp_path / "other_seed") == ids(out)
+
+
+def test_split_all_scores_every_patient_of_another_data_set(phantom_dir, tmp_path, capsys):
+    import shutil
+    import data
+    import phantom
+    (tmp_path / "run").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
+    other = phantom.write_phantom(str(tmp_path / "other"), patients=4, slices=4, size=32, seed=5)
+    evaluate.main(["--checkpoint", str(ckpt), "--split", "all", "--data_dir", other, "--n_boot", "20",
+                   "--output_dir", str(tmp_path / "ext")])
+    metrics = json.loads((tmp_path / "ext" / "metrics.json").read_text())
+    assert metrics["split"] == "all" and metrics["counts"]["patients"] == 4 and metrics["counts"]["slices"] >= 15
+    assert metrics["counts"]["training_patients_left_out"] == 0 and metrics["counts"]["checked_against_training_patients"]
+    assert metrics["pixel"]["dice"] is None and metrics["pixel"]["oracle_best_dice"] is not None  # no val split there
+    assert (tmp_path / "ext" / "overlays.png").read_bytes()[:8] == PNG
+    # the run's own data dir is refused; a copy of it holds the training patients, which are left out and counted
+    with pytest.raises(SystemExit, match="training run's own data dir"):
+        evaluate.main(["--checkpoint", str(ckpt), "--split", "all", "--data_dir", phantom_dir])
+    copy = shutil.copytree(phantom_dir, tmp_path / "copy", ignore=shutil.ignore_patterns(".ctpddpm_cache"))
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(ckpt), "--split", "all", "--data_dir", str(copy), "--n_boot", "0",
+                   "--output_dir", str(tmp_path / "copy_eval")])
+    train = data.split_patients(data.load_index(phantom_dir, num_workers=1), seed=1)["train"]
+    assert f"WARNING: {len(train)} patient(s)" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "copy_eval" / "metrics.json").read_text())
+    assert metrics["counts"]["training_patients_left_out"] == len(train) > 0
+    scored = {r.split(",")[1] for r in (tmp_path / "copy_eval" / "scores.csv").read_text().splitlines()[1:]}
+    assert scored and not scored & set(map(str, train))
+
+
+def test_split_all_on_ctich_reads_its_masks_and_counts_the_unusable(phantom_dir, tmp_path, capsys):
+    from test_data import write_ctich_with_masks
+    (tmp_path / "run").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
+    root = str(tmp_path / "ctich")
+    write_ctich_with_masks(root)
+    evaluate.main(["--checkpoint", str(ckpt), "--split", "all", "--data_dir", root, "--n_boot", "0",
+                   "--output_dir", str(tmp_path / "ev")])
+    pixel = json.loads((tmp_path / "ev" / "metrics.json").read_text())["pixel"]
+    # one usable mask; the slice without a mask and the one whose mask has the wrong size stay out, counted
+    assert pixel["n_pixels_bleed"] > 0 and pixel["positive_slices_without_mask"] == 2 and pixel["unusable_masks"] == 1
+    assert pixel["n_slices"] == 6 and pixel["pixel_roc_auc"] is not None
+    assert "skipped mask:" in capsys.readouterr().out
 
 
 def test_main_user_errors_are_one_line(tmp_path):
