@@ -370,7 +370,8 @@ def decoder_problem(ds):
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        return f"unsupported transfer syntax {syntax.name} ({syntax}): pydicom has no decoder for it"
+        named = f"{syntax.name} ({syntax})" if syntax.name != str(syntax) else str(syntax)
+        return f"unsupported transfer syntax {named}: pydicom has no decoder for it"
     if decoder.is_available:
         return None
     install = DECODER_PACKAGES.get(syntax, f"{JPEG_PACKAGES} pylibjpeg-openjpeg")
@@ -653,6 +654,18 @@ def make_input(hu_or_img, channels, image_size):
     else:
         stack = [window(hu_or_img, *WINDOWS[name]) for name in names]
     return np.clip(_square_resize(np.stack(stack), image_size, -1.0, "bilinear"), -1, 1)
+
+
+def to_slice_shape(image, shape):
+    """The inverse of make_input's square padding and resize for a 2-D map [S, S] (e.g. an anomaly map): back onto
+    its slice's own [H, W] pixels (bilinear), so that it lies on the slice it was computed from."""
+    h, w = shape
+    side = max(h, w)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    if side != tensor.shape[-1]:
+        tensor = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False)
+    top, left = (side - h) // 2, (side - w) // 2
+    return tensor[0, 0, top:top + h, left:left + w].numpy()
 
 
 def resize_mask(mask, image_size):

@@ -263,18 +263,20 @@ def plot_scores(path, labels, scores, title):
     ax_roc.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    data.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
-def plot_overlays(path, examples, title="Error maps over the brain window", residual="abs"):
+def plot_overlays(path, examples, title="Error maps over the brain window", residual="abs", legend=None):
     """One row per kind (true positive / false positive / miss): error heat-map over the input slice.
 
     examples: {kind: [dict(image, map, brain_mask, gt_mask or None, score, and "id" or "position")]}
-    (score_split's "examples"). One colour scale for all panels, so colours compare across slices.
+    (score_split's "examples"; other kinds, e.g. predict.py's unlabelled slices, come after those, with their own
+    `legend`). One colour scale for all panels, so colours compare across slices.
     """
     plt = pyplot()
-    rows = [(kind, examples.get(kind, [])) for kind in scoring.EXAMPLE_KINDS if examples.get(kind)]
+    kinds = [*scoring.EXAMPLE_KINDS, *[kind for kind in examples if kind not in scoring.EXAMPLE_KINDS]]
+    rows = [(kind, examples.get(kind, [])) for kind in kinds if examples.get(kind)]
     if not rows:
         return
     n_cols = max(len(exs) for _, exs in rows)
@@ -301,11 +303,11 @@ def plot_overlays(path, examples, title="Error maps over the brain window", resi
             name = ex.get("id", f"row {ex['position']}")
             ax.set_title(f"{kind}\n{name}  score {ex['score']:.4g}", fontsize=7)
     fig.colorbar(heat, ax=axes, shrink=0.6, aspect=30).set_label(scoring.RESIDUAL_LABELS[residual], fontsize=8)
-    fig.suptitle(f"{title}\n"
-                 "true positive = highest-scoring hemorrhage slices; false positive = highest-scoring healthy slices;\n"
-                 "miss = lowest-scoring hemorrhage slices. Cyan outline = ground-truth bleed (where known), "
-                 "dashed white = brain mask", fontsize=8)
-    fig.savefig(path, dpi=90)
+    legend = legend or ("true positive = highest-scoring hemorrhage slices; false positive = highest-scoring healthy "
+                        "slices;\nmiss = lowest-scoring hemorrhage slices. Cyan outline = ground-truth bleed (where known), "
+                        "dashed white = brain mask")
+    fig.suptitle(f"{title}\n{legend}", fontsize=8)
+    data.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 

@@ -35,7 +35,8 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default=None,
                    help="RSNA folder (stage_2_train/ + stage_2_train.csv), CT-ICH folder, or a phantom from `python phantom.py`")
-    g.add_argument("--dataset", default="auto", choices=["auto", "rsna", "ctich"])
+    g.add_argument("--dataset", default="auto", choices=["auto", *data.DATASETS],
+                   help="the layout of --data_dir (auto: detected; nifti = CT volumes + masks, see README)")
     g.add_argument("--cache_dir", default=None, help="slice/index cache (default: next to the data, or ~/.cache/ct-pddpm)")
     g.add_argument("--output_dir", default="./checkpoints")
     g.add_argument("--num_samples", type=int, default=data.DEFAULT_NUM_SAMPLES, help="healthy training slices")

@@ -1,0 +1,334 @@
+"""Score new, unlabelled head CT with a trained checkpoint: slice and scan scores, overlays, the anomaly maps.
+
+    python predict.py --checkpoint runs/scratch/best_model.pt --data_dir new_scans/ --output_dir predictions/
+
+--data_dir holds DICOM files (any names, any folder depth, compressed or not, with or without the preamble;
+grouped into scans by SeriesInstanceUID and ordered by slice position) and/or NIfTI volumes (*.nii, *.nii.gz: one
+volume is one scan; where the folder has a NIfTI layout with masks, only its CT folder is read). No labels are read.
+Each slice is scored as evaluate.py scores it: scoring.score_slices with the training run's scoring settings (or
+the flags given here), slice scores smoothed along the scan (--smooth_slices), and slices with less brain than the
+run's --min_brain_fraction left unscored. A scan's score is the max of its slice scores, as evaluate.py's scan
+metric. Scores are relative: compare them between scans scored by the same checkpoint.
+
+Writes into --output_dir (refused if it holds files, unless --overwrite):
+  slices.csv            one row per slice: scan, slice (0 = lowest), z (mm), source, brain fraction, every score
+  scans.csv             one row per scan, highest score first: scan, slices, score, top slice, source
+  overlays/<scan>.png   the scan's --top highest-scoring slices, the anomaly map over the brain window
+  maps/<scan>.nii.gz    NIfTI input: the anomaly map, float32, with the input's shape and affine (opens on the CT in
+                        any NIfTI viewer)
+  maps/<scan>.npy       DICOM input: the anomaly maps, float32 [slices, rows, columns] on each slice's own pixels,
+                        in slices.csv order (lowest slice first)
+The maps are the ones the slice scores saw (median-filtered with --median_size), 0 where a slice was not scored.
+"""
+import argparse
+import csv
+import functools
+import gzip
+import io
+import os
+import re
+import time
+import warnings
+
+import nibabel
+import numpy as np
+import torch
+
+import data
+import evaluate
+import models
+import scoring
+
+NOT_DICOM = (".csv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".npy", ".npz", ".pt", ".zip", ".gz", ".xml", ".html")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a .pt written by train.py (best_model.pt, ...)")
+    p.add_argument("--data_dir", required=True, help="DICOM series and/or NIfTI volumes, no labels needed")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="write into an --output_dir that already holds files")
+    p.add_argument("--top", type=int, default=4, help="highest-scoring slices shown per scan in overlays/")
+    p.add_argument("--num_workers", type=int, default=data.DEFAULT_WORKERS, help="processes reading DICOM headers and slices")
+    p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
+    p.add_argument("--min_brain_fraction", type=float, default=None,
+                   help="leave slices with less intracranial area unscored (default: the training run's value)")
+    models.add_device_flags(p, from_checkpoint=True)
+    scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
+    args = p.parse_args(argv)
+    if args.top < 0:
+        raise SystemExit(f"error: --top {args.top}: must be 0 or more")
+    return args
+
+
+def resolve_run(args, train_args, config):
+    """(how to read and score, scoring settings): flags given here win, the rest is the training run's, as in
+    evaluate.py (scoring.ScoringSettings.resolve)."""
+    def pick(name, fallback):
+        value = getattr(args, name)
+        return value if value is not None else train_args.get(name, fallback)
+    run = {"image_size": config["image_size"], "channels": config["in_channels"], "num_workers": args.num_workers,
+           "seed": pick("seed", data.DEFAULT_SEED), "precision": pick("precision", "auto"),
+           "min_brain_fraction": pick("min_brain_fraction", 0.0)}
+    settings, missing = scoring.ScoringSettings.resolve(train_args, args)
+    if missing:
+        print(f"note: {args.checkpoint} does not record {', '.join(missing)}; using today's defaults")
+    return run, settings.for_image(run["image_size"])
+
+
+def check_output_dir(args):
+    """Refuse to mix this run's files with an earlier one's, unless --overwrite."""
+    if os.path.isfile(args.output_dir):
+        raise SystemExit(f"error: {args.output_dir}: output dir is a file")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise SystemExit(f"error: {args.output_dir}: output dir is not empty; use --overwrite to replace its files")
+    for folder in (args.output_dir, os.path.join(args.output_dir, "maps"), os.path.join(args.output_dir, "overlays")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise SystemExit(f"error: {folder}: cannot create output dir ({error.strerror})")
+
+
+# ---------------------------------------------------------------------------------------------
+# finding the scans
+
+def find_files(data_dir):
+    """(NIfTI volume paths, other file paths) under data_dir, sorted; hidden files and folders (the caches) are left
+    out, and in a NIfTI layout with masks only the CT folder is read."""
+    layout = data.nifti_folders(data_dir)
+    if layout:
+        folder = os.path.join(data_dir, layout[0])
+        return sorted(os.path.join(folder, name) for name in os.listdir(folder) if data.is_nifti(name)), []
+    volumes, others = [], []
+    for root, folders, names in os.walk(data_dir):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            if data.is_nifti(name):
+                volumes.append(path)
+            elif not name.lower().endswith(NOT_DICOM):
+                others.append(path)
+    return sorted(volumes), sorted(others)
+
+
+def dicom_series(paths, num_workers):
+    """{series UID: [(z, file path)] ordered by slice position} from the headers of the DICOM files among `paths`;
+    files that are no usable CT slice are counted. -> (series, skips)."""
+    found, skips = {}, []
+    for path, (ok, result) in zip(paths, data.parallel_map(data.read_header, paths, num_workers, "headers")):
+        if ok:
+            _, _, series, z = result
+            found.setdefault(series, []).append((z, path))
+        else:
+            skips.append((path, result))
+    return {series: sorted(files) for series, files in found.items()}, skips
+
+
+def scan_name(text, used):
+    """A file-name-safe, unique name for a scan's outputs."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "scan"
+    unique, n = name, 1
+    while unique in used:
+        n += 1
+        unique = f"{name}_{n}"
+    used.add(unique)
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding and scoring one scan
+
+def decode_dicom(path, channels, image_size):
+    """(model input, brain mask, the slice's own [H, W]) of one DICOM slice, as the slice cache has it."""
+    with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
+        warnings.simplefilter("ignore")
+        hu = data.hu_from_dicom(path)
+    return (*data.input_and_brain_mask(hu, channels, image_size), hu.shape)
+
+
+def decode_scan(scan, run, num_workers):
+    """[(source, z, (input, brain mask, [H, W]) or a BadFile reason)] for the slices of one scan, lowest first."""
+    if scan["kind"] == "nifti":
+        image, hu = data.load_nifti(scan["path"])  # BadFile: the caller counts the whole volume
+        slices, z = data.axial_slices(hu, image.affine)
+        out = []
+        for k, (one, height) in enumerate(zip(slices, z)):
+            try:
+                data.check_plausible_hu(one, True)
+                out.append((f"{os.path.basename(scan['path'])}#{k}", float(height),
+                            (*data.input_and_brain_mask(one, run["channels"], run["image_size"]), one.shape)))
+            except data.BadFile as error:
+                out.append((f"{os.path.basename(scan['path'])}#{k}", float(height), str(error)))
+        return out
+    decode = functools.partial(decode_dicom, channels=run["channels"], image_size=run["image_size"])
+    paths = [path for _, path in scan["files"]]
+    results = data.parallel_map(decode, paths, num_workers, "decode")
+    return [(path, z, result) for (z, path), (ok, result) in zip(scan["files"], results)]
+
+
+def score_scan(model, inputs, positions, settings, run, device):
+    """(median-filtered maps float32 [N, S, S], {score name: float64 [N]} smoothed along the scan) of a scan's
+    decoded slices; batches as scoring.split_loader makes them."""
+    passes = scoring.passes_per_slice(settings, run["image_size"])
+    batch = max(8, -(-4 * settings.eval_batch_size // passes))
+    scheduler, amp = models.make_scheduler(), models.autocast_dtype(run["precision"], device)
+    maps, scores = [], {}
+    for start in range(0, len(inputs), batch):
+        chunk = inputs[start:start + batch]
+        images = torch.from_numpy(np.stack([image for image, _ in chunk]).astype(np.float32)).to(device)
+        masks = torch.from_numpy(np.stack([mask for _, mask in chunk]) > 0).to(device)
+        batch_maps, batch_scores = scoring.score_slices(model, images, masks, positions[start:start + batch], scheduler,
+                                                        settings, run["seed"], amp)
+        maps += [scoring.median_filtered(m, settings.median_size) for m in batch_maps.cpu().numpy()]
+        for name, values in batch_scores.items():
+            scores.setdefault(name, []).append(values)
+    same_scan = np.zeros(len(positions), np.int64)
+    scores = {name: scoring.smooth_along_scans(positions, same_scan, np.concatenate(v), settings.smooth_slices)
+              for name, v in scores.items()}
+    return np.array(maps, np.float32), scores
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def write_csv(path, header, rows):
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    data.write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def save_maps(path_stem, scan, slice_maps):
+    """The scan's maps: a NIfTI volume on the input's voxels (NIfTI input) or a .npy [slices, H, W] (DICOM)."""
+    if scan["kind"] == "nifti":
+        image = nibabel.load(scan["path"])
+        volume = data.nifti_volume(np.stack(slice_maps), image.affine)
+        out = nibabel.Nifti1Image(volume.reshape(image.shape[:3]).astype(np.float32), image.affine)
+        out.set_data_dtype(np.float32)
+        data.write_atomically(path_stem + ".nii.gz", lambda f: f.write(gzip.compress(out.to_bytes(), compresslevel=6)))
+        return path_stem + ".nii.gz"
+    shapes = {m.shape for m in slice_maps}
+    stacked = np.stack(slice_maps) if len(shapes) == 1 else np.array(slice_maps, dtype=object)
+    data.write_atomically(path_stem + ".npy", lambda f: np.save(f, stacked, allow_pickle=len(shapes) > 1))
+    return path_stem + ".npy"
+
+
+def overlay(path, scan, rows, top, settings):
+    """The scan's `top` highest-scoring slices with their maps (evaluate.plot_overlays)."""
+    ranked = sorted(rows, key=lambda row: -row["score"])[:top]
+    if not ranked:
+        return
+    examples = {"highest-scoring": [{"image": row["input"][0], "map": row["map"], "brain_mask": row["brain"] > 0,
+                                     "gt_mask": None, "score": row["score"], "id": f"slice {row['slice']}", "position": row["slice"]}
+                                    for row in ranked]}
+    evaluate.plot_overlays(path, examples, title=f"{scan['name']}: scan score {ranked[0]['score']:.4g} ({settings.score})",
+                           residual=settings.residual,
+                           legend="the scan's highest-scoring slices (no labels: a high score is a place to look, not a "
+                                  "finding); dashed white = brain mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# one scan, all scans
+
+def predict_scan(model, scan, offset, run, settings, device, num_workers):
+    """Decode and score one scan. -> (slice rows, the full-size maps in slice order). A slice row: slice, z, source,
+    brain fraction, scores (None when not scored), note, and for scored slices the input / map / brain mask that the
+    overlays show. Noise seeds come from `offset` + slice number, so each slice of a run has its own."""
+    decoded = decode_scan(scan, run, num_workers)
+    rows, scored = [], []
+    for k, (source, z, result) in enumerate(decoded):
+        row = {"slice": k, "z": z, "source": source, "brain_fraction": None, "scores": None, "note": ""}
+        if isinstance(result, str):
+            row["note"] = result
+        else:
+            row["input"], row["brain"], row["shape"] = result
+            row["brain_fraction"] = float(np.mean(row["brain"] > 0))
+            if row["brain_fraction"] >= run["min_brain_fraction"]:
+                scored.append(row)
+            else:
+                row["note"] = f"not scored: brain fraction under {run['min_brain_fraction']}"
+        rows.append(row)
+    if scored:
+        maps, scores = score_scan(model, [(row["input"], row["brain"]) for row in scored],
+                                  [offset + row["slice"] for row in scored], settings, run, device)
+        for i, row in enumerate(scored):
+            row["map"], row["scores"] = maps[i], {name: float(values[i]) for name, values in scores.items()}
+            row["score"] = row["scores"][settings.score]
+    common = next((row["shape"] for row in rows if "shape" in row), (1, 1))
+    full = [data.to_slice_shape(row["map"], row["shape"]) if "map" in row else np.zeros(row.get("shape", common), np.float32)
+            for row in rows]
+    return rows, full
+
+
+def predict(model, args, run, settings, device):
+    """Every scan under --data_dir -> slices.csv, scans.csv, overlays/, maps/. -> the scan rows."""
+    volumes, others = find_files(args.data_dir)
+    series, skips = dicom_series(others, run["num_workers"]) if others else ({}, [])
+    used = set()
+    scans = [{"kind": "nifti", "path": path, "name": scan_name(data.nifti_name(os.path.basename(path)), used)}
+             for path in volumes]
+    scans += [{"kind": "dicom", "files": files, "name": scan_name(uid, used)} for uid, files in sorted(series.items())]
+    if not scans:
+        raise SystemExit(data.nothing_usable(args.data_dir, skips) if skips else
+                         f"error: {args.data_dir}: no DICOM or NIfTI files found")
+    slice_rows, scan_rows, offset = [], [], 0
+    for scan in scans:
+        try:
+            rows, full = predict_scan(model, scan, offset, run, settings, device, run["num_workers"])
+        except data.BadFile as error:  # a NIfTI volume that cannot be read at all
+            skips.append((scan["path"], str(error)))
+            continue
+        offset += len(rows)
+        maps = save_maps(os.path.join(args.output_dir, "maps", scan["name"]), scan, full)
+        overlay(os.path.join(args.output_dir, "overlays", f"{scan['name']}.png"), scan,
+                [row for row in rows if row["scores"]], args.top, settings)
+        scored = [row for row in rows if row["scores"]]
+        top = max(scored, key=lambda row: row["score"]) if scored else None
+        source = scan["path"] if scan["kind"] == "nifti" else os.path.dirname(scan["files"][0][1])
+        scan_rows.append([scan["name"], scan["kind"], len(rows), len(scored), f"{top['score']:.6g}" if top else "",
+                          top["slice"] if top else "", f"{top['z']:.6g}" if top else "", source, maps])
+        slice_rows += [[scan["name"], row["slice"], f"{row['z']:.6g}", row["source"],
+                        "" if row["brain_fraction"] is None else f"{row['brain_fraction']:.4f}",
+                        *[f"{row['scores'][name]:.6g}" if row["scores"] else "" for name in scoring.SCORES], row["note"]]
+                       for row in rows]
+    data.report_skips("predict", skips)
+    if not scan_rows:
+        raise SystemExit(data.nothing_usable(args.data_dir, skips))
+    scan_rows.sort(key=lambda r: -float(r[4]) if r[4] != "" else np.inf)
+    write_csv(os.path.join(args.output_dir, "slices.csv"),
+              ["scan", "slice", "z", "source", "brain_fraction", *scoring.SCORES, "note"], slice_rows)
+    write_csv(os.path.join(args.output_dir, "scans.csv"),
+              ["scan", "kind", "slices", "scored_slices", f"score_max_{settings.score}", "top_slice", "top_z", "source",
+               "maps"], scan_rows)
+    return scan_rows
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
+    if not os.path.isdir(args.data_dir):
+        raise SystemExit(f"error: {args.data_dir}: no such folder")
+    device = models.pick_device(args.device)
+    model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
+    model = model.to(device).eval()
+    run, settings = resolve_run(args, checkpoint.get("args") or {}, config)
+    check_output_dir(args)
+    lock = data.lock_output_dir(args.output_dir, "predict.py")
+    start = time.time()
+    try:
+        scan_rows = predict(model, args, run, settings, device)
+    finally:
+        data.release_output_dir(lock)
+    print(f"scored {len(scan_rows)} scan(s) in {time.time() - start:.0f} s with {args.checkpoint} (score '{settings.score}', "
+          f"scan score = max over its slices). Highest:")
+    for row in scan_rows[:5]:
+        print(f"  {row[0]}: {row[4] or 'n/a'} (slice {row[5]} of {row[2]})")
+    print(f"wrote {args.output_dir}/scans.csv, slices.csv, overlays/, maps/")
+
+
+if __name__ == "__main__":
+    main()
