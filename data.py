@@ -110,6 +110,15 @@ def has_layout(data_dir, dataset):
     return os.path.isdir(os.path.join(data_dir, folder)) and os.path.isfile(os.path.join(data_dir, label_file))
 
 
+def brain_input_hu(dataset):
+    """(HU at input -1, HU at input +1) of channel 0 (the brain window) for this layout: CT-ICH's brain JPG maps
+    -20..100 HU (L40/W120) onto 0..255; DICOM and NIfTI inputs are windowed with WINDOWS["brain"]."""
+    if dataset == "ctich":
+        return (-20.0, 100.0)
+    level, width = WINDOWS["brain"]
+    return (level - width / 2, level + width / 2)
+
+
 def detect_dataset(data_dir):
     """"rsna", "ctich" or "nifti" from the files in data_dir; SystemExit saying how to get data otherwise."""
     data_dir = os.fspath(data_dir)
@@ -386,9 +395,10 @@ def _header_lacks(what, path):
     return f"truncated DICOM: {what}, and the file ends before any pixel data" if cut else what
 
 
-def read_header(path):
+def read_header(path, need_patient=True):
     """(patient, study, series, z) from a DICOM header, without reading pixels; a file whose pixel data this
-    installation cannot decode is a BadFile here already (decoder_problem)."""
+    installation cannot decode is a BadFile here already (decoder_problem). need_patient=False (predict.py: no
+    splits by patient) accepts an empty PatientID, as anonymised exports have."""
     ds = read_dicom(path, "unreadable DICOM header", stop_before_pixels=True, specific_tags=HEADER_TAGS)
     modality = str(first(ds.get("Modality")) or "CT")
     if modality != "CT":
@@ -397,7 +407,7 @@ def read_header(path):
     if problem:
         raise BadFile(problem)
     patient = str(first(ds.get("PatientID")) or "")
-    if not patient:
+    if not patient and need_patient:
         raise BadFile(_header_lacks("no PatientID", path))
     study = str(first(ds.get("StudyInstanceUID")) or patient)  # scan falls back to the patient
     series = str(first(ds.get("SeriesInstanceUID")) or study)
@@ -1425,6 +1435,19 @@ def prepare_slices(data_dir, index, positions, image_size, channels, cache_dir=N
     return SliceCache(prefix)
 
 
+def relative_heights(index):
+    """Per index row: its height in its scan, 0 = the lowest slice, 1 = the highest (rows of a scan are consecutive
+    and ordered by z, see load_index; z grows toward the vertex in DICOM patient coordinates and in CT-ICH's slice
+    numbers). Counts every slice of the scan in the index, scored or not."""
+    scans = np.asarray(index["scan"])
+    if len(scans) == 0:
+        return np.zeros(0)
+    starts = np.flatnonzero(np.r_[True, scans[1:] != scans[:-1]])
+    lengths = np.diff(np.r_[starts, len(scans)])
+    first, length = np.repeat(starts, lengths), np.repeat(lengths, lengths)
+    return (np.arange(len(scans)) - first) / np.maximum(length - 1, 1)
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """Items dict(image float32 [C, S, S], mask bool [S, S], label int (any), position int (index row)).
     Positions whose slice did not decode (cache state != 1) are left out. .positions, .labels, .patients
@@ -1437,6 +1460,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.labels = np.asarray(index["any"])[self.positions].astype(np.int64)
         self.patients = np.asarray(index["patient"])[self.positions]
         self.scans = np.asarray(index["scan"])[self.positions]
+        self.heights = relative_heights(index)[self.positions]
 
     def __len__(self):
         return len(self.positions)
@@ -1556,7 +1580,7 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None):
                 ax.text(4, 4, name + level_width, color="yellow", fontsize=7, va="top")
             ax.set_axis_off()
     fig.suptitle(f"{data_dir} ({dataset}): green = brain mask, red = ground-truth bleed", fontsize=9)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}")
 

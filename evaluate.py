@@ -19,8 +19,11 @@ for the overlay figure, and pixel statistics are accumulated as fixed-bin histog
 """
 import argparse
 import csv
+import dataclasses
+import io
 import json
 import os
+import sys
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -319,7 +322,9 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a .pt written by train.py (best_model.pt, ...)")
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
-    p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/eval_<split>")
+    p.add_argument("--output_dir", default=None,
+                   help="default: <checkpoint dir>/eval_<checkpoint name>_<split>, e.g. eval_best_model_test")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],
                    help="all: every patient of --data_dir, a data set the model never trained on (external test)")
     p.add_argument("--eval_samples", type=data.parse_eval_samples, default=None,
@@ -332,6 +337,9 @@ def get_args(argv=None):
                    help="score only slices with at least this much intracranial area (default: the training run's value)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap samples for the confidence intervals")
     p.add_argument("--keep_examples", type=int, default=6, help="overlay panels per kind")
+    p.add_argument("--fit_normative", action="store_true",
+                   help="only fit the healthy statistics of --input_norm / --calibrate on the run's healthy training "
+                        "slices, for these scoring flags, and write them next to the checkpoint")
     models.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
     return p.parse_args(argv)
@@ -354,16 +362,44 @@ def resolve_run(args, train_args, config):
     settings, missing = scoring.ScoringSettings.resolve(train_args, args)
     if missing:
         print(f"note: {args.checkpoint} does not record {', '.join(missing)}; using today's defaults")
-    return run, settings.for_image(run["image_size"])
+    for name in ("num_workers", "seed", "min_brain_fraction"):  # the flags' own checks, on the values in use
+        models.check_model_flags(argparse.Namespace(**{name: run[name]}))
+    models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
+    models.check_flag(args.keep_examples >= 0, "keep_examples", args.keep_examples, "must be 0 or more")
+    dataset = run["dataset"] if run["dataset"] != "auto" else data.detect_dataset(run["data_dir"])
+    return run, dataclasses.replace(settings.check(run["image_size"]), brain_hu=data.brain_input_hu(dataset))
 
 
-def make_output_dir(output_dir):
+def default_output_dir(checkpoint_path, split):
+    """<checkpoint dir>/eval_<checkpoint name>_<split>: best_model.pt and best_model_loss.pt never share a folder."""
+    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"eval_{stem}_{split}")
+
+
+def make_output_dir(output_dir, overwrite, result="metrics.json"):
+    """Create the folder, refuse to replace a finished result without --overwrite, and take the folder's lock
+    (one run per output dir at a time). -> the lock's path."""
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: {output_dir}: cannot create output dir ({e.strerror})")
     if not os.access(output_dir, os.W_OK):
         raise SystemExit(f"error: {output_dir}: output dir is not writable")
+    lock = data.lock_output_dir(output_dir, "evaluate.py")
+    if os.path.exists(os.path.join(output_dir, result)) and not overwrite:
+        data.release_output_dir(lock)
+        raise SystemExit(f"error: {output_dir}: holds the results of an earlier run ({result}); "
+                         "use --overwrite to replace them, or --output_dir to write elsewhere")
+    return lock
+
+
+def saved_splits(checkpoint, checkpoint_path, rank=0):
+    """The run's saved splits (data.load_splits_record), or None with a note for a run older than saved splits."""
+    record = data.load_splits_record(checkpoint, checkpoint_path)
+    if record is None and rank == 0:
+        print(f"note: {checkpoint_path} holds no saved splits (trained before they were saved); the splits are drawn "
+              "from the training seed again, so patients added to the folder since could move between splits")
+    return record
 
 
 def training_patients(checkpoint, checkpoint_path, train_args):
@@ -415,7 +451,24 @@ def open_external(args, run, checkpoint, train_args):
                                                        "checked_against_training_patients": trained_on is not None}
 
 
-def score_run(model, run, settings, rd, split, device, keep_examples, rank, world):
+def write_normative(args, model, run, settings, device, checkpoint):
+    """--fit_normative: healthy statistics from the run's training split (healthy patients only) -> the npz file."""
+    rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
+                            split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
+                            decode=("train",), dataset=run["dataset"], cache_dir=run["cache_dir"], num_workers=run["num_workers"],
+                            saved_splits=saved_splits(checkpoint, args.checkpoint, 0))
+    healthy = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["train"], run["min_brain_fraction"]))
+    print(f"fitting normative statistics on {len(healthy)} healthy training slices")
+    normative = scoring.fit_normative(model, healthy, models.make_scheduler(), settings, device, run["seed"],
+                                      models.autocast_dtype(run["precision"], device))
+    path = scoring.normative_path(args.checkpoint)
+    temporary = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(temporary, **normative)
+    os.replace(temporary, path)
+    print(f"input median {float(normative['input_median']):.4f}; wrote {path}")
+
+
+def score_run(model, run, settings, rd, split, device, keep_examples, rank, world, normative=None):
     """Score the split; where the data set has bleed masks, also the val split when reporting test (the Dice
     threshold is chosen there). -> (result, val result or None)."""
     positions = rd.cache.ok(rd.splits[split], run["min_brain_fraction"])
@@ -435,7 +488,7 @@ def score_run(model, run, settings, rd, split, device, keep_examples, rank, worl
     # Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none.
     has_masks = any(gt_masks_fn(p) is not None for p in positions[rd.index["any"][positions] == 1])
     common = dict(seed=run["seed"], autocast_dtype=models.autocast_dtype(run["precision"], device),
-                  num_workers=run["num_workers"], rank=rank, world=world)
+                  num_workers=run["num_workers"], rank=rank, world=world, normative=normative)
     scheduler = models.make_scheduler()
     if rank == 0:
         print(f"scoring the {split} split: {len(positions)} slices on {device}" + (f" x{world} processes" if world > 1 else ""))
@@ -483,15 +536,15 @@ def compute_metrics(result, val, index, split, settings, n_boot, seed):
 
 def write_results(output_dir, metrics, result, index, split, settings):
     """metrics.json, scores.csv (one row per slice), scores_<name>.png and overlays.png."""
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(output_dir, "scores.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        names = list(result["scores"])
-        writer.writerow(["id", "patient", "scan", "any", *data.SUBTYPES, *names])
-        for i, row in enumerate(result["positions"]):
-            writer.writerow([index["id"][row], index["patient"][row], index["scan"][row], int(index["any"][row]),
-                             *[int(index[t][row]) for t in data.SUBTYPES], *[f"{result['scores'][n][i]:.6g}" for n in names]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    names = list(result["scores"])
+    writer.writerow(["id", "patient", "scan", "any", *data.SUBTYPES, *names])
+    for i, row in enumerate(result["positions"]):
+        writer.writerow([index["id"][row], index["patient"][row], index["scan"][row], int(index["any"][row]),
+                         *[int(index[t][row]) for t in data.SUBTYPES], *[f"{result['scores'][n][i]:.6g}" for n in names]])
+    data.write_atomically(os.path.join(output_dir, "scores.csv"), lambda f: f.write(text.getvalue().encode()))
+    data.write_json(os.path.join(output_dir, "metrics.json"), metrics)  # last: a metrics.json means the rest is there
     for name, values in result["scores"].items():
         plot_scores(os.path.join(output_dir, f"scores_{name}.png"), result["labels"], values,
                     title=f"{split} split, score '{name}': {len(result['positions'])} slices from {metrics['counts']['patients']} patients")
@@ -537,9 +590,22 @@ def main(argv=None):
     model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
     model = model.to(device).eval()
     run, settings = resolve_run(args, checkpoint.get("args") or {}, config)
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}")
-    if rank == 0:
-        make_output_dir(output_dir)
+    if args.fit_normative:
+        return write_normative(args, model, run, settings, device, checkpoint)
+    output_dir = args.output_dir or default_output_dir(args.checkpoint, args.split)
+    lock = make_output_dir(output_dir, args.overwrite) if rank == 0 else None
+    try:
+        evaluate_run(args, rank, world, device, model, checkpoint, run, settings, output_dir)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if lock:
+            data.release_output_dir(lock)
+
+
+def evaluate_run(args, rank, world, device, model, checkpoint, run, settings, output_dir):
     external = {}
     if args.split == "all":  # an external set: every patient, none of the run's splits
         rd, external = data.in_turn(lambda: open_external(args, run, checkpoint, checkpoint.get("args") or {}), rank, world)
@@ -547,8 +613,10 @@ def main(argv=None):
         rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
                                 split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
                                 decode=("val", "test") if args.split == "test" else ("val",), dataset=run["dataset"],
-                                cache_dir=run["cache_dir"], num_workers=run["num_workers"], rank=rank, world=world)
-    result, val = score_run(model, run, settings, rd, args.split, device, args.keep_examples, rank, world)
+                                cache_dir=run["cache_dir"], num_workers=run["num_workers"], rank=rank, world=world,
+                                saved_splits=saved_splits(checkpoint, args.checkpoint, rank))
+    normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
+    result, val = score_run(model, run, settings, rd, args.split, device, args.keep_examples, rank, world, normative)
     models.teardown_distributed(world)
     if rank != 0:
         return

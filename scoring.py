@@ -14,6 +14,8 @@ import collections
 import contextlib
 import dataclasses
 import heapq
+import json
+import os
 import time
 
 import numpy as np
@@ -69,14 +71,51 @@ class ScoringSettings:
     pack_windows: bool = True
     # bench.py: 1.3x at 128^2 with bf16 on this CPU (slightly slower at 64^2); the same map up to bf16 rounding.
     channels_last: bool = True
+    # Options of the issue-13 method study, all off by default (README, "Round two": each measured on validation,
+    # paired against the default). input_norm and calibrate need the run's normative file (fit_normative).
+    noise: str = "gaussian"  # or "simplex": smooth multi-octave noise in the noised window (the official pDDPM's)
+    noise_draws: int = 1  # noise draws per window, combined per pixel by draw_combine
+    draw_combine: str = "mean"  # mean of the residual over draws, or "z": mean(x - rebuilt) / its std over draws
+    input_norm: str = "none"  # "slice" / "scan": shift the input so its intracranial median is the training median
+    calibrate: str = "none"  # "z": (residual - healthy mean) / healthy std; "mean": residual - healthy mean; by bin
+    hyperdensity_prior: bool = False  # weight the map by how far the pixel sits in the acute-blood band (50-90 HU)
+    brain_hu: tuple = (0.0, 80.0)  # HU at input -1 and +1 in channel 0: DICOM brain window; CT-ICH JPG is -20..100
+    min_height: float = 0.0  # slices lower than this fraction of their scan's height score 0 (skull base, face)
 
     def __post_init__(self):
         object.__setattr__(self, "eval_t", tuple(int(t) for t in np.atleast_1d(self.eval_t)))
+        object.__setattr__(self, "brain_hu", tuple(float(v) for v in self.brain_hu))
 
     def for_image(self, image_size):
         """A copy with patch_size and stride filled in for this image size."""
         patch_size = self.patch_size or image_size // 4
         return dataclasses.replace(self, patch_size=patch_size, stride=self.stride or patch_size // 2)
+
+    def check(self, image_size):
+        """self.for_image(image_size), or a one-line SystemExit naming the first flag that cannot work at this
+        image size. Every script that scores (train, evaluate, sweep, bench) calls this right after parsing."""
+        need = models.check_flag
+        for name in ("patch_size", "stride"):  # 0 or negative must not fall back to the default silently
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+        filled = self.for_image(image_size)
+        need(filled.patch_size <= image_size, "patch_size", filled.patch_size, f"larger than the image ({image_size} px)")
+        need(filled.patch_size >= 2, "patch_size", filled.patch_size, "must be at least 2 pixels")
+        need(filled.stride >= 1, "stride", filled.stride, "must be at least 1")
+        need(len(self.eval_t) >= 1, "eval_t", "", "give at least one timestep")
+        steps = models.NUM_TRAIN_TIMESTEPS
+        for t in self.eval_t:
+            need(0 <= t < steps, "eval_t", t, f"timesteps run from 0 to {steps - 1}")
+        need(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be at least 1")
+        need(self.median_size >= 0, "median_size", self.median_size, "must be 0 (off) or more")
+        need(self.smooth_slices >= 0, "smooth_slices", self.smooth_slices, "must be 0 (off) or more")
+        need(self.residual in RESIDUALS, "residual", self.residual, f"unknown (one of {', '.join(RESIDUALS)})")
+        need(self.score in SLICE_SCORES, "score", self.score, f"unknown (one of {', '.join(SLICE_SCORES)})")
+        return filled
+
+    @property
+    def needs_normative(self):
+        """Whether scoring needs the run's normative statistics (fit_normative, NORMATIVE_FILE)."""
+        return self.input_norm != "none" or self.calibrate != "none"
 
     @property
     def pack_gap(self):
@@ -84,7 +123,7 @@ class ScoringSettings:
         return self.patch_size // 2 if self.pack_windows else None
 
     def as_dict(self):
-        return {name: list(value) if name == "eval_t" else value for name, value in dataclasses.asdict(self).items()}
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_flags(cls, flags):
@@ -101,6 +140,11 @@ class ScoringSettings:
         return cls.from_flags(merged), [name for name in FIELDS if merged.get(name) is None]
 
 
+NOISES = ("gaussian", "simplex")
+Z_FLOOR = 0.02  # std floor of --draw_combine z, in input units (1 % of the [-1, 1] range)
+DRAW_COMBINES = ("mean", "z")
+INPUT_NORMS = ("none", "slice", "scan")
+CALIBRATIONS = ("none", "z", "mean")
 FIELDS = tuple(f.name for f in dataclasses.fields(ScoringSettings))
 DEFAULTS = ScoringSettings()
 SPEC = ScoringSettings(eval_t=(150,), residual="abs", score="mean", median_size=0, smooth_slices=0, pack_windows=False)
@@ -140,6 +184,26 @@ def add_scoring_flags(group, from_checkpoint=False):
                             "passes); --no-pack_windows runs one window per pass, as the spec")
     group.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=default("channels_last"),
                        help="score in NHWC memory layout (weights converted for the call and back)")
+    group.add_argument("--noise", default=default("noise"), choices=NOISES,
+                       help="noise of the noised window: gaussian (the spec) or simplex-like multi-octave noise")
+    group.add_argument("--noise_draws", type=int, default=default("noise_draws"),
+                       help="noise draws per window (each costs a full scoring pass), combined by --draw_combine")
+    group.add_argument("--draw_combine", default=default("draw_combine"), choices=DRAW_COMBINES,
+                       help="mean: mean residual over draws; z: mean(x - rebuilt) / its std over draws and windows")
+    group.add_argument("--input_norm", default=default("input_norm"), choices=INPUT_NORMS,
+                       help="shift each slice (or each scan) so its median intracranial intensity is the training "
+                            "median (needs the run's normative file: evaluate.py --fit_normative)")
+    group.add_argument("--calibrate", default=default("calibrate"), choices=CALIBRATIONS,
+                       help="the residual relative to healthy training residuals of the same input-intensity x distance-"
+                            "to-the-inner-table bin: z = in their standard deviations, mean = less their mean (needs the "
+                            "normative file)")
+    group.add_argument("--hyperdensity_prior", action=argparse.BooleanOptionalAction, default=default("hyperdensity_prior"),
+                       help="weight the map by the pixel's membership of the acute-blood band (50-90 HU)")
+    group.add_argument("--brain_hu", type=float, nargs=2, default=default("brain_hu"), metavar=("LOW", "HIGH"),
+                       help="HU at input -1 and +1 of channel 0, for --hyperdensity_prior (evaluate.py sets it from the "
+                            "data layout: CT-ICH JPG -20 100, DICOM brain window 0 80)")
+    group.add_argument("--min_height", type=float, default=default("min_height"),
+                       help="slices below this fraction of their scan's height score 0 (skull base / face; 0 = off)")
 
 
 def smoothing_note(smooth_slices, eval_samples):
@@ -155,7 +219,7 @@ def smoothing_note(smooth_slices, eval_samples):
 # windows
 
 Window = collections.namedtuple("Window", "k top left")  # k: the window's number in the grid (its noise)
-Job = collections.namedtuple("Job", "slice t windows")  # one forward pass: these windows of this slice, noised at t
+Job = collections.namedtuple("Job", "slice t windows draw", defaults=(0,))  # one pass: windows of a slice noised at t
 
 
 def window_grid(image_size, patch_size, stride):
@@ -167,12 +231,32 @@ def window_grid(image_size, patch_size, stride):
     return [(top, left) for top in starts for left in starts]
 
 
-def window_noise(seed, window_index, t, shape):
-    """The noise for one window: a function of (slice seed, window index, t) only, drawn on the
+def window_noise(seed, window_index, t, shape, noise="gaussian", draw=0):
+    """The noise for one window: a function of (slice seed, window index, t, draw) only, drawn on the
     CPU, so a map does not depend on batch size, batch composition, device or process rank."""
-    state = np.random.SeedSequence([int(seed), int(window_index), int(t)]).generate_state(2)
+    key = [int(seed), int(window_index), int(t)] + ([int(draw)] if draw else [])  # draw 0: the noise of one draw
+    state = np.random.SeedSequence(key).generate_state(2)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    if noise == "simplex":
+        return smooth_noise(shape, generator)
     return torch.randn(shape, generator=generator)
+
+
+def smooth_noise(shape, generator, octaves=4, persistence=0.8, base_cells=2):
+    """Simplex-like noise [C, P, P]: octaves of Gaussian lattices (2, 4, 8, 16 cells across the window) upsampled
+    bicubically, weighted by persistence ** octave, then standardised to mean 0, std 1 per channel, so the noise
+    schedule sees the same variance as Gaussian noise. The official pDDPM uses simplex noise of this kind; no
+    maintained simplex package on PyPI is vectorised (opensimplex loops in Python), and smooth lattice noise
+    gives the property that matters: structure larger than a pixel, which a model cannot average away."""
+    channels, size = shape[0], shape[-1]
+    total = torch.zeros(shape)
+    for octave in range(octaves):
+        cells = min(base_cells * 2 ** octave, size)
+        lattice = torch.randn((1, channels, cells + 1, cells + 1), generator=generator)
+        total += persistence ** octave * torch.nn.functional.interpolate(lattice, size=(size, size), mode="bicubic",
+                                                                           align_corners=True)[0]
+    total -= total.mean(dim=(-2, -1), keepdim=True)
+    return total / total.std(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
 
 
 def pack_windows(windows, patch_size, stride, gap):
@@ -201,18 +285,19 @@ def window_jobs(settings, image_size, n_slices, brain_masks=None):
     p = settings.patch_size
     windows = [Window(k, top, left) for k, (top, left) in enumerate(window_grid(image_size, p, settings.stride))]
     jobs = []
-    for t in settings.eval_t:
-        for i in range(n_slices):
-            kept = windows if brain_masks is None else [
-                w for w in windows if brain_masks[i, w.top:w.top + p, w.left:w.left + p].any()]
-            groups = [[w] for w in kept] if settings.pack_gap is None else pack_windows(kept, p, settings.stride, settings.pack_gap)
-            jobs += [Job(i, t, group) for group in groups]
+    for draw in range(settings.noise_draws):
+        for t in settings.eval_t:
+            for i in range(n_slices):
+                kept = windows if brain_masks is None else [
+                    w for w in windows if brain_masks[i, w.top:w.top + p, w.left:w.left + p].any()]
+                groups = [[w] for w in kept] if settings.pack_gap is None else pack_windows(kept, p, settings.stride, settings.pack_gap)
+                jobs += [Job(i, t, group, draw) for group in groups]
     return jobs
 
 
 def passes_per_slice(settings, image_size):
     """Forward passes per slice and timestep when no window is skipped."""
-    return len(window_jobs(dataclasses.replace(settings, eval_t=(0,)), image_size, 1))
+    return len(window_jobs(dataclasses.replace(settings, eval_t=(0,), noise_draws=1), image_size, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +320,7 @@ def scoring_mode(model, channels_last):
             model.to(memory_format=torch.contiguous_format)
 
 
-def noise_windows(x0, jobs, seeds, t, scheduler, patch_size):
+def noise_windows(x0, jobs, seeds, t, scheduler, patch_size, noise="gaussian"):
     """x0 [B, C, H, W] (one row per job) with every window of its job noised to the job's t; row b's noise depends
     on (seeds[job.slice], window number, t) only. A packed job's windows do not overlap, so they are noised one
     after the other: the j-th window of every job that has one, together."""
@@ -245,11 +330,12 @@ def noise_windows(x0, jobs, seeds, t, scheduler, patch_size):
         rows = [b for b, job in enumerate(jobs) if len(job.windows) > j]
         windows = [jobs[b].windows[j] for b in rows]
         boxes = torch.tensor([(w.top, w.left) for w in windows])
-        noise = torch.stack([window_noise(seeds[jobs[b].slice], w.k, jobs[b].t, shape) for b, w in zip(rows, windows)])
+        drawn = torch.stack([window_noise(seeds[jobs[b].slice], w.k, jobs[b].t, shape, noise, jobs[b].draw)
+                             for b, w in zip(rows, windows)])
         if len(rows) == len(jobs):  # j = 0: every job, and a copy of x0
-            x_t = models.noise_boxes(x_t, boxes, patch_size, t, scheduler, noise.to(x0.device))
+            x_t = models.noise_boxes(x_t, boxes, patch_size, t, scheduler, drawn.to(x0.device))
         else:
-            x_t[rows] = models.noise_boxes(x_t[rows], boxes, patch_size, t[rows], scheduler, noise.to(x0.device))
+            x_t[rows] = models.noise_boxes(x_t[rows], boxes, patch_size, t[rows], scheduler, drawn.to(x0.device))
     return x_t
 
 
@@ -277,21 +363,171 @@ def anomaly_maps(model, images, scheduler, settings, seeds, brain_masks=None, au
     jobs = window_jobs(settings, H, N, torch.as_tensor(brain_masks).bool().cpu() if settings.skip_outside_mask else None)
     error_sum = torch.zeros(N, H, W, device=device)
     count = torch.zeros(N, H, W, device=device)
+    z = settings.draw_combine == "z"  # accumulate the signed difference and its square instead of the residual
+    square_sum = torch.zeros(N, H, W, device=device) if z else None
     with scoring_mode(model, settings.channels_last), torch.inference_mode(), \
             torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         for start in range(0, len(jobs), settings.eval_batch_size):
             batch = jobs[start:start + settings.eval_batch_size]
             x0 = images[[job.slice for job in batch]].float()
             t = torch.tensor([job.t for job in batch], device=device)
-            x_t = noise_windows(x0, batch, seeds, t, scheduler, p)
+            x_t = noise_windows(x0, batch, seeds, t, scheduler, p, settings.noise)
             if settings.channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            errors = RESIDUALS[settings.residual](x0 - model(x_t, t).float())
+            difference = x0 - model(x_t, t).float()
+            errors = difference.mean(dim=1) if z else RESIDUALS[settings.residual](difference)
             for b, job in enumerate(batch):
                 for w in job.windows:
-                    error_sum[job.slice, w.top:w.top + p, w.left:w.left + p] += errors[b, w.top:w.top + p, w.left:w.left + p]
-                    count[job.slice, w.top:w.top + p, w.left:w.left + p] += 1
-    return error_sum / count.clamp(min=1)
+                    box = (job.slice, slice(w.top, w.top + p), slice(w.left, w.left + p))
+                    error_sum[box] += errors[b, box[1], box[2]]
+                    count[box] += 1
+                    if z:
+                        square_sum[box] += errors[b, box[1], box[2]] ** 2
+    mean = error_sum / count.clamp(min=1)
+    if not z:
+        return mean
+    # Mahalanobis-style (diagonal): how many standard deviations of the rebuilt values over draws (and overlapping
+    # windows) the input lies above their mean; Z_FLOOR keeps a pixel the draws agree on from dividing by ~0.
+    variance = (square_sum / count.clamp(min=1) - mean ** 2).clamp(min=0)
+    return (mean / (variance + Z_FLOOR ** 2).sqrt()).clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# options that use the input and the run's healthy statistics (issue 13; off by default)
+
+NORMATIVE_FILE = "normative_{stem}.npz"  # next to the checkpoint; written by evaluate.py --fit_normative
+INTENSITY_EDGES = np.linspace(-1, 1, 17)  # 16 bins of the input (channel 0)
+DISTANCE_EDGES = np.array([0, 1.5, 2.5, 3.5, 5, 7, 10, 14, np.inf])  # pixels at 128^2 from the mask edge (inner table)
+BLOOD_HU = (45.0, 55.0, 90.0, 100.0)  # weight rises 45 -> 55 HU, is 1 to 90 HU, falls to 0 at 100 HU (bone)
+
+
+def normative_path(checkpoint_path):
+    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), NORMATIVE_FILE.format(stem=stem))
+
+
+def brain_median(image, mask):
+    """Median of channel 0 inside the brain mask (the whole slice when the mask is empty)."""
+    values = np.asarray(image[0], np.float32)
+    mask = np.asarray(mask, bool)
+    return float(np.median(values[mask] if mask.any() else values))
+
+
+def input_offsets(dataset, settings, normative):
+    """Per item of dataset: the shift that gives its slice (input_norm "slice") or its scan (pooled intracranial pixels
+    of the scan's slices in dataset, "scan") the training median (normative["input_median"]); zeros when off."""
+    offsets = np.zeros(len(dataset), np.float32)
+    if settings.input_norm == "none":
+        return offsets
+    if normative is None:
+        raise SystemExit("error: --input_norm needs the run's normative statistics: run evaluate.py --fit_normative first")
+    items = [dataset[i] for i in range(len(dataset))]
+    if settings.input_norm == "slice":
+        medians = np.array([brain_median(it["image"].numpy(), it["mask"].numpy()) for it in items])
+    else:
+        scans = np.asarray(dataset.scans)
+        medians = np.zeros(len(items))
+        for scan in np.unique(scans):
+            members = np.flatnonzero(scans == scan)
+            pixels = np.concatenate([items[i]["image"][0].numpy()[items[i]["mask"].numpy()] for i in members] + [np.zeros(0)])
+            medians[members] = np.median(pixels) if len(pixels) else normative["input_median"]
+    return (float(normative["input_median"]) - medians).astype(np.float32)
+
+
+def shift_inputs(images, offsets):
+    """images [N, C, H, W] with channel 0 shifted by offsets [N] (clipped to [-1, 1])."""
+    if offsets is None or not np.any(offsets):
+        return images
+    images = images.clone()
+    images[:, 0] = (images[:, 0] + torch.as_tensor(offsets, dtype=images.dtype, device=images.device)[:, None, None]).clamp(-1, 1)
+    return images
+
+
+def pixel_bins(image, mask):
+    """(intensity bin, distance bin) of each pixel [H, W]: channel-0 intensity, and the distance to the edge of the
+    brain mask (the inner table of the skull), scaled to a 128-px slice."""
+    intensity = np.clip(np.digitize(np.asarray(image[0]), INTENSITY_EDGES) - 1, 0, len(INTENSITY_EDGES) - 2)
+    distance = scipy.ndimage.distance_transform_edt(np.asarray(mask, bool)) * 128 / mask.shape[-1]
+    return intensity, np.clip(np.digitize(distance, DISTANCE_EDGES) - 1, 0, len(DISTANCE_EDGES) - 2)
+
+
+def blood_weight(image, brain_hu):
+    """Per pixel [H, W]: membership of the acute-blood band (BLOOD_HU) of channel 0, with brain_hu the HU at -1, +1."""
+    hu = brain_hu[0] + (np.asarray(image[0], np.float32) + 1) / 2 * (brain_hu[1] - brain_hu[0])
+    low, full, end, zero = BLOOD_HU
+    return np.clip((hu - low) / (full - low), 0, 1) * np.clip((zero - hu) / (zero - end), 0, 1)
+
+
+def adjust_maps(maps, images, masks, settings, normative=None):
+    """The map options that look at the input: --calibrate (the residual less the healthy mean of its intensity x
+    distance bin, over the healthy std for "z"; negatives to 0) and --hyperdensity_prior (times blood_weight)."""
+    if settings.calibrate == "none" and not settings.hyperdensity_prior:
+        return maps
+    if settings.calibrate != "none" and normative is None:
+        raise SystemExit("error: --calibrate needs the run's normative statistics: run evaluate.py --fit_normative first")
+    out = maps.detach().float().cpu().numpy().copy()
+    images, masks = torch.as_tensor(images).float().cpu().numpy(), torch.as_tensor(masks).bool().cpu().numpy()
+    for i in range(len(out)):
+        if settings.calibrate != "none":
+            intensity, distance = pixel_bins(images[i], masks[i])
+            scale = normative["std"][intensity, distance] if settings.calibrate == "z" else 1.0
+            out[i] = np.clip((out[i] - normative["mean"][intensity, distance]) / scale, 0, None)
+        if settings.hyperdensity_prior:
+            out[i] *= blood_weight(images[i], settings.brain_hu)
+    return torch.from_numpy(out).to(maps.device)
+
+
+def fit_normative(model, dataset, scheduler, settings, device, seed, autocast_dtype=None):
+    """Healthy statistics for --input_norm and --calibrate from dataset (healthy slices only: the run's training
+    split): the median intracranial input, and mean / std of the raw map (the settings' map, before calibration
+    and the median filter) per (input intensity, distance to the inner table) bin. -> dict of arrays."""
+    if np.any(np.asarray(dataset.labels) != 0):
+        raise ValueError("fit_normative takes healthy slices only")
+    items = [dataset[i] for i in range(len(dataset))]
+    pixels = np.concatenate([it["image"][0].numpy()[it["mask"].numpy()] for it in items])
+    normative = {"input_median": np.float32(np.median(pixels))}
+    plain = dataclasses.replace(settings, calibrate="none", hyperdensity_prior=False)
+    offsets = input_offsets(dataset, settings, normative)
+    shape = (len(INTENSITY_EDGES) - 1, len(DISTANCE_EDGES) - 1)
+    total, squares, count = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for start in range(0, len(items), 16):
+        chunk = items[start:start + 16]
+        images = shift_inputs(torch.stack([it["image"] for it in chunk]), offsets[start:start + 16]).to(device)
+        masks = torch.stack([it["mask"] for it in chunk]).to(device)
+        seeds = [noise_seed(seed, it["position"]) for it in chunk]
+        maps = anomaly_maps(model, images, scheduler, plain, seeds, masks, autocast_dtype).float().cpu().numpy()
+        for image, mask, error_map in zip(images.cpu().numpy(), masks.cpu().numpy(), maps):
+            intensity, distance = pixel_bins(image, mask)
+            np.add.at(total, (intensity[mask], distance[mask]), error_map[mask])
+            np.add.at(squares, (intensity[mask], distance[mask]), error_map[mask] ** 2)
+            np.add.at(count, (intensity[mask], distance[mask]), 1)
+    # bins with few healthy pixels borrow the pooled statistics, so one odd pixel does not set a scale
+    pooled_mean, pooled_var = total.sum() / count.sum(), squares.sum() / count.sum() - (total.sum() / count.sum()) ** 2
+    few = count < 50
+    mean = np.where(few, pooled_mean, total / np.maximum(count, 1))
+    var = np.where(few, pooled_var, squares / np.maximum(count, 1) - mean ** 2)
+    normative |= {"mean": mean.astype(np.float32), "std": np.sqrt(np.maximum(var, 1e-8)).astype(np.float32),
+                  "count": count.astype(np.int64), "slices": np.int64(len(items)), "settings": json.dumps(map_key(settings))}
+    return normative
+
+
+def map_key(settings):
+    """The settings a normative file's statistics depend on; scoring with others is refused."""
+    return {name: getattr(settings, name) for name in ("patch_size", "stride", "eval_t", "residual", "noise", "noise_draws",
+                                                      "draw_combine", "input_norm")} | {"eval_t": list(settings.eval_t)}
+
+
+def load_normative(path, settings):
+    """The normative statistics at path for these settings, or a one-line SystemExit."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no normative statistics for --input_norm / --calibrate; run evaluate.py "
+                         "--fit_normative with the same scoring flags first")
+    with np.load(path) as f:
+        normative = {name: f[name] for name in f.files}
+    saved = json.loads(str(normative["settings"]))
+    if saved != map_key(settings):
+        raise SystemExit(f"error: {path}: fitted for {saved}, but scoring uses {map_key(settings)}; fit again")
+    return normative
 
 
 def median_filtered(error_map, median_size):
@@ -316,12 +552,23 @@ def slice_scores(maps, brain_masks, median_size=0):
     return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
-def score_slices(model, images, masks, positions, scheduler, settings, seed, autocast_dtype=None):
+def score_slices(model, images, masks, positions, scheduler, settings, seed, autocast_dtype=None, normative=None,
+                 offsets=None):
     """(maps [N, H, W], {score name: [N]}) of slices at index rows `positions`: the map and scores a split's
-    scoring gives these slices (the noise of a slice depends on (seed, position) only)."""
+    scoring gives these slices (the noise of a slice depends on (seed, position) only). offsets: input_offsets
+    of these slices (--input_norm); normative: the run's statistics (--input_norm, --calibrate)."""
     seeds = [noise_seed(seed, p) for p in positions]
+    images = shift_inputs(images, offsets)
     maps = anomaly_maps(model, images, scheduler, settings, seeds, masks, autocast_dtype).float()
+    maps = adjust_maps(maps, images, masks, settings, normative)
     return maps, slice_scores(maps, masks, settings.median_size)
+
+
+def height_filter(scores, heights, min_height):
+    """--min_height: slices lower than min_height of their scan's height (data.SliceDataset.heights) score 0."""
+    if not min_height:
+        return scores
+    return np.where(np.asarray(heights) < min_height, 0.0, scores)
 
 
 def smooth_along_scans(positions, scans, scores, width):
@@ -422,7 +669,7 @@ def split_loader(dataset, settings, num_workers=0, rank=0, world=1):
 
 
 def score_split(model, dataset, scheduler, settings, device, *, seed, autocast_dtype=None, num_workers=0,
-                keep_examples=8, gt_masks_fn=None, rank=0, world=1):
+                keep_examples=8, gt_masks_fn=None, rank=0, world=1, normative=None):
     """Score every slice of `dataset` (items dict(image, mask, label, position), with aligned arrays .positions,
     .patients, .scans as data.SliceDataset has) with the sliding-window anomaly map of `settings`.
 
@@ -436,10 +683,12 @@ def score_split(model, dataset, scheduler, settings, device, *, seed, autocast_d
            "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None}
     model.eval()
     t0 = time.time()
+    offsets = dict(zip(np.asarray(dataset.positions).tolist(), input_offsets(dataset, settings, normative)))
     for batch in tqdm(split_loader(dataset, settings, num_workers, rank, world), desc="scoring slices", unit="batch",
                       leave=False, disable=rank != 0):
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        maps, scores = score_slices(model, images, masks, batch["position"].tolist(), scheduler, settings, seed, autocast_dtype)
+        maps, scores = score_slices(model, images, masks, batch["position"].tolist(), scheduler, settings, seed, autocast_dtype,
+                                    normative, np.array([offsets[p] for p in batch["position"].tolist()], np.float32))
         _record_batch(acc, batch, maps.cpu().numpy(), masks.cpu().numpy(), scores, settings, keep_examples, gt_masks_fn)
     result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
               "labels": np.concatenate(acc["labels"]) if acc["labels"] else np.zeros(0, np.int8),
@@ -455,7 +704,9 @@ def score_split(model, dataset, scheduler, settings, device, *, seed, autocast_d
     scans = _lookup(dataset.positions, dataset.scans, positions)
     return {"positions": positions, "labels": result["labels"][order],
             "patients": _lookup(dataset.positions, dataset.patients, positions), "scans": scans,
-            "scores": {name: smooth_along_scans(positions, scans, v[order], settings.smooth_slices)
+            "scores": {name: height_filter(smooth_along_scans(positions, scans, v[order], settings.smooth_slices),
+                                           _lookup(dataset.positions, dataset.heights, positions) if settings.min_height else None,
+                                           settings.min_height)
                        for name, v in result["scores"].items()},
             "examples": {kind: [ex for _, _, ex in sorted(result["heaps"][kind], reverse=True)] for kind in EXAMPLE_KINDS},
             "pixel": pixel, "seconds": time.time() - t0}

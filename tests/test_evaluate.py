@@ -289,7 +289,7 @@ def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
     evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "50", "--keep_examples", "3"])
-    out = tmp_path / "run" / "eval_test"
+    out = tmp_path / "run" / "eval_best_model_test"  # named after the checkpoint and the split
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"split", "score", "counts", "slice", "scan", "subtype", "pixel", "settings"}
     assert metrics["split"] == "test" and metrics["score"] == "brain_mean"
@@ -358,6 +358,26 @@ def test_split_all_on_ctich_reads_its_masks_and_counts_the_unusable(phantom_dir,
     assert pixel["n_pixels_bleed"] > 0 and pixel["positive_slices_without_mask"] == 2 and pixel["unusable_masks"] == 1
     assert pixel["n_slices"] == 6 and pixel["pixel_roc_auc"] is not None
     assert "skipped mask:" in capsys.readouterr().out
+
+
+def test_fit_normative_then_score_with_every_issue13_option(phantom_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
+    options = ["--calibrate", "z", "--input_norm", "scan", "--noise", "simplex", "--noise_draws", "2"]
+    with pytest.raises(SystemExit, match="--fit_normative"):  # statistics first
+        evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--output_dir", str(tmp_path / "x")] + options)
+    evaluate.main(["--checkpoint", str(ckpt), "--fit_normative"] + options)
+    assert (tmp_path / "run" / "normative_best_model.npz").is_file()
+    evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--n_boot", "10", "--output_dir", str(tmp_path / "ev"),
+                   "--hyperdensity_prior", "--min_height", "0.2"] + options)
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    s = metrics["settings"]
+    assert (s["calibrate"], s["input_norm"], s["noise"], s["noise_draws"], s["min_height"]) == ("z", "scan", "simplex", 2, 0.2)
+    assert s["brain_hu"] == [0.0, 80.0]  # the phantom is DICOM: the brain window
+    assert metrics["slice"]["brain_mean"]["roc_auc"] is not None
+    # statistics fitted for other scoring flags are refused, in one line
+    with pytest.raises(SystemExit, match="fitted for .* fit again"):
+        evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--eval_t", "300", "--output_dir", str(tmp_path / "y")] + options)
 
 
 def test_main_user_errors_are_one_line(tmp_path):

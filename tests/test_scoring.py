@@ -294,6 +294,86 @@ def test_score_split_streams_scores_keeps_few_examples_and_pixels():
 
 
 
+# ---- the issue-13 options (all off by default) ---------------------------------------------------
+
+def test_noise_draws_and_simplex_noise():
+    # draw 0 is the noise of a single draw (maps of today's runs do not move); other draws differ
+    assert torch.equal(scoring.window_noise(5, 3, 150, (1, 8, 8)), scoring.window_noise(5, 3, 150, (1, 8, 8), draw=0))
+    assert not torch.equal(scoring.window_noise(5, 3, 150, (1, 8, 8)), scoring.window_noise(5, 3, 150, (1, 8, 8), draw=1))
+    smooth = scoring.window_noise(5, 3, 150, (2, 32, 32), noise="simplex")
+    assert smooth.shape == (2, 32, 32)
+    torch.testing.assert_close(smooth.mean(dim=(1, 2)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(smooth.std(dim=(1, 2)), torch.ones(2), atol=1e-4, rtol=0)
+    neighbours = lambda n: float(torch.corrcoef(torch.stack([n[0, :, :-1].reshape(-1), n[0, :, 1:].reshape(-1)]))[0, 1])
+    assert neighbours(smooth) > 0.8 and abs(neighbours(torch.randn(1, 32, 32))) < 0.2  # structure wider than a pixel
+
+    model, scheduler = tiny_unet(), models.make_scheduler()
+    images = phantom(32)[0]
+    kw = dict(patch_size=16, stride=8, seeds=[1])
+    one = score_maps(model, images, scheduler, **kw)
+    assert len(scoring.window_jobs(dataclasses.replace(PLAIN, patch_size=16, stride=8, noise_draws=3), 32, 1)) == 3 * 9
+    three = score_maps(model, images, scheduler, noise_draws=3, **kw)
+    assert not torch.allclose(one, three) and torch.isfinite(three).all()
+    z = score_maps(model, images, scheduler, noise_draws=3, draw_combine="z", **kw)
+    assert (z >= 0).all() and torch.isfinite(z).all()
+    simplex = score_maps(model, images, scheduler, noise="simplex", **kw)
+    assert not torch.allclose(one, simplex)
+
+
+def test_blood_weight_and_calibration():
+    ctich = (-20.0, 100.0)  # CT-ICH's brain JPG
+    hu = np.array([30.0, 50.0, 70.0, 95.0, 100.0])
+    weight = scoring.blood_weight(((hu + 20) / 120 * 2 - 1)[None, None], ctich)[0]
+    np.testing.assert_allclose(weight, [0, 0.5, 1, 0.5, 0], atol=1e-6)  # brain 0, acute blood 1, bone 0
+    images = torch.zeros(1, 1, 16, 16)
+    masks = torch.ones(1, 16, 16, dtype=torch.bool)
+    maps = torch.rand(1, 16, 16)
+    off = dataclasses.replace(PLAIN)
+    assert scoring.adjust_maps(maps, images, masks, off) is maps
+    shape = (len(scoring.INTENSITY_EDGES) - 1, len(scoring.DISTANCE_EDGES) - 1)
+    identity = {"mean": np.zeros(shape), "std": np.ones(shape)}
+    calibrated = dataclasses.replace(PLAIN, calibrate="z")
+    torch.testing.assert_close(scoring.adjust_maps(maps, images, masks, calibrated, identity), maps)
+    halved = {"mean": np.full(shape, 0.25), "std": np.full(shape, 0.5)}
+    torch.testing.assert_close(scoring.adjust_maps(maps, images, masks, calibrated, halved), ((maps - 0.25) / 0.5).clamp(min=0))
+    less_mean = dataclasses.replace(PLAIN, calibrate="mean")
+    torch.testing.assert_close(scoring.adjust_maps(maps, images, masks, less_mean, halved), (maps - 0.25).clamp(min=0))
+    with pytest.raises(SystemExit, match="--fit_normative"):
+        scoring.adjust_maps(maps, images, masks, calibrated, None)
+    intensity, distance = scoring.pixel_bins(np.zeros((1, 16, 16)), np.pad(np.ones((12, 12), bool), 2))
+    assert distance[8, 8] > distance[2, 8] > distance[0, 0] == 0  # bins grow from the mask edge inward
+
+
+def test_fit_normative_input_norm_and_min_height():
+    torch.manual_seed(0)
+    model = models.build_model(models.model_config(pretrained=False, in_channels=1, image_size=32, base_channels=8))
+    healthy = TinySlices(n=6)
+    healthy.labels[:] = 0
+    healthy.images = healthy.images * (healthy.images > -1) + 0  # no bleeds: every other disc was bright
+    for i in range(6):
+        healthy.images[i][healthy.gts[i]] = 0.0
+    settings = dataclasses.replace(PLAIN, patch_size=16, stride=8)
+    normative = scoring.fit_normative(model, healthy, models.make_scheduler(), settings, torch.device("cpu"), seed=1)
+    assert abs(float(normative["input_median"])) < 0.05 and normative["count"].sum() == 6 * healthy.brain.sum()
+    assert (normative["std"] > 0).all() and normative["mean"].shape == normative["std"].shape
+    with pytest.raises(ValueError, match="healthy slices only"):
+        scoring.fit_normative(model, TinySlices(n=4), models.make_scheduler(), settings, torch.device("cpu"), seed=1)
+    # input_norm: after the shift every slice (or scan) has the training median inside the brain
+    shifted = TinySlices(n=6)
+    shifted.images = shifted.images + np.array([0.1, 0.1, 0.1, -0.2, -0.2, -0.2])[:, None, None]
+    for mode in ("slice", "scan"):
+        offsets = scoring.input_offsets(shifted, dataclasses.replace(settings, input_norm=mode), {"input_median": 0.0})
+        images = scoring.shift_inputs(torch.stack([shifted[i]["image"] for i in range(6)]), offsets)
+        medians = [scoring.brain_median(images[i].numpy(), shifted.brain) for i in (0, 1, 3)]  # healthy slices
+        np.testing.assert_allclose(medians, 0, atol=0.05)
+    assert not scoring.input_offsets(shifted, settings, None).any()  # off: no shift, no statistics needed
+    # min_height: slices low in their scan score 0
+    np.testing.assert_array_equal(scoring.height_filter(np.array([1.0, 2.0, 3.0]), [0.1, 0.5, 0.9], 0.3), [0, 2, 3])
+    index = {"scan": np.array(["a", "a", "a", "b", "b"])}
+    import data
+    np.testing.assert_allclose(data.relative_heights(index), [0, 0.5, 1, 0, 1])
+
+
 # ---- one set of defaults ------------------------------------------------------------------------
 
 def scoring_fields(namespace):
@@ -327,7 +407,8 @@ def test_settings_window_rule_pack_gap_noise_seed_and_resolve():
     saved = {"patch_size": 16, "stride": 8, "eval_t": [150], "residual": "abs", "score": "mean", "median_size": 0}
     resolved, missing = scoring.ScoringSettings.resolve(saved, {"score": "brain_p99", "median_size": None})
     assert (resolved.score, resolved.residual, resolved.median_size, resolved.eval_t) == ("brain_p99", "abs", 0, (150,))
-    assert set(missing) == {"eval_batch_size", "smooth_slices", "skip_outside_mask", "pack_windows", "channels_last"}
+    issue13_options = set(scoring.FIELDS[scoring.FIELDS.index("noise"):])  # newer than the saved args
+    assert set(missing) == {"eval_batch_size", "smooth_slices", "skip_outside_mask", "pack_windows", "channels_last"} | issue13_options
     assert resolved.smooth_slices == scoring.DEFAULTS.smooth_slices
     assert scoring.ScoringSettings.from_flags(resolved.as_dict()) == resolved  # what args.json holds reads back
 
