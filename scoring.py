@@ -110,6 +110,13 @@ class ScoringSettings:
         need(self.smooth_slices >= 0, "smooth_slices", self.smooth_slices, "must be 0 (off) or more")
         need(self.residual in RESIDUALS, "residual", self.residual, f"unknown (one of {', '.join(RESIDUALS)})")
         need(self.score in SLICE_SCORES, "score", self.score, f"unknown (one of {', '.join(SLICE_SCORES)})")
+        need(self.noise in NOISES, "noise", self.noise, f"unknown (one of {', '.join(NOISES)})")
+        need(self.noise_draws >= 1, "noise_draws", self.noise_draws, "must be at least 1")
+        need(self.draw_combine in DRAW_COMBINES, "draw_combine", self.draw_combine, f"one of {', '.join(DRAW_COMBINES)}")
+        need(self.input_norm in INPUT_NORMS, "input_norm", self.input_norm, f"one of {', '.join(INPUT_NORMS)}")
+        need(self.calibrate in CALIBRATIONS, "calibrate", self.calibrate, f"one of {', '.join(CALIBRATIONS)}")
+        need(0 <= self.min_height < 1, "min_height", self.min_height, "a fraction of the scan's height, 0 (off) to below 1")
+        need(self.brain_hu[0] < self.brain_hu[1], "brain_hu", list(self.brain_hu), "LOW must be below HIGH")
         return filled
 
     @property
