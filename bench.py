@@ -326,7 +326,12 @@ def main(argv=None):
         pretrained=False, in_channels=args.channels, image_size=args.image_size, base_channels=args.base_channels))
     args.image_size, args.channels = config["image_size"], config["in_channels"]
     args.base_channels = config.get("base_channels", args.base_channels)
-    base = scoring.ScoringSettings.from_flags(args).for_image(args.image_size)
+    models.check_model_flags(argparse.Namespace(**{k: getattr(args, k) for k in (
+        "image_size", "base_channels", "batch_size", "lr", "seed", "slices", "device")},
+        channel_mults=config.get("channel_mults", [1, 2, 4, 8]), pretrained=config["kind"] == "pretrained"))
+    for name in ("repeats", "train_steps"):
+        models.check_flag(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
+    base = scoring.ScoringSettings.from_flags(args).check(args.image_size)
     args.patch_size, args.stride = base.patch_size, base.stride
     torch.manual_seed(args.seed)
     tmp = tempfile.TemporaryDirectory(prefix="ctpddpm_bench_") if args.data_dir is None else None  # removed at exit
@@ -372,8 +377,7 @@ def main(argv=None):
               "gflops_per_forward": gflops, "device": device_name, "load_average": [load_before[0], load_after[0]],
               "seconds": seconds_total, "settings": vars(args)}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        data.write_json(args.json, report)
         print(f"wrote {args.json}")
     return report
 

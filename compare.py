@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+import data
+
 
 def run_label(args):
     """args['run_label'] if the run has one, else a short description of the model."""
@@ -102,8 +104,18 @@ def plot_runs(histories, labels, path):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    data.save_figure(fig, path, dpi=90)
     plt.close(fig)
+
+
+def check_output_format(path):
+    """--output must name a format matplotlib writes (png, pdf, svg, ...): checked before any plotting."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension and extension not in formats:
+        raise SystemExit(f"error: --output {path}: matplotlib cannot write .{extension} files "
+                         f"(use one of {', '.join(sorted(formats))})")
 
 
 def main(argv=None):
@@ -121,6 +133,7 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: {args.output}: directory {out_dir} does not exist")
+    check_output_format(args.output)
     plot_runs([h for h, _ in runs], [label for _, label in runs], args.output)
     for run_dir, (history, label) in zip(run_dirs, runs):
         epoch, auc = best_epoch(history, "val_roc_auc", "max")

@@ -28,10 +28,10 @@ t is an int or a [B] tensor of timesteps in [0, 1000).
 """
 import argparse
 import collections
+import functools
 import math
 import os
 import re
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -40,14 +40,19 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pytorch_msssim import ssim
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
+
 
 # ----------------------------------------------------------------------------------------------
 # noise schedule
 
+NUM_TRAIN_TIMESTEPS = 1000  # t runs over 0..999
+
+
 def make_scheduler():
     # clip_sample defaults to True in diffusers; we never sample, and clipping would hide the
     # error of an x0 prediction that overshoots [-1, 1], so it is off.
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2",
                          prediction_type="sample", clip_sample=False)
 
 
@@ -262,11 +267,57 @@ def save_standin(directory, in_channels=3):
     return unet
 
 
+def check_flag(ok, flag, value, what):
+    """The one form of a flag check right after parsing: SystemExit("error: --<flag> <value>: <what>") unless ok."""
+    if not ok:
+        raise SystemExit(f"error: --{flag} {value}: {what}")
+
+
+def check_model_flags(args):
+    """The model and optimisation flags train.py and bench.py share (those each has), checked at once."""
+    get = functools.partial(getattr, args)
+    for name in ("base_channels", "batch_size", "epochs", "eval_every", "num_samples", "max_steps", "steps", "slices"):
+        if get(name, None) is not None:
+            check_flag(get(name) >= 1, name, get(name), "must be at least 1")
+    for name in ("lr", "grad_clip"):
+        if get(name, None) is not None:
+            check_flag(math.isfinite(get(name)) and get(name) > 0, name, get(name), "must be a finite number above 0")
+    if get("weight_decay", None) is not None:
+        check_flag(math.isfinite(args.weight_decay) and args.weight_decay >= 0, "weight_decay", args.weight_decay,
+                   "must be a finite number, 0 or more")
+    for name in ("dropout", "min_brain_fraction"):
+        if get(name, None) is not None:
+            check_flag(0 <= get(name) < 1, name, get(name), "must be in [0, 1)")
+    if get("num_workers", None) is not None:
+        check_flag(args.num_workers >= 0, "num_workers", args.num_workers, "must be 0 or more")
+    if get("seed", None) is not None:
+        check_flag(args.seed >= 0, "seed", args.seed, "must be 0 or more")
+    if get("channel_mults", None) is not None:
+        check_flag(all(m >= 1 for m in args.channel_mults), "channel_mults", " ".join(map(str, args.channel_mults)),
+                   "every level must be at least 1")
+    if get("image_size", None) is not None:
+        multiple = 2 ** (len(args.channel_mults) - 1) if not get("pretrained", False) and get("channel_mults", None) else 1
+        check_flag(args.image_size >= 8 and args.image_size % multiple == 0, "image_size", args.image_size,
+                   f"must be a multiple of {multiple} (the UNet halves it {len(args.channel_mults) - 1} times) and at least 8"
+                   if multiple > 1 else "must be at least 8")
+    pick_device(get("device", "auto") or "auto")
+
+
 def pick_device(name="auto"):
     """"auto" -> cuda if present, else cpu; anything else is passed to torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device name (auto, cpu, cuda, cuda:N, mps)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available here (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {name}: MPS is not available here (use --device cpu or auto)")
+    return device
 
 
 def cpu_has_native_bf16():
@@ -332,15 +383,7 @@ def save_checkpoint(path, model, config, **extra_plain_data):
     if isinstance(model, PretrainedUNet):
         config["unet_config"] = _plain(dict(model.unet.config))  # rebuild offline on load
     checkpoint = {"model": model.state_dict(), "config": config, **extra_plain_data}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
+    data.write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -369,6 +412,12 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError as e:
         raise SystemExit(f"error: {path}: weights do not match the architecture in its config "
                          f"({str(e).strip().splitlines()[0]})")
+    # a model with one NaN weight scores every slice NaN: say so now, not after hours of scoring
+    bad = [name for name, tensor in checkpoint["model"].items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise SystemExit(f"error: {path}: non-finite weights (NaN or inf) in {bad[0]}"
+                         + (f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else "") + "; the checkpoint is unusable")
     return model.to(device).eval(), config, checkpoint
 
 

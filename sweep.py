@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -54,17 +55,19 @@ def get_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=D.eval_batch_size)
     models.add_device_flags(p, from_checkpoint=True)
     p.add_argument("--n_boot", type=int, default=1000)
-    p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_val")
+    p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_<checkpoint name>_val")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
     return p.parse_args(argv)
 
 
-def validation_slices(args, train_args, config):
-    """The validation split of the training run (same seed, so the same patients, same caches) as tensors."""
+def validation_slices(args, train_args, config, checkpoint):
+    """The validation split of the training run (its saved patient lists, same caches) as tensors."""
     rd = data.open_run_data(args.data_dir or train_args.get("data_dir"), image_size=config["image_size"],
                             channels=config["in_channels"], split_seed=train_args.get("seed", data.DEFAULT_SEED),
                             num_samples=train_args.get("num_samples", data.DEFAULT_NUM_SAMPLES), eval_samples=args.eval_samples,
                             decode=("val",), dataset=train_args.get("dataset", "auto"), cache_dir=train_args.get("cache_dir"),
-                            num_workers=train_args.get("num_workers", 0))
+                            num_workers=train_args.get("num_workers", 0),
+                            saved_splits=evaluate.saved_splits(checkpoint, args.checkpoint))
     min_brain_fraction = args.min_brain_fraction if args.min_brain_fraction is not None else train_args.get("min_brain_fraction", 0.0)
     val = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["val"], min_brain_fraction))
     items = [val[i] for i in range(len(val))]
@@ -128,8 +131,7 @@ def format_delta(row, key, mark_key):
 
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
-    with open(os.path.join(output_dir, "sweep.json"), "w") as f:
-        json.dump(header | {"rows": rows}, f, indent=2)
+    data.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
     lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -143,8 +145,7 @@ def write_table(output_dir, rows, header):
     lines.append("")
     lines.append("Δ: this row's ROC-AUC minus the default setting's (scoring.DEFAULTS) on the same slices; * = the paired "
                  "patient-bootstrap 95 % CI excludes 0.")
-    with open(os.path.join(output_dir, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    data.write_atomically(os.path.join(output_dir, "sweep.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n".join(lines[:12]))
     print(f"... {len(rows)} settings; full table in {os.path.join(output_dir, 'sweep.md')}")
 
@@ -162,11 +163,42 @@ def main(argv=None):
     amp = models.autocast_dtype(args.precision or train_args.get("precision", "auto"), device)
     base, _ = scoring.ScoringSettings.resolve(train_args, {"eval_batch_size": args.eval_batch_size, "pack_windows": args.pack_windows,
                                                            "skip_outside_mask": args.skip_outside_mask})
-    base = base.for_image(config["image_size"])
-    windows = [tuple(int(v) for v in w.split(":")) for w in args.windows] if args.windows else [(base.patch_size, base.stride)]
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "sweep_val")
-    os.makedirs(output_dir, exist_ok=True)
-    val, images, masks = validation_slices(args, train_args, config)
+    base = base.check(config["image_size"])
+    dataclasses.replace(base, eval_t=tuple(args.eval_t)).check(config["image_size"])
+    for name in ("median_sizes", "smooth_slices"):
+        for value in getattr(args, name):
+            models.check_flag(value >= 0, name, value, "must be 0 (off) or more")
+    models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
+    windows = parse_windows(args.windows, config["image_size"], base)
+    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                                 f"sweep_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_val")
+    lock = evaluate.make_output_dir(output_dir, args.overwrite, result="sweep.json")
+    try:
+        sweep(args, model, config, checkpoint, train_args, base, windows, output_dir, device, amp)
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        data.release_output_dir(lock)
+
+
+def parse_windows(texts, image_size, base):
+    """--windows patch:stride pairs (default: the run's own window), each checked as evaluate.py checks its flags."""
+    if not texts:
+        return [(base.patch_size, base.stride)]
+    windows = []
+    for text in texts:
+        try:
+            patch_size, stride = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise SystemExit(f"error: --windows {text}: expected patch:stride, e.g. 32:16")
+        dataclasses.replace(base, patch_size=patch_size, stride=stride).check(image_size)
+        windows.append((patch_size, stride))
+    return windows
+
+
+def sweep(args, model, config, checkpoint, train_args, base, windows, output_dir, device, amp):
+    val, images, masks = validation_slices(args, train_args, config, checkpoint)
     seed = train_args.get("seed", data.DEFAULT_SEED)
     print(f"validation split: {len(val)} slices ({int(val.labels.sum())} hemorrhage) from {len(np.unique(val.patients))} patients")
 

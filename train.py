@@ -12,10 +12,11 @@ validation split (patients never seen in training), giving the ROC-AUC used to k
 best_model.pt. The test split is left alone: evaluate.py reports it once.
 """
 import argparse
-import json
 import math
 import os
+import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -72,8 +73,15 @@ def get_args(argv=None):
     models.add_device_flags(g)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (evaluate.py uses the run's values)"))
     g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from last.pt")
-    g.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output_dir")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output_dir from last.pt, with its saved splits. Refused if a flag would "
+                        "make it another run (seed, data, model, batch, scoring...); free to change: "
+                        + ", ".join(sorted(RESUME_MAY_CHANGE)))
+    g.add_argument("--new_schedule", action="store_true",
+                   help="with --resume: accept a changed --lr and/or --epochs and recompute the cosine learning-rate "
+                        "schedule as if the run had used them from its start (the lr jumps to that curve at the current step)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --output_dir (its checkpoints, history and plots are deleted first)")
     g.add_argument("--run_label", default=None, help="label for plots (default: built from the settings)")
     g.add_argument("--eval_every", type=int, default=1, help="score the validation split every N epochs (and after the last)")
     g.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (smoke tests)")
@@ -85,12 +93,26 @@ def get_args(argv=None):
         args.channels = 3 if args.pretrained else 1
     if args.lr is None:
         args.lr = 1e-5 if args.pretrained else 1e-4
-    window = scoring.ScoringSettings.from_flags(args).for_image(args.image_size)
+    # every flag is checked here, before any data is read: a bad value is one line now, not a traceback an epoch later
+    models.check_model_flags(args)
+    models.check_flag(not args.new_schedule or args.resume, "new_schedule", "", "only means something with --resume")
+    if args.cache_dir:
+        data.check_cache_dir(args.cache_dir)
+    window = scoring.ScoringSettings.from_flags(args).check(args.image_size)
     args.patch_size, args.stride = window.patch_size, window.stride  # recorded in args.json and the checkpoints
     if args.run_label is None:
         kind = f"pretrained {os.path.basename(os.path.normpath(args.hf_model))}" if args.pretrained else f"scratch bc{args.base_channels}"
         args.run_label = f"{kind} {args.channels}ch {args.image_size}px"
     return args
+
+
+# what `--resume` may change without making the run another one; everything else must be as the run was started
+RESUME_MAY_CHANGE = {"num_workers", "eval_every", "device", "precision", "eval_batch_size", "pack_windows",
+                     "channels_last", "cache_dir", "run_label", "hf_model", "output_dir", "resume", "overwrite",
+                     "new_schedule"}
+SCHEDULE_FLAGS = ("lr", "epochs")  # changed only with --new_schedule
+TRAIN_OUTPUTS = ("last.pt", "best_model.pt", "best_model_loss.pt", "training_history.json", "args.json", "splits.json",
+                 "training_curves.png")  # with eval_scores_epoch_*.png and diagnostics_epoch_*.png
 
 
 def last_good(args):
@@ -102,43 +124,70 @@ def last_good(args):
 
 
 def check_output_dir(args):
-    """Refuse to silently overwrite a finished run."""
-    if args.resume:
-        if not os.path.exists(os.path.join(args.output_dir, "last.pt")):
-            raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
-        for name in os.listdir(args.output_dir):
-            if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
-                os.remove(os.path.join(args.output_dir, name))
-        return
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"error: {args.output_dir}: output dir is not empty; "
-                         "use --resume to continue that run or --overwrite to replace it")
+    """Refuse to silently overwrite a finished run, and take the folder's lock (one run per output dir at a time).
+    -> the lock's path (data.release_output_dir frees it)."""
+    if args.resume and not os.path.exists(os.path.join(args.output_dir, "last.pt")):
+        raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, ".write_test")
+        probe = os.path.join(args.output_dir, f".write_test.{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
+    lock = data.lock_output_dir(args.output_dir, "train.py")
+    try:
+        names = [name for name in os.listdir(args.output_dir) if name != data.LOCK_NAME]
+        if args.resume:
+            for name in names:
+                if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
+                    os.remove(os.path.join(args.output_dir, name))
+        elif names and not args.overwrite:
+            raise SystemExit(f"error: {args.output_dir}: output dir is not empty; "
+                             "use --resume to continue that run or --overwrite to replace it")
+        elif names:
+            old = [name for name in names if name in TRAIN_OUTPUTS or name.endswith(".tmp") or
+                   (name.endswith(".png") and name.startswith(("eval_scores_epoch_", "diagnostics_epoch_")))]
+            for name in old:
+                os.remove(os.path.join(args.output_dir, name))
+            print(f"--overwrite: removed {len(old)} file(s) of the previous run in {args.output_dir}"
+                  + (f"; left {len(names) - len(old)} other entries (e.g. {sorted(set(names) - set(old))[0]})"
+                     if len(names) > len(old) else ""))
+    except BaseException:
+        data.release_output_dir(lock)
+        raise
+    return lock
 
 
-def open_datasets(args, rank, world):
-    """(index, training set of healthy slices, validation healthy slices for the loss, the whole validation split)."""
+def open_datasets(args, rank, world, saved_splits):
+    """(run data, training set of healthy slices, validation healthy slices for the loss, the whole validation
+    split). saved_splits: the run's splits record when resuming (None: drawn from --seed now)."""
     rd = data.open_run_data(args.data_dir, image_size=args.image_size, channels=args.channels, split_seed=args.seed,
                             num_samples=args.num_samples, eval_samples=args.eval_samples, decode=("train", "val"),
-                            dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank, world=world)
+                            dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank,
+                            world=world, saved_splits=saved_splits)
     train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)
     val_pos = rd.cache.ok(rd.splits["val"], args.min_brain_fraction)
     if len(train_pos) == 0:
         why = "all of them are bad files" if len(rd.splits["train"]) else "no patient without a hemorrhage slice to train on"
         raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices ({why})")
     val_healthy = val_pos[rd.index["any"][val_pos] == 0]
-    return (rd.index, data.SliceDataset(rd.cache, rd.index, train_pos), data.SliceDataset(rd.cache, rd.index, val_healthy),
+    if len(val_healthy) == 0:  # the validation loss, and so best_model_loss.pt, would be made of nothing
+        raise SystemExit(f"error: {args.data_dir}: no usable healthy validation slices (the validation split has "
+                         f"{len(rd.patients['val'])} patient(s); a run needs at least 2 healthy patients with usable slices)")
+    return (rd, data.SliceDataset(rd.cache, rd.index, train_pos), data.SliceDataset(rd.cache, rd.index, val_healthy),
             data.SliceDataset(rd.cache, rd.index, val_pos))
 
 
-def resume(args, model, config, optimizer, lr_schedule):
-    """Load last.pt into model, optimizer and schedule -> (history, first epoch to run)."""
+def _same(key, saved, now):
+    if key == "data_dir":
+        return os.path.abspath(os.fspath(saved)) == os.path.abspath(os.fspath(now))
+    return (list(saved) if isinstance(saved, (list, tuple)) else saved) == (list(now) if isinstance(now, (list, tuple)) else now)
+
+
+def check_resume(args, config, world):
+    """Load last.pt and refuse, in one line, a --resume whose flags would make the run another one: another model,
+    seed, data folder, batch, scoring... (a changed --lr / --epochs only with --new_schedule). -> the checkpoint."""
     last = os.path.join(args.output_dir, "last.pt")
     # load_checkpoint refuses, in one line naming the file, a truncated file, pickled objects (weights_only)
     # and weights that do not fit their config; the run's model must then be the one this command builds.
@@ -152,10 +201,43 @@ def resume(args, model, config, optimizer, lr_schedule):
     missing = [key for key in ("optimizer", "lr_schedule", "history", "epoch") if key not in ckpt]
     if missing:
         raise SystemExit(f"error: {last}: not a resumable checkpoint (no {', '.join(missing)})")
+    saved = dict(ckpt.get("args") or {})
+    if ckpt.get("splits"):
+        saved["data_dir"] = ckpt["splits"]["data_dir"]  # absolute, where args.json may hold a relative path
+    now = vars(args) | {"world_size": world}
+    changed = [key for key, value in now.items()
+               if key not in RESUME_MAY_CHANGE and key in saved and not _same(key, saved[key], value)]
+    if args.new_schedule:  # the schedule may change: only the rest is refused
+        changed = [key for key in changed if key not in SCHEDULE_FLAGS] or changed
+    described = "; ".join(f"--{key} {saved[key]!r}, now {now[key]!r}" for key in changed)
+    if any(key not in SCHEDULE_FLAGS for key in changed):
+        raise SystemExit(f"error: {last}: --resume would make it another run ({described}); resume with the run's own "
+                         "values (args.json next to it) or start a new run in another --output_dir")
+    if changed and not args.new_schedule:
+        raise SystemExit(f"error: {last}: --resume with a changed schedule ({described}); add --new_schedule to "
+                         "recompute the learning-rate schedule for the new values, or resume with the run's own")
+    if args.epochs < ckpt["epoch"]:
+        raise SystemExit(f"error: {last}: the run already finished epoch {ckpt['epoch']}; --epochs {args.epochs} is less")
+    return ckpt
+
+
+def restore(args, ckpt, model, optimizer, lr_schedule):
+    """Load the checkpoint into model, optimizer and schedule -> (history, first epoch to run, schedule)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    lr_schedule.load_state_dict(ckpt["lr_schedule"])
-    return ckpt["history"], ckpt["epoch"] + 1
+    if not args.new_schedule:
+        lr_schedule.load_state_dict(ckpt["lr_schedule"])
+        return ckpt["history"], ckpt["epoch"] + 1, lr_schedule
+    # the cosine schedule of the new --lr / --epochs, at the step the run has reached
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = args.lr
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=lr_schedule.T_max)
+    with warnings.catch_warnings():  # "step() before optimizer.step()": on purpose, to reach the current step
+        warnings.simplefilter("ignore")
+        for _ in range(ckpt["lr_schedule"]["last_epoch"]):
+            schedule.step()
+    print(f"--new_schedule: lr {schedule.get_last_lr()[0]:.3g} at step {schedule.last_epoch} of {schedule.T_max}")
+    return ckpt["history"], ckpt["epoch"] + 1, schedule
 
 
 def train_epoch(train_model, model, train_set, sampler, optimizer, lr_schedule, scheduler, args, device, amp_dtype,
@@ -258,7 +340,7 @@ def save_diagnostics(path, model, dataset, scheduler, args, settings, device, ep
             ax.axis("off")
     fig.suptitle(f"Diagnostics after epoch {epoch} ({args.run_label})")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    data.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -286,21 +368,21 @@ def epoch_record(epoch, train_loss, val_loss, result, score, lr, train_time, eva
             "lr": lr, "train_seconds": train_time, "eval_seconds": eval_time, "images_per_second": images / max(train_time, 1e-9)}
 
 
-def write_epoch(args, model, config, history, result, best, optimizer, lr_schedule, world):
-    """best_model.pt (best val ROC-AUC), best_model_loss.pt (best val loss), history, curves, plots, then last.pt:
-    it is what --resume trusts, so it only names an epoch whose files are all written."""
+def write_epoch(args, model, config, history, result, best, optimizer, lr_schedule, world, splits):
+    """best_model.pt (best val ROC-AUC; best val loss when the validation split has no bleed), best_model_loss.pt
+    (best val loss), history, curves, plots, then last.pt: it is what --resume trusts, so it only names an epoch
+    whose files are all written. Every checkpoint holds the run's splits (plain lists)."""
     record, out = history[-1], args.output_dir
-    extra = {"args": vars(args) | {"world_size": world}, "epoch": record["epoch"], "metrics": record}
+    extra = {"args": vars(args) | {"world_size": world}, "epoch": record["epoch"], "metrics": record, "splits": splits,
+             "best_by": "val_loss" if best["by_loss"] else "val_roc_auc"}
     auc = record["val_roc_auc"] if record["val_roc_auc"] is not None else -math.inf
-    if auc > best["auc"]:
+    if auc > best["auc"] or (best["by_loss"] and record["val_loss"] < best["loss"]):
         best["auc"] = auc
         models.save_checkpoint(os.path.join(out, "best_model.pt"), model, config, **extra)
     if record["val_loss"] < best["loss"]:
         best["loss"] = record["val_loss"]
         models.save_checkpoint(os.path.join(out, "best_model_loss.pt"), model, config, **extra)
-    with open(os.path.join(out, "training_history.json.tmp"), "w") as f:
-        json.dump(history, f, indent=2)
-    os.replace(os.path.join(out, "training_history.json.tmp"), os.path.join(out, "training_history.json"))
+    data.write_json(os.path.join(out, "training_history.json"), history)
     compare.plot_runs([history], [args.run_label], os.path.join(out, "training_curves.png"))
     if result is not None:
         evaluate.plot_scores(os.path.join(out, f"eval_scores_epoch_{record['epoch']}.png"), result["labels"],
@@ -316,26 +398,54 @@ def write_epoch(args, model, config, history, result, best, optimizer, lr_schedu
 
 def main(argv=None):
     args = get_args(argv)
+    data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)  # before an output dir is made
     # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
     rank, world, device = models.setup_distributed(args.device)
+    lock = check_output_dir(args) if rank == 0 else None
+    try:
+        run(args, rank, world, device)
+    except KeyboardInterrupt:
+        if rank == 0:
+            resumable = os.path.exists(os.path.join(args.output_dir, "last.pt"))
+            print("interrupted: continue with --resume" if resumable else
+                  "interrupted before the first epoch finished: nothing to resume, start again", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if lock:
+            data.release_output_dir(lock)
+
+
+def run(args, rank, world, device):
     is_main = rank == 0
     amp_dtype = models.autocast_dtype(args.precision, device)
     settings = scoring.ScoringSettings.from_flags(args)
+    config = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
+                                 base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
+                                 hf_model=args.hf_model)
+    ckpt = check_resume(args, config, world) if args.resume else None
+    saved_splits = ckpt.get("splits") if ckpt else None
+    if ckpt and saved_splits is None:
+        saved_splits = data.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
+    rd, train_set, val_loss_set, val_eval_set = open_datasets(args, rank, world, saved_splits)
+    splits = saved_splits or data.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
+                                                dataset=data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset))
+    by_loss = not val_eval_set.labels.any()
     if is_main:
-        check_output_dir(args)
-    index, train_set, val_loss_set, val_eval_set = open_datasets(args, rank, world)
-    if is_main:
+        if not args.resume:  # fixed now: evaluate.py and sweep.py score exactly these patients
+            data.write_json(os.path.join(args.output_dir, "splits.json"), splits)
         print(f"train: {len(train_set)} healthy slices | val: {len(val_eval_set)} slices "
               f"({int(val_eval_set.labels.sum())} hemorrhage) | device {device} x{world} | "
               f"precision {'bf16' if amp_dtype else 'fp32'}")
+        if by_loss:
+            print("warning: the validation split has no hemorrhage slice, so no ROC-AUC can be computed; best_model.pt "
+                  "is chosen by validation loss (as best_model_loss.pt)", file=sys.stderr)
         if scoring.smoothing_note(settings.smooth_slices, args.eval_samples):
             print(scoring.smoothing_note(settings.smooth_slices, args.eval_samples))
 
     torch.manual_seed(args.seed)
-    config = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
-                                 base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
-                                 hf_model=args.hf_model)
     model = models.build_model(config).to(device)
+    models.check_flag(args.image_size % model.size_multiple == 0, "image_size", args.image_size,
+                      f"must be a multiple of {model.size_multiple} for this model")
     if is_main:
         print(f"model: {args.run_label}, {sum(p.numel() for p in model.parameters()):,} parameters")
     scheduler = models.make_scheduler()
@@ -345,16 +455,18 @@ def main(argv=None):
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True) if world > 1 else None
     steps_per_epoch = min(len(train_set) // (args.batch_size * world) or 1, args.max_steps or math.inf)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
-    history, start_epoch = resume(args, model, config, optimizer, lr_schedule) if args.resume else ([], 1)
+    history, start_epoch = [], 1
+    if ckpt:
+        history, start_epoch, lr_schedule = restore(args, ckpt, model, optimizer, lr_schedule)
     best = {"auc": max([h["val_roc_auc"] for h in history if h["val_roc_auc"] is not None], default=-math.inf),
-            "loss": min([h["val_loss"] for h in history], default=math.inf)}
+            "loss": min([h["val_loss"] for h in history], default=math.inf), "by_loss": by_loss}
     if args.resume and is_main:
         print(f"resuming {args.output_dir} after epoch {start_epoch - 1}")
     train_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     if is_main:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world}, f, indent=2)
+        data.write_json(os.path.join(args.output_dir, "args.json"),
+                        vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world})
 
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
@@ -376,9 +488,10 @@ def main(argv=None):
         if result is not None:
             save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), model, val_eval_set,
                              scheduler, args, settings, device, epoch, amp_dtype)
-        write_epoch(args, model, config, history, result, best, optimizer, lr_schedule, world)
+        write_epoch(args, model, config, history, result, best, optimizer, lr_schedule, world, splits)
     if is_main:
-        print(f"done: best val ROC-AUC {best['auc']:.3f}; outputs in {args.output_dir}")
+        chosen = f"val ROC-AUC {best['auc']:.3f}" if not by_loss else f"val loss {best['loss']:.4f} (no bleed in val)"
+        print(f"done: best {chosen}; outputs in {args.output_dir}")
     models.teardown_distributed(world)
 
 

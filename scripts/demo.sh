@@ -35,4 +35,4 @@ $PY compare.py --scratch_dir "$OUT/scratch" --pretrained_dir "$OUT/standin" --ou
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s. Plots:"
-ls "$OUT"/scratch/*.png "$OUT"/scratch/eval_test/*.png "$OUT"/comparison.png 2>/dev/null | sed 's/^/  /'
+ls "$OUT"/scratch/*.png "$OUT"/scratch/eval_best_model_test/*.png "$OUT"/comparison.png 2>/dev/null | sed 's/^/  /'

@@ -11,16 +11,21 @@ load_checkpoint on a pickled object, a truncated file, another architecture, a m
 missing --data_dir (tests/test_scripts.py); SIGKILL + resume (test_sigkill_and_resume_matches_uninterrupted).
 """
 import contextlib
+import errno
 import io
 import json
 import os
 import re
+import signal
+import socket
 import warnings
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -43,6 +48,14 @@ def head_hu(rows=32, columns=32):
     hu[radius < 0.92] = 40.0
     hu[radius < 0.83] = 1000.0
     hu[radius < 0.73] = 30.0
+    return hu
+
+
+def padded_head_hu(padding):
+    """head_hu with the corners outside the round field of view set to a scanner's padding value (21 % of pixels)."""
+    hu = head_hu()
+    row, col = np.mgrid[0:32, 0:32]
+    hu[np.hypot(row - 15.5, col - 15.5) > 16] = padding
     return hu
 
 
@@ -112,12 +125,22 @@ BAD_SLICES = [
     ("ID_c_garbledslope", write_garbled_slope, "decode", "unreadable RescaleSlope/RescaleIntercept"),
     ("ID_c_1x1", lambda p, k: ct_file(p, np.full((1, 1), 30.0, np.float32), instance=k), "decode",
      "image of 1x1 pixels, too small"),
+    # issue 15: headers that decode into garbage
+    ("ID_c_slope0", lambda p, k: ct_file(p, instance=k, RescaleSlope=0), "decode", "implausible RescaleSlope: 0"),
+    ("ID_c_hu1024", lambda p, k: ct_file(p, instance=k, RescaleSlope=None, RescaleIntercept=None), "decode",
+     "implausible HU values: no air around the head"),
+    ("ID_c_unsigned", lambda p, k: ct_file(p, padded_head_hu(-2000), instance=k, PixelRepresentation=0), "decode",
+     "implausible HU values: 21% of pixels above 3000 HU"),
+    ("ID_c_columns", lambda p, k: ct_file(p, instance=k, Columns=31), "decode",
+     "pixel data length does not match the header: 2048 bytes, but Rows x Columns x BitsAllocated (32 x 31 x 16 bit) "
+     "make 1984"),
 ]
 # Odd but good slices: must be decoded, not skipped.
 GOOD_SLICES = [
     ("ID_c_quirk12", lambda p, k: ct_file(p, instance=k, quirk12=True)),  # RSNA 12-bit storage
     ("ID_c_quirk12twin", lambda p, k: ct_file(p, instance=k)),  # the same HU stored normally
     ("ID_c_1024x700", lambda p, k: ct_file(p, head_hu(1024, 700), instance=k)),
+    ("ID_c_padding3024", lambda p, k: ct_file(p, padded_head_hu(-3024), instance=k)),  # scanner padding outside the FOV
 ]
 
 
@@ -273,9 +296,10 @@ def copy_run(tiny_run, tmp_path):
 
 
 def resume_error(run, data_dir, *extra):
-    """The message of `train.py --resume` on `run`, asked for a second epoch."""
+    """The message of `train.py --resume` on `run`, asked for a second epoch (--new_schedule: the cosine schedule is
+    recomputed for 2 epochs)."""
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
-        train.main(tiny_train_args(data_dir, run, "--resume", "--epochs", "2", *extra))
+        train.main(tiny_train_args(data_dir, run, "--resume", "--epochs", "2", "--new_schedule", *extra))
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -416,3 +440,449 @@ def test_cli_evaluate_refuses_a_pickled_checkpoint_in_one_line(tiny_run, tmp_pat
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'downloaded.pt'}: refused to load, it holds a pickled posix.system, not only tensors and plain "
         "data (checkpoints are loaded with weights_only=True)"]
+
+
+# ==== issue 15: stale cache, leaking splits, garbage headers, overwritten results, unchecked flags ====
+
+def small_data(tmp_path, name="data", patients=4, seed=3):
+    """A fresh phantom of its own (tests below change files in it), 32 px."""
+    return phantom.write_phantom(str(tmp_path / name), patients=patients, slices=3, size=32, seed=seed)
+
+
+def quiet(fn, *args, **kwargs):
+    """fn(...) with its stdout captured -> (result, stdout)."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = fn(*args, **kwargs)
+    return result, out.getvalue()
+
+
+def rewrite_pixels(path, hu):
+    """Give an existing DICOM other pixels (same header, ids and size), as a re-export or a second site would."""
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.clip(np.round(hu + 1024), -32768, 32767).astype(np.int16).tobytes()
+    ds.save_as(path)
+
+
+# ---- 1. the slice cache serves only what is on disk now ----------------------------------------
+
+def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
+    root = small_data(tmp_path)
+    cache_dir = str(tmp_path / "cache")
+    index, _ = quiet(data.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    victim = int(np.flatnonzero(index["path"] != "")[1])
+    open(os.path.join(root, index["path"][victim]), "wb").close()  # 0 bytes, in place: the folder's mtime stays
+    cache, out = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    assert cache.state[victim] == 2 and victim not in cache.ok(rows)
+    assert "(1 decoded again: their file changed since it was cached)" in out
+    assert f"slices: skipped 1 file(s): 1 unreadable DICOM. First: {index['path'][victim]}" in out
+    # the index, too, notices the changed file (its header could now say another patient) and reads headers again
+    again, out = quiet(data.load_index, root, cache_dir=cache_dir, num_workers=1)
+    assert f"index: 1 file(s) changed since the index was built (first: {index['path'][victim]})" in out
+    assert index["id"][victim] not in again["id"] and "1 unreadable DICOM header" in out
+
+
+def test_a_cached_file_rewritten_with_other_pixels_is_decoded_again(tmp_path):
+    root = small_data(tmp_path)
+    cache_dir = str(tmp_path / "cache")
+    index, _ = quiet(data.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    before, _ = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    old_image = np.array(before.images[2])
+    path = os.path.join(root, index["path"][2])
+    rewrite_pixels(path, head_hu())
+    after, out = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    assert "1 decoded again" in out and not np.array_equal(np.array(after.images[2]), old_image)
+    expected, _ = data.load_slice(path, 1, 32)
+    assert np.array_equal(np.array(after.images[2]), expected)
+
+
+def test_two_data_folders_with_the_same_ids_share_no_cache_rows(tmp_path):
+    first = small_data(tmp_path, "site_a")
+    second = small_data(tmp_path, "site_b")  # the same seed: the same ids, patients and file names
+    index, _ = quiet(data.load_index, first, cache_dir=str(tmp_path / "shared"), num_workers=1)
+    for path in index["path"]:  # every image of the second site differs
+        if os.path.getsize(os.path.join(second, path)) > 1000:
+            rewrite_pixels(os.path.join(second, path), head_hu())
+    shutil.rmtree(os.path.join(second, "masks"))
+    caches = {}
+    for root in (first, second):
+        index_here, _ = quiet(data.load_index, root, cache_dir=str(tmp_path / "shared"), num_workers=1)
+        assert np.array_equal(index_here["id"], index["id"])
+        caches[root], _ = quiet(data.prepare_slices, root, index_here, np.arange(len(index["id"])), 32, 1,
+                                cache_dir=str(tmp_path / "shared"), num_workers=1)
+    assert caches[first].prefix != caches[second].prefix
+    ok = caches[first].ok(np.arange(len(index["id"])))
+    assert all(not np.array_equal(caches[first].images[k], caches[second].images[k]) for k in ok)
+
+
+# ---- 2. frozen splits -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory):
+    """A 1-epoch run on a phantom of its own (the tests add and remove patients): copy both before changing them."""
+    base = tmp_path_factory.mktemp("own")
+    root = phantom.write_phantom(str(base / "data"), patients=8, slices=6, size=64, seed=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(tiny_train_args(root, base / "run"))
+    return base
+
+
+def add_healthy_patient(root, patient_id, n=3):
+    with open(os.path.join(root, "stage_2_train.csv"), "a") as f:
+        for k in range(n):
+            image_id = f"ID_{patient_id}_{k}"
+            phantom.write_ct_dicom(os.path.join(root, "stage_2_train", f"{image_id}.dcm"), head_hu(64, 64),
+                                   patient_id=patient_id, study_uid=f"1.2.9.{k}", series_uid=f"1.2.9.{k}.1", instance=k + 1,
+                                   z=5.0 * k, spacing=0.75, slope=1.0, intercept=-1024.0)
+            f.write("".join(f"{image_id}_{name},0\n" for name in data.LABELS))
+
+
+def test_splits_are_saved_in_splits_json_and_every_checkpoint(own_run):
+    saved = json.loads((own_run / "run" / "splits.json").read_text())
+    assert saved["seed"] == 1 and saved["data_dir"] == str(own_run / "data")
+    lists = saved["patients"]
+    assert lists["train"] and not set(lists["train"]) & (set(lists["val"]) | set(lists["test"]))
+    for name in ("last.pt", "best_model.pt", "best_model_loss.pt"):
+        assert torch.load(own_run / "run" / name, weights_only=True)["splits"] == saved
+
+
+def test_patients_added_or_removed_after_training_move_no_training_patient(own_run, tmp_path):
+    root, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(own_run / "data", root, ignore=shutil.ignore_patterns(".ctpddpm_cache"))
+    shutil.copytree(own_run / "run", run)
+    saved = json.loads((run / "splits.json").read_text())["patients"]
+    for k in range(3):
+        add_healthy_patient(str(root), f"ID_added{k}")
+    gone = saved["val"][0]
+    index, _ = quiet(data.load_index, str(root), num_workers=1)
+    for path in index["path"][index["patient"] == gone]:
+        os.remove(root / path)
+    # drawn again from the seed, the splits would now differ from the saved ones (what issue 15 found)
+    index, _ = quiet(data.load_index, str(root), num_workers=1)
+    redrawn = data.split_patients(index, 1)
+    assert set(map(str, redrawn["test"])) | set(map(str, redrawn["val"])) != set(saved["test"]) | set(saved["val"]) - {gone}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        evaluate.main(["--checkpoint", str(run / "best_model.pt"), "--data_dir", str(root), "--n_boot", "10",
+                       "--keep_examples", "1"])
+    lines = out.getvalue().splitlines()
+    assert ("splits: 3 patient(s) not in the run's saved splits are left out (added since training): "
+            "ID_added0, ID_added1, ID_added2") in lines
+    assert "splits: 1 patient(s) of the run's saved splits are no longer in the data (train 0, val 1, test 0)" in lines
+    scored = {row.split(",")[1] for row in (run / "eval_best_model_test" / "scores.csv").read_text().splitlines()[1:]}
+    assert scored and scored <= set(saved["test"])
+
+
+def test_resume_with_another_seed_is_refused(tiny_run, phantom_dir, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    assert resume_error(run, phantom_dir, "--seed", "2") == (
+        f"error: {run / 'last.pt'}: --resume would make it another run (--seed 1, now 2); resume with the run's own "
+        "values (args.json next to it) or start a new run in another --output_dir")
+
+
+def test_resume_with_another_data_folder_is_refused(tiny_run, phantom_dir, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    other = tmp_path / "other_data"
+    shutil.copytree(phantom_dir, other, ignore=shutil.ignore_patterns(".ctpddpm_cache"))
+    message = resume_error(run, other)
+    assert message.startswith(f"error: {run / 'last.pt'}: --resume would make it another run (--data_dir '{phantom_dir}', "
+                              f"now '{other}')")
+
+
+@pytest.mark.parametrize("change", [["--lr", "0.001"], ["--epochs", "2"]], ids=["lr", "epochs"])
+def test_resume_with_a_changed_schedule_needs_new_schedule(tiny_run, phantom_dir, tmp_path, change):
+    run = copy_run(tiny_run, tmp_path)
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        train.main(tiny_train_args(phantom_dir, run, "--resume", *change))
+    was = {"--lr": "0.0001", "--epochs": "1"}[change[0]]
+    assert str(e.value) == (f"error: {run / 'last.pt'}: --resume with a changed schedule ({change[0]} {was}, now "
+                            f"{change[1]}); add --new_schedule to recompute the learning-rate schedule for the new "
+                            "values, or resume with the run's own")
+
+
+def test_resume_with_new_schedule_follows_the_new_cosine(tiny_run, phantom_dir, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(tiny_train_args(phantom_dir, run, "--resume", "--epochs", "3", "--lr", "0.001", "--new_schedule"))
+    last = torch.load(run / "last.pt", weights_only=True)
+    steps = last["lr_schedule"]["last_epoch"] // 3
+    assert last["epoch"] == 3 and last["lr_schedule"]["T_max"] == 3 * steps
+    history = last["history"]
+    expected = 0.001 * 0.5 * (1 + np.cos(np.pi * 2 * steps / (3 * steps)))  # the lr after epoch 2's steps
+    assert history[1]["lr"] == pytest.approx(expected, rel=1e-6)
+    assert f"--new_schedule: lr {0.001 * 0.5 * (1 + np.cos(np.pi / 3)):.3g} at step {steps} of {3 * steps}" in out.getvalue()
+
+
+def test_what_resume_may_change_is_accepted(tiny_run, phantom_dir, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(tiny_train_args(phantom_dir, run, "--resume", "--num_workers", "1", "--eval_every", "5",
+                                   "--cache_dir", str(tmp_path / "cache"), "--precision", "fp32"))
+    assert f"resuming {run} after epoch 1" in out.getvalue()
+
+
+# ---- 3. headers that decode into garbage: see BAD_SLICES (slope0, hu1024, unsigned, columns) ----------
+
+def test_the_phantom_and_its_quirk_files_still_decode(phantom_dir):
+    index, _ = quiet(data.load_index, phantom_dir, num_workers=1)
+    results = [data._skip_bad(lambda p: data.load_slice(p, 1, 32), os.path.join(phantom_dir, path)) for path in index["path"]]
+    bad = [reason for ok, reason in results if not ok]
+    assert len(bad) == 1 and bad[0].startswith("truncated or undecodable pixel data")  # the phantom's one truncated file
+
+
+# ---- 4. outputs: one run per folder, no result replaced or truncated ------------------------------
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    busy = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / data.LOCK_NAME).write_text(f"{busy.pid} {socket.gethostname()} 2026-01-01T00:00:00 train.py\n")
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_train_args(phantom_dir, out))
+        assert str(e.value) == (f"error: {out}: another run is using this output dir (pid {busy.pid} on this host, "
+                                "started 2026-01-01T00:00:00)")
+        with pytest.raises(SystemExit) as e:  # evaluate.py and sweep.py lock their folder the same way
+            evaluate.main(["--checkpoint", str(tmp_path / "x.pt"), "--output_dir", str(out)])
+    finally:
+        busy.kill()
+        busy.wait()
+    (out / data.LOCK_NAME).write_text("1 some-other-host 2026-01-01T00:00:00 train.py\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(phantom_dir, out))
+    assert str(e.value) == (f"error: {out}: another run is using this output dir (pid 1 on host some-other-host; delete "
+                            f"{out / data.LOCK_NAME} if that run is gone, started 2026-01-01T00:00:00)")
+
+
+def test_a_lock_left_by_a_crashed_run_is_taken_over(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (out / data.LOCK_NAME).write_text(f"{gone.pid} {socket.gethostname()} 2026-01-01T00:00:00 train.py\n")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        train.main(tiny_train_args(phantom_dir, out))
+    assert f"note: {out / data.LOCK_NAME}: left by a run that is gone (pid {gone.pid}" in printed.getvalue()
+    assert (out / "best_model.pt").is_file() and not (out / data.LOCK_NAME).exists()  # released at the end
+
+
+def test_two_trainings_started_together_into_one_dir(phantom_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = tiny_train_args(phantom_dir, tmp_path / "run")
+    procs = [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    refused = next(err for code, err in results if code == 1).strip().splitlines()
+    assert len(refused) == 1 and refused[0].startswith(f"error: {tmp_path / 'run'}: ")
+    assert ("another run is using this output dir" in refused[0] or "output dir is not empty" in refused[0])
+
+
+def test_evaluate_keeps_each_checkpoints_results_and_refuses_to_replace_them(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    for name in ("best_model", "best_model_loss"):
+        quiet(evaluate.main, ["--checkpoint", str(run / f"{name}.pt"), "--n_boot", "10", "--keep_examples", "1"])
+    first = json.loads((run / "eval_best_model_test" / "metrics.json").read_text())
+    second = json.loads((run / "eval_best_model_loss_test" / "metrics.json").read_text())
+    assert first["checkpoint"] == str(run / "best_model.pt") and second["checkpoint"] == str(run / "best_model_loss.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(run / "best_model.pt"), "--n_boot", "10"])
+    assert str(e.value) == (f"error: {run / 'eval_best_model_test'}: holds the results of an earlier run (metrics.json); "
+                            "use --overwrite to replace them, or --output_dir to write elsewhere")
+    quiet(evaluate.main, ["--checkpoint", str(run / "best_model.pt"), "--n_boot", "10", "--keep_examples", "1", "--overwrite"])
+    assert not (run / "eval_best_model_test" / data.LOCK_NAME).exists()
+
+
+def test_a_full_disk_leaves_the_old_result_and_says_so_in_one_line(tiny_run, tmp_path, monkeypatch):
+    run = copy_run(tiny_run, tmp_path)
+    args = ["--checkpoint", str(run / "best_model.pt"), "--n_boot", "10", "--keep_examples", "1"]
+    quiet(evaluate.main, args)
+    folder = run / "eval_best_model_test"
+    before = {name: (folder / name).read_bytes() for name in ("metrics.json", "scores.csv")}
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        evaluate.main(args + ["--overwrite"])
+    assert str(e.value) == (f"error: {folder / 'scores.csv'}: cannot write (No space left on device); "
+                            "the previous file is left as it was")
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+    with pytest.raises(SystemExit) as e:
+        data.write_json(tmp_path / "new.json", {"a": 1})
+    assert str(e.value).endswith("cannot write (No space left on device); no file was written")
+    assert not (tmp_path / "new.json").exists()
+
+
+# ---- 5. flags checked before any work ----------------------------------------------------------------
+
+BAD_TRAIN_FLAGS = [
+    (["--stride", "0"], "--stride 0: must be at least 1"),
+    (["--eval_t", "5000"], "--eval_t 5000: timesteps run from 0 to 999"),
+    (["--eval_t", "-1"], "--eval_t -1: timesteps run from 0 to 999"),
+    (["--eval_every", "0"], "--eval_every 0: must be at least 1"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--lr", "nan"], "--lr nan: must be a finite number above 0"),
+    (["--lr", "inf"], "--lr inf: must be a finite number above 0"),
+    (["--lr", "-0.001"], "--lr -0.001: must be a finite number above 0"),
+    (["--image_size", "63"], "--image_size 63: must be a multiple of 8 (the UNet halves it 3 times) and at least 8"),
+    (["--patch_size", "64"], "--patch_size 64: larger than the image (32 px)"),
+    (["--patch_size", "1"], "--patch_size 1: must be at least 2 pixels"),
+    (["--median_size", "-1"], "--median_size -1: must be 0 (off) or more"),
+    (["--eval_batch_size", "0"], "--eval_batch_size 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["--num_workers", "-2"], "--num_workers -2: must be 0 or more"),
+    (["--min_brain_fraction", "1.5"], "--min_brain_fraction 1.5: must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+    (["--device", "tpu9"], "--device tpu9: not a device name (auto, cpu, cuda, cuda:N, mps)"),
+    (["--new_schedule"], "--new_schedule : only means something with --resume"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_TRAIN_FLAGS, ids=[" ".join(f) for f, _ in BAD_TRAIN_FLAGS])
+def test_bad_train_flags_are_one_line_errors_before_any_work(phantom_dir, tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(phantom_dir, tmp_path / "run", *flags))
+    assert str(e.value) == f"error: {message}"
+    assert not (tmp_path / "run").exists()  # refused before the output dir was made
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda(phantom_dir, tmp_path, tiny_run):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(phantom_dir, tmp_path / "run", "--device", "cuda"))
+    assert str(e.value) == "error: --device cuda: CUDA is not available here (use --device cpu or auto)"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(tiny_run / "best_model.pt"), "--device", "cuda"])
+    assert str(e.value) == "error: --device cuda: CUDA is not available here (use --device cpu or auto)"
+
+
+def test_cache_dir_that_is_a_file(phantom_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(phantom_dir, tmp_path / "run", "--cache_dir", str(tmp_path / "afile")))
+    assert str(e.value) == f"error: --cache_dir {tmp_path / 'afile'}: not a directory"
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("evaluate", ["--stride", "0"], "--stride 0: must be at least 1"),
+    ("evaluate", ["--eval_t", "1000"], "--eval_t 1000: timesteps run from 0 to 999"),
+    ("evaluate", ["--patch_size", "33"], "--patch_size 33: larger than the image (32 px)"),
+    ("evaluate", ["--keep_examples", "-1"], "--keep_examples -1: must be 0 or more"),
+    ("sweep", ["--windows", "8:0"], "--stride 0: must be at least 1"),
+    ("sweep", ["--windows", "8x4"], "--windows 8x4: expected patch:stride, e.g. 32:16"),
+    ("sweep", ["--eval_t", "250", "2000", "--multi_t"], "--eval_t 2000: timesteps run from 0 to 999"),
+], ids=["eval_stride", "eval_t", "eval_patch", "eval_keep", "sweep_stride", "sweep_window", "sweep_t"])
+def test_bad_evaluate_and_sweep_flags(tiny_run, tmp_path, script, flags, message):
+    import sweep
+    main = {"evaluate": evaluate.main, "sweep": sweep.main}[script]
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tiny_run / "best_model.pt"), "--output_dir", str(tmp_path / "out"), *flags])
+    assert str(e.value) == f"error: {message}" and not (tmp_path / "out").exists()
+
+
+def test_compare_output_that_matplotlib_cannot_write(tiny_run, tmp_path):
+    import compare
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tiny_run), "--output", str(tmp_path / "curves.txt")])
+    assert str(e.value).startswith(f"error: --output {tmp_path / 'curves.txt'}: matplotlib cannot write .txt files (use one of ")
+    assert not (tmp_path / "curves.txt").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_when_loaded(tiny_run, tmp_path):
+    checkpoint = torch.load(tiny_run / "best_model.pt", weights_only=True)
+    name = next(iter(checkpoint["model"]))
+    checkpoint["model"][name] = torch.full_like(checkpoint["model"][name], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(tmp_path / "nan.pt"), "--output_dir", str(tmp_path / "out")])
+    assert str(e.value) == f"error: {tmp_path / 'nan.pt'}: non-finite weights (NaN or inf) in {name}; the checkpoint is unusable"
+    assert not (tmp_path / "out").exists()
+
+
+# ---- smaller ones: labels, a data set without bleeds, Ctrl-C ---------------------------------------
+
+CTICH_HEADER = "PatientNumber,SliceNumber,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,No_Hemorrhage,Fracture_Yes_No\n"
+
+
+@pytest.mark.parametrize("row,problem", [
+    ("49,1,0,0,0,1,0,1,0", ":3: No_Hemorrhage=1 but Epidural=1 (the row contradicts itself)"),
+    ("49,1,0,0,0,0,0,0,0", ":3: No_Hemorrhage=0 but no subtype column is 1 (the row contradicts itself)"),
+    ("49,1,0,2,0,0,0,0,0", ":3: Intraparenchymal=2, expected 0 or 1"),
+    ("49,1,0,0,0,0,0,-1,0", ":3: No_Hemorrhage=-1, expected 0 or 1"),
+], ids=["no_hemorrhage_and_epidural", "hemorrhage_without_subtype", "value_2", "value_minus_1"])
+def test_ctich_labels_that_contradict_themselves(tmp_path, row, problem):
+    path = tmp_path / "hemorrhage_diagnosis.csv"
+    path.write_text(CTICH_HEADER + "49,2,0,0,0,0,0,1,0\n" + row + "\n")
+    with pytest.raises(SystemExit) as e:
+        data.read_ctich_labels(str(path))
+    assert str(e.value) == f"error: {path}{problem}"
+
+
+def test_rsna_labels_that_contradict_each_other(tmp_path):
+    path = tmp_path / "stage_2_train.csv"
+    path.write_text("ID,Label\nID_aa_any,0\nID_aa_epidural,0\nID_aa_subdural,1\n")
+    with pytest.raises(SystemExit) as e:
+        data.read_rsna_labels(str(path))
+    assert str(e.value) == f"error: {path}:4: ID_aa has any=0 but subdural=1 (its label rows contradict each other)"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig", "utf-32"])
+def test_label_csvs_in_other_unicode_encodings_are_read(tmp_path, encoding):
+    def excel_export(text):  # with one byte-order mark, as Excel's "Unicode text" and "CSV UTF-8" write them
+        return ("\ufeff" + text).encode(encoding) if encoding == "utf-16-be" else text.encode(encoding)
+    text = CTICH_HEADER + "49,1,0,0,0,1,0,0,0\n49,2,0,0,0,0,0,1,0\n"
+    (tmp_path / "ctich.csv").write_bytes(excel_export(text))
+    assert data.read_ctich_labels(str(tmp_path / "ctich.csv")) == {(49, 1): [1, 1, 0, 0, 0, 0], (49, 2): [0, 0, 0, 0, 0, 0]}
+    rsna = "ID,Label\n" + "".join(f"ID_aa_{name},0\n" for name in data.LABELS)
+    (tmp_path / "rsna.csv").write_bytes(excel_export(rsna))
+    assert data.read_rsna_labels(str(tmp_path / "rsna.csv")) == {"ID_aa": [0] * 6}
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("ID,Label\nID_aa_any,0\n".encode("cp1252") + b"\xe9\n", "not UTF-8 text (byte 0xe9 at offset 21); save it as CSV UTF-8"),
+    ("ID,Label\n".encode("utf-16-le"), "holds NUL characters (UTF-16 without a byte-order mark?); save it as CSV UTF-8"),
+    (b"PK\x03\x04rest of a workbook", "a zip or Excel workbook, not a CSV text file (save it as CSV)"),
+], ids=["latin1", "utf16_no_bom", "xlsx"])
+def test_label_csvs_that_are_not_text_are_one_line_errors(tmp_path, content, problem):
+    (tmp_path / "stage_2_train").mkdir()
+    (tmp_path / "stage_2_train.csv").write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        data.main(["index", "--data_dir", str(tmp_path), "--num_workers", "1"])
+    assert str(e.value) == f"error: {tmp_path / 'stage_2_train.csv'}: {problem}"
+
+
+def test_training_without_any_hemorrhage_patient_keeps_best_model_by_loss(phantom_dir, tmp_path, capsys):
+    root = tmp_path / "no_bleeds"
+    shutil.copytree(phantom_dir, root, ignore=shutil.ignore_patterns(".ctpddpm_cache"))
+    csv_path = root / "stage_2_train.csv"
+    csv_path.write_text(re.sub(r",1$", ",0", csv_path.read_text(), flags=re.M))
+    train.main(tiny_train_args(root, tmp_path / "run", "--epochs", "2"))
+    captured = capsys.readouterr()
+    assert ("warning: the validation split has no hemorrhage slice, so no ROC-AUC can be computed; best_model.pt is "
+            "chosen by validation loss (as best_model_loss.pt)") in captured.err
+    best = torch.load(tmp_path / "run" / "best_model.pt", weights_only=True)
+    by_loss = torch.load(tmp_path / "run" / "best_model_loss.pt", weights_only=True)
+    assert best["best_by"] == "val_loss" and best["epoch"] == by_loss["epoch"]
+
+
+def test_ctrl_c_stops_in_one_line_and_leaves_a_resumable_run(phantom_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_train_args(phantom_dir, out, "--epochs", "200", "--max_steps", "1", "--eval_every", "1000")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line]  # less tqdm's bars
+    assert p.returncode == 130 and lines == ["interrupted: continue with --resume"], err[-3000:]
+    assert not (out / data.LOCK_NAME).exists()
+    done = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    proc = run_cli("train.py", *args[:-6], "--epochs", str(done + 1), "--max_steps", "1", "--resume", "--new_schedule")
+    assert proc.returncode == 0 and f"resuming {out} after epoch {done}" in proc.stdout, proc.stderr[-3000:]

@@ -34,7 +34,7 @@ def test_torchrun_two_processes_match_one(phantom_dir, tmp_path):
 
     # one set of outputs: no per-rank copies, no temporary files left behind
     assert sorted(os.listdir(run_dir)) == sorted(
-        ["args.json", "best_model.pt", "best_model_loss.pt", "last.pt", "training_history.json", "training_curves.png",
+        ["args.json", "best_model.pt", "best_model_loss.pt", "last.pt", "splits.json", "training_history.json", "training_curves.png",
          "diagnostics_epoch_1.png", "eval_scores_epoch_1.png"])
     saved_args = json.loads((run_dir / "args.json").read_text())
     assert saved_args["world_size"] == 2 and saved_args["global_batch_size"] == 2 * saved_args["batch_size"]
