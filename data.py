@@ -1270,11 +1270,16 @@ def load_file_slices(item, channels, image_size):
     results = []
     for hu in read_nifti_slices(path, numbers):
         try:
-            check_plausible_hu(hu, True)
-            results.append(input_and_brain_mask(hu, channels, image_size))
+            results.append(nifti_slice_input(hu, channels, image_size))
         except BadFile as error:
             results.append(str(error))
     return results
+
+
+def nifti_slice_input(hu, channels, image_size):
+    """input_and_brain_mask of one NIfTI slice, after the HU check every DICOM slice gets in hu_from_dicom."""
+    check_plausible_hu(hu, True)
+    return input_and_brain_mask(hu, channels, image_size)
 
 
 def file_groups(index, positions):

@@ -17,7 +17,8 @@ Writes into --output_dir (refused if it holds files, unless --overwrite):
   maps/<scan>.nii.gz    NIfTI input: the anomaly map, float32, with the input's shape and affine (opens on the CT in
                         any NIfTI viewer)
   maps/<scan>.npy       DICOM input: the anomaly maps, float32 [slices, rows, columns] on each slice's own pixels,
-                        in slices.csv order (lowest slice first)
+                        in slices.csv order (lowest slice first); a series whose slices differ in size gets
+                        maps/<scan>.npz instead, one array per slice (slice_0000, ...)
 The maps are the ones the slice scores saw (median-filtered with --median_size), 0 where a slice was not scored.
 """
 import argparse
@@ -117,7 +118,8 @@ def dicom_series(paths, num_workers):
     """{series UID: [(z, file path)] ordered by slice position} from the headers of the DICOM files among `paths`;
     files that are no usable CT slice are counted. -> (series, skips)."""
     found, skips = {}, []
-    for path, (ok, result) in zip(paths, data.parallel_map(data.read_header, paths, num_workers, "headers")):
+    read = functools.partial(data.read_header, need_patient=False)
+    for path, (ok, result) in zip(paths, data.parallel_map(read, paths, num_workers, "headers")):
         if ok:
             _, _, series, z = result
             found.setdefault(series, []).append((z, path))
@@ -156,9 +158,8 @@ def decode_scan(scan, run, num_workers):
         out = []
         for k, (one, height) in enumerate(zip(slices, z)):
             try:
-                data.check_plausible_hu(one, True)
                 out.append((f"{os.path.basename(scan['path'])}#{k}", float(height),
-                            (*data.input_and_brain_mask(one, run["channels"], run["image_size"]), one.shape)))
+                            (*data.nifti_slice_input(one, run["channels"], run["image_size"]), one.shape)))
             except data.BadFile as error:
                 out.append((f"{os.path.basename(scan['path'])}#{k}", float(height), str(error)))
         return out
@@ -210,9 +211,11 @@ def save_maps(path_stem, scan, slice_maps):
         out.set_data_dtype(np.float32)
         data.write_atomically(path_stem + ".nii.gz", lambda f: f.write(gzip.compress(out.to_bytes(), compresslevel=6)))
         return path_stem + ".nii.gz"
-    shapes = {m.shape for m in slice_maps}
-    stacked = np.stack(slice_maps) if len(shapes) == 1 else np.array(slice_maps, dtype=object)
-    data.write_atomically(path_stem + ".npy", lambda f: np.save(f, stacked, allow_pickle=len(shapes) > 1))
+    if len({m.shape for m in slice_maps}) > 1:  # slices of different sizes in one series: one array per slice
+        arrays = {f"slice_{k:04d}": m.astype(np.float32) for k, m in enumerate(slice_maps)}
+        data.write_atomically(path_stem + ".npz", lambda f: np.savez_compressed(f, **arrays))
+        return path_stem + ".npz"
+    data.write_atomically(path_stem + ".npy", lambda f: np.save(f, np.stack(slice_maps).astype(np.float32)))
     return path_stem + ".npy"
 
 

@@ -20,6 +20,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 import data
 import phantom
+from conftest import edit_dicom
 from test_scripts import run, tiny_train_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -336,7 +337,7 @@ def test_predict_on_nifti_volumes_writes_aligned_maps(nifti_run, nifti_set, tmp_
 
 
 def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path):
-    """The phantom's slices with no CSV, in nested folders, one of them without its preamble."""
+    """The phantom's slices with no CSV, in nested folders, one without its preamble, one without a PatientID."""
     scans_dir = tmp_path / "scans"
     shutil.copytree(os.path.join(phantom_dir, "stage_2_train"), scans_dir / "export" / "a")
     moved = sorted((scans_dir / "export" / "a").iterdir())[:5]
@@ -347,10 +348,11 @@ def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path)
     ds = pydicom.dcmread(no_preamble)
     ds.preamble = None
     ds.save_as(no_preamble)
+    edit_dicom(scans_dir / "export" / "b" / moved[1].name, PatientID=None)  # anonymised: no PatientID
     headers = {}
     for path in (scans_dir / "export").rglob("*.dcm"):
         with contextlib.suppress(data.BadFile):
-            headers[str(path)] = data.read_header(str(path))
+            headers[str(path)] = data.read_header(str(path), need_patient=False)
     n_series = len({h[2] for h in headers.values()})
     out = tmp_path / "pred"
     proc = run([sys.executable, "predict.py", "--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", str(scans_dir),
