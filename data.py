@@ -181,6 +181,10 @@ def check_cache_dir(path):
 # ---------------------------------------------------------------------------------------------
 # writing outputs: atomically, and one run per folder
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_atomically(path, write):
     """Every result file (checkpoints, metrics, scores, args, history, plots, caches' index) is written here:
     write(f) fills a temporary binary file in the same folder, which then replaces `path` in one rename. A full
@@ -197,6 +201,7 @@ def write_atomically(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes it private; results are as readable as any new file
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:  # RuntimeError: torch.save's writer on a full disk
         with contextlib.suppress(OSError):
@@ -215,6 +220,16 @@ def _one_line_os(error):
 
 def write_json(path, content):
     write_atomically(path, lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
+
+
+def check_figure_format(path, flag):
+    """A figure path must name a format matplotlib writes (png, pdf, svg, ...): checked before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(os.fspath(path))[1][1:].lower()
+    if extension and extension not in formats:
+        raise SystemExit(f"error: {flag} {path}: matplotlib cannot write .{extension} files "
+                         f"(use one of {', '.join(sorted(formats))})")
 
 
 def save_figure(fig, path, **savefig_kwargs):
@@ -245,8 +260,11 @@ def lock_output_dir(output_dir, what):
     mine = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n"
     for attempt in range(2):
         temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as f:
-            f.write(mine)
+        try:
+            with open(temporary, "w") as f:
+                f.write(mine)
+        except OSError as error:
+            raise SystemExit(f"error: {output_dir}: cannot write output dir ({error.strerror or error})")
         try:
             os.link(temporary, path)  # fails if the lock exists: no two runs both get it
             return path
@@ -1124,9 +1142,15 @@ def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKE
 # ---------------------------------------------------------------------------------------------
 # patient-level splits
 
-def split_patients(index, seed, train_fraction=0.5):
+BLEED_MARGIN = 3  # --bleed_train_fraction: training slices of a hemorrhage patient keep this many slices from any bleed
+
+
+def split_patients(index, seed, train_fraction=0.5, bleed_train_fraction=0.0):
     """{"train", "val", "test"} -> sorted patient arrays. Healthy patients (no positive slice) are
-    split train / val / test; hemorrhage patients go to val / test only, half each."""
+    split train / val / test; hemorrhage patients go to val / test only, half each. Opt-in protocol
+    (bleed_train_fraction > 0): that fraction of the hemorrhage patients of val and of test goes to training
+    instead (their slices BLEED_MARGIN or more from any bleed, see make_splits). The rest stay where the standard
+    protocol puts them: val and test only shrink, so no test patient ever moves into val."""
     patients, inverse = np.unique(index["patient"], return_inverse=True)
     sick = np.bincount(inverse, weights=index["any"], minlength=len(patients)) > 0
     rng = np.random.default_rng(seed)
@@ -1134,19 +1158,22 @@ def split_patients(index, seed, train_fraction=0.5):
     n_train = int(round(len(healthy) * train_fraction))
     held_out = healthy[n_train:]
     n_val_healthy, n_val_sick = (len(held_out) + 1) // 2, (len(hemorrhage) + 1) // 2
-    return {"train": np.sort(healthy[:n_train]),
-            "val": np.sort(np.concatenate([held_out[:n_val_healthy], hemorrhage[:n_val_sick]])),
-            "test": np.sort(np.concatenate([held_out[n_val_healthy:], hemorrhage[n_val_sick:]]))}
+    val_sick, test_sick = hemorrhage[:n_val_sick], hemorrhage[n_val_sick:]
+    n_val_moved, n_test_moved = (int(round(len(p) * bleed_train_fraction)) for p in (val_sick, test_sick))
+    return {"train": np.sort(np.concatenate([healthy[:n_train], val_sick[:n_val_moved], test_sick[:n_test_moved]])),
+            "val": np.sort(np.concatenate([held_out[:n_val_healthy], val_sick[n_val_moved:]])),
+            "test": np.sort(np.concatenate([held_out[n_val_healthy:], test_sick[n_test_moved:]]))}
 
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def splits_record(patients, *, seed, data_dir, dataset):
+def splits_record(patients, *, seed, data_dir, dataset, bleed_train_fraction=0.0):
     """What splits.json and every checkpoint hold: the patient lists of the run's splits as plain data (loadable
     with torch.load(weights_only=True)), fixed when training starts."""
     return {"seed": int(seed), "data_dir": os.path.abspath(os.fspath(data_dir)), "dataset": dataset,
-            "patients": {name: [str(p) for p in patients[name]] for name in SPLIT_NAMES}}
+            "patients": {name: [str(p) for p in patients[name]] for name in SPLIT_NAMES},
+            "bleed_train_fraction": float(bleed_train_fraction)}
 
 
 def load_splits_record(checkpoint, checkpoint_path):
@@ -1187,6 +1214,8 @@ def apply_saved_splits(index, record):
     if gone:
         counts = ", ".join(f"{name} {len(set(lists[name]) - present)}" for name in SPLIT_NAMES)
         print(f"splits: {len(gone)} patient(s) of the run's saved splits are no longer in the data ({counts})")
+    if record.get("bleed_train_fraction", 0):  # the opt-in protocol trains on hemorrhage patients' far slices
+        sick = set()
     now_sick = sorted(set(lists["train"]) & sick)
     if now_sick:
         print(f"splits: {len(now_sick)} training patient(s) now have a bleed label and are left out of training: "
@@ -1216,6 +1245,20 @@ def parse_eval_samples(text):
     return n
 
 
+def far_from_bleeds(index, rows, margin=BLEED_MARGIN):
+    """The rows (of training patients) that are no bleed and at least `margin` slices from any bleed slice of their
+    scan (rows of a scan are consecutive and ordered by z). All rows of a healthy patient."""
+    bleeds = np.flatnonzero(index["any"] == 1)
+    if len(bleeds) == 0 or len(rows) == 0:
+        return rows
+    scans = np.asarray(index["scan"])
+    keep = np.ones(len(rows), bool)
+    for offset in range(-margin + 1, margin):
+        other = np.clip(rows + offset, 0, len(scans) - 1)
+        keep &= ~((index["any"][other] == 1) & (scans[other] == scans[rows]))
+    return rows[keep]
+
+
 def make_splits(index, seed, num_samples, eval_samples, train_fraction=0.5, patients=None):
     """{"train", "val", "test"} -> int64 row positions, patient level, deterministic from seed.
 
@@ -1229,7 +1272,7 @@ def make_splits(index, seed, num_samples, eval_samples, train_fraction=0.5, pati
         rng = np.random.default_rng([seed, k])  # one stream per split: changing one never moves another
         rows = np.flatnonzero(np.isin(index["patient"], patients[name])).astype(np.int64)
         if name == "train":
-            splits[name] = _draw(rng, rows, num_samples, "train healthy slices")
+            splits[name] = _draw(rng, far_from_bleeds(index, rows), num_samples, "train healthy slices")
         else:
             positive = rows[index["any"][rows] == 1]
             negative = rows[index["any"][rows] == 0]
@@ -1414,7 +1457,10 @@ def prepare_slices(data_dir, index, positions, image_size, channels, cache_dir=N
         raise SystemExit(f"error: channels must be one of {sorted(CHANNEL_WINDOWS)}, got {channels}")
     cache_dir = check_cache_dir(cache_dir) if cache_dir else default_cache_dir(data_dir)
     prefix = slice_cache_prefix(data_dir, dataset, index, image_size, channels, cache_dir)
-    _create_cache_files(prefix, len(index["id"]), channels, image_size)
+    try:
+        _create_cache_files(prefix, len(index["id"]), channels, image_size)
+    except OSError as error:
+        raise SystemExit(f"error: --cache_dir {cache_dir}: cannot write the slice cache ({error.strerror or error})")
     positions = np.unique(np.asarray(positions, np.int64))
     identities = {int(p): source_identity(os.path.join(data_dir, index["path"][p])) for p in positions}
     gone = np.array([p for p in positions if identities[p] is None], np.int64)
@@ -1500,7 +1546,8 @@ def in_turn(build, rank, world):
 
 
 def open_run_data(data_dir, *, image_size, channels, split_seed, num_samples, eval_samples, decode,
-                  dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1, saved_splits=None):
+                  dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1, saved_splits=None,
+                  bleed_train_fraction=0.0):
     """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
     (e.g. ("train", "val")), as train.py, evaluate.py, sweep.py and bench.py all read them. saved_splits: a run's
     splits record (splits_record / load_splits_record): its patient lists are used instead of drawing them from
@@ -1509,7 +1556,7 @@ def open_run_data(data_dir, *, image_size, channels, split_seed, num_samples, ev
     def build():
         index = load_index(data_dir, dataset=None if dataset == "auto" else dataset, cache_dir=cache_dir,
                            num_workers=num_workers)
-        patients = (split_patients(index, split_seed) if saved_splits is None
+        patients = (split_patients(index, split_seed, bleed_train_fraction=bleed_train_fraction) if saved_splits is None
                     else apply_saved_splits(index, saved_splits))
         splits = make_splits(index, split_seed, num_samples, eval_samples, patients=patients)
         needed = np.concatenate([splits[name] for name in decode])
@@ -1607,6 +1654,7 @@ def main(argv=None):
             command.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args(argv)
     if args.command == "show":
+        check_figure_format(args.out, "--out")
         show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir)
     else:
         start = time.time()

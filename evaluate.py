@@ -414,7 +414,8 @@ def training_patients(checkpoint, checkpoint_path, train_args):
         return None
     index = data.load_index(train_dir, dataset=None if train_args.get("dataset", "auto") == "auto" else train_args["dataset"],
                             cache_dir=train_args.get("cache_dir"), num_workers=train_args.get("num_workers", 0) or 1)
-    return set(map(str, data.split_patients(index, train_args.get("seed", data.DEFAULT_SEED))["train"]))
+    return set(map(str, data.split_patients(index, train_args.get("seed", data.DEFAULT_SEED),
+                                            bleed_train_fraction=train_args.get("bleed_train_fraction", 0.0))["train"]))
 
 
 def open_external(args, run, checkpoint, train_args):
@@ -456,7 +457,8 @@ def write_normative(args, model, run, settings, device, checkpoint):
     rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
                             split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
                             decode=("train",), dataset=run["dataset"], cache_dir=run["cache_dir"], num_workers=run["num_workers"],
-                            saved_splits=saved_splits(checkpoint, args.checkpoint, 0))
+                            saved_splits=saved_splits(checkpoint, args.checkpoint, 0),
+                            bleed_train_fraction=(checkpoint.get("args") or {}).get("bleed_train_fraction", 0.0))
     healthy = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["train"], run["min_brain_fraction"]))
     print(f"fitting normative statistics on {len(healthy)} healthy training slices")
     normative = scoring.fit_normative(model, healthy, models.make_scheduler(), settings, device, run["seed"],
@@ -614,7 +616,8 @@ def evaluate_run(args, rank, world, device, model, checkpoint, run, settings, ou
                                 split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
                                 decode=("val", "test") if args.split == "test" else ("val",), dataset=run["dataset"],
                                 cache_dir=run["cache_dir"], num_workers=run["num_workers"], rank=rank, world=world,
-                                saved_splits=saved_splits(checkpoint, args.checkpoint, rank))
+                                saved_splits=saved_splits(checkpoint, args.checkpoint, rank),
+                                bleed_train_fraction=(checkpoint.get("args") or {}).get("bleed_train_fraction", 0.0))
     normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
     result, val = score_run(model, run, settings, rd, args.split, device, args.keep_examples, rank, world, normative)
     models.teardown_distributed(world)

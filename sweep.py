@@ -67,7 +67,8 @@ def validation_slices(args, train_args, config, checkpoint):
                             num_samples=train_args.get("num_samples", data.DEFAULT_NUM_SAMPLES), eval_samples=args.eval_samples,
                             decode=("val",), dataset=train_args.get("dataset", "auto"), cache_dir=train_args.get("cache_dir"),
                             num_workers=train_args.get("num_workers", 0),
-                            saved_splits=evaluate.saved_splits(checkpoint, args.checkpoint))
+                            saved_splits=evaluate.saved_splits(checkpoint, args.checkpoint),
+                            bleed_train_fraction=train_args.get("bleed_train_fraction", 0.0))
     min_brain_fraction = args.min_brain_fraction if args.min_brain_fraction is not None else train_args.get("min_brain_fraction", 0.0)
     val = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["val"], min_brain_fraction))
     items = [val[i] for i in range(len(val))]

@@ -50,6 +50,10 @@ def get_args(argv=None):
     g.add_argument("--min_brain_fraction", type=float, default=0.0,
                    help="use only slices whose intracranial mask covers at least this fraction of the image, "
                         "in training and evaluation (leaves out face, skull-base and vertex slices; see README)")
+    g.add_argument("--bleed_train_fraction", type=float, default=0.0,
+                   help="opt-in protocol: this fraction of the hemorrhage patients trains too, on their slices at least "
+                        f"{data.BLEED_MARGIN} slices from any bleed; those patients are then in no evaluation split "
+                        "(0 = the standard protocol: hemorrhage patients only in val / test)")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
     g.add_argument("--hf_model", default="google/ddpm-ema-celebahq-256", help="hub id or local directory (offline clusters)")
@@ -165,7 +169,7 @@ def open_datasets(args, rank, world, saved_splits):
     rd = data.open_run_data(args.data_dir, image_size=args.image_size, channels=args.channels, split_seed=args.seed,
                             num_samples=args.num_samples, eval_samples=args.eval_samples, decode=("train", "val"),
                             dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank,
-                            world=world, saved_splits=saved_splits)
+                            world=world, saved_splits=saved_splits, bleed_train_fraction=args.bleed_train_fraction)
     train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)
     val_pos = rd.cache.ok(rd.splits["val"], args.min_brain_fraction)
     if len(train_pos) == 0:
@@ -408,7 +412,8 @@ def main(argv=None):
         if rank == 0:
             resumable = os.path.exists(os.path.join(args.output_dir, "last.pt"))
             print("interrupted: continue with --resume" if resumable else
-                  "interrupted before the first epoch finished: nothing to resume, start again", file=sys.stderr)
+                  "interrupted before the first epoch finished: nothing to resume; start again with --overwrite",
+                  file=sys.stderr)
         raise SystemExit(130)
     finally:
         if lock:
@@ -426,9 +431,13 @@ def run(args, rank, world, device):
     saved_splits = ckpt.get("splits") if ckpt else None
     if ckpt and saved_splits is None:
         saved_splits = data.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
+        if saved_splits is None and rank == 0:
+            print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
+                  "drawn from --seed again")
     rd, train_set, val_loss_set, val_eval_set = open_datasets(args, rank, world, saved_splits)
     splits = saved_splits or data.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
-                                                dataset=data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset))
+                                                dataset=data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
+                                                bleed_train_fraction=args.bleed_train_fraction)
     by_loss = not val_eval_set.labels.any()
     if is_main:
         if not args.resume:  # fixed now: evaluate.py and sweep.py score exactly these patients

@@ -487,6 +487,29 @@ def test_ctich_reader(tmp_path, capsys):
         data.load_index(root, cache_dir=str(tmp_path / "other"))
 
 
+def test_opt_in_protocol_trains_on_far_slices_of_some_hemorrhage_patients(phantom_dir):
+    index = data.load_index(phantom_dir, num_workers=1)
+    standard = data.split_patients(index, seed=3)
+    for name in data.SPLIT_NAMES:
+        np.testing.assert_array_equal(standard[name], data.split_patients(index, seed=3, bleed_train_fraction=0.0)[name])
+    opt_in = data.split_patients(index, seed=3, bleed_train_fraction=0.5)
+    sick = set(np.unique(index["patient"][index["any"] == 1]))
+    bleed_trained = set(opt_in["train"]) & sick
+    assert len(bleed_trained) == 2  # half of the 4 hemorrhage patients
+    assert not bleed_trained & (set(opt_in["val"]) | set(opt_in["test"]))  # in no evaluation split
+    assert set(opt_in["train"]) - sick == set(standard["train"])  # the healthy patients stay where they were
+    assert set(opt_in["val"]) < set(standard["val"]) and set(opt_in["test"]) < set(standard["test"])  # only shrink
+    rows = data.make_splits(index, 3, "all", "all", patients=opt_in)["train"]
+    scans, bleeds = index["scan"], np.flatnonzero(index["any"] == 1)
+    assert (index["any"][rows] == 0).all()
+    for row in rows:  # every training slice of a hemorrhage patient is >= 3 slices from any bleed of its scan
+        same_scan = bleeds[scans[bleeds] == scans[row]]
+        assert len(same_scan) == 0 or np.abs(same_scan - row).min() >= data.BLEED_MARGIN
+    # a 10-slice scan with bleeds on slices 4 and 5 keeps slices 0, 1 and 8, 9; a healthy scan keeps all
+    toy = {"any": np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]), "scan": np.array(["a"] * 10 + ["b"] * 2)}
+    assert data.far_from_bleeds(toy, np.arange(12)).tolist() == [0, 1, 8, 9, 10, 11]
+
+
 def write_ctich_with_masks(root):
     """write_ctich with three hemorrhage slices: 051/2 with a good *_HGE_Seg.jpg mask, 050/2 without one, 052/1
     with a mask of the wrong size. -> the CSV rows."""
