@@ -108,16 +108,6 @@ def plot_runs(histories, labels, path):
     plt.close(fig)
 
 
-def check_output_format(path):
-    """--output must name a format matplotlib writes (png, pdf, svg, ...): checked before any plotting."""
-    from matplotlib.backend_bases import FigureCanvasBase
-    formats = FigureCanvasBase.get_supported_filetypes()
-    extension = os.path.splitext(path)[1][1:].lower()
-    if extension and extension not in formats:
-        raise SystemExit(f"error: --output {path}: matplotlib cannot write .{extension} files "
-                         f"(use one of {', '.join(sorted(formats))})")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -133,7 +123,7 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: {args.output}: directory {out_dir} does not exist")
-    check_output_format(args.output)
+    data.check_figure_format(args.output, "--output")
     plot_runs([h for h, _ in runs], [label for _, label in runs], args.output)
     for run_dir, (history, label) in zip(run_dirs, runs):
         epoch, auc = best_epoch(history, "val_roc_auc", "max")

@@ -244,7 +244,11 @@ def build_model(config):
     """config: plain data with kind ("scratch" | "pretrained"), in_channels, base_channels,
     image_size, hf_model; optional channel_mults, dropout; unet_config (set by save_checkpoint)."""
     if config["kind"] == "pretrained":
-        return PretrainedUNet(config["hf_model"], config.get("unet_config"))
+        try:
+            return PretrainedUNet(config["hf_model"], config.get("unet_config"))
+        except (OSError, ValueError, EnvironmentError) as e:  # no such hub id / folder, offline, not a UNet2DModel
+            raise SystemExit(f"error: {config['hf_model']}: cannot load a UNet2DModel "
+                             f"({' '.join(str(e).split())[:200]})")
     if config["kind"] == "scratch":
         return UNet(in_channels=config["in_channels"], base_channels=config["base_channels"],
                     channel_mults=tuple(config.get("channel_mults", (1, 2, 4, 8))),

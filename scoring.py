@@ -101,6 +101,8 @@ class ScoringSettings:
         need(filled.patch_size <= image_size, "patch_size", filled.patch_size, f"larger than the image ({image_size} px)")
         need(filled.patch_size >= 2, "patch_size", filled.patch_size, "must be at least 2 pixels")
         need(filled.stride >= 1, "stride", filled.stride, "must be at least 1")
+        need(filled.stride <= filled.patch_size, "stride", filled.stride,
+             f"larger than the window (--patch_size {filled.patch_size}): pixels between windows would never be scored")
         need(len(self.eval_t) >= 1, "eval_t", "", "give at least one timestep")
         steps = models.NUM_TRAIN_TIMESTEPS
         for t in self.eval_t:

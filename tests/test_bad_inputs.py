@@ -633,7 +633,7 @@ def test_the_phantom_and_its_quirk_files_still_decode(phantom_dir):
 
 # ---- 4. outputs: one run per folder, no result replaced or truncated ------------------------------
 
-def test_a_second_run_into_a_busy_output_dir_is_refused(phantom_dir, tmp_path):
+def test_a_second_run_into_a_busy_output_dir_is_refused(phantom_dir, tmp_path, tiny_run):
     out = tmp_path / "run"
     out.mkdir()
     busy = subprocess.Popen(["sleep", "60"])
@@ -644,7 +644,8 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(phantom_dir, tmp_path):
         assert str(e.value) == (f"error: {out}: another run is using this output dir (pid {busy.pid} on this host, "
                                 "started 2026-01-01T00:00:00)")
         with pytest.raises(SystemExit) as e:  # evaluate.py and sweep.py lock their folder the same way
-            evaluate.main(["--checkpoint", str(tmp_path / "x.pt"), "--output_dir", str(out)])
+            evaluate.main(["--checkpoint", str(tiny_run / "best_model.pt"), "--output_dir", str(out)])
+        assert str(e.value).startswith(f"error: {out}: another run is using this output dir (pid {busy.pid} on this host")
     finally:
         busy.kill()
         busy.wait()
@@ -886,3 +887,16 @@ def test_ctrl_c_stops_in_one_line_and_leaves_a_resumable_run(phantom_dir, tmp_pa
     done = torch.load(out / "last.pt", weights_only=True)["epoch"]
     proc = run_cli("train.py", *args[:-6], "--epochs", str(done + 1), "--max_steps", "1", "--resume", "--new_schedule")
     assert proc.returncode == 0 and f"resuming {out} after epoch {done}" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_stride_larger_than_the_window_would_leave_pixels_unscored(phantom_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_train_args(phantom_dir, tmp_path / "run", "--stride", "12"))
+    assert str(e.value) == ("error: --stride 12: larger than the window (--patch_size 8): pixels between windows would "
+                            "never be scored")
+
+
+def test_pretrained_model_that_cannot_be_loaded(phantom_dir, tmp_path):
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        train.main(tiny_train_args(phantom_dir, tmp_path / "run", "--pretrained", "--hf_model", str(tmp_path / "nowhere")))
+    assert str(e.value).startswith(f"error: {tmp_path / 'nowhere'}: cannot load a UNet2DModel (")
