@@ -315,11 +315,11 @@ def main(argv=None):
         raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: no such folder")
+    check_output_dir(args)
     device = models.pick_device(args.device)
     model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
     model = model.to(device).eval()
     run, settings = resolve_run(args, checkpoint.get("args") or {}, config)
-    check_output_dir(args)
     lock = data.lock_output_dir(args.output_dir, "predict.py")
     start = time.time()
     try:
