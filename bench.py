@@ -318,6 +318,7 @@ def pick_modes(args, default):
 
 def main(argv=None):
     args = get_args(argv)
+    models.check_flag(args.threads is None or args.threads >= 1, "threads", args.threads, "must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = models.pick_device(args.device)

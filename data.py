@@ -1655,6 +1655,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "show":
         check_figure_format(args.out, "--out")
+        if args.columns < 1:
+            raise SystemExit(f"error: --columns {args.columns}: must be at least 1")
         show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir)
     else:
         start = time.time()

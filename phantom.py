@@ -375,6 +375,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, low in (("patients", 1), ("slices", 1), ("size", 16), ("seed", 0)):  # 16: data.MIN_SLICE_SIDE
+        if getattr(args, name) < low:
+            raise SystemExit(f"error: --{name} {getattr(args, name)}: must be at least {low}")
     if os.path.exists(os.path.join(args.out, "stage_2_train.csv")):
         raise SystemExit(f"error: {args.out}: already holds a data set; choose another --out")
     start = time.time()

@@ -185,7 +185,7 @@ def open_datasets(args, rank, world, saved_splits):
 
 def _same(key, saved, now):
     if key == "data_dir":
-        return os.path.abspath(os.fspath(saved)) == os.path.abspath(os.fspath(now))
+        return os.path.realpath(os.fspath(saved)) == os.path.realpath(os.fspath(now))  # symlinks: the same folder
     return (list(saved) if isinstance(saved, (list, tuple)) else saved) == (list(now) if isinstance(now, (list, tuple)) else now)
 
 

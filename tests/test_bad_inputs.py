@@ -885,8 +885,10 @@ def test_ctrl_c_stops_in_one_line_and_leaves_a_resumable_run(phantom_dir, tmp_pa
     assert p.returncode == 130 and lines == ["interrupted: continue with --resume"], err[-3000:]
     assert not (out / data.LOCK_NAME).exists()
     done = torch.load(out / "last.pt", weights_only=True)["epoch"]
-    proc = run_cli("train.py", *args[:-6], "--epochs", str(done + 1), "--max_steps", "1", "--resume", "--new_schedule")
-    assert proc.returncode == 0 and f"resuming {out} after epoch {done}" in proc.stdout, proc.stderr[-3000:]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # in-process: no second start-up of torch
+        train.main(args[:-6] + ["--epochs", str(done + 1), "--max_steps", "1", "--resume", "--new_schedule"])
+    assert f"resuming {out} after epoch {done}" in printed.getvalue()
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == done + 1
 
 
 def test_stride_larger_than_the_window_would_leave_pixels_unscored(phantom_dir, tmp_path):
@@ -900,3 +902,24 @@ def test_pretrained_model_that_cannot_be_loaded(phantom_dir, tmp_path):
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
         train.main(tiny_train_args(phantom_dir, tmp_path / "run", "--pretrained", "--hf_model", str(tmp_path / "nowhere")))
     assert str(e.value).startswith(f"error: {tmp_path / 'nowhere'}: cannot load a UNet2DModel (")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--patients", "0"], "error: --patients 0: must be at least 1"),
+    (["--slices", "0"], "error: --slices 0: must be at least 1"),
+    (["--size", "8"], "error: --size 8: must be at least 16"),
+    (["--seed", "-1"], "error: --seed -1: must be at least 0"),
+], ids=["patients", "slices", "size", "seed"])
+def test_bad_phantom_flags(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as e:
+        phantom.main(["--out", str(tmp_path / "p"), *argv])
+    assert str(e.value) == message and not (tmp_path / "p").exists()
+
+
+def test_bad_show_flags(phantom_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        data.main(["show", "--data_dir", phantom_dir, "--out", str(tmp_path / "grid.docx")])
+    assert str(e.value).startswith(f"error: --out {tmp_path / 'grid.docx'}: matplotlib cannot write .docx files")
+    with pytest.raises(SystemExit) as e:
+        data.main(["show", "--data_dir", phantom_dir, "--out", str(tmp_path / "grid.png"), "--columns", "0"])
+    assert str(e.value) == "error: --columns 0: must be at least 1"
