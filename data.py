@@ -270,6 +270,13 @@ def lock_output_dir(output_dir, what):
             return path
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: exclusive create, then the content
+            try:
+                with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+                    f.write(mine)
+                return path
+            except FileExistsError:
+                pass
         finally:
             os.unlink(temporary)
         try:

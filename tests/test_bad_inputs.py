@@ -923,3 +923,15 @@ def test_bad_show_flags(phantom_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         data.main(["show", "--data_dir", phantom_dir, "--out", str(tmp_path / "grid.png"), "--columns", "0"])
     assert str(e.value) == "error: --columns 0: must be at least 1"
+
+
+def test_the_lock_works_where_hard_links_do_not(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    lock = data.lock_output_dir(tmp_path, "test")
+    assert (tmp_path / data.LOCK_NAME).read_text().split()[0] == str(os.getpid())
+    with pytest.raises(SystemExit, match="another run is using this output dir"):
+        data.lock_output_dir(tmp_path, "test")
+    data.release_output_dir(lock)
+    assert os.listdir(tmp_path) == []
