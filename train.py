@@ -420,24 +420,23 @@ def main(argv=None):
             data.release_output_dir(lock)
 
 
-def run(args, rank, world, device):
+def open_run(args, config, settings, amp_dtype, device, rank, world):
+    """The checkpoint to resume (or None), the run's frozen splits and its data sets: saved splits when resuming,
+    else drawn from --seed and written to splits.json, which evaluate.py and sweep.py then score exactly.
+    -> (ckpt, splits record, (train, val-loss, val-eval) data sets, whether best_model.pt goes by val loss)."""
     is_main = rank == 0
-    amp_dtype = models.autocast_dtype(args.precision, device)
-    settings = scoring.ScoringSettings.from_flags(args)
-    config = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
-                                 base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
-                                 hf_model=args.hf_model)
     ckpt = check_resume(args, config, world) if args.resume else None
     saved_splits = ckpt.get("splits") if ckpt else None
     if ckpt and saved_splits is None:
         saved_splits = data.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
-        if saved_splits is None and rank == 0:
+        if saved_splits is None and is_main:
             print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
                   "drawn from --seed again")
-    rd, train_set, val_loss_set, val_eval_set = open_datasets(args, rank, world, saved_splits)
+    rd, *datasets = open_datasets(args, rank, world, saved_splits)
     splits = saved_splits or data.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
                                                 dataset=data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
                                                 bleed_train_fraction=args.bleed_train_fraction)
+    train_set, val_eval_set = datasets[0], datasets[2]
     by_loss = not val_eval_set.labels.any()
     if is_main:
         if not args.resume:  # fixed now: evaluate.py and sweep.py score exactly these patients
@@ -450,6 +449,18 @@ def run(args, rank, world, device):
                   "is chosen by validation loss (as best_model_loss.pt)", file=sys.stderr)
         if scoring.smoothing_note(settings.smooth_slices, args.eval_samples):
             print(scoring.smoothing_note(settings.smooth_slices, args.eval_samples))
+    return ckpt, splits, datasets, by_loss
+
+
+def run(args, rank, world, device):
+    is_main = rank == 0
+    amp_dtype = models.autocast_dtype(args.precision, device)
+    settings = scoring.ScoringSettings.from_flags(args)
+    config = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
+                                 base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
+                                 hf_model=args.hf_model)
+    ckpt, splits, (train_set, val_loss_set, val_eval_set), by_loss = open_run(args, config, settings, amp_dtype, device,
+                                                                              rank, world)
 
     torch.manual_seed(args.seed)
     model = models.build_model(config).to(device)
