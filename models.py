@@ -256,11 +256,13 @@ def build_model(config):
     raise ValueError(f"unknown model kind {config['kind']!r} (scratch | pretrained)")
 
 
-def save_standin(directory, in_channels=3):
+def save_standin(directory, in_channels=3, seed=0):
     """A tiny, randomly initialised UNet2DModel with the block types of
     google/ddpm-ema-celebahq-256 (attention one level above the bottom), written with
     save_pretrained. It stands in for the hub model where the hub is unreachable (tests, the
-    demo): --hf_model DIR then runs the same code path as the real model. Not pretrained."""
+    demo): --hf_model DIR then runs the same code path as the real model. Not pretrained. Seeded, so that
+    the demo's stand-in run gives the same figures every time."""
+    torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=64, in_channels=in_channels, out_channels=in_channels,
                        layers_per_block=2, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
