@@ -430,15 +430,16 @@ def input_offsets(dataset, settings, normative):
         return offsets
     if normative is None:
         raise SystemExit("error: --input_norm needs the run's normative statistics: run evaluate.py --fit_normative first")
-    items = [dataset[i] for i in range(len(dataset))]
+    # one slice (or one scan) in memory at a time: a split of all of RSNA does not fit at once
     if settings.input_norm == "slice":
-        medians = np.array([brain_median(it["image"].numpy(), it["mask"].numpy()) for it in items])
+        medians = np.array([brain_median(dataset[i]["image"].numpy(), dataset[i]["mask"].numpy()) for i in range(len(dataset))])
     else:
         scans = np.asarray(dataset.scans)
-        medians = np.zeros(len(items))
+        medians = np.zeros(len(dataset))
         for scan in np.unique(scans):
             members = np.flatnonzero(scans == scan)
-            pixels = np.concatenate([items[i]["image"][0].numpy()[items[i]["mask"].numpy()] for i in members] + [np.zeros(0)])
+            items = [dataset[i] for i in members]
+            pixels = np.concatenate([it["image"][0].numpy()[it["mask"].numpy()] for it in items] + [np.zeros(0)])
             medians[members] = np.median(pixels) if len(pixels) else normative["input_median"]
     return (float(normative["input_median"]) - medians).astype(np.float32)
 
