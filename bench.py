@@ -11,7 +11,7 @@ model is trained for a few steps first (--train_steps), which also gives the tra
 a random network would make every ROC-AUC meaningless.
 
 `naive` is the spec's pipeline (one window, one forward pass, in a Python loop, fp32). It exists
-only here, as the reference: users run models.anomaly_maps through evaluate.py and train.py,
+only here, as the reference: users run scoring.anomaly_maps through evaluate.py and train.py,
 whose defaults are the `default` row. The other rows switch one option at a time so that what
 each contributes can be read off.
 
@@ -32,7 +32,9 @@ import numpy as np
 import scipy.stats
 import torch
 
+import cohort
 import data
+import runfiles
 import phantom
 import evaluate
 import models
@@ -78,16 +80,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def relative_height(index):
-    """Position of each row within its scan, 0 (lowest slice) to 1 (highest); rows are ordered by
-    (patient, scan, z)."""
-    scans = index["scan"]
-    starts = np.flatnonzero(np.r_[True, scans[1:] != scans[:-1]])
-    lengths = np.diff(np.r_[starts, len(scans)])
-    rank = np.arange(len(scans)) - np.repeat(starts, lengths)
-    return rank / np.maximum(np.repeat(lengths, lengths) - 1, 1)
-
-
 def load_slices(args, data_dir):
     """A phantom (or --data_dir) opened as a training run opens it (seed 0 splits): healthy slices of the training
     patients (training), and the hemorrhage slices of the held-out patients against as many of their healthy
@@ -104,7 +96,7 @@ def load_slices(args, data_dir):
     if k == 0 or len(rd.cache.ok(rd.splits["train"])) == 0:
         raise SystemExit(f"error: {data_dir}: need hemorrhage slices and at least two patients without a bleed")
     pos = rng.choice(pos, k, replace=False)
-    height = relative_height(rd.index)
+    height = cohort.relative_heights(rd.index)
     neg_left, matched = list(rng.permutation(neg)), []
     for p in pos:  # the nearest height among the healthy slices not taken yet
         j = int(np.argmin([abs(height[n] - height[p]) for n in neg_left]))
@@ -378,7 +370,7 @@ def main(argv=None):
               "gflops_per_forward": gflops, "device": device_name, "load_average": [load_before[0], load_after[0]],
               "seconds": seconds_total, "settings": vars(args)}
     if args.json:
-        data.write_json(args.json, report)
+        runfiles.write_json(args.json, report)
         print(f"wrote {args.json}")
     return report
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-import data
+import runfiles
 
 
 def run_label(args):
@@ -67,9 +67,7 @@ def best_epoch(history, key, mode):
 
 def plot_runs(histories, labels, path):
     """Left: train (solid) and validation (dashed) loss. Right: validation ROC-AUC, best epoch starred."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = runfiles.pyplot()
     import matplotlib.ticker
 
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -104,7 +102,7 @@ def plot_runs(histories, labels, path):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    data.save_figure(fig, path, dpi=90)
+    runfiles.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -123,7 +121,7 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: {args.output}: directory {out_dir} does not exist")
-    data.check_figure_format(args.output, "--output")
+    runfiles.check_figure_format(args.output, "--output")
     plot_runs([h for h, _ in runs], [label for _, label in runs], args.output)
     for run_dir, (history, label) in zip(run_dirs, runs):
         epoch, auc = best_epoch(history, "val_roc_auc", "max")

@@ -28,7 +28,11 @@ import sys
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+import cohort
 import data
+import inputs
+import readers
+import runfiles
 import models
 import scoring
 
@@ -230,16 +234,9 @@ def pixel_metrics(acc, threshold=None):
 # ---------------------------------------------------------------------------------------------
 # plots
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_scores(path, labels, scores, title):
     """Histogram of slice scores by class, and the ROC curve with its AUC."""
-    plt = pyplot()
+    plt = runfiles.pyplot()
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, np.float64)
     fig, (ax_hist, ax_roc) = plt.subplots(1, 2, figsize=(10, 4))
     bins = np.histogram_bin_edges(scores, bins=30) if len(scores) else 10
@@ -266,7 +263,7 @@ def plot_scores(path, labels, scores, title):
     ax_roc.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    data.save_figure(fig, path, dpi=90)
+    runfiles.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -277,7 +274,7 @@ def plot_overlays(path, examples, title="Error maps over the brain window", resi
     (score_split's "examples"; other kinds, e.g. predict.py's unlabelled slices, come after those, with their own
     `legend`). One colour scale for all panels, so colours compare across slices.
     """
-    plt = pyplot()
+    plt = runfiles.pyplot()
     kinds = [*scoring.EXAMPLE_KINDS, *[kind for kind in examples if kind not in scoring.EXAMPLE_KINDS]]
     rows = [(kind, examples.get(kind, [])) for kind in kinds if examples.get(kind)]
     if not rows:
@@ -310,7 +307,7 @@ def plot_overlays(path, examples, title="Error maps over the brain window", resi
                         "slices;\nmiss = lowest-scoring hemorrhage slices. Cyan outline = ground-truth bleed (where known), "
                         "dashed white = brain mask")
     fig.suptitle(f"{title}\n{legend}", fontsize=8)
-    data.save_figure(fig, path, dpi=90)
+    runfiles.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -327,7 +324,7 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
     p.add_argument("--split", default="test", choices=["val", "test", "all"],
                    help="all: every patient of --data_dir, a data set the model never trained on (external test)")
-    p.add_argument("--eval_samples", type=data.parse_eval_samples, default=None,
+    p.add_argument("--eval_samples", type=cohort.parse_eval_samples, default=None,
                    help="slices per class, or 'all' (default: the training run's value)")
     p.add_argument("--num_workers", type=int, default=None, help="default: the training run's value")
     p.add_argument("--seed", type=int, default=None,
@@ -353,8 +350,8 @@ def resolve_run(args, train_args, config):
         return value if value is not None else train_args.get(name, fallback)
     run = {"data_dir": pick("data_dir"), "dataset": train_args.get("dataset", "auto"), "cache_dir": train_args.get("cache_dir"),
            "image_size": config["image_size"], "channels": config["in_channels"],
-           "split_seed": train_args.get("seed", data.DEFAULT_SEED), "num_samples": train_args.get("num_samples", data.DEFAULT_NUM_SAMPLES),
-           "eval_samples": pick("eval_samples", data.DEFAULT_EVAL_SAMPLES), "seed": pick("seed", data.DEFAULT_SEED),
+           "split_seed": train_args.get("seed", cohort.DEFAULT_SEED), "num_samples": train_args.get("num_samples", cohort.DEFAULT_NUM_SAMPLES),
+           "eval_samples": pick("eval_samples", cohort.DEFAULT_EVAL_SAMPLES), "seed": pick("seed", cohort.DEFAULT_SEED),
            "num_workers": pick("num_workers", 0), "precision": pick("precision", "auto"),
            "min_brain_fraction": pick("min_brain_fraction", 0.0)}
     if run["data_dir"] is None:
@@ -366,8 +363,8 @@ def resolve_run(args, train_args, config):
         models.check_model_flags(argparse.Namespace(**{name: run[name]}))
     models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
     models.check_flag(args.keep_examples >= 0, "keep_examples", args.keep_examples, "must be 0 or more")
-    dataset = run["dataset"] if run["dataset"] != "auto" else data.detect_dataset(run["data_dir"])
-    return run, dataclasses.replace(settings.check(run["image_size"]), brain_hu=data.brain_input_hu(dataset))
+    dataset = run["dataset"] if run["dataset"] != "auto" else cohort.detect_dataset(run["data_dir"])
+    return run, dataclasses.replace(settings.check(run["image_size"]), brain_hu=inputs.brain_input_hu(dataset))
 
 
 def default_output_dir(checkpoint_path, split):
@@ -385,17 +382,17 @@ def make_output_dir(output_dir, overwrite, result="metrics.json"):
         raise SystemExit(f"error: {output_dir}: cannot create output dir ({e.strerror})")
     if not os.access(output_dir, os.W_OK):
         raise SystemExit(f"error: {output_dir}: output dir is not writable")
-    lock = data.lock_output_dir(output_dir, "evaluate.py")
+    lock = runfiles.lock_output_dir(output_dir, "evaluate.py")
     if os.path.exists(os.path.join(output_dir, result)) and not overwrite:
-        data.release_output_dir(lock)
+        runfiles.release_output_dir(lock)
         raise SystemExit(f"error: {output_dir}: holds the results of an earlier run ({result}); "
                          "use --overwrite to replace them, or --output_dir to write elsewhere")
     return lock
 
 
 def saved_splits(checkpoint, checkpoint_path, rank=0):
-    """The run's saved splits (data.load_splits_record), or None with a note for a run older than saved splits."""
-    record = data.load_splits_record(checkpoint, checkpoint_path)
+    """The run's saved splits (cohort.load_splits_record), or None with a note for a run older than saved splits."""
+    record = cohort.load_splits_record(checkpoint, checkpoint_path)
     if record is None and rank == 0:
         print(f"note: {checkpoint_path} holds no saved splits (trained before they were saved); the splits are drawn "
               "from the training seed again, so patients added to the folder since could move between splits")
@@ -403,18 +400,18 @@ def saved_splits(checkpoint, checkpoint_path, rank=0):
 
 
 def training_patients(checkpoint, checkpoint_path, train_args):
-    """The patient ids of the run's training split: the lists the run saved (data.load_splits_record) where it has
-    them, otherwise the split recomputed from the run's data dir and seed (data.split_patients). None when neither
+    """The patient ids of the run's training split: the lists the run saved (cohort.load_splits_record) where it has
+    them, otherwise the split recomputed from the run's data dir and seed (cohort.split_patients). None when neither
     is at hand."""
-    record = data.load_splits_record(checkpoint, checkpoint_path)
+    record = cohort.load_splits_record(checkpoint, checkpoint_path)
     if record is not None:
         return set(map(str, record["patients"]["train"]))
     train_dir = train_args.get("data_dir")
     if not train_dir or not os.path.isdir(train_dir):
         return None
-    index = data.load_index(train_dir, dataset=None if train_args.get("dataset", "auto") == "auto" else train_args["dataset"],
+    index = cohort.load_index(train_dir, dataset=None if train_args.get("dataset", "auto") == "auto" else train_args["dataset"],
                             cache_dir=train_args.get("cache_dir"), num_workers=train_args.get("num_workers", 0) or 1)
-    return set(map(str, data.split_patients(index, train_args.get("seed", data.DEFAULT_SEED),
+    return set(map(str, cohort.split_patients(index, train_args.get("seed", cohort.DEFAULT_SEED),
                                             bleed_train_fraction=train_args.get("bleed_train_fraction", 0.0))["train"]))
 
 
@@ -430,7 +427,7 @@ def open_external(args, run, checkpoint, train_args):
                          "model never saw (use --split val or test here)")
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: data dir not found")
-    index = data.load_index(args.data_dir, num_workers=max(run["num_workers"], 1))
+    index = cohort.load_index(args.data_dir, num_workers=max(run["num_workers"], 1))
     trained_on = training_patients(checkpoint, args.checkpoint, train_args)
     overlap = sorted(set(map(str, index["patient"])) & trained_on) if trained_on is not None else []
     if trained_on is None:
@@ -443,8 +440,8 @@ def open_external(args, run, checkpoint, train_args):
     if args.eval_samples is not None and args.eval_samples != "all":
         rng = np.random.default_rng([run["split_seed"], 3])
         positive, negative = rows[index["any"][rows] == 1], rows[index["any"][rows] == 0]
-        rows = np.sort(np.concatenate([data._draw(rng, positive, args.eval_samples, "hemorrhage slices"),
-                                       data._draw(rng, negative, args.eval_samples, "healthy slices")]))
+        rows = np.sort(np.concatenate([cohort.draw_slices(rng, positive, args.eval_samples, "hemorrhage slices"),
+                                       cohort.draw_slices(rng, negative, args.eval_samples, "healthy slices")]))
     cache = data.prepare_slices(args.data_dir, index, rows, run["image_size"], run["channels"],
                                 num_workers=max(run["num_workers"], 1))
     patients = {"all": np.unique(index["patient"][rows])}
@@ -481,8 +478,8 @@ def score_run(model, run, settings, rd, split, device, keep_examples, rank, worl
 
     def gt_masks_fn(position):
         try:
-            return data.load_gt_mask(run["data_dir"], rd.index["id"][position], run["image_size"])
-        except data.BadFile as error:
+            return inputs.load_gt_mask(run["data_dir"], rd.index["id"][position], run["image_size"])
+        except readers.BadFile as error:
             if position not in unusable_masks and rank == 0:
                 print(f"skipped mask: {error}")
             unusable_masks[position] = str(error)
@@ -522,7 +519,7 @@ def compute_metrics(result, val, index, split, settings, n_boot, seed):
                "slice": {name: slice_metrics(labels, v, patients, n_boot=n_boot, seed=seed) for name, v in result["scores"].items()},
                "scan": {reduce: scan_metrics(result["scans"], labels, primary, reduce, patients, n_boot=n_boot, seed=seed)
                         for reduce in ("max", "top3")},
-               "subtype": subtype_metrics({name: index[name][rows] for name in data.SUBTYPES}, labels, primary, patients,
+               "subtype": subtype_metrics({name: index[name][rows] for name in cohort.SUBTYPES}, labels, primary, patients,
                                           n_boot=n_boot, seed=seed),
                "pixel": None, "seconds": result["seconds"]}
     if result["pixel"] is not None:
@@ -541,12 +538,12 @@ def write_results(output_dir, metrics, result, index, split, settings):
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     names = list(result["scores"])
-    writer.writerow(["id", "patient", "scan", "any", *data.SUBTYPES, *names])
+    writer.writerow(["id", "patient", "scan", "any", *cohort.SUBTYPES, *names])
     for i, row in enumerate(result["positions"]):
         writer.writerow([index["id"][row], index["patient"][row], index["scan"][row], int(index["any"][row]),
-                         *[int(index[t][row]) for t in data.SUBTYPES], *[f"{result['scores'][n][i]:.6g}" for n in names]])
-    data.write_atomically(os.path.join(output_dir, "scores.csv"), lambda f: f.write(text.getvalue().encode()))
-    data.write_json(os.path.join(output_dir, "metrics.json"), metrics)  # last: a metrics.json means the rest is there
+                         *[int(index[t][row]) for t in cohort.SUBTYPES], *[f"{result['scores'][n][i]:.6g}" for n in names]])
+    runfiles.write_atomically(os.path.join(output_dir, "scores.csv"), lambda f: f.write(text.getvalue().encode()))
+    runfiles.write_json(os.path.join(output_dir, "metrics.json"), metrics)  # last: a metrics.json means the rest is there
     for name, values in result["scores"].items():
         plot_scores(os.path.join(output_dir, f"scores_{name}.png"), result["labels"], values,
                     title=f"{split} split, score '{name}': {len(result['positions'])} slices from {metrics['counts']['patients']} patients")
@@ -604,7 +601,7 @@ def main(argv=None):
         raise SystemExit(130)
     finally:
         if lock:
-            data.release_output_dir(lock)
+            runfiles.release_output_dir(lock)
 
 
 def evaluate_run(args, rank, world, device, model, checkpoint, run, settings, output_dir):

@@ -1,5 +1,5 @@
-"""The pDDPM core: the networks, the noise schedule, patched noising, the patch loss and the
-anomaly maps that training-time evaluation and evaluate.py both score with.
+"""The pDDPM core: the networks, the noise schedule, patched noising and the patch loss. The anomaly maps that
+training-time evaluation and evaluate.py both score with are scoring.anomaly_maps (a split: scoring.score_split).
 
 Method: Behrendt et al., "Patched Diffusion Models for Unsupervised Anomaly Detection in Brain
 MRI", MIDL 2023. A network that predicts the clean slice x0 from a slice in which only one box
@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pytorch_msssim import ssim
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
+import runfiles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class PretrainedUNet(nn.Module):
     clusters). With unet_config (stored in our checkpoints) the architecture is built without
     touching the hub and the weights come from the checkpoint.
 
-    The input must have the model's channel count: data.make_input gives the 3-channel model
+    The input must have the model's channel count: inputs.make_input gives the 3-channel model
     three CT windows (brain, subdural, bone). We do not repeat or average channels here."""
 
     def __init__(self, hf_model, unet_config=None):
@@ -389,7 +389,7 @@ def save_checkpoint(path, model, config, **extra_plain_data):
     if isinstance(model, PretrainedUNet):
         config["unet_config"] = _plain(dict(model.unet.config))  # rebuild offline on load
     checkpoint = {"model": model.state_dict(), "config": config, **extra_plain_data}
-    data.write_atomically(path, lambda f: torch.save(checkpoint, f))
+    runfiles.write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, device="cpu"):

@@ -4,7 +4,7 @@
 
 It stands in for RSNA where the real data is not at hand (tests, the demo, bench.py) and runs the
 same loading code: <out>/stage_2_train/ID_<hex>.dcm + <out>/stage_2_train.csv, plus
-<out>/masks/ID_<hex>.npy (the bleed mask of each positive slice, which data.load_gt_mask reads
+<out>/masks/ID_<hex>.npy (the bleed mask of each positive slice, which inputs.load_gt_mask reads
 for the pixel metrics). Heads are drawn at random per patient (skull, brain, ventricles, sulci,
 scalp, a scanner table and field-of-view edge); hemorrhage patients get one or two bleeds of the
 five RSNA subtypes, extending over several slices. Values are Hounsfield units.
@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from data import LABELS, SUBTYPES
+from cohort import LABELS, SUBTYPES
 
 AIR_HU = -1000.0
 
@@ -375,7 +375,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, low in (("patients", 1), ("slices", 1), ("size", 16), ("seed", 0)):  # 16: data.MIN_SLICE_SIDE
+    for name, low in (("patients", 1), ("slices", 1), ("size", 16), ("seed", 0)):  # 16: readers.MIN_SLICE_SIDE
         if getattr(args, name) < low:
             raise SystemExit(f"error: --{name} {getattr(args, name)}: must be at least {low}")
     if os.path.exists(os.path.join(args.out, "stage_2_train.csv")):

@@ -35,7 +35,10 @@ import nibabel
 import numpy as np
 import torch
 
-import data
+import cohort
+import inputs
+import readers
+import runfiles
 import evaluate
 import models
 import scoring
@@ -50,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="write into an --output_dir that already holds files")
     p.add_argument("--top", type=int, default=4, help="highest-scoring slices shown per scan in overlays/")
-    p.add_argument("--num_workers", type=int, default=data.DEFAULT_WORKERS, help="processes reading DICOM headers and slices")
+    p.add_argument("--num_workers", type=int, default=readers.DEFAULT_WORKERS, help="processes reading DICOM headers and slices")
     p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
     p.add_argument("--min_brain_fraction", type=float, default=None,
                    help="leave slices with less intracranial area unscored (default: the training run's value)")
@@ -69,7 +72,7 @@ def resolve_run(args, train_args, config):
         value = getattr(args, name)
         return value if value is not None else train_args.get(name, fallback)
     run = {"image_size": config["image_size"], "channels": config["in_channels"], "num_workers": args.num_workers,
-           "seed": pick("seed", data.DEFAULT_SEED), "precision": pick("precision", "auto"),
+           "seed": pick("seed", cohort.DEFAULT_SEED), "precision": pick("precision", "auto"),
            "min_brain_fraction": pick("min_brain_fraction", 0.0)}
     settings, missing = scoring.ScoringSettings.resolve(train_args, args)
     if missing:
@@ -96,10 +99,10 @@ def check_output_dir(args):
 def find_files(data_dir):
     """(NIfTI volume paths, other file paths) under data_dir, sorted; hidden files and folders (the caches) are left
     out, and in a NIfTI layout with masks only the CT folder is read."""
-    layout = data.nifti_folders(data_dir)
+    layout = cohort.nifti_folders(data_dir)
     if layout:
         folder = os.path.join(data_dir, layout[0])
-        return sorted(os.path.join(folder, name) for name in os.listdir(folder) if data.is_nifti(name)), []
+        return sorted(os.path.join(folder, name) for name in os.listdir(folder) if readers.is_nifti(name)), []
     volumes, others = [], []
     for root, folders, names in os.walk(data_dir):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
@@ -107,7 +110,7 @@ def find_files(data_dir):
             if name.startswith("."):
                 continue
             path = os.path.join(root, name)
-            if data.is_nifti(name):
+            if readers.is_nifti(name):
                 volumes.append(path)
             elif not name.lower().endswith(NOT_DICOM):
                 others.append(path)
@@ -118,8 +121,8 @@ def dicom_series(paths, num_workers):
     """{series UID: [(z, file path)] ordered by slice position} from the headers of the DICOM files among `paths`;
     files that are no usable CT slice are counted. -> (series, skips)."""
     found, skips = {}, []
-    read = functools.partial(data.read_header, need_patient=False)
-    for path, (ok, result) in zip(paths, data.parallel_map(read, paths, num_workers, "headers")):
+    read = functools.partial(readers.read_header, need_patient=False)
+    for path, (ok, result) in zip(paths, readers.parallel_map(read, paths, num_workers, "headers")):
         if ok:
             _, _, series, z = result
             found.setdefault(series, []).append((z, path))
@@ -146,26 +149,27 @@ def decode_dicom(path, channels, image_size):
     """(model input, brain mask, the slice's own [H, W]) of one DICOM slice, as the slice cache has it."""
     with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
         warnings.simplefilter("ignore")
-        hu = data.hu_from_dicom(path)
-    return (*data.input_and_brain_mask(hu, channels, image_size), hu.shape)
+        hu = readers.hu_from_dicom(path)
+    return (*inputs.input_and_brain_mask(hu, channels, image_size), hu.shape)
 
 
 def decode_scan(scan, run, num_workers):
     """[(source, z, (input, brain mask, [H, W]) or a BadFile reason)] for the slices of one scan, lowest first."""
     if scan["kind"] == "nifti":
-        image, hu = data.load_nifti(scan["path"])  # BadFile: the caller counts the whole volume
-        slices, z = data.axial_slices(hu, image.affine)
+        image, hu = readers.load_nifti(scan["path"])  # BadFile: the caller counts the whole volume
+        slices, z = readers.axial_slices(hu, image.affine)
         out = []
         for k, (one, height) in enumerate(zip(slices, z)):
+            source = cohort.slice_id(os.path.basename(scan["path"]), k)
             try:
-                out.append((f"{os.path.basename(scan['path'])}#{k}", float(height),
-                            (*data.nifti_slice_input(one, run["channels"], run["image_size"]), one.shape)))
-            except data.BadFile as error:
-                out.append((f"{os.path.basename(scan['path'])}#{k}", float(height), str(error)))
+                out.append((source, float(height),
+                            (*inputs.nifti_slice_input(one, run["channels"], run["image_size"]), one.shape)))
+            except readers.BadFile as error:
+                out.append((source, float(height), str(error)))
         return out
     decode = functools.partial(decode_dicom, channels=run["channels"], image_size=run["image_size"])
     paths = [path for _, path in scan["files"]]
-    results = data.parallel_map(decode, paths, num_workers, "decode")
+    results = readers.parallel_map(decode, paths, num_workers, "decode")
     return [(path, z, result) for (z, path), (ok, result) in zip(scan["files"], results)]
 
 
@@ -199,23 +203,23 @@ def write_csv(path, header, rows):
     writer = csv.writer(text)
     writer.writerow(header)
     writer.writerows(rows)
-    data.write_atomically(path, lambda f: f.write(text.getvalue().encode()))
+    runfiles.write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def save_maps(path_stem, scan, slice_maps):
     """The scan's maps: a NIfTI volume on the input's voxels (NIfTI input) or a .npy [slices, H, W] (DICOM)."""
     if scan["kind"] == "nifti":
         image = nibabel.load(scan["path"])
-        volume = data.nifti_volume(np.stack(slice_maps), image.affine)
+        volume = readers.nifti_volume(np.stack(slice_maps), image.affine)
         out = nibabel.Nifti1Image(volume.reshape(image.shape[:3]).astype(np.float32), image.affine)
         out.set_data_dtype(np.float32)
-        data.write_atomically(path_stem + ".nii.gz", lambda f: f.write(gzip.compress(out.to_bytes(), compresslevel=6)))
+        runfiles.write_atomically(path_stem + ".nii.gz", lambda f: f.write(gzip.compress(out.to_bytes(), compresslevel=6)))
         return path_stem + ".nii.gz"
     if len({m.shape for m in slice_maps}) > 1:  # slices of different sizes in one series: one array per slice
         arrays = {f"slice_{k:04d}": m.astype(np.float32) for k, m in enumerate(slice_maps)}
-        data.write_atomically(path_stem + ".npz", lambda f: np.savez_compressed(f, **arrays))
+        runfiles.write_atomically(path_stem + ".npz", lambda f: np.savez_compressed(f, **arrays))
         return path_stem + ".npz"
-    data.write_atomically(path_stem + ".npy", lambda f: np.save(f, np.stack(slice_maps).astype(np.float32)))
+    runfiles.write_atomically(path_stem + ".npy", lambda f: np.save(f, np.stack(slice_maps).astype(np.float32)))
     return path_stem + ".npy"
 
 
@@ -261,7 +265,7 @@ def predict_scan(model, scan, offset, run, settings, device, num_workers):
             row["map"], row["scores"] = maps[i], {name: float(values[i]) for name, values in scores.items()}
             row["score"] = row["scores"][settings.score]
     common = next((row["shape"] for row in rows if "shape" in row), (1, 1))
-    full = [data.to_slice_shape(row["map"], row["shape"]) if "map" in row else np.zeros(row.get("shape", common), np.float32)
+    full = [inputs.to_slice_shape(row["map"], row["shape"]) if "map" in row else np.zeros(row.get("shape", common), np.float32)
             for row in rows]
     return rows, full
 
@@ -271,17 +275,17 @@ def predict(model, args, run, settings, device):
     volumes, others = find_files(args.data_dir)
     series, skips = dicom_series(others, run["num_workers"]) if others else ({}, [])
     used = set()
-    scans = [{"kind": "nifti", "path": path, "name": scan_name(data.nifti_name(os.path.basename(path)), used)}
+    scans = [{"kind": "nifti", "path": path, "name": scan_name(readers.nifti_name(os.path.basename(path)), used)}
              for path in volumes]
     scans += [{"kind": "dicom", "files": files, "name": scan_name(uid, used)} for uid, files in sorted(series.items())]
     if not scans:
-        raise SystemExit(data.nothing_usable(args.data_dir, skips) if skips else
+        raise SystemExit(cohort.nothing_usable(args.data_dir, skips) if skips else
                          f"error: {args.data_dir}: no DICOM or NIfTI files found")
     slice_rows, scan_rows, offset = [], [], 0
     for scan in scans:
         try:
             rows, full = predict_scan(model, scan, offset, run, settings, device, run["num_workers"])
-        except data.BadFile as error:  # a NIfTI volume that cannot be read at all
+        except readers.BadFile as error:  # a NIfTI volume that cannot be read at all
             skips.append((scan["path"], str(error)))
             continue
         offset += len(rows)
@@ -297,9 +301,9 @@ def predict(model, args, run, settings, device):
                         "" if row["brain_fraction"] is None else f"{row['brain_fraction']:.4f}",
                         *[f"{row['scores'][name]:.6g}" if row["scores"] else "" for name in scoring.SCORES], row["note"]]
                        for row in rows]
-    data.report_skips("predict", skips)
+    readers.report_skips("predict", skips)
     if not scan_rows:
-        raise SystemExit(data.nothing_usable(args.data_dir, skips))
+        raise SystemExit(cohort.nothing_usable(args.data_dir, skips))
     scan_rows.sort(key=lambda r: -float(r[4]) if r[4] != "" else np.inf)
     write_csv(os.path.join(args.output_dir, "slices.csv"),
               ["scan", "slice", "z", "source", "brain_fraction", *scoring.SCORES, "note"], slice_rows)
@@ -320,12 +324,12 @@ def main(argv=None):
     model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
     model = model.to(device).eval()
     run, settings = resolve_run(args, checkpoint.get("args") or {}, config)
-    lock = data.lock_output_dir(args.output_dir, "predict.py")
+    lock = runfiles.lock_output_dir(args.output_dir, "predict.py")
     start = time.time()
     try:
         scan_rows = predict(model, args, run, settings, device)
     finally:
-        data.release_output_dir(lock)
+        runfiles.release_output_dir(lock)
     print(f"scored {len(scan_rows)} scan(s) in {time.time() - start:.0f} s with {args.checkpoint} (score '{settings.score}', "
           f"scan score = max over its slices). Highest:")
     for row in scan_rows[:5]:

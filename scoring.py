@@ -584,7 +584,7 @@ def height_filter(scores, heights, min_height):
 def smooth_along_scans(positions, scans, scores, width):
     """Mean of each slice's score and the scores of the slices up to `width` index rows above and below it
     in the same scan, where those were scored too. Index rows of a scan are consecutive and ordered by z
-    (data.load_index), so row p +- 1 is the next slice up or down; slices left out (bad file, too little
+    (cohort.load_index), so row p +- 1 is the next slice up or down; slices left out (bad file, too little
     brain, not sampled) simply do not count. Scores only: the maps are untouched."""
     positions, scans, scores = np.asarray(positions), np.asarray(scans), np.asarray(scores, np.float64)
     if width <= 0 or len(positions) == 0:

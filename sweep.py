@@ -4,7 +4,7 @@
         --windows 32:16 48:24 --median_sizes 0 5 --output_dir runs/ctich/sweep_val
 
 For every window setting and every t, the anomaly maps of the validation slices are computed
-once (models.anomaly_maps, the function evaluate.py and training use) and kept in memory; the
+once (scoring.anomaly_maps, the function evaluate.py and training use) and kept in memory; the
 average over several t ("multi-t", as in cDDPM) is the mean of those maps, which is exactly
 what anomaly_maps computes when given several timesteps. Every slice score (with and without
 a median filter, with and without averaging over neighbouring slices) is then read off the same
@@ -20,7 +20,9 @@ import sys
 import numpy as np
 import torch
 
+import cohort
 import data
+import runfiles
 import evaluate
 import models
 import scoring
@@ -33,7 +35,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
-    p.add_argument("--eval_samples", type=data.parse_eval_samples, default="all",
+    p.add_argument("--eval_samples", type=cohort.parse_eval_samples, default="all",
                    help="validation slices per class, or 'all'")
     p.add_argument("--min_brain_fraction", type=float, default=None, help="default: the training run's value")
     p.add_argument("--eval_t", type=int, nargs="+", default=sorted({100, 150, 250, 400, 500} | set(D.eval_t)))
@@ -63,8 +65,8 @@ def get_args(argv=None):
 def validation_slices(args, train_args, config, checkpoint):
     """The validation split of the training run (its saved patient lists, same caches) as tensors."""
     rd = data.open_run_data(args.data_dir or train_args.get("data_dir"), image_size=config["image_size"],
-                            channels=config["in_channels"], split_seed=train_args.get("seed", data.DEFAULT_SEED),
-                            num_samples=train_args.get("num_samples", data.DEFAULT_NUM_SAMPLES), eval_samples=args.eval_samples,
+                            channels=config["in_channels"], split_seed=train_args.get("seed", cohort.DEFAULT_SEED),
+                            num_samples=train_args.get("num_samples", cohort.DEFAULT_NUM_SAMPLES), eval_samples=args.eval_samples,
                             decode=("val",), dataset=train_args.get("dataset", "auto"), cache_dir=train_args.get("cache_dir"),
                             num_workers=train_args.get("num_workers", 0),
                             saved_splits=evaluate.saved_splits(checkpoint, args.checkpoint),
@@ -132,7 +134,7 @@ def format_delta(row, key, mark_key):
 
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
-    data.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
+    runfiles.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
     lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,7 +148,7 @@ def write_table(output_dir, rows, header):
     lines.append("")
     lines.append("Δ: this row's ROC-AUC minus the default setting's (scoring.DEFAULTS) on the same slices; * = the paired "
                  "patient-bootstrap 95 % CI excludes 0.")
-    data.write_atomically(os.path.join(output_dir, "sweep.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    runfiles.write_atomically(os.path.join(output_dir, "sweep.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n".join(lines[:12]))
     print(f"... {len(rows)} settings; full table in {os.path.join(output_dir, 'sweep.md')}")
 
@@ -180,7 +182,7 @@ def main(argv=None):
         print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        data.release_output_dir(lock)
+        runfiles.release_output_dir(lock)
 
 
 def parse_windows(texts, image_size, base):
@@ -200,7 +202,7 @@ def parse_windows(texts, image_size, base):
 
 def sweep(args, model, config, checkpoint, train_args, base, windows, output_dir, device, amp):
     val, images, masks = validation_slices(args, train_args, config, checkpoint)
-    seed = train_args.get("seed", data.DEFAULT_SEED)
+    seed = train_args.get("seed", cohort.DEFAULT_SEED)
     print(f"validation split: {len(val)} slices ({int(val.labels.sum())} hemorrhage) from {len(np.unique(val.patients))} patients")
 
     rows = []

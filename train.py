@@ -24,7 +24,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import compare
+import cohort
 import data
+import runfiles
 import evaluate
 import models
 import scoring
@@ -36,12 +38,12 @@ def get_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default=None,
                    help="RSNA folder (stage_2_train/ + stage_2_train.csv), CT-ICH folder, or a phantom from `python phantom.py`")
-    g.add_argument("--dataset", default="auto", choices=["auto", *data.DATASETS],
+    g.add_argument("--dataset", default="auto", choices=["auto", *cohort.DATASETS],
                    help="the layout of --data_dir (auto: detected; nifti = CT volumes + masks, see README)")
     g.add_argument("--cache_dir", default=None, help="slice/index cache (default: next to the data, or ~/.cache/ct-pddpm)")
     g.add_argument("--output_dir", default="./checkpoints")
-    g.add_argument("--num_samples", type=int, default=data.DEFAULT_NUM_SAMPLES, help="healthy training slices")
-    g.add_argument("--eval_samples", type=data.parse_eval_samples, default=data.DEFAULT_EVAL_SAMPLES,
+    g.add_argument("--num_samples", type=int, default=cohort.DEFAULT_NUM_SAMPLES, help="healthy training slices")
+    g.add_argument("--eval_samples", type=cohort.parse_eval_samples, default=cohort.DEFAULT_EVAL_SAMPLES,
                    help="validation slices per class for the per-epoch ROC-AUC, or 'all'")
     g.add_argument("--image_size", type=int, default=256)
     g.add_argument("--channels", type=int, choices=[1, 3], default=None,
@@ -52,7 +54,7 @@ def get_args(argv=None):
                         "in training and evaluation (leaves out face, skull-base and vertex slices; see README)")
     g.add_argument("--bleed_train_fraction", type=float, default=0.0,
                    help="opt-in protocol: this fraction of the hemorrhage patients trains too, on their slices at least "
-                        f"{data.BLEED_MARGIN} slices from any bleed; those patients are then in no evaluation split "
+                        f"{cohort.BLEED_MARGIN} slices from any bleed; those patients are then in no evaluation split "
                         "(0 = the standard protocol: hemorrhage patients only in val / test)")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
@@ -70,7 +72,7 @@ def get_args(argv=None):
                    help="default 1e-4 scratch, 1e-5 pretrained; not scaled with the number of processes")
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--grad_clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
+    g.add_argument("--seed", type=int, default=cohort.DEFAULT_SEED)
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
                    help="flip each training slice left-right with probability 1/2 (heads are near-symmetric; "
                         "doubles what a small healthy set shows the model)")
@@ -101,9 +103,9 @@ def get_args(argv=None):
     models.check_model_flags(args)
     models.check_flag(not args.new_schedule or args.resume, "new_schedule", "", "only means something with --resume")
     if args.cache_dir:
-        data.check_cache_dir(args.cache_dir)
-    window = scoring.ScoringSettings.from_flags(args).check(args.image_size)
-    args.patch_size, args.stride = window.patch_size, window.stride  # recorded in args.json and the checkpoints
+        runfiles.check_cache_dir(args.cache_dir)
+    settings = scoring.ScoringSettings.from_flags(args).check(args.image_size)
+    args.patch_size, args.stride = settings.patch_size, settings.stride  # recorded in args.json and the checkpoints
     if args.run_label is None:
         kind = f"pretrained {os.path.basename(os.path.normpath(args.hf_model))}" if args.pretrained else f"scratch bc{args.base_channels}"
         args.run_label = f"{kind} {args.channels}ch {args.image_size}px"
@@ -129,7 +131,7 @@ def last_good(args):
 
 def check_output_dir(args):
     """Refuse to silently overwrite a finished run, and take the folder's lock (one run per output dir at a time).
-    -> the lock's path (data.release_output_dir frees it)."""
+    -> the lock's path (runfiles.release_output_dir frees it)."""
     if args.resume and not os.path.exists(os.path.join(args.output_dir, "last.pt")):
         raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
     try:
@@ -139,9 +141,9 @@ def check_output_dir(args):
         os.remove(probe)
     except OSError as e:
         raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
-    lock = data.lock_output_dir(args.output_dir, "train.py")
+    lock = runfiles.lock_output_dir(args.output_dir, "train.py")
     try:
-        names = [name for name in os.listdir(args.output_dir) if name != data.LOCK_NAME]
+        names = [name for name in os.listdir(args.output_dir) if name != runfiles.LOCK_NAME]
         if args.resume:
             for name in names:
                 if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
@@ -158,7 +160,7 @@ def check_output_dir(args):
                   + (f"; left {len(names) - len(old)} other entries (e.g. {sorted(set(names) - set(old))[0]})"
                      if len(names) > len(old) else ""))
     except BaseException:
-        data.release_output_dir(lock)
+        runfiles.release_output_dir(lock)
         raise
     return lock
 
@@ -299,7 +301,7 @@ def validation_loss(model, dataset, scheduler, args, device, amp_dtype):
 def save_diagnostics(path, model, dataset, scheduler, args, settings, device, epoch, amp_dtype):
     """Input, noised patch, one-step reconstruction and the scored anomaly map (the same noise and median filter
     as the validation scoring) for a few val slices."""
-    plt = evaluate.pyplot()
+    plt = runfiles.pyplot()
     picks = list(np.flatnonzero(dataset.labels == 0)[:3]) + list(np.flatnonzero(dataset.labels == 1)[:3])
     if not picks:
         return
@@ -344,7 +346,7 @@ def save_diagnostics(path, model, dataset, scheduler, args, settings, device, ep
             ax.axis("off")
     fig.suptitle(f"Diagnostics after epoch {epoch} ({args.run_label})")
     fig.tight_layout()
-    data.save_figure(fig, path, dpi=80)
+    runfiles.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -386,7 +388,7 @@ def write_epoch(args, model, config, history, result, best, optimizer, lr_schedu
     if record["val_loss"] < best["loss"]:
         best["loss"] = record["val_loss"]
         models.save_checkpoint(os.path.join(out, "best_model_loss.pt"), model, config, **extra)
-    data.write_json(os.path.join(out, "training_history.json"), history)
+    runfiles.write_json(os.path.join(out, "training_history.json"), history)
     compare.plot_runs([history], [args.run_label], os.path.join(out, "training_curves.png"))
     if result is not None:
         evaluate.plot_scores(os.path.join(out, f"eval_scores_epoch_{record['epoch']}.png"), result["labels"],
@@ -402,7 +404,7 @@ def write_epoch(args, model, config, history, result, best, optimizer, lr_schedu
 
 def main(argv=None):
     args = get_args(argv)
-    data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)  # before an output dir is made
+    cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)  # before an output dir is made
     # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
     rank, world, device = models.setup_distributed(args.device)
     lock = check_output_dir(args) if rank == 0 else None
@@ -417,7 +419,7 @@ def main(argv=None):
         raise SystemExit(130)
     finally:
         if lock:
-            data.release_output_dir(lock)
+            runfiles.release_output_dir(lock)
 
 
 def open_run(args, config, settings, amp_dtype, device, rank, world):
@@ -428,19 +430,19 @@ def open_run(args, config, settings, amp_dtype, device, rank, world):
     ckpt = check_resume(args, config, world) if args.resume else None
     saved_splits = ckpt.get("splits") if ckpt else None
     if ckpt and saved_splits is None:
-        saved_splits = data.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
+        saved_splits = cohort.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
         if saved_splits is None and is_main:
             print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
                   "drawn from --seed again")
     rd, *datasets = open_datasets(args, rank, world, saved_splits)
-    splits = saved_splits or data.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
-                                                dataset=data.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
+    splits = saved_splits or cohort.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
+                                                dataset=cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
                                                 bleed_train_fraction=args.bleed_train_fraction)
     train_set, val_eval_set = datasets[0], datasets[2]
     by_loss = not val_eval_set.labels.any()
     if is_main:
         if not args.resume:  # fixed now: evaluate.py and sweep.py score exactly these patients
-            data.write_json(os.path.join(args.output_dir, "splits.json"), splits)
+            runfiles.write_json(os.path.join(args.output_dir, "splits.json"), splits)
         print(f"train: {len(train_set)} healthy slices | val: {len(val_eval_set)} slices "
               f"({int(val_eval_set.labels.sum())} hemorrhage) | device {device} x{world} | "
               f"precision {'bf16' if amp_dtype else 'fp32'}")
@@ -485,7 +487,7 @@ def run(args, rank, world, device):
     train_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     if is_main:
-        data.write_json(os.path.join(args.output_dir, "args.json"),
+        runfiles.write_json(os.path.join(args.output_dir, "args.json"),
                         vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world})
 
     for epoch in range(start_epoch, args.epochs + 1):

@@ -29,7 +29,11 @@ import pydicom
 import pytest
 import torch
 
+import cohort
 import data
+import inputs
+import readers
+import runfiles
 import phantom
 from conftest import edit_dicom
 import evaluate
@@ -157,12 +161,12 @@ def corpus(phantom_dir, tmp_path_factory):
     ct_file(os.path.join(image_dir, "ID_c_somelabels.dcm"), instance=91)
     with open(os.path.join(root, "stage_2_train.csv"), "a") as f:
         for image_id, *_ in BAD_SLICES + GOOD_SLICES + [("ID_c_nofile",)]:
-            f.write("".join(f"{image_id}_{name},0\n" for name in data.LABELS))
+            f.write("".join(f"{image_id}_{name},0\n" for name in cohort.LABELS))
         f.write("ID_c_somelabels_any,0\n")
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         data.main(["index", "--data_dir", root, "--num_workers", "1"])
-        index = data.load_index(root, num_workers=1)  # from the cache just written
+        index = cohort.load_index(root, num_workers=1)  # from the cache just written
         cache = data.prepare_slices(root, index, np.arange(len(index["id"])), 32, 1, num_workers=1)
     return {"dir": root, "index": index, "cache": cache, "output": output.getvalue()}
 
@@ -177,8 +181,8 @@ def summary(corpus, what):
 def test_bad_slice_is_a_counted_skip(corpus, image_id, write, stage, reason):
     index, cache = corpus["index"], corpus["cache"]
     path = os.path.join(corpus["dir"], "stage_2_train", f"{image_id}.dcm")
-    read = data.read_header if stage == "index" else lambda p: data.load_slice(p, 1, 32)
-    ok, message = data._skip_bad(read, path)  # what the worker reports for this file
+    read = readers.read_header if stage == "index" else lambda p: inputs.load_slice(p, 1, 32)
+    ok, message = readers._skip_bad(read, path)  # what the worker reports for this file
     assert not ok and message.startswith(reason) and "\n" not in message
     category = reason.split(":")[0]
     if stage == "index":
@@ -220,9 +224,9 @@ def test_quirk_and_odd_sizes_are_decoded_not_skipped(corpus):
 def test_an_unforeseen_error_in_one_file_is_a_skip_not_a_crash():
     def broken_reader(path):
         return {}["no such key"]
-    ok, reason = data._skip_bad(broken_reader, "ID_x.dcm")
+    ok, reason = readers._skip_bad(broken_reader, "ID_x.dcm")
     assert not ok and reason == "unexpected error: KeyError: 'no such key'"
-    results = list(data.parallel_map(broken_reader, ["a", "b"], num_workers=1, desc="test"))
+    results = list(readers.parallel_map(broken_reader, ["a", "b"], num_workers=1, desc="test"))
     assert [ok for ok, _ in results] == [False, False]
 
 
@@ -246,9 +250,9 @@ def test_bad_csv_is_a_one_line_error_naming_the_line(tmp_path, csv_text, problem
 def test_csv_matching_no_file_is_a_one_line_error(tmp_path):
     (tmp_path / "stage_2_train").mkdir()
     ct_file(tmp_path / "stage_2_train" / "ID_only.dcm", instance=1)
-    (tmp_path / "stage_2_train.csv").write_text("ID,Label\n" + "".join(f"ID_other_{n},0\n" for n in data.LABELS))
+    (tmp_path / "stage_2_train.csv").write_text("ID,Label\n" + "".join(f"ID_other_{n},0\n" for n in cohort.LABELS))
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as out:
-        data.load_index(str(tmp_path), num_workers=1)
+        cohort.load_index(str(tmp_path), num_workers=1)
     assert str(e.value).startswith(f"error: {tmp_path}: no usable slices (all 2 skipped): 1 of them: ")
     assert "skipped 2 file(s): 1 no row in stage_2_train.csv, 1 in stage_2_train.csv but file missing" in out.getvalue()
 
@@ -421,7 +425,7 @@ def run_cli(*args):
 def test_cli_training_on_the_corpus_survives_every_bad_file(corpus, tmp_path):
     # A split seed that puts the corpus patient (all the bad slices) in the training split, so train.py decodes them.
     index = corpus["index"]
-    seed = next(s for s in range(100) if PATIENT in data.split_patients(index, s)["train"])
+    seed = next(s for s in range(100) if PATIENT in cohort.split_patients(index, s)["train"])
     proc = run_cli("train.py", *tiny_train_args(corpus["dir"], tmp_path / "run", "--num_workers", "2", "--num_samples", "1000",
                                                 "--cache_dir", str(tmp_path / "cache"), "--seed", str(seed)))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -468,7 +472,7 @@ def rewrite_pixels(path, hu):
 def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
     root = small_data(tmp_path)
     cache_dir = str(tmp_path / "cache")
-    index, _ = quiet(data.load_index, root, cache_dir=cache_dir, num_workers=1)
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
     rows = np.arange(len(index["id"]))
     quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
     victim = int(np.flatnonzero(index["path"] != "")[1])
@@ -478,7 +482,7 @@ def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
     assert "(1 decoded again: their file changed since it was cached)" in out
     assert f"slices: skipped 1 file(s): 1 unreadable DICOM. First: {index['path'][victim]}" in out
     # the index, too, notices the changed file (its header could now say another patient) and reads headers again
-    again, out = quiet(data.load_index, root, cache_dir=cache_dir, num_workers=1)
+    again, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
     assert f"index: 1 file(s) changed since the index was built (first: {index['path'][victim]})" in out
     assert index["id"][victim] not in again["id"] and "1 unreadable DICOM header" in out
 
@@ -486,7 +490,7 @@ def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
 def test_a_cached_file_rewritten_with_other_pixels_is_decoded_again(tmp_path):
     root = small_data(tmp_path)
     cache_dir = str(tmp_path / "cache")
-    index, _ = quiet(data.load_index, root, cache_dir=cache_dir, num_workers=1)
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
     rows = np.arange(len(index["id"]))
     before, _ = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
     old_image = np.array(before.images[2])
@@ -494,21 +498,21 @@ def test_a_cached_file_rewritten_with_other_pixels_is_decoded_again(tmp_path):
     rewrite_pixels(path, head_hu())
     after, out = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
     assert "1 decoded again" in out and not np.array_equal(np.array(after.images[2]), old_image)
-    expected, _ = data.load_slice(path, 1, 32)
+    expected, _ = inputs.load_slice(path, 1, 32)
     assert np.array_equal(np.array(after.images[2]), expected)
 
 
 def test_two_data_folders_with_the_same_ids_share_no_cache_rows(tmp_path):
     first = small_data(tmp_path, "site_a")
     second = small_data(tmp_path, "site_b")  # the same seed: the same ids, patients and file names
-    index, _ = quiet(data.load_index, first, cache_dir=str(tmp_path / "shared"), num_workers=1)
+    index, _ = quiet(cohort.load_index, first, cache_dir=str(tmp_path / "shared"), num_workers=1)
     for path in index["path"]:  # every image of the second site differs
         if os.path.getsize(os.path.join(second, path)) > 1000:
             rewrite_pixels(os.path.join(second, path), head_hu())
     shutil.rmtree(os.path.join(second, "masks"))
     caches = {}
     for root in (first, second):
-        index_here, _ = quiet(data.load_index, root, cache_dir=str(tmp_path / "shared"), num_workers=1)
+        index_here, _ = quiet(cohort.load_index, root, cache_dir=str(tmp_path / "shared"), num_workers=1)
         assert np.array_equal(index_here["id"], index["id"])
         caches[root], _ = quiet(data.prepare_slices, root, index_here, np.arange(len(index["id"])), 32, 1,
                                 cache_dir=str(tmp_path / "shared"), num_workers=1)
@@ -536,7 +540,7 @@ def add_healthy_patient(root, patient_id, n=3):
             phantom.write_ct_dicom(os.path.join(root, "stage_2_train", f"{image_id}.dcm"), head_hu(64, 64),
                                    patient_id=patient_id, study_uid=f"1.2.9.{k}", series_uid=f"1.2.9.{k}.1", instance=k + 1,
                                    z=5.0 * k, spacing=0.75, slope=1.0, intercept=-1024.0)
-            f.write("".join(f"{image_id}_{name},0\n" for name in data.LABELS))
+            f.write("".join(f"{image_id}_{name},0\n" for name in cohort.LABELS))
 
 
 def test_splits_are_saved_in_splits_json_and_every_checkpoint(own_run):
@@ -556,12 +560,12 @@ def test_patients_added_or_removed_after_training_move_no_training_patient(own_r
     for k in range(3):
         add_healthy_patient(str(root), f"ID_added{k}")
     gone = saved["val"][0]
-    index, _ = quiet(data.load_index, str(root), num_workers=1)
+    index, _ = quiet(cohort.load_index, str(root), num_workers=1)
     for path in index["path"][index["patient"] == gone]:
         os.remove(root / path)
     # drawn again from the seed, the splits would now differ from the saved ones (what issue 15 found)
-    index, _ = quiet(data.load_index, str(root), num_workers=1)
-    redrawn = data.split_patients(index, 1)
+    index, _ = quiet(cohort.load_index, str(root), num_workers=1)
+    redrawn = cohort.split_patients(index, 1)
     assert set(map(str, redrawn["test"])) | set(map(str, redrawn["val"])) != set(saved["test"]) | set(saved["val"]) - {gone}
     with contextlib.redirect_stdout(io.StringIO()) as out:
         evaluate.main(["--checkpoint", str(run / "best_model.pt"), "--data_dir", str(root), "--n_boot", "10",
@@ -625,8 +629,8 @@ def test_what_resume_may_change_is_accepted(tiny_run, phantom_dir, tmp_path):
 # ---- 3. headers that decode into garbage: see BAD_SLICES (slope0, hu1024, unsigned, columns) ----------
 
 def test_the_phantom_and_its_quirk_files_still_decode(phantom_dir):
-    index, _ = quiet(data.load_index, phantom_dir, num_workers=1)
-    results = [data._skip_bad(lambda p: data.load_slice(p, 1, 32), os.path.join(phantom_dir, path)) for path in index["path"]]
+    index, _ = quiet(cohort.load_index, phantom_dir, num_workers=1)
+    results = [readers._skip_bad(lambda p: inputs.load_slice(p, 1, 32), os.path.join(phantom_dir, path)) for path in index["path"]]
     bad = [reason for ok, reason in results if not ok]
     assert len(bad) == 1 and bad[0].startswith("truncated or undecodable pixel data")  # the phantom's one truncated file
 
@@ -638,7 +642,7 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(phantom_dir, tmp_path, t
     out.mkdir()
     busy = subprocess.Popen(["sleep", "60"])
     try:
-        (out / data.LOCK_NAME).write_text(f"{busy.pid} {socket.gethostname()} 2026-01-01T00:00:00 train.py\n")
+        (out / runfiles.LOCK_NAME).write_text(f"{busy.pid} {socket.gethostname()} 2026-01-01T00:00:00 train.py\n")
         with pytest.raises(SystemExit) as e:
             train.main(tiny_train_args(phantom_dir, out))
         assert str(e.value) == (f"error: {out}: another run is using this output dir (pid {busy.pid} on this host, "
@@ -649,11 +653,11 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(phantom_dir, tmp_path, t
     finally:
         busy.kill()
         busy.wait()
-    (out / data.LOCK_NAME).write_text("1 some-other-host 2026-01-01T00:00:00 train.py\n")
+    (out / runfiles.LOCK_NAME).write_text("1 some-other-host 2026-01-01T00:00:00 train.py\n")
     with pytest.raises(SystemExit) as e:
         train.main(tiny_train_args(phantom_dir, out))
     assert str(e.value) == (f"error: {out}: another run is using this output dir (pid 1 on host some-other-host; delete "
-                            f"{out / data.LOCK_NAME} if that run is gone, started 2026-01-01T00:00:00)")
+                            f"{out / runfiles.LOCK_NAME} if that run is gone, started 2026-01-01T00:00:00)")
 
 
 def test_a_lock_left_by_a_crashed_run_is_taken_over(phantom_dir, tmp_path):
@@ -661,11 +665,11 @@ def test_a_lock_left_by_a_crashed_run_is_taken_over(phantom_dir, tmp_path):
     out.mkdir()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    (out / data.LOCK_NAME).write_text(f"{gone.pid} {socket.gethostname()} 2026-01-01T00:00:00 train.py\n")
+    (out / runfiles.LOCK_NAME).write_text(f"{gone.pid} {socket.gethostname()} 2026-01-01T00:00:00 train.py\n")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         train.main(tiny_train_args(phantom_dir, out))
-    assert f"note: {out / data.LOCK_NAME}: left by a run that is gone (pid {gone.pid}" in printed.getvalue()
-    assert (out / "best_model.pt").is_file() and not (out / data.LOCK_NAME).exists()  # released at the end
+    assert f"note: {out / runfiles.LOCK_NAME}: left by a run that is gone (pid {gone.pid}" in printed.getvalue()
+    assert (out / "best_model.pt").is_file() and not (out / runfiles.LOCK_NAME).exists()  # released at the end
 
 
 def test_two_trainings_started_together_into_one_dir(phantom_dir, tmp_path):
@@ -692,7 +696,7 @@ def test_evaluate_keeps_each_checkpoints_results_and_refuses_to_replace_them(tin
     assert str(e.value) == (f"error: {run / 'eval_best_model_test'}: holds the results of an earlier run (metrics.json); "
                             "use --overwrite to replace them, or --output_dir to write elsewhere")
     quiet(evaluate.main, ["--checkpoint", str(run / "best_model.pt"), "--n_boot", "10", "--keep_examples", "1", "--overwrite"])
-    assert not (run / "eval_best_model_test" / data.LOCK_NAME).exists()
+    assert not (run / "eval_best_model_test" / runfiles.LOCK_NAME).exists()
 
 
 def test_a_full_disk_leaves_the_old_result_and_says_so_in_one_line(tiny_run, tmp_path, monkeypatch):
@@ -712,7 +716,7 @@ def test_a_full_disk_leaves_the_old_result_and_says_so_in_one_line(tiny_run, tmp
     assert {name: (folder / name).read_bytes() for name in before} == before
     assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
     with pytest.raises(SystemExit) as e:
-        data.write_json(tmp_path / "new.json", {"a": 1})
+        runfiles.write_json(tmp_path / "new.json", {"a": 1})
     assert str(e.value).endswith("cannot write (No space left on device); no file was written")
     assert not (tmp_path / "new.json").exists()
 
@@ -819,7 +823,7 @@ def test_ctich_labels_that_contradict_themselves(tmp_path, row, problem):
     path = tmp_path / "hemorrhage_diagnosis.csv"
     path.write_text(CTICH_HEADER + "49,2,0,0,0,0,0,1,0\n" + row + "\n")
     with pytest.raises(SystemExit) as e:
-        data.read_ctich_labels(str(path))
+        cohort.read_ctich_labels(str(path))
     assert str(e.value) == f"error: {path}{problem}"
 
 
@@ -827,7 +831,7 @@ def test_rsna_labels_that_contradict_each_other(tmp_path):
     path = tmp_path / "stage_2_train.csv"
     path.write_text("ID,Label\nID_aa_any,0\nID_aa_epidural,0\nID_aa_subdural,1\n")
     with pytest.raises(SystemExit) as e:
-        data.read_rsna_labels(str(path))
+        cohort.read_rsna_labels(str(path))
     assert str(e.value) == f"error: {path}:4: ID_aa has any=0 but subdural=1 (its label rows contradict each other)"
 
 
@@ -837,10 +841,10 @@ def test_label_csvs_in_other_unicode_encodings_are_read(tmp_path, encoding):
         return ("\ufeff" + text).encode(encoding) if encoding == "utf-16-be" else text.encode(encoding)
     text = CTICH_HEADER + "49,1,0,0,0,1,0,0,0\n49,2,0,0,0,0,0,1,0\n"
     (tmp_path / "ctich.csv").write_bytes(excel_export(text))
-    assert data.read_ctich_labels(str(tmp_path / "ctich.csv")) == {(49, 1): [1, 1, 0, 0, 0, 0], (49, 2): [0, 0, 0, 0, 0, 0]}
-    rsna = "ID,Label\n" + "".join(f"ID_aa_{name},0\n" for name in data.LABELS)
+    assert cohort.read_ctich_labels(str(tmp_path / "ctich.csv")) == {(49, 1): [1, 1, 0, 0, 0, 0], (49, 2): [0, 0, 0, 0, 0, 0]}
+    rsna = "ID,Label\n" + "".join(f"ID_aa_{name},0\n" for name in cohort.LABELS)
     (tmp_path / "rsna.csv").write_bytes(excel_export(rsna))
-    assert data.read_rsna_labels(str(tmp_path / "rsna.csv")) == {"ID_aa": [0] * 6}
+    assert cohort.read_rsna_labels(str(tmp_path / "rsna.csv")) == {"ID_aa": [0] * 6}
 
 
 @pytest.mark.parametrize("content,problem", [
@@ -883,7 +887,7 @@ def test_ctrl_c_stops_in_one_line_and_leaves_a_resumable_run(phantom_dir, tmp_pa
     _, err = p.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line]  # less tqdm's bars
     assert p.returncode == 130 and lines == ["interrupted: continue with --resume"], err[-3000:]
-    assert not (out / data.LOCK_NAME).exists()
+    assert not (out / runfiles.LOCK_NAME).exists()
     done = torch.load(out / "last.pt", weights_only=True)["epoch"]
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # in-process: no second start-up of torch
         train.main(args[:-6] + ["--epochs", str(done + 1), "--max_steps", "1", "--resume", "--new_schedule"])
@@ -929,9 +933,9 @@ def test_the_lock_works_where_hard_links_do_not(tmp_path, monkeypatch):
     def no_links(source, target):
         raise OSError(errno.EPERM, "Operation not permitted")
     monkeypatch.setattr(os, "link", no_links)
-    lock = data.lock_output_dir(tmp_path, "test")
-    assert (tmp_path / data.LOCK_NAME).read_text().split()[0] == str(os.getpid())
+    lock = runfiles.lock_output_dir(tmp_path, "test")
+    assert (tmp_path / runfiles.LOCK_NAME).read_text().split()[0] == str(os.getpid())
     with pytest.raises(SystemExit, match="another run is using this output dir"):
-        data.lock_output_dir(tmp_path, "test")
-    data.release_output_dir(lock)
+        runfiles.lock_output_dir(tmp_path, "test")
+    runfiles.release_output_dir(lock)
     assert os.listdir(tmp_path) == []

@@ -1,4 +1,5 @@
-"""data.py: DICOM and JPG decoding, labels, the index, splits, masks, the slice cache, the phantom, the CLI."""
+"""readers.py, cohort.py, inputs.py and data.py: DICOM and JPG decoding, labels, the index, splits, masks, the slice
+cache, the phantom, the CLI."""
 import glob
 import os
 import pickle
@@ -10,21 +11,24 @@ import pytest
 import torch
 from PIL import Image
 
+import cohort
 import data
+import inputs
+import readers
 import phantom
 from conftest import edit_dicom
 
 
 @pytest.fixture(scope="module")
 def index(phantom_dir):
-    return data.load_index(phantom_dir, num_workers=1)
+    return cohort.load_index(phantom_dir, num_workers=1)
 
 
 @pytest.fixture(scope="module")
 def phantom_128(tmp_path_factory):
     """A slightly larger phantom (10 patients x 8 slices at 128 px) for anatomy and bleed checks."""
     out = phantom.write_phantom(str(tmp_path_factory.mktemp("phantom128")), patients=10, slices=8, size=128, seed=1)
-    return out, data.load_index(out, num_workers=1)
+    return out, cohort.load_index(out, num_workers=1)
 
 
 def dicom_files(phantom_dir):
@@ -81,7 +85,7 @@ def test_phantom_patients_subtypes_bleeds_and_masks(phantom_128):
     patients, inverse = np.unique(index["patient"], return_inverse=True)
     sick = np.bincount(inverse, weights=index["any"]) > 0
     assert sick.sum() == 5 and (~sick).sum() == 5  # half the patients are healthy on every slice
-    for name in data.SUBTYPES:
+    for name in cohort.SUBTYPES:
         assert index[name].sum() > 0, f"no {name} slice"
     spans = []
     for p in np.flatnonzero(sick):
@@ -91,10 +95,10 @@ def test_phantom_patients_subtypes_bleeds_and_masks(phantom_128):
     assert sum(span >= 2 for span in spans) >= 4, spans  # bleeds reach neighbouring slices
     bleed_hu = []
     for position in range(len(index["id"])):
-        truth = data.load_gt_mask(out, index["id"][position], None)
+        truth = inputs.load_gt_mask(out, index["id"][position], None)
         assert (truth is not None) == bool(index["any"][position])
         if truth is not None:
-            hu = data.hu_from_dicom(os.path.join(out, index["path"][position]))
+            hu = readers.hu_from_dicom(os.path.join(out, index["path"][position]))
             bleed_hu.append(np.median(hu[truth]))
     assert 50 <= np.median(bleed_hu) <= 90, bleed_hu
 
@@ -103,8 +107,8 @@ def test_phantom_looks_like_head_ct_in_hounsfield_units(phantom_128):
     out, index = phantom_128
     sick = np.isin(index["patient"], index["patient"][index["any"] == 1])
     position = np.flatnonzero(~sick)[4]  # a mid-level slice of a healthy patient
-    hu = data.hu_from_dicom(os.path.join(out, index["path"][position]))
-    brain = data.brain_mask_from_hu(hu)
+    hu = readers.hu_from_dicom(os.path.join(out, index["path"][position]))
+    brain = inputs.brain_mask_from_hu(hu)
     assert np.percentile(hu, 5) <= -950  # air (or -2000 outside the reconstruction circle)
     assert 20 <= np.median(hu[brain]) <= 45  # grey/white matter
     assert np.mean((hu[brain] > -5) & (hu[brain] < 18)) > 0.01  # CSF: sulci, ventricles
@@ -130,21 +134,21 @@ def test_12bit_quirk_files_read_as_proper_hu(phantom_dir):
     assert ds.PixelRepresentation == 0 and float(ds.RescaleIntercept) > -100
     naive = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     assert np.median(naive[:4, :4]) > 3000  # what a reader without the fix sees as "air"
-    hu = data.hu_from_dicom(quirky[2])
+    hu = readers.hu_from_dicom(quirky[2])
     assert abs(np.median(hu[:4, :4]) + 1000) < 10
-    assert 20 <= np.median(hu[data.brain_mask_from_hu(hu)]) <= 45
+    assert 20 <= np.median(hu[inputs.brain_mask_from_hu(hu)]) <= 45
 
 
 def test_12bit_quirk_round_trip_slope_intercept_multivalue_and_non_square(tmp_path):
     rng = np.random.default_rng(0)
     hu = rng.integers(-1000, 3000, (48, 80)).astype(np.float32)
     quirk = write_test_dicom(tmp_path / "q.dcm", hu, quirk12=True)
-    assert np.array_equal(data.hu_from_dicom(quirk), hu)
+    assert np.array_equal(readers.hu_from_dicom(quirk), hu)
     scaled = write_test_dicom(tmp_path / "s.dcm", hu, slope=0.5, intercept=-1024.0)
-    assert np.abs(data.hu_from_dicom(scaled) - hu).max() <= 0.5
+    assert np.abs(readers.hu_from_dicom(scaled) - hu).max() <= 0.5
     multi = write_test_dicom(tmp_path / "m.dcm", hu, RescaleSlope=[1, 2], RescaleIntercept=[-1024, 0])
-    assert np.array_equal(data.hu_from_dicom(multi), hu)  # multi-valued fields: the first value counts
-    image = data.make_input(data.hu_from_dicom(multi), 1, 40)
+    assert np.array_equal(readers.hu_from_dicom(multi), hu)  # multi-valued fields: the first value counts
+    image = inputs.make_input(readers.hu_from_dicom(multi), 1, 40)
     assert image.shape == (1, 40, 40)
     assert np.allclose(image[0, :7], -1) and np.allclose(image[0, -7:], -1)  # 48 x 80 padded with air to 80 x 80
 
@@ -153,22 +157,22 @@ def test_bad_dicom_files_raise_badfile_with_a_reason(phantom_dir, tmp_path):
     reasons = []
     for path in dicom_files(phantom_dir):
         try:
-            data.hu_from_dicom(path)
-        except data.BadFile as error:
+            readers.hu_from_dicom(path)
+        except readers.BadFile as error:
             reasons.append(str(error))
-            assert data.read_header(path)[0].startswith("ID_")  # the header of the truncated file still reads
+            assert readers.read_header(path)[0].startswith("ID_")  # the header of the truncated file still reads
     assert len(reasons) == 1 and reasons[0].startswith("truncated or undecodable pixel data")
     hu, _ = head_hu(32)
     no_pixels = write_test_dicom(tmp_path / "nopix.dcm", hu, PixelData=None)
     mr = write_test_dicom(tmp_path / "mr.dcm", hu, Modality="MR")
     text = tmp_path / "text.dcm"
     text.write_text("not a dicom file")
-    with pytest.raises(data.BadFile, match="no pixel data"):
-        data.hu_from_dicom(no_pixels)
-    for read in (data.hu_from_dicom, data.read_header):
-        with pytest.raises(data.BadFile, match="modality MR, not CT"):
+    with pytest.raises(readers.BadFile, match="no pixel data"):
+        readers.hu_from_dicom(no_pixels)
+    for read in (readers.hu_from_dicom, readers.read_header):
+        with pytest.raises(readers.BadFile, match="modality MR, not CT"):
             read(mr)
-        with pytest.raises(data.BadFile, match="unreadable DICOM"):
+        with pytest.raises(readers.BadFile, match="unreadable DICOM"):
             read(str(text))
 
 
@@ -176,21 +180,21 @@ def test_bad_dicom_files_raise_badfile_with_a_reason(phantom_dir, tmp_path):
 # windows, inputs, masks
 
 def test_windows_and_channels():
-    assert data.WINDOWS == {"brain": (40, 80), "subdural": (80, 200), "bone": (600, 2800)}
-    assert np.allclose(data.window(np.array([-1000, 0, 40, 80, 3000]), 40, 80), [-1, -1, 0, 1, 1])
-    assert np.allclose(data.window(np.array([-20, 80, 180]), 80, 200), [-1, 0, 1])
+    assert inputs.WINDOWS == {"brain": (40, 80), "subdural": (80, 200), "bone": (600, 2800)}
+    assert np.allclose(inputs.window(np.array([-1000, 0, 40, 80, 3000]), 40, 80), [-1, -1, 0, 1, 1])
+    assert np.allclose(inputs.window(np.array([-20, 80, 180]), 80, 200), [-1, 0, 1])
     hu, _ = head_hu(64)
-    one, three = data.make_input(hu, 1, 64), data.make_input(hu, 3, 64)
+    one, three = inputs.make_input(hu, 1, 64), inputs.make_input(hu, 3, 64)
     assert one.shape == (1, 64, 64) and three.shape == (3, 64, 64) and one.dtype == np.float32
-    assert np.allclose(three[0], one[0]) and np.allclose(three[0], data.window(hu, 40, 80))
-    assert np.allclose(three[1], data.window(hu, 80, 200)) and np.allclose(three[2], data.window(hu, 600, 2800))
+    assert np.allclose(three[0], one[0]) and np.allclose(three[0], inputs.window(hu, 40, 80))
+    assert np.allclose(three[1], inputs.window(hu, 80, 200)) and np.allclose(three[2], inputs.window(hu, 600, 2800))
     with pytest.raises(ValueError):
-        data.make_input(hu, 4, 64)
+        inputs.make_input(hu, 4, 64)
 
 
 def test_resize_is_antialiased():
     noise = np.random.default_rng(0).uniform(0, 80, (256, 256))  # uniform over the brain window: std 0.58
-    small = data.make_input(noise, 1, 64)
+    small = inputs.make_input(noise, 1, 64)
     assert small.shape == (1, 64, 64) and small.std() < 0.2  # a 4x shrink averages ~16 pixels; sampling would keep ~0.4
 
 
@@ -198,12 +202,12 @@ def test_brain_mask_from_hu_on_a_synthetic_head():
     hu, radius = head_hu(96)
     hu[(radius < 6)] = 70.0  # a bleed in the middle
     hu[np.hypot(*(np.mgrid[0:96, 0:96] - np.array([30, 48])[:, None, None])) < 2] = 400.0  # a calcification
-    mask = data.brain_mask_from_hu(hu)
+    mask = inputs.brain_mask_from_hu(hu)
     assert mask[48, 48] and mask[30, 48]  # bright islands inside are brain, not skull
     assert not mask[radius >= 35].any()  # no skull, scalp or air
     assert 0.75 < mask.sum() / (radius < 35).sum() < 1.0  # eroded a little
     broken, radius = head_hu(96, gap_degrees=40)  # skull not closed: the fallback must not leak into the scalp
-    mask = data.brain_mask_from_hu(broken)
+    mask = inputs.brain_mask_from_hu(broken)
     row, col = np.mgrid[0:96, 0:96] - 47.5
     away_from_gap = np.abs(np.degrees(np.arctan2(row, col))) > 40
     assert mask[48, 48] and not mask[(radius >= 38) & away_from_gap].any() and mask.sum() > 0.5 * (radius < 35).sum()
@@ -212,7 +216,7 @@ def test_brain_mask_from_hu_on_a_synthetic_head():
 def test_brain_mask_from_windowed_image_like_ctich():
     hu, radius = head_hu(96)
     brain = np.round((np.clip(hu, -20, 100) + 20) / 120 * 255) / 127.5 - 1  # the 8-bit L40/W120 JPG, in [-1, 1]
-    mask = data.brain_mask_from_windowed(brain)
+    mask = inputs.brain_mask_from_windowed(brain)
     assert mask[48, 48] and not mask[radius >= 35].any() and mask.sum() > 0.75 * (radius < 35).sum()
 
 
@@ -221,9 +225,9 @@ def test_brain_mask_contains_phantom_bleeds(phantom_128):
     covered = {"intra-axial": [0, 0], "any": [0, 0]}
     intra_axial = (index["intraparenchymal"] | index["intraventricular"]) & ~(index["epidural"] | index["subdural"] | index["subarachnoid"])
     for position in np.flatnonzero(index["any"] == 1):
-        hu = data.hu_from_dicom(os.path.join(out, index["path"][position]))
-        truth = data.load_gt_mask(out, index["id"][position], None)
-        mask = data.brain_mask_from_hu(hu)
+        hu = readers.hu_from_dicom(os.path.join(out, index["path"][position]))
+        truth = inputs.load_gt_mask(out, index["id"][position], None)
+        mask = inputs.brain_mask_from_hu(hu)
         assert (hu[mask] > -50).all()  # no air
         for kind in ("any", "intra-axial") if intra_axial[position] else ("any",):
             covered[kind][0] += (truth & mask).sum()
@@ -235,7 +239,7 @@ def test_brain_mask_contains_phantom_bleeds(phantom_128):
 
 def test_gt_masks(phantom_dir, index):
     for position in range(len(index["id"])):
-        truth = data.load_gt_mask(phantom_dir, index["id"][position], 32)
+        truth = inputs.load_gt_mask(phantom_dir, index["id"][position], 32)
         if index["any"][position]:
             assert truth.dtype == bool and truth.shape == (32, 32)
         else:
@@ -247,68 +251,68 @@ def test_gt_masks(phantom_dir, index):
 
 def test_rsna_csv_parsing_and_errors(tmp_path):
     path = tmp_path / "labels.csv"
-    rows = [f"ID_aa_{name},{int(name in ('any', 'subdural'))}" for name in data.LABELS]
-    rows += [f"ID_bb_{name},0" for name in data.LABELS] + rows[:2]  # duplicated rows
+    rows = [f"ID_aa_{name},{int(name in ('any', 'subdural'))}" for name in cohort.LABELS]
+    rows += [f"ID_bb_{name},0" for name in cohort.LABELS] + rows[:2]  # duplicated rows
     path.write_text("\ufeffID,Label\n" + "\n".join(rows) + "\n")
-    labels = data.read_rsna_labels(str(path))
+    labels = cohort.read_rsna_labels(str(path))
     assert labels == {"ID_aa": [1, 0, 0, 0, 0, 1], "ID_bb": [0] * 6}
     path.write_text("ID,Prob\nID_aa_any,1\n")
     with pytest.raises(SystemExit, match=f"{re.escape(str(path))}: expected the columns ID,Label"):
-        data.read_rsna_labels(str(path))
+        cohort.read_rsna_labels(str(path))
     path.write_text("ID,Label\nID_aa_any,1\nID_aa_headache,0\n")
     with pytest.raises(SystemExit, match=f"{re.escape(str(path))}:3: cannot parse"):
-        data.read_rsna_labels(str(path))
+        cohort.read_rsna_labels(str(path))
     path.write_text("ID,Label\nID_aa_any\n")
     with pytest.raises(SystemExit, match="cannot parse"):
-        data.read_rsna_labels(str(path))
+        cohort.read_rsna_labels(str(path))
 
 
 def test_detect_dataset_and_clear_messages(tmp_path, phantom_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit, match=r"folder is empty; .*python phantom.py --out DIR"):
-        data.detect_dataset(str(empty))
+        cohort.detect_dataset(str(empty))
     with pytest.raises(SystemExit, match="folder is empty"):
-        data.load_index(str(empty))
+        cohort.load_index(str(empty))
     with pytest.raises(SystemExit, match="no such folder"):
-        data.load_index(str(tmp_path / "missing"))
+        cohort.load_index(str(tmp_path / "missing"))
     (empty / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match="neither the RSNA layout"):
-        data.detect_dataset(str(empty))
-    assert data.detect_dataset(phantom_dir) == "rsna"
+        cohort.detect_dataset(str(empty))
+    assert cohort.detect_dataset(phantom_dir) == "rsna"
     with pytest.raises(SystemExit, match="dataset ctich needs Patients_CT/"):
-        data.load_index(phantom_dir, dataset="ctich")
+        cohort.load_index(phantom_dir, dataset="ctich")
     no_images = tmp_path / "no_images"
     (no_images / "stage_2_train").mkdir(parents=True)
     (no_images / "stage_2_train.csv").write_text("ID,Label\n")
     with pytest.raises(SystemExit, match="no .dcm files"):
-        data.load_index(str(no_images), cache_dir=str(tmp_path / "c"))
+        cohort.load_index(str(no_images), cache_dir=str(tmp_path / "c"))
 
 
 def test_index_columns_order_labels_and_cache(phantom_dir, tmp_path, monkeypatch, capsys):
     cache_dir = str(tmp_path / "cache")
-    index = data.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
-    assert set(index) == set(data.INDEX_COLUMNS) and all(len(v) == 48 for v in index.values())
+    index = cohort.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
+    assert set(index) == set(cohort.INDEX_COLUMNS) and all(len(v) == 48 for v in index.values())
     assert index["z"].dtype == np.float32 and index["any"].dtype == np.int8 and index["id"].dtype.kind == "U"
     keys = list(zip(index["patient"], index["scan"], index["z"]))
     assert keys == sorted(keys) and len(set(keys)) == 48
     assert all(path == f"stage_2_train/{image_id}.dcm" for path, image_id in zip(index["path"], index["id"]))
-    labels = data.read_rsna_labels(os.path.join(phantom_dir, "stage_2_train.csv"))
+    labels = cohort.read_rsna_labels(os.path.join(phantom_dir, "stage_2_train.csv"))
     for k in range(48):
-        assert [int(index[name][k]) for name in data.LABELS] == labels[index["id"][k]]
+        assert [int(index[name][k]) for name in cohort.LABELS] == labels[index["id"][k]]
     assert "48 slices, 8 patients" in capsys.readouterr().out
 
     def must_not_be_called(path):
         raise AssertionError("headers were read again")
-    monkeypatch.setattr(data, "read_header", must_not_be_called)
-    again = data.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
-    assert all(np.array_equal(again[name], index[name]) for name in data.INDEX_COLUMNS)
+    monkeypatch.setattr(cohort, "read_header", must_not_be_called)  # where build_rsna_index looks it up
+    again = cohort.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
+    assert all(np.array_equal(again[name], index[name]) for name in cohort.INDEX_COLUMNS)
     assert "from" in capsys.readouterr().out
 
 
 def test_index_parallel_workers_match_serial(phantom_dir, tmp_path, index):
-    parallel = data.load_index(phantom_dir, cache_dir=str(tmp_path / "c"), num_workers=2)
-    assert all(np.array_equal(parallel[name], index[name]) for name in data.INDEX_COLUMNS)
+    parallel = cohort.load_index(phantom_dir, cache_dir=str(tmp_path / "c"), num_workers=2)
+    assert all(np.array_equal(parallel[name], index[name]) for name in cohort.INDEX_COLUMNS)
 
 
 def test_index_skips_are_counted_and_reported_once(tmp_path, capsys):
@@ -321,9 +325,9 @@ def test_index_skips_are_counted_and_reported_once(tmp_path, capsys):
     open(os.path.join(image_dir, "ID_00000000n.dcm"), "wb").write(open(good, "rb").read())  # no CSV rows
     with open(os.path.join(out, "stage_2_train.csv"), "a") as f:
         for image_id in ("ID_00000000m", "ID_00000000t", "ID_00000000x"):  # x: no file
-            f.write("".join(f"{image_id}_{name},0\n" for name in data.LABELS))
+            f.write("".join(f"{image_id}_{name},0\n" for name in cohort.LABELS))
     capsys.readouterr()
-    index = data.load_index(out, cache_dir=str(tmp_path / "c"), num_workers=1)
+    index = cohort.load_index(out, cache_dir=str(tmp_path / "c"), num_workers=1)
     assert len(index["id"]) == 6
     lines = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(lines) == 1 and "skipped 4 file(s)" in lines[0]
@@ -335,7 +339,7 @@ def test_index_skips_are_counted_and_reported_once(tmp_path, capsys):
 # splits
 
 def test_patient_level_splits(index):
-    splits = data.make_splits(index, seed=3, num_samples=10, eval_samples="all")
+    splits = cohort.make_splits(index, seed=3, num_samples=10, eval_samples="all")
     assert set(splits) == {"train", "val", "test"}
     patients = {name: set(index["patient"][rows]) for name, rows in splits.items()}
     assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
@@ -349,16 +353,16 @@ def test_patient_level_splits(index):
         assert set(index["any"][rows]) == {0, 1}  # both classes
         assert np.array_equal(rows, np.flatnonzero(np.isin(index["patient"], list(patients[name]))))  # "all"
     assert sick <= patients["val"] | patients["test"]
-    again = data.make_splits(index, seed=3, num_samples=10, eval_samples="all")
+    again = cohort.make_splits(index, seed=3, num_samples=10, eval_samples="all")
     assert all(np.array_equal(splits[name], again[name]) for name in splits)
-    others = [data.split_patients(index, seed) for seed in range(6)]
+    others = [cohort.split_patients(index, seed) for seed in range(6)]
     assert len({tuple(p["train"]) for p in others}) > 1  # the seed matters
-    capped = data.make_splits(index, seed=3, num_samples=10, eval_samples=2)
+    capped = cohort.make_splits(index, seed=3, num_samples=10, eval_samples=2)
     for name in ("val", "test"):
         assert np.bincount(index["any"][capped[name]], minlength=2).tolist() == [2, 2]
         assert set(capped[name]) <= set(splits[name])
     with pytest.warns(UserWarning, match="train healthy slices: only"):
-        everything = data.make_splits(index, seed=3, num_samples=10_000, eval_samples=2)
+        everything = cohort.make_splits(index, seed=3, num_samples=10_000, eval_samples=2)
     assert len(everything["train"]) == 6 * len(patients["train"])
 
 
@@ -367,12 +371,12 @@ def test_patient_level_splits(index):
 
 def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, monkeypatch, capsys):
     cache_dir = str(tmp_path / "cache")
-    index = data.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
+    index = cohort.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
     positions = np.arange(48)
     cache = data.prepare_slices(phantom_dir, index, positions[:20], 32, 1, cache_dir=cache_dir, num_workers=1)
     assert "slices: decoded 20" in capsys.readouterr().out
     calls = []
-    real_load_slice = data.load_slice
+    real_load_slice = inputs.load_slice  # patched below in data, where load_file_slices looks it up
     monkeypatch.setattr(data, "load_slice", lambda *a, **k: calls.append(a) or real_load_slice(*a, **k))
     cache = data.prepare_slices(phantom_dir, index, positions, 32, 1, cache_dir=cache_dir, num_workers=1)
     assert len(calls) == 28  # only the rows not decoded before
@@ -454,9 +458,9 @@ def test_ctich_reader(tmp_path, capsys):
     truncated = os.path.join(patients, "052", "brain", "1.jpg")
     content = open(truncated, "rb").read()
     open(truncated, "wb").write(content[: len(content) // 2])  # header fine, pixels cut off
-    assert data.detect_dataset(root) == "ctich"
+    assert cohort.detect_dataset(root) == "ctich"
     cache_dir = str(tmp_path / "cache")
-    index = data.load_index(root, cache_dir=cache_dir, num_workers=1)
+    index = cohort.load_index(root, cache_dir=cache_dir, num_workers=1)
     summary = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(summary) == 1 and "skipped 3 file(s)" in summary[0]
     for reason in ("unreadable JPG", "bone JPG missing", "no row in hemorrhage_diagnosis.csv"):
@@ -465,12 +469,12 @@ def test_ctich_reader(tmp_path, capsys):
     assert index["patient"].tolist() == ["050", "050", "051", "051", "052"]
     assert np.array_equal(index["scan"], index["patient"]) and index["z"].tolist() == [1, 2, 1, 2, 1]
     assert index["any"].tolist() == [0, 0, 0, 1, 0] and index["intraparenchymal"].tolist() == [0, 0, 0, 1, 0]
-    assert sum(index[name].sum() for name in data.SUBTYPES) == 1
+    assert sum(index[name].sum() for name in cohort.SUBTYPES) == 1
 
     one = data.prepare_slices(root, index, np.arange(5), 32, 1, cache_dir=cache_dir, num_workers=1)
     assert one.state.tolist() == [1, 1, 1, 1, 2] and "unreadable JPG" in capsys.readouterr().out
     brain = np.asarray(Image.open(os.path.join(patients, "050", "brain", "1.jpg"))).astype(np.float32) / 127.5 - 1
-    expected = data.make_input({"brain": brain}, 1, 32)
+    expected = inputs.make_input({"brain": brain}, 1, 32)
     assert np.allclose(one.images[0].astype(np.float32), expected, atol=2e-3)
     mask = one.masks[3].astype(bool)
     assert mask[16, 16] and not mask[0, 0] and not mask[16, 31]
@@ -480,34 +484,34 @@ def test_ctich_reader(tmp_path, capsys):
     assert np.array_equal(three.images[:4, 0], one.images[:4, 0])
 
     with pytest.raises(SystemExit, match="dataset rsna needs stage_2_train/"):
-        data.load_index(root, dataset="rsna")
+        cohort.load_index(root, dataset="rsna")
     with open(os.path.join(root, "hemorrhage_diagnosis.csv"), "w") as f:
         f.write("PatientNumber,SliceNumber,Epidural\n50,1,0\n")
     with pytest.raises(SystemExit, match=r"hemorrhage_diagnosis.csv: missing column\(s\) No_Hemorrhage, Intraparenchymal"):
-        data.load_index(root, cache_dir=str(tmp_path / "other"))
+        cohort.load_index(root, cache_dir=str(tmp_path / "other"))
 
 
 def test_opt_in_protocol_trains_on_far_slices_of_some_hemorrhage_patients(phantom_dir):
-    index = data.load_index(phantom_dir, num_workers=1)
-    standard = data.split_patients(index, seed=3)
-    for name in data.SPLIT_NAMES:
-        np.testing.assert_array_equal(standard[name], data.split_patients(index, seed=3, bleed_train_fraction=0.0)[name])
-    opt_in = data.split_patients(index, seed=3, bleed_train_fraction=0.5)
+    index = cohort.load_index(phantom_dir, num_workers=1)
+    standard = cohort.split_patients(index, seed=3)
+    for name in cohort.SPLIT_NAMES:
+        np.testing.assert_array_equal(standard[name], cohort.split_patients(index, seed=3, bleed_train_fraction=0.0)[name])
+    opt_in = cohort.split_patients(index, seed=3, bleed_train_fraction=0.5)
     sick = set(np.unique(index["patient"][index["any"] == 1]))
     bleed_trained = set(opt_in["train"]) & sick
     assert len(bleed_trained) == 2  # half of the 4 hemorrhage patients
     assert not bleed_trained & (set(opt_in["val"]) | set(opt_in["test"]))  # in no evaluation split
     assert set(opt_in["train"]) - sick == set(standard["train"])  # the healthy patients stay where they were
     assert set(opt_in["val"]) < set(standard["val"]) and set(opt_in["test"]) < set(standard["test"])  # only shrink
-    rows = data.make_splits(index, 3, "all", "all", patients=opt_in)["train"]
+    rows = cohort.make_splits(index, 3, "all", "all", patients=opt_in)["train"]
     scans, bleeds = index["scan"], np.flatnonzero(index["any"] == 1)
     assert (index["any"][rows] == 0).all()
     for row in rows:  # every training slice of a hemorrhage patient is >= 3 slices from any bleed of its scan
         same_scan = bleeds[scans[bleeds] == scans[row]]
-        assert len(same_scan) == 0 or np.abs(same_scan - row).min() >= data.BLEED_MARGIN
+        assert len(same_scan) == 0 or np.abs(same_scan - row).min() >= cohort.BLEED_MARGIN
     # a 10-slice scan with bleeds on slices 4 and 5 keeps slices 0, 1 and 8, 9; a healthy scan keeps all
     toy = {"any": np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]), "scan": np.array(["a"] * 10 + ["b"] * 2)}
-    assert data.far_from_bleeds(toy, np.arange(12)).tolist() == [0, 1, 8, 9, 10, 11]
+    assert cohort.far_from_bleeds(toy, np.arange(12)).tolist() == [0, 1, 8, 9, 10, 11]
 
 
 def write_ctich_with_masks(root):
@@ -527,15 +531,15 @@ def write_ctich_with_masks(root):
 def test_ctich_bleed_masks_read_when_present(tmp_path):
     root = str(tmp_path / "ctich")
     write_ctich_with_masks(root)
-    index = data.load_index(root, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    index = cohort.load_index(root, cache_dir=str(tmp_path / "cache"), num_workers=1)
     assert not any("HGE" in str(p) for p in index["path"]) and len(index["id"]) == 8  # masks are not slices
-    mask = data.load_gt_mask(root, "ctich_051_2", 32)
+    mask = inputs.load_gt_mask(root, "ctich_051_2", 32)
     _, radius = head_hu(32)
     assert mask.shape == (32, 32) and mask.dtype == bool
     assert mask[radius < 2].all() and not mask[radius > 9].any()  # JPEG ringing is cut at mid-grey
-    assert data.load_gt_mask(root, "ctich_050_2", 32) is None  # no mask file: None, as for the phantom
-    with pytest.raises(data.BadFile, match=r"052/brain/1_HGE_Seg.jpg: mask of 40x64 pixels, its slice is 64x64"):
-        data.load_gt_mask(root, "ctich_052_1", 32)
+    assert inputs.load_gt_mask(root, "ctich_050_2", 32) is None  # no mask file: None, as for the phantom
+    with pytest.raises(readers.BadFile, match=r"052/brain/1_HGE_Seg.jpg: mask of 40x64 pixels, its slice is 64x64"):
+        inputs.load_gt_mask(root, "ctich_052_1", 32)
 
 
 # ---------------------------------------------------------------------------------------------

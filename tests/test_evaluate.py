@@ -285,7 +285,7 @@ def tiny_checkpoint(path, data_dir, **overrides):
 
 
 def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
-    import data
+    import cohort
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
     evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "50", "--keep_examples", "3"])
@@ -294,7 +294,7 @@ def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
     assert set(metrics) >= {"split", "score", "counts", "slice", "scan", "subtype", "pixel", "settings"}
     assert metrics["split"] == "test" and metrics["score"] == "brain_mean"
     assert set(metrics["slice"]) == set(scoring.SCORES) and set(metrics["scan"]) == {"max", "top3"}
-    assert set(metrics["subtype"]) == set(data.SUBTYPES)
+    assert set(metrics["subtype"]) == set(cohort.SUBTYPES)
     c = metrics["counts"]
     assert c["hemorrhage_slices"] > 0 and c["healthy_slices"] > 0 and c["slices"] == c["hemorrhage_slices"] + c["healthy_slices"]
     m = metrics["slice"]["brain_mean"]
@@ -318,7 +318,7 @@ def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
 
 def test_split_all_scores_every_patient_of_another_data_set(phantom_dir, tmp_path, capsys):
     import shutil
-    import data
+    import cohort
     import phantom
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
@@ -337,7 +337,7 @@ def test_split_all_scores_every_patient_of_another_data_set(phantom_dir, tmp_pat
     capsys.readouterr()
     evaluate.main(["--checkpoint", str(ckpt), "--split", "all", "--data_dir", str(copy), "--n_boot", "0",
                    "--output_dir", str(tmp_path / "copy_eval")])
-    train = data.split_patients(data.load_index(phantom_dir, num_workers=1), seed=1)["train"]
+    train = cohort.split_patients(cohort.load_index(phantom_dir, num_workers=1), seed=1)["train"]
     assert f"WARNING: {len(train)} patient(s)" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "copy_eval" / "metrics.json").read_text())
     assert metrics["counts"]["training_patients_left_out"] == len(train) > 0

@@ -18,7 +18,10 @@ from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, i
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
+import cohort
 import data
+import inputs
+import readers
 import phantom
 import predict
 from conftest import edit_dicom
@@ -62,17 +65,17 @@ def test_compressed_slice_decodes_to_the_same_hu(tmp_path, syntax, options):
     packed = compressed_copy(plain, tmp_path / "packed.dcm", syntax, **options)
     assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == syntax
     assert os.path.getsize(packed) < os.path.getsize(plain)
-    assert data.read_header(packed) == data.read_header(plain)
-    np.testing.assert_array_equal(data.hu_from_dicom(packed), data.hu_from_dicom(plain))  # lossless: exact
-    np.testing.assert_array_equal(data.hu_from_dicom(plain), reference_hu())
+    assert readers.read_header(packed) == readers.read_header(plain)
+    np.testing.assert_array_equal(readers.hu_from_dicom(packed), readers.hu_from_dicom(plain))  # lossless: exact
+    np.testing.assert_array_equal(readers.hu_from_dicom(plain), reference_hu())
 
 
 def test_jpeg_lossless_slice_decodes_to_the_same_hu(tmp_path):
     """1.2.840.10008.1.2.4.70, the common CT compression that issue 14 saw skipped, through pylibjpeg-libjpeg."""
     packed = os.path.join(HERE, "fixtures", "ct_jpeg_lossless.dcm")
     assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == JPEGLosslessSV1
-    assert data.decoder_problem(pydicom.dcmread(packed, stop_before_pixels=True)) is None
-    np.testing.assert_array_equal(data.hu_from_dicom(packed), data.hu_from_dicom(write_slice(tmp_path / "plain.dcm")))
+    assert readers.decoder_problem(pydicom.dcmread(packed, stop_before_pixels=True)) is None
+    np.testing.assert_array_equal(readers.hu_from_dicom(packed), readers.hu_from_dicom(write_slice(tmp_path / "plain.dcm")))
 
 
 def test_files_without_a_preamble_read(tmp_path):
@@ -95,12 +98,12 @@ def test_files_without_a_preamble_read(tmp_path):
         assert open(path, "rb").read(132)[128:] != b"DICM", name
         with pytest.raises(InvalidDicomError):
             pydicom.dcmread(path)
-        assert data.read_header(str(path)) == data.read_header(plain), name
-        np.testing.assert_array_equal(data.hu_from_dicom(str(path)), reference_hu(), err_msg=name)
+        assert readers.read_header(str(path)) == readers.read_header(plain), name
+        np.testing.assert_array_equal(readers.hu_from_dicom(str(path)), reference_hu(), err_msg=name)
     text = tmp_path / "notes.dcm"  # force=True reads anything: without an image header it stays a skip
     text.write_text("PatientID,Rows\nnot,a dicom\n")
-    for read in (data.read_header, data.hu_from_dicom):
-        with pytest.raises(data.BadFile, match="no DICOM preamble, and no image header"):
+    for read in (readers.read_header, readers.hu_from_dicom):
+        with pytest.raises(readers.BadFile, match="no DICOM preamble, and no image header"):
             read(str(text))
 
 
@@ -111,7 +114,7 @@ def rsna_folder(root, write, n=3):
     rows = ["ID,Label"]
     for k in range(n):
         write(os.path.join(image_dir, f"ID_fmt{k}.dcm"), k)
-        rows += [f"ID_fmt{k}_{name},0" for name in data.LABELS]
+        rows += [f"ID_fmt{k}_{name},0" for name in cohort.LABELS]
     with open(os.path.join(root, "stage_2_train.csv"), "w") as f:
         f.write("\n".join(rows) + "\n")
     return image_dir
@@ -127,20 +130,20 @@ def test_folder_without_its_decoder_stops_with_one_line(tmp_path, monkeypatch):
     root = str(tmp_path / "j2k")
     image_dir = rsna_folder(root, lambda path, k: compressed_copy(write_slice(path + ".plain", instance=k + 1), path,
                                                                   JPEG2000Lossless))
-    real = data.get_decoder
-    monkeypatch.setattr(data, "get_decoder", lambda syntax: Unavailable() if syntax == JPEG2000Lossless else real(syntax))
+    real = readers.get_decoder  # pydicom's, patched where decoder_problem and installed_decoders look it up
+    monkeypatch.setattr(readers, "get_decoder", lambda syntax: Unavailable() if syntax == JPEG2000Lossless else real(syntax))
     with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
-        data.load_index(root, num_workers=1)
+        cohort.load_index(root, num_workers=1)
     message = str(e.value)
     assert message.startswith(f"error: {root}: no usable slices (all 3 skipped): no decoder installed for JPEG 2000 "
                               "Image Compression (Lossless Only) (1.2.840.10008.1.2.4.90): pip install pylibjpeg "
                               "pylibjpeg-openjpeg (e.g. ID_fmt0.dcm)")
     assert "\n" not in message
-    with pytest.raises(data.BadFile, match=r"^no decoder installed for JPEG 2000 .*: pip install pylibjpeg pylibjpeg-openjpeg$"):
-        data.hu_from_dicom(os.path.join(image_dir, "ID_fmt0.dcm"))
+    with pytest.raises(readers.BadFile, match=r"^no decoder installed for JPEG 2000 .*: pip install pylibjpeg pylibjpeg-openjpeg$"):
+        readers.hu_from_dicom(os.path.join(image_dir, "ID_fmt0.dcm"))
     monkeypatch.undo()  # the decoder "installed": the index is built again, not served from its cache
     with contextlib.redirect_stdout(io.StringIO()):
-        assert len(data.load_index(root, num_workers=1)["id"]) == 3
+        assert len(cohort.load_index(root, num_workers=1)["id"]) == 3
 
 
 def test_unsupported_transfer_syntax_is_a_counted_skip(tmp_path):
@@ -151,7 +154,7 @@ def test_unsupported_transfer_syntax_is_a_counted_skip(tmp_path):
     root = str(tmp_path / "odd")
     rsna_folder(root, lambda path, k: write_slice(path, instance=k + 1) if k else write(path, k))
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        index = data.load_index(root, num_workers=1)
+        index = cohort.load_index(root, num_workers=1)
     assert list(index["id"]) == ["ID_fmt1", "ID_fmt2"]
     assert "1 unsupported transfer syntax 1.2.840.99999.1.2.1" in out.getvalue()
 
@@ -161,7 +164,7 @@ def test_unsupported_transfer_syntax_is_a_counted_skip(tmp_path):
 
 def canonical_volume(slices):
     """RAS+ voxel array [X, Y, Z] of slices [Z, rows, columns] in DICOM's display layout (rows anterior -> posterior,
-    columns patient's right -> left), i.e. what data.axial_slices must give back."""
+    columns patient's right -> left), i.e. what readers.axial_slices must give back."""
     return np.flip(np.asarray(slices).transpose(2, 1, 0), (0, 1))
 
 
@@ -202,7 +205,7 @@ def write_nifti_set(root, size=64, n_slices=6, seed=3):
         for k, level in enumerate(levels):
             hu, bleed = phantom.draw_slice(rng, head, level, k, bleeds, size)
             slices.append(np.round(hu))
-            value = data.SUBTYPES.index(kind) + 1 if kind else 0
+            value = cohort.SUBTYPES.index(kind) + 1 if kind else 0
             masks.append(np.where(bleed.get(kind, np.zeros((size, size), bool)), value, 0) if kind else np.zeros((size, size)))
         slices, masks = np.array(slices, np.float32), np.array(masks, np.uint8)
         affine = save_nifti(os.path.join(root, "images", f"{name}.nii.gz"), canonical_volume(slices), axcodes)
@@ -219,9 +222,9 @@ def nifti_set(tmp_path_factory):
 
 def test_nifti_index_slices_are_axial_and_unflipped(nifti_set):
     root, written = nifti_set
-    assert data.detect_dataset(root) == "nifti"
+    assert cohort.detect_dataset(root) == "nifti"
     with contextlib.redirect_stdout(io.StringIO()):
-        index = data.load_index(root, num_workers=1)
+        index = cohort.load_index(root, num_workers=1)
     for name, axcodes, kind in VOLUMES:
         slices, masks, affine = written[name]
         rows = np.flatnonzero(index["scan"] == name)
@@ -229,27 +232,27 @@ def test_nifti_index_slices_are_axial_and_unflipped(nifti_set):
         assert set(index["patient"][rows]) == {name} and set(index["path"][rows]) == {f"images/{name}.nii.gz"}
         np.testing.assert_allclose(index["z"][rows], -20.0 + 5.0 * np.arange(len(slices)))  # mm, feet to head
         path = os.path.join(root, "images", f"{name}.nii.gz")
-        np.testing.assert_array_equal(data.read_nifti_slices(path, list(range(len(slices)))), slices, err_msg=axcodes)
+        np.testing.assert_array_equal(readers.read_nifti_slices(path, list(range(len(slices)))), slices, err_msg=axcodes)
         assert index["any"][rows].tolist() == masks.any(axis=(1, 2)).astype(int).tolist()
-        for subtype in data.SUBTYPES:
+        for subtype in cohort.SUBTYPES:
             expected = masks.any(axis=(1, 2)) if subtype == kind else np.zeros(len(masks), bool)
             assert index[subtype][rows].tolist() == expected.astype(int).tolist(), (name, subtype)
         for k in range(len(slices)):  # the pixel-metric mask is the written one, on the same pixels
-            truth = data.load_gt_mask(root, f"{name}#{k}", None)
+            truth = inputs.load_gt_mask(root, cohort.slice_id(name, k), None)
             np.testing.assert_array_equal(truth, masks[k] > 0)
     assert index["any"].sum() > 0
     # the slice cache reads each volume once and holds what make_input makes of the written slices
     with contextlib.redirect_stdout(io.StringIO()):
         cache = data.prepare_slices(root, index, np.arange(len(index["id"])), 32, 1, num_workers=1)
     for row in range(len(index["id"])):
-        name, k = index["id"][row].split("#")
-        expected = data.make_input(written[name][0][int(k)], 1, 32).astype(np.float16)
+        name, k = cohort.split_slice_id(index["id"][row])
+        expected = inputs.make_input(written[name][0][k], 1, 32).astype(np.float16)
         assert cache.state[row] == 1
         np.testing.assert_array_equal(cache.images[row], expected)
     # a volume's stored orientation is undone exactly by nifti_volume (what predict.py saves maps with)
     slices, _, affine = written["bleed_c"]
     stored = nibabel.load(os.path.join(root, "images", "bleed_c.nii.gz")).get_fdata()
-    np.testing.assert_array_equal(data.nifti_volume(slices, affine), stored)
+    np.testing.assert_array_equal(readers.nifti_volume(slices, affine), stored)
 
 
 def test_nifti_masks_binary_classes_patient_table_and_skips(tmp_path):
@@ -268,23 +271,23 @@ def test_nifti_masks_binary_classes_patient_table_and_skips(tmp_path):
     with open(os.path.join(root, "patients.csv"), "w") as f:
         f.write("scan,patient\na,P1\nb,P1\n")
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        index = data.load_index(root, num_workers=1)
+        index = cohort.load_index(root, num_workers=1)
     assert sorted(set(index["scan"])) == ["a", "b"] and set(index["patient"]) == {"P1"}
-    assert index["any"].tolist() == [0, 1, 1, 0] * 2 and sum(index[name].sum() for name in data.SUBTYPES) == 0
+    assert index["any"].tolist() == [0, 1, 1, 0] * 2 and sum(index[name].sum() for name in cohort.SUBTYPES) == 0
     assert "1 no mask of the same name" in out.getvalue() and "ct_scans/c.nii" in out.getvalue()
     assert "mask d.nii.gz of shape (32, 32, 3)" in out.getvalue()
-    splits = data.make_splits(index, 0, "all", "all")
+    splits = cohort.make_splits(index, 0, "all", "all")
     assert sum(np.isin(np.flatnonzero(index["patient"] == "P1"), rows).any() for rows in splits.values()) == 1
     # a dataset.json (BHSD, nnU-Net) names the mask values
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump({"labels": {"0": "background", "1": "hemorrhage", "2": "EDH"}}, f)
     with contextlib.redirect_stdout(io.StringIO()):
-        index = data.load_index(root, num_workers=1)  # dataset.json is in the index's signature: read again
+        index = cohort.load_index(root, num_workers=1)  # dataset.json is in the index's signature: read again
     assert index["epidural"].tolist() == [0, 0, 1, 0] * 2 and index["any"].tolist() == [0, 1, 1, 0] * 2
-    assert data.nifti_mask_classes(root, "binary") == {2: "epidural"}
+    assert cohort.nifti_mask_classes(root, "binary") == {2: "epidural"}
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump({"labels": {"background": 0, "subdural": 1}}, f)  # nnU-Net v2 spelling
-    assert data.nifti_mask_classes(root, "binary") == {1: "subdural"}
+    assert cohort.nifti_mask_classes(root, "binary") == {1: "subdural"}
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +355,8 @@ def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path)
     edit_dicom(scans_dir / "export" / "b" / moved[1].name, PatientID=None)  # anonymised: no PatientID
     headers = {}
     for path in (scans_dir / "export").rglob("*.dcm"):
-        with contextlib.suppress(data.BadFile):
-            headers[str(path)] = data.read_header(str(path), need_patient=False)
+        with contextlib.suppress(readers.BadFile):
+            headers[str(path)] = readers.read_header(str(path), need_patient=False)
     n_series = len({h[2] for h in headers.values()})
     out = tmp_path / "pred"
     proc = run([sys.executable, "predict.py", "--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", str(scans_dir),

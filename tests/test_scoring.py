@@ -370,8 +370,8 @@ def test_fit_normative_input_norm_and_min_height():
     # min_height: slices low in their scan score 0
     np.testing.assert_array_equal(scoring.height_filter(np.array([1.0, 2.0, 3.0]), [0.1, 0.5, 0.9], 0.3), [0, 2, 3])
     index = {"scan": np.array(["a", "a", "a", "b", "b"])}
-    import data
-    np.testing.assert_allclose(data.relative_heights(index), [0, 0.5, 1, 0, 1])
+    import cohort
+    np.testing.assert_allclose(cohort.relative_heights(index), [0, 0.5, 1, 0, 1])
 
 
 # ---- one set of defaults ------------------------------------------------------------------------

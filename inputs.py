@@ -1,0 +1,232 @@
+"""Model inputs from decoded slices: CT windows (channel k shows the same window on every layout: CHANNEL_WINDOWS,
+make_input), inputs float [C, S, S] in [-1, 1], intracranial masks, and the ground-truth bleed masks resized like
+their slice."""
+import functools
+import os
+import warnings
+
+import nibabel
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from cohort import nifti_volumes, split_slice_id
+from readers import (BadFile, axial_slices, check_jpg, check_plausible_hu, check_size, hu_from_dicom, load_nifti,
+                     read_ctich_slice, read_jpg)
+
+WINDOWS = {"brain": (40, 80), "subdural": (80, 200), "bone": (600, 2800)}  # (level, width) in HU
+# Which window each input channel shows. CT-ICH has no subdural window (its JPGs are brain and bone
+# windows only), so there the subdural channel repeats the brain JPG: the 3-channel input is
+# (brain, brain, bone) and channel 3 is the bone window on both layouts.
+CHANNEL_WINDOWS = {1: ("brain",), 2: ("brain", "bone"), 3: ("brain", "subdural", "bone")}
+
+
+def brain_input_hu(dataset):
+    """(HU at input -1, HU at input +1) of channel 0 (the brain window) for this layout: CT-ICH's brain JPG maps
+    -20..100 HU (L40/W120) onto 0..255; DICOM and NIfTI inputs are windowed with WINDOWS["brain"]."""
+    if dataset == "ctich":
+        return (-20.0, 100.0)
+    level, width = WINDOWS["brain"]
+    return (level - width / 2, level + width / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# windows and model inputs
+
+def window(hu, level, width):
+    """HU -> [0, 1] over [level - width/2, level + width/2] -> [-1, 1]."""
+    low = level - width / 2
+    return (np.clip((np.asarray(hu, np.float32) - low) / width, 0, 1) * 2 - 1).astype(np.float32)
+
+
+def _square_resize(stack, image_size, pad_value, mode):
+    """[C, H, W] -> [C, S, S]: pad to a square (centred, keeps the aspect ratio), then resize."""
+    stack = np.asarray(stack, np.float32)
+    h, w = stack.shape[-2:]
+    side = max(h, w)
+    if h != w:
+        top, left = (side - h) // 2, (side - w) // 2
+        padded = np.full(stack.shape[:-2] + (side, side), pad_value, np.float32)
+        padded[..., top:top + h, left:left + w] = stack
+        stack = padded
+    if image_size is None or image_size == side:
+        return stack
+    tensor = torch.from_numpy(np.ascontiguousarray(stack))[None]
+    if mode == "area":
+        out = F.interpolate(tensor, size=(image_size, image_size), mode="area")
+    else:  # antialias: a 512 -> 256 or 650 -> 128 shrink must average, not skip pixels
+        out = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].numpy()
+
+
+def make_input(hu_or_img, channels, image_size):
+    """Model input, float32 [C, S, S] in [-1, 1].
+
+    hu_or_img: a 2-D HU slice (RSNA, phantom), windowed with CHANNEL_WINDOWS[channels]; or a dict of
+    already windowed 2-D images in [-1, 1] keyed by window name (CT-ICH: "brain", "bone"), where a
+    window the set lacks (subdural) takes the brain image. Non-square slices are padded with air (-1)."""
+    if channels not in CHANNEL_WINDOWS:
+        raise ValueError(f"channels must be one of {sorted(CHANNEL_WINDOWS)}, got {channels}")
+    names = CHANNEL_WINDOWS[channels]
+    if isinstance(hu_or_img, dict):
+        stack = [hu_or_img.get(name, hu_or_img["brain"]) for name in names]
+    else:
+        stack = [window(hu_or_img, *WINDOWS[name]) for name in names]
+    return np.clip(_square_resize(np.stack(stack), image_size, -1.0, "bilinear"), -1, 1)
+
+
+def to_slice_shape(image, shape):
+    """The inverse of make_input's square padding and resize for a 2-D map [S, S] (e.g. an anomaly map): back onto
+    its slice's own [H, W] pixels (bilinear), so that it lies on the slice it was computed from."""
+    h, w = shape
+    side = max(h, w)
+    tensor = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    if side != tensor.shape[-1]:
+        tensor = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False)
+    top, left = (side - h) // 2, (side - w) // 2
+    return tensor[0, 0, top:top + h, left:left + w].numpy()
+
+
+def resize_mask(mask, image_size):
+    """bool [H, W] -> bool [S, S], padded to a square like make_input; a pixel is in if >= half covered."""
+    return _square_resize(np.asarray(mask, np.float32)[None], image_size, 0.0, "area")[0] >= 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# intracranial masks
+
+def _largest_component(mask):
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def _fill_holes(mask):
+    """ndimage.binary_fill_holes, 5x faster: background pieces that do not touch the border are holes."""
+    background, n = ndimage.label(~mask)
+    hole = np.ones(n + 1, bool)
+    hole[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = False
+    return mask | hole[background]
+
+
+def _closing(mask, radius):
+    # pad first: scipy's closing erodes from the image border, which would open heads that touch it
+    padded = np.pad(mask, radius + 1)
+    return ndimage.binary_closing(padded, iterations=radius)[radius + 1:-radius - 1, radius + 1:-radius - 1]
+
+
+def intracranial_mask(bone, tissue):
+    """Inside the skull, bone and air/fat excluded, eroded a little.
+
+    bone: pixels dense enough to be skull; tissue: pixels that are not air or fat. The skull is
+    closed (to bridge sutures and foramina), its holes filled, the skull and non-tissue removed, the
+    largest piece kept, and its holes filled again so bright islands inside (bleeds, calcifications)
+    count as brain. Where the skull does not close even after a wide closing (skull base, fracture,
+    craniectomy), the tissue inside minus what a wide opening strips off is used instead: the scalp is a
+    thin band that the opening removes, the brain is not."""
+    size = min(bone.shape)
+    close_px, erode_px = max(1, round(size / 100)), max(1, round(size / 128))
+    for radius in (close_px, 3 * close_px):
+        skull = _closing(bone, radius)
+        inside = _largest_component(_fill_holes(skull) & ~skull & tissue)
+        if inside.sum() > 0.005 * bone.size:
+            break
+    else:
+        inside = _largest_component(ndimage.binary_opening(tissue & ~bone, iterations=4 * close_px))
+    return ndimage.binary_erosion(_fill_holes(inside), iterations=erode_px)
+
+
+def brain_mask_from_hu(hu):
+    """Intracranial mask from HU: bone >= 200 HU, tissue > -50 HU (air and fat excluded)."""
+    return intracranial_mask(hu >= 200, hu > -50)
+
+
+def brain_mask_from_windowed(brain):
+    """Intracranial mask from a brain-window image in [-1, 1] (CT-ICH's JPG, L40/W120 = -20..100 HU).
+
+    HU are gone, so the skull is what saturates the window (>= 0.95, about 97 HU and up; bleeds are
+    50-90 HU and come back in anyway by the final hole filling) and air/fat is what bottoms out
+    (<= -0.9, below about -14 HU; CSF at 0-15 HU stays in)."""
+    return intracranial_mask(brain >= 0.95, brain > -0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# one slice: file -> (model input, brain mask)
+
+def load_slice(path, channels, image_size):
+    """Decode one slice: (image float16 [C, S, S] in [-1, 1], brain mask uint8 [S, S])."""
+    if path.endswith(".jpg"):
+        pixels = read_ctich_slice(path, with_bone=channels > 1)  # {"brain": ..., "bone": ...}, already windowed
+        shape = pixels["brain"].shape
+    else:
+        with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
+            warnings.simplefilter("ignore")
+            pixels = hu_from_dicom(path)
+    return input_and_brain_mask(pixels, channels, image_size)
+
+
+def input_and_brain_mask(pixels, channels, image_size):
+    """(image float16 [C, S, S] in [-1, 1], brain mask uint8 [S, S]) of one decoded slice (HU, or CT-ICH's dict)."""
+    check_size(pixels["brain"].shape if isinstance(pixels, dict) else pixels.shape)
+    mask = brain_mask_from_windowed(pixels["brain"]) if isinstance(pixels, dict) else brain_mask_from_hu(pixels)
+    image = make_input(pixels, channels, image_size)
+    return image.astype(np.float16), resize_mask(mask, image_size).astype(np.uint8)
+
+
+def nifti_slice_input(hu, channels, image_size):
+    """input_and_brain_mask of one NIfTI slice, after the HU check every DICOM slice gets in hu_from_dicom."""
+    check_plausible_hu(hu, True)
+    return input_and_brain_mask(hu, channels, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# ground-truth bleed masks
+
+def load_gt_mask(data_dir, image_id, image_size):
+    """Ground-truth bleed mask as bool [S, S] (resized like the slice), or None if there is none: the phantom's
+    <data_dir>/masks/<id>.npy, or CT-ICH's Patients_CT/<pid>/brain/<n>_HGE_Seg.jpg. BadFile when a mask does not
+    fit its slice (the caller counts it and leaves the slice out of the pixel metrics)."""
+    if str(image_id).startswith("ctich_"):
+        return _ctich_gt_mask(os.fspath(data_dir), str(image_id), image_size)
+    volume, k = split_slice_id(image_id)
+    if k is not None:  # a slice of a NIfTI volume: "<volume>#<k>"
+        slices = _nifti_mask_slices(os.fspath(data_dir), volume)
+        return None if slices is None else resize_mask(slices[k], image_size)
+    path = os.path.join(os.fspath(data_dir), "masks", f"{image_id}.npy")
+    if not os.path.exists(path):
+        return None
+    return resize_mask(np.load(path), image_size)
+
+
+@functools.lru_cache(maxsize=2)  # slices are scored in index order, volume after volume: each mask is read once
+def _nifti_mask_slices(data_dir, volume):
+    """bool [Z, H, W] bleed mask of a NIfTI volume, sliced like its CT (read_nifti_labels), or None."""
+    ct, mask = _cached_nifti_volumes(data_dir).get(volume, (None, None))
+    if mask is None:
+        return None
+    ct_image = nibabel.load(os.path.join(data_dir, ct))
+    _, values = load_nifti(os.path.join(data_dir, mask), mask=True)
+    return axial_slices(np.asarray(values) != 0, ct_image.affine)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_nifti_volumes(data_dir):
+    return nifti_volumes(data_dir)
+
+
+def _ctich_gt_mask(data_dir, image_id, image_size):
+    """CT-ICH's hemorrhage mask next to the brain slice: same size, white = hemorrhage; JPEG, so mid-grey splits."""
+    _, pid, n = image_id.split("_")
+    brain_dir = os.path.join(data_dir, "Patients_CT", pid, "brain")
+    path = os.path.join(brain_dir, f"{n}_HGE_Seg.jpg")
+    if not os.path.exists(path):
+        return None
+    mask = read_jpg(path) >= 128
+    width, height = check_jpg(os.path.join(brain_dir, f"{n}.jpg"))
+    if mask.shape != (height, width):
+        raise BadFile(f"{path}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, its slice is {height}x{width}")
+    return resize_mask(mask, image_size)
