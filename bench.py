@@ -33,10 +33,12 @@ import scipy.stats
 import torch
 
 import cohort
+import config
 import data
 import runfiles
 import phantom
 import evaluate
+import inputs
 import models
 import scoring
 
@@ -56,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3,
                    help="training lr: higher than train.py's, so that a few hundred steps give a usable model")
     p.add_argument("--loader_images", type=int, default=2048, help="images read per loader measurement (0 = skip)")
-    models.add_device_flags(p)
+    config.add_device_flags(p)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice). On a loaded machine, fewer threads than cores "
                         "avoids OpenMP threads waiting on each other, which penalises small forward passes most")
@@ -80,14 +82,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def load_slices(args, data_dir):
+def load_slices(args, data_dir, input_hu):
     """A phantom (or --data_dir) opened as a training run opens it (seed 0 splits): healthy slices of the training
     patients (training), and the hemorrhage slices of the held-out patients against as many of their healthy
     slices, taken at the same heights in the head (scoring). Matching heights keeps the AUC about bleeds: the top
     and bottom of a head give larger errors than its middle, where most bleeds are."""
     if args.data_dir is None:
         phantom.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
-    rd = data.open_run_data(data_dir, image_size=args.image_size, channels=args.channels, split_seed=args.seed,
+    rd = data.open_run_data(data_dir, image_size=args.image_size, input_hu=input_hu, split_seed=args.seed,
                             num_samples="all", eval_samples="all", decode=("train", "val", "test"), num_workers=0)
     rng = np.random.default_rng(args.seed)
     held_out = rd.cache.ok(np.concatenate([rd.splits["val"], rd.splits["test"]]))
@@ -104,15 +106,16 @@ def load_slices(args, data_dir):
     return rd.index, rd.cache, rd.cache.ok(rd.splits["train"]), np.concatenate([pos, matched])
 
 
-def bench_training(model, scheduler, train_images, args, device, amp_dtype):
-    """Steps/s of train.py's step (models.patch_step under autocast, clipped AdamW)."""
+def bench_training(diffusion, train_images, args, device):
+    """Steps/s of train.py's step (models.Diffusion.loss under its precision, clipped AdamW)."""
+    model = diffusion.network
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
 
     def step():
         x0 = train_images[torch.randint(0, len(train_images), (args.batch_size,), generator=gen)].to(device)
-        loss = models.patch_step(model, x0, scheduler, args.patch_size, gen, amp_dtype).loss
+        loss = diffusion.loss(x0, gen).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,7 +132,7 @@ def bench_training(model, scheduler, train_images, args, device, amp_dtype):
     model.eval()
     return {"steps_per_s": args.train_steps / seconds, "images_per_s": args.train_steps * args.batch_size / seconds,
             "seconds": seconds, "steps": args.train_steps, "batch_size": args.batch_size,
-            "precision": "bf16" if amp_dtype is not None else "fp32", "final_loss": loss.item()}
+            "precision": "bf16" if diffusion.autocast_dtype is not None else "fp32", "final_loss": loss.item()}
 
 
 def bench_loader(cache, index, positions, args, device):
@@ -215,43 +218,46 @@ def forwards_per_slice(masks, settings, args):
     return len(jobs) / len(masks)
 
 
-def time_modes(model, modes, images, masks, seeds, scheduler, base, repeats, device):
-    """-> (maps per mode, seconds per round per mode): a warm-up run of every mode, then `repeats` rounds in which
-    every mode scores all slices once, in turn."""
-    scoring_model = {}
+def time_modes(diffusion, modes, cache, index, positions, base, seed, repeats, device):
+    """-> (score_split result per mode, seconds per round per mode): a warm-up run of every mode, then `repeats`
+    rounds in which every mode scores all slices once, in turn, by the one scoring path (scoring.score_split)."""
+    slices = {"all": data.SliceDataset(cache, index, positions), "warm-up": data.SliceDataset(cache, index, positions[:2])}
+    scorer = {}
     for name, options in modes.items():
         # a copy per mode: no mode can leave something behind (weight layout, compiled state) for the next
-        scoring_model[name] = copy.deepcopy(model)
+        network = copy.deepcopy(diffusion.network)
         if options.get("compile"):
-            scoring_model[name] = torch.compile(scoring_model[name])
+            network = torch.compile(network)
+        scorer[name] = models.Diffusion(network, diffusion.config, "bf16" if options.get("autocast_dtype") else "fp32")
 
-    def run(name, n):
-        maps = scoring.anomaly_maps(scoring_model[name], images[:n], scheduler, mode_settings(base, modes[name]), seeds[:n],
-                                    masks[:n], modes[name].get("autocast_dtype"))
+    def run(name, which):
+        result = scoring.score_split(scorer[name], slices[which], mode_settings(base, modes[name]), seed=seed,
+                                     keep_examples=0, keep_maps=True)
         sync(device)
-        return maps
+        return result
 
     for name in modes:  # warm-up (torch.compile compiles for every batch shape it will see)
-        run(name, len(images) if modes[name].get("compile") else min(2, len(images)))
-    maps, times = {}, {name: [] for name in modes}
+        run(name, "all" if modes[name].get("compile") else "warm-up")
+    results, times = {}, {name: [] for name in modes}
     for _ in range(max(repeats, 1)):
         for name in modes:
             t0 = time.perf_counter()
-            maps[name] = run(name, len(images))  # the same every round: the noise is fixed by the seeds
+            results[name] = run(name, "all")  # the same every round: the noise is fixed by the seeds
             times[name].append(time.perf_counter() - t0)
-    return maps, times
+    return results, times
 
 
-def mode_results(modes, maps, times, masks, labels, base, gflops, args):
-    """Speed, FLOPs, ROC-AUC per slice score and agreement with naive, per mode."""
-    results, inside = {}, masks.bool()
-    naive_scores = scoring.slice_scores(maps["naive"], masks, base.median_size)[base.score]
+def mode_results(modes, scored, times, masks, base, gflops, args):
+    """Speed, FLOPs, ROC-AUC per slice score and agreement with naive, per mode (masks: the slices' brain masks, in
+    position order as the scores are)."""
+    results, inside = {}, torch.as_tensor(masks).bool()
+    naive = scored["naive"]
     for name, options in modes.items():
         seconds = statistics.median(times[name])
-        scores = scoring.slice_scores(maps[name], masks, base.median_size)
+        scores, labels = scored[name]["scores"], scored[name]["labels"]
         aucs = {k: evaluate.roc_auc(labels, v) for k, v in scores.items()}
         per_slice = forwards_per_slice(masks, mode_settings(base, options), args) * len(base.eval_t)
-        diff = (maps[name] - maps["naive"]).abs()
+        diff = torch.as_tensor(scored[name]["maps"] - naive["maps"]).abs()
         results[name] = {
             "slices_per_s": len(masks) / seconds, "roc_auc": aucs[base.score], "roc_auc_by_score": aucs,
             "seconds": seconds, "seconds_all_repeats": times[name],
@@ -259,7 +265,7 @@ def mode_results(modes, maps, times, masks, labels, base, gflops, args):
             "tflops_achieved": per_slice * gflops * len(masks) / seconds / 1e3,
             "max_abs_map_diff_vs_naive": float(diff.max()), "max_abs_map_diff_vs_naive_in_brain": float(diff[inside].max()),
             # finer than the AUC: does the mode rank the slices (all of them, not only across classes) as naive does?
-            "score_spearman_vs_naive": float(scipy.stats.spearmanr(scores[base.score], naive_scores)[0]),
+            "score_spearman_vs_naive": float(scipy.stats.spearmanr(scores[base.score], naive["scores"][base.score])[0]),
             "options": {k: str(v) if k == "autocast_dtype" else v for k, v in options.items()}}
     naive = results["naive"]
     for r in results.values():
@@ -308,6 +314,30 @@ def pick_modes(args, default):
     return modes
 
 
+def open_models(args, device):
+    """(the model to score: --checkpoint's, else None; a fresh model to time training with, of the same architecture
+    and input representation; the scoring settings). Every flag is checked here."""
+    trained = models.load_checkpoint(args.checkpoint, device)[0] if args.checkpoint else None
+    if trained is not None:
+        net = trained.config
+        args.image_size, args.channels, args.base_channels = net["image_size"], net["in_channels"], net.get("base_channels", args.base_channels)
+    else:
+        net = models.model_config(pretrained=False, in_channels=args.channels, image_size=args.image_size,
+                                  base_channels=args.base_channels)
+    config.check_flags(argparse.Namespace(**{k: getattr(args, k) for k in (
+        "image_size", "base_channels", "batch_size", "lr", "seed", "slices", "device")},
+        channel_mults=net.get("channel_mults", [1, 2, 4, 8]), pretrained=net["kind"] == "pretrained"))
+    for name in ("repeats", "train_steps"):
+        models.check_flag(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
+    base = scoring.ScoringSettings.from_flags(args).check(args.image_size, training=True)
+    args.patch_size, args.stride = base.patch_size, base.stride
+    input_hu = trained.input_hu if trained else inputs.native_input_hu("rsna", args.channels)  # the phantom is DICOM
+    torch.manual_seed(args.seed)
+    fresh = models.build_diffusion(models.diffusion_config(net, patch_size=base.patch_size, input_hu=input_hu,
+                                                           precision=args.precision), device)
+    return trained, fresh, base
+
+
 def main(argv=None):
     args = get_args(argv)
     models.check_flag(args.threads is None or args.threads >= 1, "threads", args.threads, "must be at least 1")
@@ -315,27 +345,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = models.pick_device(args.device)
     load_before, started = os.getloadavg(), time.perf_counter()
-    trained, config = models.load_checkpoint(args.checkpoint, device)[:2] if args.checkpoint else (None, models.model_config(
-        pretrained=False, in_channels=args.channels, image_size=args.image_size, base_channels=args.base_channels))
-    args.image_size, args.channels = config["image_size"], config["in_channels"]
-    args.base_channels = config.get("base_channels", args.base_channels)
-    models.check_model_flags(argparse.Namespace(**{k: getattr(args, k) for k in (
-        "image_size", "base_channels", "batch_size", "lr", "seed", "slices", "device")},
-        channel_mults=config.get("channel_mults", [1, 2, 4, 8]), pretrained=config["kind"] == "pretrained"))
-    for name in ("repeats", "train_steps"):
-        models.check_flag(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
-    base = scoring.ScoringSettings.from_flags(args).check(args.image_size)
-    args.patch_size, args.stride = base.patch_size, base.stride
-    torch.manual_seed(args.seed)
+    trained, fresh, base = open_models(args, device)
     tmp = tempfile.TemporaryDirectory(prefix="ctpddpm_bench_") if args.data_dir is None else None  # removed at exit
-    index, cache, train_positions, score_positions = load_slices(args, args.data_dir or tmp.name)
-    images = torch.from_numpy(cache.images[score_positions].astype(np.float32)).to(device)
-    masks = torch.from_numpy(cache.masks[score_positions] > 0).to(device)
+    index, cache, train_positions, score_positions = load_slices(args, args.data_dir or tmp.name, fresh.input_hu)
+    masks = torch.from_numpy(cache.masks[np.sort(score_positions)] > 0)  # position order, as score_split returns
     labels = index["any"][score_positions].astype(int)
-    model, scheduler = models.build_model(config).to(device), models.make_scheduler()
-    amp_dtype = models.autocast_dtype(args.precision, device)
-    default = {k: getattr(base, k) for k in SPEED_OPTIONS} | {"autocast_dtype": amp_dtype}
-    gflops = models.count_flops(model, args.image_size, args.channels) / 1e9
+    default = {k: getattr(base, k) for k in SPEED_OPTIONS} | {"autocast_dtype": fresh.autocast_dtype}
+    gflops = models.count_flops(fresh.network, args.image_size, args.channels) / 1e9
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
                         f"{', native bf16' if models.cpu_has_native_bf16() else ''})")
@@ -343,27 +359,24 @@ def main(argv=None):
           f"{args.base_channels} | patch {base.patch_size} stride {base.stride} | {gflops:.3f} GFLOPs per forward | "
           f"{len(labels)} slices scored ({labels.sum()} hemorrhage)")
 
-    train = bench_training(model, scheduler, torch.from_numpy(cache.images[train_positions].astype(np.float32)),
-                           args, device, amp_dtype)
+    train = bench_training(fresh, torch.from_numpy(cache.images[train_positions].astype(np.float32)), args, device)
     print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
           f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
     if args.save_model:
-        models.save_checkpoint(args.save_model, model, config, bench_train_steps=args.train_steps, bench_lr=args.lr)
+        models.save_checkpoint(args.save_model, fresh, bench_train_steps=args.train_steps, bench_lr=args.lr)
     if trained is not None:
-        model = trained.eval()
         print(f"scoring with {args.checkpoint}")
     loader = bench_loader(cache, index, train_positions, args, device) if args.loader_images else {}
     if loader:
         print("loader alone (SliceDataset over the slice cache): " + ", ".join(f"{k} {v:.0f} images/s" for k, v in loader.items()))
 
     modes = pick_modes(args, default)
-    seeds = [scoring.noise_seed(args.seed, p) for p in score_positions]
-    maps, times = time_modes(model, modes, images, masks, seeds, scheduler, base, args.repeats, device)
-    results = mode_results(modes, maps, times, masks, labels, base, gflops, args)
+    scored, times = time_modes(trained or fresh, modes, cache, index, score_positions, base, args.seed, args.repeats, device)
+    results = mode_results(modes, scored, times, masks, base, gflops, args)
     train["tflops_achieved"] = 3 * gflops * train["images_per_s"] / 1e3  # forward + backward ~ 3 forwards
     if args.peak_tflops:
         train["fraction_of_peak"] = train["tflops_achieved"] / args.peak_tflops
-    print_table(results, mode_name(default, args), train, base, args, len(images))
+    print_table(results, mode_name(default, args), train, base, args, len(labels))
     load_after, seconds_total = os.getloadavg(), time.perf_counter() - started
     print(f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after; {seconds_total:.0f} s in all")
     report = {"modes": results, "default_mode": mode_name(default, args), "train": train, "loader_images_per_s": loader,

@@ -22,8 +22,8 @@ import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
                     load_index, make_splits, relative_heights, slice_number, split_patients)
-from inputs import (CHANNEL_WINDOWS, WINDOWS, brain_mask_from_hu, brain_mask_from_windowed, load_gt_mask, load_slice,
-                    nifti_slice_input, window)
+from inputs import (WINDOWS, brain_mask_from_hu, brain_mask_from_windowed, check_input_hu, hu_range, load_gt_mask, load_slice,
+                    nifti_slice_input, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
 from runfiles import check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
@@ -32,16 +32,16 @@ from runfiles import check_cache_dir, check_figure_format, default_cache_dir, py
 # ---------------------------------------------------------------------------------------------
 # the slice cache
 
-def load_file_slices(item, channels, image_size):
+def load_file_slices(item, input_hu, image_size):
     """[load_slice result, or the BadFile reason of that slice] for item = (path, slice numbers): a NIfTI volume is
     read once for all of its slices asked for; any other file is one slice."""
     path, numbers = item
     if not is_nifti(path):
-        return [load_slice(path, channels, image_size)]
+        return [load_slice(path, input_hu, image_size)]
     results = []
     for hu in read_nifti_slices(path, numbers):
         try:
-            results.append(nifti_slice_input(hu, channels, image_size))
+            results.append(nifti_slice_input(hu, input_hu, image_size))
         except BadFile as error:
             results.append(str(error))
     return results
@@ -114,15 +114,17 @@ def _create_cache_files(prefix, n, channels, image_size):
         os.replace(temporary, f"{prefix}.{name}.npy")
 
 
-def slice_cache_prefix(data_dir, dataset, index, image_size, channels, cache_dir):
+def slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir):
     """The slice cache's file prefix: the absolute data folder and the index's ids are in its hash, so two data
-    folders with the same image ids never share rows, even in one --cache_dir."""
+    folders with the same image ids never share rows, even in one --cache_dir; so is the input representation (a
+    model trained on other windows never reads these inputs)."""
     key = os.path.abspath(data_dir) + "\n" + "\n".join(index["id"].tolist())
     key_hash = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return os.path.join(cache_dir, f"slices_{dataset}_{key_hash}_{image_size}px_{channels}ch_v{CACHE_VERSION}")
+    windows = hashlib.sha1(repr([[float(v) for v in pair] for pair in input_hu]).encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"slices_{dataset}_{key_hash}_{image_size}px_{len(input_hu)}ch_{windows}_v{CACHE_VERSION}")
 
 
-def _decode_rows(prefix, data_dir, index, todo, identities, channels, image_size, num_workers):
+def _decode_rows(prefix, data_dir, index, todo, identities, input_hu, image_size, num_workers):
     """Decode the rows `todo` into the cache files; -> the skipped (path, reason) pairs."""
     state = np.load(f"{prefix}.state.npy", mmap_mode="r+")
     state[todo] = 0  # first: a run interrupted below never trusts a row it had begun to replace
@@ -130,7 +132,7 @@ def _decode_rows(prefix, data_dir, index, todo, identities, channels, image_size
     images = np.load(f"{prefix}.images.npy", mmap_mode="r+")
     masks = np.load(f"{prefix}.masks.npy", mmap_mode="r+")
     source = np.load(f"{prefix}.source.npy", mmap_mode="r+")
-    decode = functools.partial(load_file_slices, channels=channels, image_size=image_size)
+    decode = functools.partial(load_file_slices, input_hu=input_hu, image_size=image_size)
     groups = file_groups(index, todo)
     items = [(os.path.join(data_dir, path), [slice_number(index["id"][p]) for p in rows]) for path, rows in groups]
     skips, done = [], 0
@@ -150,18 +152,18 @@ def _decode_rows(prefix, data_dir, index, todo, identities, channels, image_size
     return skips
 
 
-def prepare_slices(data_dir, index, positions, image_size, channels, cache_dir=None, num_workers=DEFAULT_WORKERS, dataset=None):
-    """Decode the given index rows once into the memory-mapped SliceCache. A row decoded before (by an earlier
+def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=None, num_workers=DEFAULT_WORKERS, dataset=None):
+    """Decode the given index rows once into the memory-mapped SliceCache, as model inputs in the representation
+    input_hu (inputs.native_input_hu; a model's is in its checkpoint). A row decoded before (by an earlier
     epoch or run) is used again only if its file is the same one (size and modification time); a changed file is
     decoded again, and a file that is gone or no longer decodes is a counted skip. Prints slices/s and a summary."""
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, dataset)
-    if channels not in CHANNEL_WINDOWS:
-        raise SystemExit(f"error: channels must be one of {sorted(CHANNEL_WINDOWS)}, got {channels}")
+    check_input_hu(input_hu, dataset, data_dir)
     cache_dir = check_cache_dir(cache_dir) if cache_dir else default_cache_dir(data_dir)
-    prefix = slice_cache_prefix(data_dir, dataset, index, image_size, channels, cache_dir)
+    prefix = slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir)
     try:
-        _create_cache_files(prefix, len(index["id"]), channels, image_size)
+        _create_cache_files(prefix, len(index["id"]), len(input_hu), image_size)
     except OSError as error:
         raise SystemExit(f"error: --cache_dir {cache_dir}: cannot write the slice cache ({error.strerror or error})")
     positions = np.unique(np.asarray(positions, np.int64))
@@ -177,7 +179,7 @@ def prepare_slices(data_dir, index, positions, image_size, channels, cache_dir=N
     skips = [(str(index["path"][p]), "file missing since the index was built") for p in gone]
     start = time.time()
     if len(todo):
-        skips += _decode_rows(prefix, data_dir, index, todo, identities, channels, image_size, num_workers)
+        skips += _decode_rows(prefix, data_dir, index, todo, identities, input_hu, image_size, num_workers)
         seconds = time.time() - start
         print(f"slices: decoded {len(todo)} in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):.0f} slices/s) -> {prefix}.*.npy")
     report_skips("slices", skips)
@@ -213,6 +215,25 @@ class SliceDataset(torch.utils.data.Dataset):
                 "label": int(self.labels[i]), "position": position}
 
 
+class ArrayDataset(torch.utils.data.Dataset):
+    """Slices held in memory, served as SliceDataset serves the cache (predict.py: one scan's decoded slices).
+    positions: the slices' noise positions (scoring.noise_seed); labels are 0 (unknown); each scan its own patient."""
+
+    def __init__(self, images, masks, positions, scans, heights):
+        self.images, self.masks = np.asarray(images), np.asarray(masks)
+        self.positions = np.asarray(positions, np.int64)
+        self.scans = self.patients = np.asarray(scans)
+        self.heights = np.asarray(heights, np.float64)
+        self.labels = np.zeros(len(self.positions), np.int64)
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        return {"image": torch.from_numpy(self.images[i].astype(np.float32)), "mask": torch.from_numpy(self.masks[i] > 0),
+                "label": 0, "position": int(self.positions[i])}
+
+
 # ---------------------------------------------------------------------------------------------
 # what a run reads: index, splits and the slice cache
 
@@ -235,7 +256,7 @@ def in_turn(build, rank, world):
     return result
 
 
-def open_run_data(data_dir, *, image_size, channels, split_seed, num_samples, eval_samples, decode,
+def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, eval_samples, decode,
                   dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1, saved_splits=None,
                   bleed_train_fraction=0.0):
     """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
@@ -250,7 +271,7 @@ def open_run_data(data_dir, *, image_size, channels, split_seed, num_samples, ev
                     else apply_saved_splits(index, saved_splits))
         splits = make_splits(index, split_seed, num_samples, eval_samples, patients=patients)
         needed = np.concatenate([splits[name] for name in decode])
-        cache = prepare_slices(data_dir, index, needed, image_size, channels, cache_dir=cache_dir, num_workers=num_workers)
+        cache = prepare_slices(data_dir, index, needed, image_size, input_hu, cache_dir=cache_dir, num_workers=num_workers)
         return RunData(index, splits, cache, patients)
     return in_turn(build, rank, world)
 
@@ -298,7 +319,7 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None):
         try:
             if dataset != "ctich":
                 hu = read_nifti_slices(path, [slice_number(index["id"][position])])[0] if is_nifti(path) else hu_from_dicom(path)
-                images, brain = {name: window(hu, *WINDOWS[name]) for name in rows}, brain_mask_from_hu(hu)
+                images, brain = {name: window_hu(hu, *hu_range(name)) for name in rows}, brain_mask_from_hu(hu)
             else:
                 images = read_ctich_slice(path)
                 brain = brain_mask_from_windowed(images["brain"])

@@ -29,6 +29,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 import cohort
+import config
 import data
 import inputs
 import readers
@@ -337,34 +338,12 @@ def get_args(argv=None):
     p.add_argument("--fit_normative", action="store_true",
                    help="only fit the healthy statistics of --input_norm / --calibrate on the run's healthy training "
                         "slices, for these scoring flags, and write them next to the checkpoint")
-    models.add_device_flags(p, from_checkpoint=True)
+    config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
-    return p.parse_args(argv)
-
-
-def resolve_run(args, train_args, config):
-    """(what to read, how to score): flags given on the command line win; everything else comes from the training
-    run. Scoring settings the checkpoint does not record (older runs) take today's defaults, with a note."""
-    def pick(name, fallback=None):
-        value = getattr(args, name, None)
-        return value if value is not None else train_args.get(name, fallback)
-    run = {"data_dir": pick("data_dir"), "dataset": train_args.get("dataset", "auto"), "cache_dir": train_args.get("cache_dir"),
-           "image_size": config["image_size"], "channels": config["in_channels"],
-           "split_seed": train_args.get("seed", cohort.DEFAULT_SEED), "num_samples": train_args.get("num_samples", cohort.DEFAULT_NUM_SAMPLES),
-           "eval_samples": pick("eval_samples", cohort.DEFAULT_EVAL_SAMPLES), "seed": pick("seed", cohort.DEFAULT_SEED),
-           "num_workers": pick("num_workers", 0), "precision": pick("precision", "auto"),
-           "min_brain_fraction": pick("min_brain_fraction", 0.0)}
-    if run["data_dir"] is None:
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint does not record a data dir; pass --data_dir")
-    settings, missing = scoring.ScoringSettings.resolve(train_args, args)
-    if missing:
-        print(f"note: {args.checkpoint} does not record {', '.join(missing)}; using today's defaults")
-    for name in ("num_workers", "seed", "min_brain_fraction"):  # the flags' own checks, on the values in use
-        models.check_model_flags(argparse.Namespace(**{name: run[name]}))
+    args = p.parse_args(argv)
     models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
     models.check_flag(args.keep_examples >= 0, "keep_examples", args.keep_examples, "must be 0 or more")
-    dataset = run["dataset"] if run["dataset"] != "auto" else cohort.detect_dataset(run["data_dir"])
-    return run, dataclasses.replace(settings.check(run["image_size"]), brain_hu=inputs.brain_input_hu(dataset))
+    return args
 
 
 def default_output_dir(checkpoint_path, split):
@@ -415,19 +394,18 @@ def training_patients(checkpoint, checkpoint_path, train_args):
                                             bleed_train_fraction=train_args.get("bleed_train_fraction", 0.0))["train"]))
 
 
-def open_external(args, run, checkpoint, train_args):
+def open_external(args, run, checkpoint, train_args, input_hu):
     """--split all: every patient of a data set the model never trained on, as one split "all". Refuses the run's
     own data dir; patients whose ids are among the run's training patients are left out, loudly, and counted."""
     if args.data_dir is None:
         raise SystemExit("error: --split all needs --data_dir: a data set the model did not train on")
-    run["eval_samples"] = args.eval_samples or "all"
     own = {train_args.get("data_dir"), (checkpoint.get("splits") or {}).get("data_dir")} - {None}  # the record's is absolute
     if any(os.path.realpath(args.data_dir) == os.path.realpath(d) for d in own):
         raise SystemExit(f"error: {args.data_dir}: this is the training run's own data dir; --split all is for data the "
                          "model never saw (use --split val or test here)")
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: data dir not found")
-    index = cohort.load_index(args.data_dir, num_workers=max(run["num_workers"], 1))
+    index = cohort.load_index(args.data_dir, num_workers=max(run.num_workers, 1))
     trained_on = training_patients(checkpoint, args.checkpoint, train_args)
     overlap = sorted(set(map(str, index["patient"])) & trained_on) if trained_on is not None else []
     if trained_on is None:
@@ -438,28 +416,32 @@ def open_external(args, run, checkpoint, train_args):
               f"left out: {', '.join(overlap[:10])}{' ...' if len(overlap) > 10 else ''}")
     rows = np.flatnonzero(~np.isin(index["patient"].astype(str), overlap)).astype(np.int64)
     if args.eval_samples is not None and args.eval_samples != "all":
-        rng = np.random.default_rng([run["split_seed"], 3])
+        rng = np.random.default_rng([run.seed, 3])
         positive, negative = rows[index["any"][rows] == 1], rows[index["any"][rows] == 0]
         rows = np.sort(np.concatenate([cohort.draw_slices(rng, positive, args.eval_samples, "hemorrhage slices"),
                                        cohort.draw_slices(rng, negative, args.eval_samples, "healthy slices")]))
-    cache = data.prepare_slices(args.data_dir, index, rows, run["image_size"], run["channels"],
-                                num_workers=max(run["num_workers"], 1))
+    cache = data.prepare_slices(args.data_dir, index, rows, run.image_size, input_hu, num_workers=max(run.num_workers, 1))
     patients = {"all": np.unique(index["patient"][rows])}
     return data.RunData(index, {"all": rows}, cache, patients), {"training_patients_left_out": len(overlap),
                                                        "checked_against_training_patients": trained_on is not None}
 
 
-def write_normative(args, model, run, settings, device, checkpoint):
+def open_split_data(checkpoint_path, checkpoint, run, diffusion, decode, rank=0, world=1):
+    """The run's data (its saved patient splits, its data folder unless --data_dir says otherwise) with the splits
+    named in `decode` in a slice cache of the model's input representation: what evaluate.py and sweep.py score."""
+    return data.open_run_data(run.data_dir, image_size=run.image_size, input_hu=diffusion.input_hu, split_seed=run.seed,
+                              num_samples=run.num_samples, eval_samples=run.eval_samples, decode=decode, dataset=run.dataset,
+                              cache_dir=run.cache_dir, num_workers=run.num_workers, rank=rank, world=world,
+                              saved_splits=saved_splits(checkpoint, checkpoint_path, rank),
+                              bleed_train_fraction=run.bleed_train_fraction)
+
+
+def write_normative(args, diffusion, run, settings, seed, checkpoint):
     """--fit_normative: healthy statistics from the run's training split (healthy patients only) -> the npz file."""
-    rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
-                            split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
-                            decode=("train",), dataset=run["dataset"], cache_dir=run["cache_dir"], num_workers=run["num_workers"],
-                            saved_splits=saved_splits(checkpoint, args.checkpoint, 0),
-                            bleed_train_fraction=(checkpoint.get("args") or {}).get("bleed_train_fraction", 0.0))
-    healthy = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["train"], run["min_brain_fraction"]))
+    rd = open_split_data(args.checkpoint, checkpoint, run, diffusion, ("train",))
+    healthy = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["train"], run.min_brain_fraction))
     print(f"fitting normative statistics on {len(healthy)} healthy training slices")
-    normative = scoring.fit_normative(model, healthy, models.make_scheduler(), settings, device, run["seed"],
-                                      models.autocast_dtype(run["precision"], device))
+    normative = scoring.fit_normative(diffusion, healthy, settings, seed)
     path = scoring.normative_path(args.checkpoint)
     temporary = f"{path}.{os.getpid()}.tmp.npz"
     np.savez(temporary, **normative)
@@ -467,18 +449,18 @@ def write_normative(args, model, run, settings, device, checkpoint):
     print(f"input median {float(normative['input_median']):.4f}; wrote {path}")
 
 
-def score_run(model, run, settings, rd, split, device, keep_examples, rank, world, normative=None):
+def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, world, normative=None):
     """Score the split; where the data set has bleed masks, also the val split when reporting test (the Dice
     threshold is chosen there). -> (result, val result or None)."""
-    positions = rd.cache.ok(rd.splits[split], run["min_brain_fraction"])
+    positions = rd.cache.ok(rd.splits[split], run.min_brain_fraction)
     if len(positions) == 0:
-        raise SystemExit(f"error: {run['data_dir']}: the {split} split has no usable slices")
+        raise SystemExit(f"error: {run.data_dir}: the {split} split has no usable slices")
 
     unusable_masks = {}  # position -> why: a mask that does not fit its slice is a counted skip
 
     def gt_masks_fn(position):
         try:
-            return inputs.load_gt_mask(run["data_dir"], rd.index["id"][position], run["image_size"])
+            return inputs.load_gt_mask(run.data_dir, rd.index["id"][position], run.image_size)
         except readers.BadFile as error:
             if position not in unusable_masks and rank == 0:
                 print(f"skipped mask: {error}")
@@ -486,25 +468,22 @@ def score_run(model, run, settings, rd, split, device, keep_examples, rank, worl
             return None
     # Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none.
     has_masks = any(gt_masks_fn(p) is not None for p in positions[rd.index["any"][positions] == 1])
-    common = dict(seed=run["seed"], autocast_dtype=models.autocast_dtype(run["precision"], device),
-                  num_workers=run["num_workers"], rank=rank, world=world, normative=normative)
-    scheduler = models.make_scheduler()
+    common = dict(seed=seed, num_workers=run.num_workers, rank=rank, world=world, normative=normative)
     if rank == 0:
-        print(f"scoring the {split} split: {len(positions)} slices on {device}" + (f" x{world} processes" if world > 1 else ""))
-        if scoring.smoothing_note(settings.smooth_slices, run["eval_samples"]):
-            print(scoring.smoothing_note(settings.smooth_slices, run["eval_samples"]))
-    result = scoring.score_split(model, data.SliceDataset(rd.cache, rd.index, positions), scheduler, settings, device,
+        print(f"scoring the {split} split: {len(positions)} slices on {diffusion.device}" + (f" x{world} processes" if world > 1 else ""))
+        if scoring.smoothing_note(settings.smooth_slices, run.eval_samples):
+            print(scoring.smoothing_note(settings.smooth_slices, run.eval_samples))
+    result = scoring.score_split(diffusion, data.SliceDataset(rd.cache, rd.index, positions), settings,
                                  keep_examples=keep_examples, gt_masks_fn=gt_masks_fn if has_masks else None, **common)
     result["skipped_slices"] = int(len(rd.splits[split]) - len(positions))
     if result["pixel"] is not None:
         result["pixel"]["unusable_masks"] = len(unusable_masks)
     if result["pixel"] is None or split != "test":  # every rank sees the gathered result: same decision
         return result, None
-    val_positions = rd.cache.ok(rd.splits["val"], run["min_brain_fraction"])
+    val_positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
     if rank == 0:
         print(f"choosing the Dice threshold on the val split ({len(val_positions)} slices)")
-    val = scoring.score_split(model, data.SliceDataset(rd.cache, rd.index, val_positions), scheduler, settings, device,
-                              keep_examples=0, gt_masks_fn=gt_masks_fn, **common)
+    val = scoring.score_split(diffusion, data.SliceDataset(rd.cache, rd.index, val_positions), settings, keep_examples=0, gt_masks_fn=gt_masks_fn, **common)
     return result, val
 
 
@@ -586,15 +565,16 @@ def main(argv=None):
         raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
     # Under torchrun every process scores every world-th slice; rank 0 gathers the scores and alone writes the files.
     rank, world, device = models.setup_distributed(args.device)
-    model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
-    model = model.to(device).eval()
-    run, settings = resolve_run(args, checkpoint.get("args") or {}, config)
+    diffusion, checkpoint = models.load_checkpoint(args.checkpoint, device, args.precision)
+    run, settings, seed = config.read_back(checkpoint, args, args.checkpoint, diffusion.config["image_size"])
+    if run.data_dir is None:
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint does not record a data dir; pass --data_dir")
     if args.fit_normative:
-        return write_normative(args, model, run, settings, device, checkpoint)
+        return write_normative(args, diffusion, run, settings, seed, checkpoint)
     output_dir = args.output_dir or default_output_dir(args.checkpoint, args.split)
     lock = make_output_dir(output_dir, args.overwrite) if rank == 0 else None
     try:
-        evaluate_run(args, rank, world, device, model, checkpoint, run, settings, output_dir)
+        evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, output_dir)
     except KeyboardInterrupt:
         if rank == 0:
             print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
@@ -604,24 +584,23 @@ def main(argv=None):
             runfiles.release_output_dir(lock)
 
 
-def evaluate_run(args, rank, world, device, model, checkpoint, run, settings, output_dir):
+def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, output_dir):
     external = {}
     if args.split == "all":  # an external set: every patient, none of the run's splits
-        rd, external = data.in_turn(lambda: open_external(args, run, checkpoint, checkpoint.get("args") or {}), rank, world)
+        run = dataclasses.replace(run, eval_samples=args.eval_samples or "all")
+        rd, external = data.in_turn(lambda: open_external(args, run, checkpoint, checkpoint.get("args") or {},
+                                                          diffusion.input_hu), rank, world)
     else:  # the same patient-level splits as training (the training seed); Dice on test needs a threshold chosen on val
-        rd = data.open_run_data(run["data_dir"], image_size=run["image_size"], channels=run["channels"],
-                                split_seed=run["split_seed"], num_samples=run["num_samples"], eval_samples=run["eval_samples"],
-                                decode=("val", "test") if args.split == "test" else ("val",), dataset=run["dataset"],
-                                cache_dir=run["cache_dir"], num_workers=run["num_workers"], rank=rank, world=world,
-                                saved_splits=saved_splits(checkpoint, args.checkpoint, rank),
-                                bleed_train_fraction=(checkpoint.get("args") or {}).get("bleed_train_fraction", 0.0))
+        rd = open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val", "test") if args.split == "test" else ("val",),
+                             rank, world)
     normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
-    result, val = score_run(model, run, settings, rd, args.split, device, args.keep_examples, rank, world, normative)
+    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world, normative)
     models.teardown_distributed(world)
     if rank != 0:
         return
     metrics = {"checkpoint": os.path.abspath(args.checkpoint)} | compute_metrics(
-        result, val, rd.index, args.split, settings, args.n_boot, run["seed"]) | {"settings": run | settings.as_dict()}
+        result, val, rd.index, args.split, settings, args.n_boot, seed) | {
+        "settings": run.as_dict() | {"noise_seed": seed, "input_hu": diffusion.input_hu} | settings.as_dict()}
     metrics["counts"] |= external
     write_results(output_dir, metrics, result, rd.index, args.split, settings)
     print_table(metrics, args.n_boot)

@@ -1,6 +1,6 @@
-"""Model inputs from decoded slices: CT windows (channel k shows the same window on every layout: CHANNEL_WINDOWS,
-make_input), inputs float [C, S, S] in [-1, 1], intracranial masks, and the ground-truth bleed masks resized like
-their slice."""
+"""Model inputs from decoded slices: the input representation (per channel, the HU range at input -1 and +1: made
+at training from the layout, native_input_hu, and saved in the checkpoint), make_input (any layout onto it), inputs
+float [C, S, S] in [-1, 1], intracranial masks, and the ground-truth bleed masks resized like their slice."""
 import functools
 import os
 import warnings
@@ -22,23 +22,57 @@ WINDOWS = {"brain": (40, 80), "subdural": (80, 200), "bone": (600, 2800)}  # (le
 CHANNEL_WINDOWS = {1: ("brain",), 2: ("brain", "bone"), 3: ("brain", "subdural", "bone")}
 
 
-def brain_input_hu(dataset):
-    """(HU at input -1, HU at input +1) of channel 0 (the brain window) for this layout: CT-ICH's brain JPG maps
-    -20..100 HU (L40/W120) onto 0..255; DICOM and NIfTI inputs are windowed with WINDOWS["brain"]."""
+# CT-ICH's JPG release stores each slice in two windows (Hssayeni et al., Data 2020, 5(1), 14: brain L40/W120,
+# bone L700/W3200) as 8 bits: the HU inside a window are recoverable to 1/255 of its width, outside it they are gone.
+JPG_WINDOWS = {"brain": (-20.0, 100.0), "bone": (-900.0, 2300.0)}
+MIN_GREY_LEVELS = 64  # a channel rebuilt from an 8-bit JPG must keep at least this many grey levels across its range
+
+
+def hu_range(name):
+    """[HU at input -1, HU at input +1] of a CT window of WINDOWS."""
+    level, width = WINDOWS[name]
+    return [level - width / 2, level + width / 2]
+
+
+def native_input_hu(dataset, channels):
+    """The input representation a run trains with on this layout, per channel [HU at input -1, HU at +1]: the CT
+    windows of CHANNEL_WINDOWS for DICOM and NIfTI; for CT-ICH's JPGs the windows they were stored with (the brain
+    JPG stands in for the subdural window, which the release lacks). Saved in the checkpoint (models.Diffusion): new
+    data of any layout is mapped onto it (make_input)."""
+    if channels not in CHANNEL_WINDOWS:
+        raise ValueError(f"channels must be one of {sorted(CHANNEL_WINDOWS)}, got {channels}")
     if dataset == "ctich":
-        return (-20.0, 100.0)
-    level, width = WINDOWS["brain"]
-    return (level - width / 2, level + width / 2)
+        return [list(JPG_WINDOWS["bone" if name == "bone" else "brain"]) for name in CHANNEL_WINDOWS[channels]]
+    return [hu_range(name) for name in CHANNEL_WINDOWS[channels]]
+
+
+def jpg_source(low, high):
+    """The stored JPG window a channel [low, high] HU is read from: the window itself where it is one (taken as
+    stored, bit for bit), else the finest stored window that covers it with MIN_GREY_LEVELS grey levels; None when
+    no window can (the range reaches where the JPGs saturate, or too few grey levels are left)."""
+    for name, window in JPG_WINDOWS.items():
+        if window == (low, high):
+            return name
+    covering = [(w[1] - w[0], name) for name, w in JPG_WINDOWS.items()
+                if w[0] <= low and high <= w[1] and (high - low) / (w[1] - w[0]) * 255 >= MIN_GREY_LEVELS]
+    return min(covering)[1] if covering else None
+
+
+def check_input_hu(input_hu, dataset, what):
+    """A one-line SystemExit when a model's input representation cannot be made from this layout's files (only
+    pre-windowed JPGs can fail: DICOM and NIfTI hold the HU themselves)."""
+    if dataset != "ctich":
+        return
+    for k, (low, high) in enumerate(input_hu):
+        if jpg_source(low, high) is None:
+            raise SystemExit(f"error: {what}: the model's input channel {k} is {low:g}..{high:g} HU, which CT-ICH's 8-bit "
+                             f"JPGs (brain {JPG_WINDOWS['brain'][0]:g}..{JPG_WINDOWS['brain'][1]:g} HU, bone "
+                             f"{JPG_WINDOWS['bone'][0]:g}..{JPG_WINDOWS['bone'][1]:g} HU) cannot give with "
+                             f"{MIN_GREY_LEVELS}+ grey levels; score this model on DICOM or NIfTI data")
 
 
 # ---------------------------------------------------------------------------------------------
 # windows and model inputs
-
-def window(hu, level, width):
-    """HU -> [0, 1] over [level - width/2, level + width/2] -> [-1, 1]."""
-    low = level - width / 2
-    return (np.clip((np.asarray(hu, np.float32) - low) / width, 0, 1) * 2 - 1).astype(np.float32)
-
 
 def _square_resize(stack, image_size, pad_value, mode):
     """[C, H, W] -> [C, S, S]: pad to a square (centred, keeps the aspect ratio), then resize."""
@@ -60,19 +94,31 @@ def _square_resize(stack, image_size, pad_value, mode):
     return out[0].numpy()
 
 
-def make_input(hu_or_img, channels, image_size):
-    """Model input, float32 [C, S, S] in [-1, 1].
+def window_hu(hu, low, high):
+    """HU -> [-1, 1] over [low, high], clipped."""
+    return (np.clip((np.asarray(hu, np.float32) - low) / (high - low), 0, 1) * 2 - 1).astype(np.float32)
 
-    hu_or_img: a 2-D HU slice (RSNA, phantom), windowed with CHANNEL_WINDOWS[channels]; or a dict of
-    already windowed 2-D images in [-1, 1] keyed by window name (CT-ICH: "brain", "bone"), where a
-    window the set lacks (subdural) takes the brain image. Non-square slices are padded with air (-1)."""
-    if channels not in CHANNEL_WINDOWS:
-        raise ValueError(f"channels must be one of {sorted(CHANNEL_WINDOWS)}, got {channels}")
-    names = CHANNEL_WINDOWS[channels]
-    if isinstance(hu_or_img, dict):
-        stack = [hu_or_img.get(name, hu_or_img["brain"]) for name in names]
-    else:
-        stack = [window(hu_or_img, *WINDOWS[name]) for name in names]
+
+def channel_input(pixels, low, high):
+    """One input channel [H, W] in [-1, 1]: HU windowed to [low, high], or a stored JPG window (pixels: dict of
+    window name -> image in [-1, 1]) taken as it is or mapped back to HU and windowed again."""
+    if not isinstance(pixels, dict):
+        return window_hu(pixels, low, high)
+    name = jpg_source(low, high)
+    if name is None:
+        raise ValueError(f"no stored JPG window gives {low:g}..{high:g} HU (check_input_hu)")
+    stored_low, stored_high = JPG_WINDOWS[name]
+    if (stored_low, stored_high) == (low, high):
+        return pixels[name]
+    return window_hu(stored_low + (pixels[name] + 1) / 2 * (stored_high - stored_low), low, high)
+
+
+def make_input(pixels, input_hu, image_size):
+    """Model input, float32 [C, S, S] in [-1, 1], in the representation input_hu (native_input_hu).
+
+    pixels: a 2-D HU slice (DICOM, NIfTI, the phantom), or CT-ICH's dict of pre-windowed images in [-1, 1] keyed by
+    JPG_WINDOWS name. Non-square slices are padded with air (-1)."""
+    stack = [channel_input(pixels, low, high) for low, high in input_hu]
     return np.clip(_square_resize(np.stack(stack), image_size, -1.0, "bilinear"), -1, 1)
 
 
@@ -157,30 +203,30 @@ def brain_mask_from_windowed(brain):
 # ---------------------------------------------------------------------------------------------
 # one slice: file -> (model input, brain mask)
 
-def load_slice(path, channels, image_size):
-    """Decode one slice: (image float16 [C, S, S] in [-1, 1], brain mask uint8 [S, S])."""
-    if path.endswith(".jpg"):
-        pixels = read_ctich_slice(path, with_bone=channels > 1)  # {"brain": ..., "bone": ...}, already windowed
-        shape = pixels["brain"].shape
+def load_slice(path, input_hu, image_size):
+    """Decode one slice: (image float16 [C, S, S] in [-1, 1] in the representation input_hu, brain mask uint8
+    [S, S])."""
+    if path.endswith(".jpg"):  # {"brain": ..., "bone": ...}, already windowed; the bone JPG only where a channel needs it
+        pixels = read_ctich_slice(path, with_bone=any(jpg_source(low, high) == "bone" for low, high in input_hu))
     else:
         with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
             warnings.simplefilter("ignore")
             pixels = hu_from_dicom(path)
-    return input_and_brain_mask(pixels, channels, image_size)
+    return input_and_brain_mask(pixels, input_hu, image_size)
 
 
-def input_and_brain_mask(pixels, channels, image_size):
+def input_and_brain_mask(pixels, input_hu, image_size):
     """(image float16 [C, S, S] in [-1, 1], brain mask uint8 [S, S]) of one decoded slice (HU, or CT-ICH's dict)."""
     check_size(pixels["brain"].shape if isinstance(pixels, dict) else pixels.shape)
     mask = brain_mask_from_windowed(pixels["brain"]) if isinstance(pixels, dict) else brain_mask_from_hu(pixels)
-    image = make_input(pixels, channels, image_size)
+    image = make_input(pixels, input_hu, image_size)
     return image.astype(np.float16), resize_mask(mask, image_size).astype(np.uint8)
 
 
-def nifti_slice_input(hu, channels, image_size):
+def nifti_slice_input(hu, input_hu, image_size):
     """input_and_brain_mask of one NIfTI slice, after the HU check every DICOM slice gets in hu_from_dicom."""
     check_plausible_hu(hu, True)
-    return input_and_brain_mask(hu, channels, image_size)
+    return input_and_brain_mask(hu, input_hu, image_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,20 +40,20 @@ from diffusers import DDPMScheduler, UNet2DModel
 from pytorch_msssim import ssim
 from torch.utils.flop_counter import FlopCounterMode
 
+import cohort
+import inputs
 import runfiles
 
 
 # ----------------------------------------------------------------------------------------------
 # noise schedule
 
-NUM_TRAIN_TIMESTEPS = 1000  # t runs over 0..999
-
-
-def make_scheduler():
-    # clip_sample defaults to True in diffusers; we never sample, and clipping would hide the
-    # error of an x0 prediction that overshoots [-1, 1], so it is off.
-    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="sample", clip_sample=False)
+# diffusers' DDPMScheduler arguments; a checkpoint records them (Diffusion.config), so a later default never changes
+# how an older model is scored. clip_sample is off: we never sample, and clipping would hide the error of an x0
+# prediction that overshoots [-1, 1].
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
+            "clip_sample": False}
+NUM_TRAIN_TIMESTEPS = SCHEDULE["num_train_timesteps"]  # t runs over 0..999
 
 
 def _timesteps(t, batch_size, device):
@@ -279,36 +279,6 @@ def check_flag(ok, flag, value, what):
         raise SystemExit(f"error: --{flag} {value}: {what}")
 
 
-def check_model_flags(args):
-    """The model and optimisation flags train.py and bench.py share (those each has), checked at once."""
-    get = functools.partial(getattr, args)
-    for name in ("base_channels", "batch_size", "epochs", "eval_every", "num_samples", "max_steps", "steps", "slices"):
-        if get(name, None) is not None:
-            check_flag(get(name) >= 1, name, get(name), "must be at least 1")
-    for name in ("lr", "grad_clip"):
-        if get(name, None) is not None:
-            check_flag(math.isfinite(get(name)) and get(name) > 0, name, get(name), "must be a finite number above 0")
-    if get("weight_decay", None) is not None:
-        check_flag(math.isfinite(args.weight_decay) and args.weight_decay >= 0, "weight_decay", args.weight_decay,
-                   "must be a finite number, 0 or more")
-    for name in ("dropout", "min_brain_fraction"):
-        if get(name, None) is not None:
-            check_flag(0 <= get(name) < 1, name, get(name), "must be in [0, 1)")
-    if get("num_workers", None) is not None:
-        check_flag(args.num_workers >= 0, "num_workers", args.num_workers, "must be 0 or more")
-    if get("seed", None) is not None:
-        check_flag(args.seed >= 0, "seed", args.seed, "must be 0 or more")
-    if get("channel_mults", None) is not None:
-        check_flag(all(m >= 1 for m in args.channel_mults), "channel_mults", " ".join(map(str, args.channel_mults)),
-                   "every level must be at least 1")
-    if get("image_size", None) is not None:
-        multiple = 2 ** (len(args.channel_mults) - 1) if not get("pretrained", False) and get("channel_mults", None) else 1
-        check_flag(args.image_size >= 8 and args.image_size % multiple == 0, "image_size", args.image_size,
-                   f"must be a multiple of {multiple} (the UNet halves it {len(args.channel_mults) - 1} times) and at least 8"
-                   if multiple > 1 else "must be at least 8")
-    pick_device(get("device", "auto") or "auto")
-
-
 def pick_device(name="auto"):
     """"auto" -> cuda if present, else cpu; anything else is passed to torch.device."""
     if name == "auto":
@@ -350,14 +320,6 @@ def autocast_dtype(precision, device):
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-def add_device_flags(group, from_checkpoint=False):
-    """--device and --precision (from_checkpoint: precision defaults to None, "the training run's value")."""
-    group.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    group.add_argument("--precision", default=None if from_checkpoint else "auto", choices=["auto", "fp32", "bf16"],
-                       help="autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
-                            + (" (default: the training run's value)" if from_checkpoint else ""))
-
-
 def setup_distributed(device_name="auto"):
     """-> (rank, world, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python` run is rank 0 of 1.
     Each process drives the GPU of its local rank (backend nccl), or the CPU (backend gloo)."""
@@ -382,19 +344,39 @@ def teardown_distributed(world):
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(path, model, config, **extra_plain_data):
-    """Write {"model": state_dict, "config": config, **extra} atomically: a crash mid-write
-    leaves the previous checkpoint in place, never a truncated one."""
-    config = dict(config)
-    if isinstance(model, PretrainedUNet):
-        config["unet_config"] = _plain(dict(model.unet.config))  # rebuild offline on load
-    checkpoint = {"model": model.state_dict(), "config": config, **extra_plain_data}
+def save_checkpoint(path, diffusion, **extra_plain_data):
+    """Write {"model": state_dict, "config": diffusion.config, **extra} atomically: a crash mid-write leaves the
+    previous checkpoint in place, never a truncated one."""
+    config = dict(diffusion.config)
+    if isinstance(diffusion.network, PretrainedUNet):
+        config["unet_config"] = _plain(dict(diffusion.network.unet.config))  # rebuild offline on load
+    checkpoint = {"model": diffusion.network.state_dict(), "config": config, **extra_plain_data}
     runfiles.write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode on device, config, checkpoint dict). Refuses anything that is not
-    plain tensors and data (weights_only) with a one-line message naming the file."""
+def load_checkpoint(path, device="cpu", precision=None):
+    """-> (Diffusion in eval mode on device, checkpoint dict); precision: None = the run's. Refuses anything that
+    is not plain tensors and data (weights_only), a config without what builds the model, and weights that do not
+    fit it or are not finite, each in one line naming the file."""
+    checkpoint = _read_checkpoint(path, device)
+    config = complete_config(checkpoint, path)
+    network = build_model(config)
+    try:
+        network.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"error: {path}: weights do not match the architecture in its config "
+                         f"({str(e).strip().splitlines()[0]})")
+    # a model with one NaN weight scores every slice NaN: say so now, not after hours of scoring
+    bad = [name for name, tensor in checkpoint["model"].items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise SystemExit(f"error: {path}: non-finite weights (NaN or inf) in {bad[0]}"
+                         + (f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else "") + "; the checkpoint is unusable")
+    return Diffusion(network.to(device).eval(), config, precision), checkpoint
+
+
+def _read_checkpoint(path, device):
+    """The checkpoint dict, loaded with weights_only=True, or a one-line SystemExit."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such checkpoint file")
     try:
@@ -409,22 +391,49 @@ def load_checkpoint(path, device="cpu"):
         # torch's own text runs to several sentences of advice; its first sentence says what is wrong
         first_line = re.split(r"(?<=\.) ", text.strip().splitlines()[0])[0][:160] if text.strip() else ""
         raise SystemExit(f"error: {path}: unreadable or truncated checkpoint ({type(e).__name__}: {first_line})")
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or not isinstance(checkpoint.get("config"), dict):
         raise SystemExit(f"error: {path}: not a ct-pddpm checkpoint (no 'model' and 'config' entries)")
-    config = checkpoint["config"]
-    model = build_model(config)
+    return checkpoint
+
+
+REQUIRED_CONFIG = {"scratch": ("in_channels", "image_size", "base_channels"), "pretrained": ("in_channels", "image_size", "hf_model")}
+
+
+def complete_config(checkpoint, path):
+    """The checkpoint's config, checked and completed: a key that builds the network missing is a one-line
+    SystemExit naming it and the format that wrote the file; what a checkpoint older than FORMAT lacks (patch
+    size, input representation, schedule, precision) is taken from its saved args or the layout it trained on,
+    with a note."""
+    config, args = dict(checkpoint["config"]), checkpoint.get("args") or {}
+    written = f"checkpoint format {config['format']}" if "format" in config else f"a ct-pddpm before checkpoint format {FORMAT}"
+    if config.get("kind") not in REQUIRED_CONFIG:
+        raise SystemExit(f"error: {path}: its config has model kind {config.get('kind')!r} (scratch | pretrained; "
+                         f"written by {written})")
+    missing = [key for key in REQUIRED_CONFIG[config["kind"]] if key not in config]
+    if missing:
+        raise SystemExit(f"error: {path}: its model config lacks {', '.join(missing)} (written by {written}, or edited); "
+                         "the network cannot be rebuilt from it")
+    defaults = {"patch_size": lambda: args.get("patch_size") or config["image_size"] // 4, "schedule": lambda: dict(SCHEDULE),
+                "precision": lambda: args.get("precision") or "auto",
+                "input_hu": lambda: inputs.native_input_hu(trained_layout(args), config["in_channels"])}
+    filled = [key for key in defaults if key not in config]
+    for key in filled:
+        config[key] = defaults[key]()
+    if filled:
+        print(f"note: {path}: written by {written}; {', '.join(filled)} taken from its args or the layout it trained on "
+              f"(input {config['input_hu']} HU)")
+    return config
+
+
+def trained_layout(args):
+    """The data layout a run trained on (its --dataset, else detected from its data folder; "rsna" when gone)."""
+    if args.get("dataset") not in (None, "auto"):
+        return args["dataset"]
+    data_dir = args.get("data_dir")
     try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"error: {path}: weights do not match the architecture in its config "
-                         f"({str(e).strip().splitlines()[0]})")
-    # a model with one NaN weight scores every slice NaN: say so now, not after hours of scoring
-    bad = [name for name, tensor in checkpoint["model"].items()
-           if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad:
-        raise SystemExit(f"error: {path}: non-finite weights (NaN or inf) in {bad[0]}"
-                         + (f" and {len(bad) - 1} other tensor(s)" if len(bad) > 1 else "") + "; the checkpoint is unusable")
-    return model.to(device).eval(), config, checkpoint
+        return cohort.detect_dataset(data_dir) if data_dir else "rsna"
+    except SystemExit:  # the folder is gone or holds no known layout any more
+        return "rsna"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,22 +478,66 @@ def patch_loss(x0_hat, x0, boxes, patch_size):
 PatchStep = collections.namedtuple("PatchStep", "loss x_t x0_hat boxes t")
 
 
-def patch_step(model, x0, scheduler, patch_size, generator, autocast_dtype=None, boxes=None, t=None):
-    """One patched denoising step, as training, the validation loss, the diagnostics panel and bench.py run it:
-    per slice a box (uniform, fully inside), a timestep (uniform in [0, 1000)) and noise, drawn in that order from
-    generator (a CPU torch.Generator) unless boxes / t are given; noise the box, predict x0 under autocast, and
-    the patch loss on the box. Gradients flow unless the caller turns them off."""
-    n, device = x0.shape[0], x0.device
-    if boxes is None:
-        boxes = random_boxes(n, x0.shape[-1], patch_size, generator)
-    if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
-    t = torch.as_tensor(t).to(device)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    x_t = noise_boxes(x0, boxes, patch_size, t, scheduler, noise)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        x0_hat = model(x_t, t)
-    return PatchStep(patch_loss(x0_hat.float(), x0, boxes, patch_size), x_t, x0_hat, boxes, t)
+# ----------------------------------------------------------------------------------------------
+# the diffusion object: what every script trains and scores with
+
+FORMAT = 3  # checkpoint format: 3 = config holds the Diffusion's patch_size, input_hu, schedule and precision
+
+
+class Diffusion:
+    """The trained model as every script uses it: the network with its noise schedule, training patch size,
+    precision (the autocast dtype on the network's device) and the input representation it was trained on
+    (input_hu: per channel, the HU at input -1 and +1; inputs.native_input_hu). config is the plain data a
+    checkpoint records (model_config plus those four); save_checkpoint / load_checkpoint write and read it, so no
+    caller builds a scheduler.
+
+    loss(x0, generator): one patched denoising step (training, validation loss, diagnostics, bench.py).
+    noise(x0, boxes, t, noise, patch_size): the boxes of x0 noised to t, every other pixel copied.
+    rebuild(x_t, t): the network's x0 prediction under the precision's autocast."""
+
+    def __init__(self, network, config, precision=None):
+        self.network, self.config = network, dict(config)
+        self.patch_size = int(config["patch_size"])
+        self.input_hu = [[float(low), float(high)] for low, high in config["input_hu"]]
+        self.scheduler = DDPMScheduler(**config["schedule"])
+        self.precision = precision or config.get("precision", "auto")
+        self.device = next(network.parameters(), torch.zeros(0)).device  # a test double may have no weights
+        self.autocast_dtype = autocast_dtype(self.precision, self.device)
+
+    def noise(self, x0, boxes, t, noise, patch_size=None):
+        return noise_boxes(x0, boxes, patch_size or self.patch_size, t, self.scheduler, noise)
+
+    def rebuild(self, x_t, t, network=None):
+        """x0 predicted from x_t at t (network: e.g. the DistributedDataParallel wrapper of self.network)."""
+        with torch.autocast(x_t.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return (network or self.network)(x_t, t)
+
+    def loss(self, x0, generator, boxes=None, t=None, network=None):
+        """One patched denoising step: per slice a box (uniform, fully inside), a timestep (uniform in [0, T)) and
+        noise, drawn in that order from generator (a CPU torch.Generator) unless boxes / t are given; noise the box,
+        rebuild, and the patch loss on the box. Gradients flow unless the caller turns them off. -> PatchStep."""
+        n, device, p = x0.shape[0], x0.device, self.patch_size
+        if boxes is None:
+            boxes = random_boxes(n, x0.shape[-1], p, generator)
+        if t is None:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        t = torch.as_tensor(t).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x_t = self.noise(x0, boxes, t, noise)
+        x0_hat = self.rebuild(x_t, t, network)
+        return PatchStep(patch_loss(x0_hat.float(), x0, boxes, p), x_t, x0_hat, boxes, t)
+
+
+def diffusion_config(network_config, *, patch_size, input_hu, precision="auto"):
+    """A Diffusion's config: the network's (model_config) with the patch size, input representation, noise
+    schedule and precision of the run."""
+    return dict(network_config) | {"patch_size": int(patch_size), "input_hu": [[float(v) for v in pair] for pair in input_hu],
+                                   "schedule": dict(SCHEDULE), "precision": precision, "format": FORMAT}
+
+
+def build_diffusion(config, device="cpu", precision=None):
+    """A new Diffusion (fresh network, on device) from a diffusion_config."""
+    return Diffusion(build_model(config).to(device), config, precision)
 
 
 # ----------------------------------------------------------------------------------------------

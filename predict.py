@@ -5,9 +5,11 @@
 --data_dir holds DICOM files (any names, any folder depth, compressed or not, with or without the preamble;
 grouped into scans by SeriesInstanceUID and ordered by slice position) and/or NIfTI volumes (*.nii, *.nii.gz: one
 volume is one scan; where the folder has a NIfTI layout with masks, only its CT folder is read). No labels are read.
-Each slice is scored as evaluate.py scores it: scoring.score_slices with the training run's scoring settings (or
-the flags given here), slice scores smoothed along the scan (--smooth_slices), and slices with less brain than the
-run's --min_brain_fraction left unscored. A scan's score is the max of its slice scores, as evaluate.py's scan
+Each scan is scored as evaluate.py scores a split, by the one scoring path (scoring.score_split), with the training
+run's scoring settings or the flags given here (every scoring flag means what it means in evaluate.py; --input_norm
+and --calibrate read the normative file that evaluate.py --fit_normative wrote next to the checkpoint); slices with
+less brain than the run's --min_brain_fraction are left unscored. Inputs are made in the checkpoint's own input
+representation (the windows the model was trained on), whatever the layout of --data_dir. A scan's score is the max of its slice scores, as evaluate.py's scan
 metric. Scores are relative: compare them between scans scored by the same checkpoint.
 
 Writes into --output_dir (refused if it holds files, unless --overwrite):
@@ -36,6 +38,8 @@ import numpy as np
 import torch
 
 import cohort
+import config
+import data
 import inputs
 import readers
 import runfiles
@@ -57,27 +61,12 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
     p.add_argument("--min_brain_fraction", type=float, default=None,
                    help="leave slices with less intracranial area unscored (default: the training run's value)")
-    models.add_device_flags(p, from_checkpoint=True)
+    config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
     args = p.parse_args(argv)
     if args.top < 0:
         raise SystemExit(f"error: --top {args.top}: must be 0 or more")
     return args
-
-
-def resolve_run(args, train_args, config):
-    """(how to read and score, scoring settings): flags given here win, the rest is the training run's, as in
-    evaluate.py (scoring.ScoringSettings.resolve)."""
-    def pick(name, fallback):
-        value = getattr(args, name)
-        return value if value is not None else train_args.get(name, fallback)
-    run = {"image_size": config["image_size"], "channels": config["in_channels"], "num_workers": args.num_workers,
-           "seed": pick("seed", cohort.DEFAULT_SEED), "precision": pick("precision", "auto"),
-           "min_brain_fraction": pick("min_brain_fraction", 0.0)}
-    settings, missing = scoring.ScoringSettings.resolve(train_args, args)
-    if missing:
-        print(f"note: {args.checkpoint} does not record {', '.join(missing)}; using today's defaults")
-    return run, settings.for_image(run["image_size"])
 
 
 def check_output_dir(args):
@@ -145,16 +134,17 @@ def scan_name(text, used):
 # ---------------------------------------------------------------------------------------------
 # decoding and scoring one scan
 
-def decode_dicom(path, channels, image_size):
+def decode_dicom(path, input_hu, image_size):
     """(model input, brain mask, the slice's own [H, W]) of one DICOM slice, as the slice cache has it."""
     with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
         warnings.simplefilter("ignore")
         hu = readers.hu_from_dicom(path)
-    return (*inputs.input_and_brain_mask(hu, channels, image_size), hu.shape)
+    return (*inputs.input_and_brain_mask(hu, input_hu, image_size), hu.shape)
 
 
-def decode_scan(scan, run, num_workers):
-    """[(source, z, (input, brain mask, [H, W]) or a BadFile reason)] for the slices of one scan, lowest first."""
+def decode_scan(scan, input_hu, image_size, num_workers):
+    """[(source, z, (input, brain mask, [H, W]) or a BadFile reason)] for the slices of one scan, lowest first, in
+    the model's input representation input_hu."""
     if scan["kind"] == "nifti":
         image, hu = readers.load_nifti(scan["path"])  # BadFile: the caller counts the whole volume
         slices, z = readers.axial_slices(hu, image.affine)
@@ -162,37 +152,26 @@ def decode_scan(scan, run, num_workers):
         for k, (one, height) in enumerate(zip(slices, z)):
             source = cohort.slice_id(os.path.basename(scan["path"]), k)
             try:
-                out.append((source, float(height),
-                            (*inputs.nifti_slice_input(one, run["channels"], run["image_size"]), one.shape)))
+                out.append((source, float(height), (*inputs.nifti_slice_input(one, input_hu, image_size), one.shape)))
             except readers.BadFile as error:
                 out.append((source, float(height), str(error)))
         return out
-    decode = functools.partial(decode_dicom, channels=run["channels"], image_size=run["image_size"])
+    decode = functools.partial(decode_dicom, input_hu=input_hu, image_size=image_size)
     paths = [path for _, path in scan["files"]]
     results = readers.parallel_map(decode, paths, num_workers, "decode")
     return [(path, z, result) for (z, path), (ok, result) in zip(scan["files"], results)]
 
 
-def score_scan(model, inputs, positions, settings, run, device):
-    """(median-filtered maps float32 [N, S, S], {score name: float64 [N]} smoothed along the scan) of a scan's
-    decoded slices; batches as scoring.split_loader makes them."""
-    passes = scoring.passes_per_slice(settings, run["image_size"])
-    batch = max(8, -(-4 * settings.eval_batch_size // passes))
-    scheduler, amp = models.make_scheduler(), models.autocast_dtype(run["precision"], device)
-    maps, scores = [], {}
-    for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
-        images = torch.from_numpy(np.stack([image for image, _ in chunk]).astype(np.float32)).to(device)
-        masks = torch.from_numpy(np.stack([mask for _, mask in chunk]) > 0).to(device)
-        batch_maps, batch_scores = scoring.score_slices(model, images, masks, positions[start:start + batch], scheduler,
-                                                        settings, run["seed"], amp)
-        maps += [scoring.median_filtered(m, settings.median_size) for m in batch_maps.cpu().numpy()]
-        for name, values in batch_scores.items():
-            scores.setdefault(name, []).append(values)
-    same_scan = np.zeros(len(positions), np.int64)
-    scores = {name: scoring.smooth_along_scans(positions, same_scan, np.concatenate(v), settings.smooth_slices)
-              for name, v in scores.items()}
-    return np.array(maps, np.float32), scores
+def score_scan(diffusion, rows, n_slices, offset, settings, seed, normative):
+    """Score a scan's decoded slices (rows with input and brain mask) by the one scoring path, scoring.score_split,
+    as one scan: noise positions offset + slice number, relative heights over all of the scan's slices. -> (maps
+    float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
+    heights = cohort.relative_heights({"scan": np.zeros(n_slices)})
+    scan = data.ArrayDataset([row["input"] for row in rows], [row["brain"] for row in rows],
+                             [offset + row["slice"] for row in rows], np.zeros(len(rows), np.int64),
+                             heights[[row["slice"] for row in rows]])
+    result = scoring.score_split(diffusion, scan, settings, seed=seed, normative=normative, keep_examples=0, keep_maps=True)
+    return result["maps"], result["scores"]  # rows are in slice order, so in position order too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +219,11 @@ def overlay(path, scan, rows, top, settings):
 # ---------------------------------------------------------------------------------------------
 # one scan, all scans
 
-def predict_scan(model, scan, offset, run, settings, device, num_workers):
+def predict_scan(diffusion, scan, offset, run, settings, seed, normative):
     """Decode and score one scan. -> (slice rows, the full-size maps in slice order). A slice row: slice, z, source,
     brain fraction, scores (None when not scored), note, and for scored slices the input / map / brain mask that the
     overlays show. Noise seeds come from `offset` + slice number, so each slice of a run has its own."""
-    decoded = decode_scan(scan, run, num_workers)
+    decoded = decode_scan(scan, diffusion.input_hu, run.image_size, run.num_workers)
     rows, scored = [], []
     for k, (source, z, result) in enumerate(decoded):
         row = {"slice": k, "z": z, "source": source, "brain_fraction": None, "scores": None, "note": ""}
@@ -253,14 +232,13 @@ def predict_scan(model, scan, offset, run, settings, device, num_workers):
         else:
             row["input"], row["brain"], row["shape"] = result
             row["brain_fraction"] = float(np.mean(row["brain"] > 0))
-            if row["brain_fraction"] >= run["min_brain_fraction"]:
+            if row["brain_fraction"] >= run.min_brain_fraction:
                 scored.append(row)
             else:
-                row["note"] = f"not scored: brain fraction under {run['min_brain_fraction']}"
+                row["note"] = f"not scored: brain fraction under {run.min_brain_fraction}"
         rows.append(row)
     if scored:
-        maps, scores = score_scan(model, [(row["input"], row["brain"]) for row in scored],
-                                  [offset + row["slice"] for row in scored], settings, run, device)
+        maps, scores = score_scan(diffusion, scored, len(rows), offset, settings, seed, normative)
         for i, row in enumerate(scored):
             row["map"], row["scores"] = maps[i], {name: float(values[i]) for name, values in scores.items()}
             row["score"] = row["scores"][settings.score]
@@ -270,10 +248,10 @@ def predict_scan(model, scan, offset, run, settings, device, num_workers):
     return rows, full
 
 
-def predict(model, args, run, settings, device):
+def predict(diffusion, args, run, settings, seed, normative):
     """Every scan under --data_dir -> slices.csv, scans.csv, overlays/, maps/. -> the scan rows."""
     volumes, others = find_files(args.data_dir)
-    series, skips = dicom_series(others, run["num_workers"]) if others else ({}, [])
+    series, skips = dicom_series(others, run.num_workers) if others else ({}, [])
     used = set()
     scans = [{"kind": "nifti", "path": path, "name": scan_name(readers.nifti_name(os.path.basename(path)), used)}
              for path in volumes]
@@ -284,7 +262,7 @@ def predict(model, args, run, settings, device):
     slice_rows, scan_rows, offset = [], [], 0
     for scan in scans:
         try:
-            rows, full = predict_scan(model, scan, offset, run, settings, device, run["num_workers"])
+            rows, full = predict_scan(diffusion, scan, offset, run, settings, seed, normative)
         except readers.BadFile as error:  # a NIfTI volume that cannot be read at all
             skips.append((scan["path"], str(error)))
             continue
@@ -320,14 +298,15 @@ def main(argv=None):
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: no such folder")
     check_output_dir(args)
-    device = models.pick_device(args.device)
-    model, config, checkpoint = models.load_checkpoint(args.checkpoint, device="cpu")
-    model = model.to(device).eval()
-    run, settings = resolve_run(args, checkpoint.get("args") or {}, config)
+    diffusion, checkpoint = models.load_checkpoint(args.checkpoint, models.pick_device(args.device), args.precision)
+    # the run's configuration and scoring, with the flags given here on top (--data_dir here is the new data)
+    run, settings, seed = config.read_back(checkpoint, vars(args) | {"data_dir": None}, args.checkpoint,
+                                           diffusion.config["image_size"])
+    normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
     lock = runfiles.lock_output_dir(args.output_dir, "predict.py")
     start = time.time()
     try:
-        scan_rows = predict(model, args, run, settings, device)
+        scan_rows = predict(diffusion, args, run, settings, seed, normative)
     finally:
         runfiles.release_output_dir(lock)
     print(f"scored {len(scan_rows)} scan(s) in {time.time() - start:.0f} s with {args.checkpoint} (score '{settings.score}', "

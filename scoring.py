@@ -79,22 +79,26 @@ class ScoringSettings:
     input_norm: str = "none"  # "slice" / "scan": shift the input so its intracranial median is the training median
     calibrate: str = "none"  # "z": (residual - healthy mean) / healthy std; "mean": residual - healthy mean; by bin
     hyperdensity_prior: bool = False  # weight the map by how far the pixel sits in the acute-blood band (50-90 HU)
-    brain_hu: tuple = (0.0, 80.0)  # HU at input -1 and +1 in channel 0: DICOM brain window; CT-ICH JPG is -20..100
     min_height: float = 0.0  # slices lower than this fraction of their scan's height score 0 (skull base, face)
 
     def __post_init__(self):
         object.__setattr__(self, "eval_t", tuple(int(t) for t in np.atleast_1d(self.eval_t)))
-        object.__setattr__(self, "brain_hu", tuple(float(v) for v in self.brain_hu))
 
     def for_image(self, image_size):
         """A copy with patch_size and stride filled in for this image size."""
         patch_size = self.patch_size or image_size // 4
         return dataclasses.replace(self, patch_size=patch_size, stride=self.stride or patch_size // 2)
 
-    def check(self, image_size):
+    def check(self, image_size, training=False):
         """self.for_image(image_size), or a one-line SystemExit naming the first flag that cannot work at this
-        image size. Every script that scores (train, evaluate, sweep, bench) calls this right after parsing."""
+        image size. Every script that scores calls this right after parsing; training=True (train.py, bench.py)
+        also refuses the options that need healthy statistics fitted after training (EVALUATION_ONLY)."""
         need = models.check_flag
+        if training:
+            for name in EVALUATION_ONLY:
+                need(getattr(self, name) == getattr(DEFAULTS, name), name, getattr(self, name),
+                     "evaluation only: it needs the run's normative statistics, fitted after training (evaluate.py "
+                     "--fit_normative); give it to evaluate.py, sweep.py or predict.py")
         for name in ("patch_size", "stride"):  # 0 or negative must not fall back to the default silently
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
         filled = self.for_image(image_size)
@@ -118,7 +122,6 @@ class ScoringSettings:
         need(self.input_norm in INPUT_NORMS, "input_norm", self.input_norm, f"one of {', '.join(INPUT_NORMS)}")
         need(self.calibrate in CALIBRATIONS, "calibrate", self.calibrate, f"one of {', '.join(CALIBRATIONS)}")
         need(0 <= self.min_height < 1, "min_height", self.min_height, "a fraction of the scan's height, 0 (off) to below 1")
-        need(self.brain_hu[0] < self.brain_hu[1], "brain_hu", list(self.brain_hu), "LOW must be below HIGH")
         return filled
 
     @property
@@ -136,17 +139,10 @@ class ScoringSettings:
 
     @classmethod
     def from_flags(cls, flags):
-        """From parsed flags (an argparse namespace or a dict); names missing or None keep the default."""
+        """From parsed flags (an argparse namespace or a dict); names missing or None keep the default. A run's saved
+        settings with flags given now on top: config.read_back."""
         flags = vars(flags) if isinstance(flags, argparse.Namespace) else flags
         return cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls) if flags.get(f.name) is not None})
-
-    @classmethod
-    def resolve(cls, saved, overrides):
-        """The training run's saved args (a dict), with the flags given now (not None) on top. -> (settings,
-        names the checkpoint did not record, which take today's defaults)."""
-        overrides = vars(overrides) if isinstance(overrides, argparse.Namespace) else overrides
-        merged = {name: saved.get(name) for name in FIELDS} | {k: v for k, v in overrides.items() if k in FIELDS and v is not None}
-        return cls.from_flags(merged), [name for name in FIELDS if merged.get(name) is None]
 
 
 NOISES = ("gaussian", "simplex")
@@ -154,6 +150,7 @@ Z_FLOOR = 0.02  # std floor of --draw_combine z, in input units (1 % of the [-1,
 DRAW_COMBINES = ("mean", "z")
 INPUT_NORMS = ("none", "slice", "scan")
 CALIBRATIONS = ("none", "z", "mean")
+EVALUATION_ONLY = ("input_norm", "calibrate")  # need statistics fitted on the trained model: refused by train.py
 FIELDS = tuple(f.name for f in dataclasses.fields(ScoringSettings))
 DEFAULTS = ScoringSettings()
 SPEC = ScoringSettings(eval_t=(150,), residual="abs", score="mean", median_size=0, smooth_slices=0, pack_windows=False)
@@ -165,9 +162,12 @@ def noise_seed(seed, position):
     return seed * 1_000_003 + int(position)
 
 
-def add_scoring_flags(group, from_checkpoint=False):
-    """The scoring flags of train.py, evaluate.py and bench.py, with DEFAULTS as their defaults. from_checkpoint:
-    every default is None, meaning "the training run's value" (evaluate.py)."""
+def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
+    """The scoring flags of train.py, evaluate.py, predict.py, sweep.py and bench.py, with DEFAULTS as their defaults.
+    from_checkpoint: every default is None, meaning "the training run's value". leave_out: flags the script makes
+    itself (sweep.py's grids)."""
+    group = _Leaving(group, leave_out)
+
     def default(name):
         value = None if from_checkpoint else getattr(DEFAULTS, name)
         return list(value) if isinstance(value, tuple) else value
@@ -208,11 +208,19 @@ def add_scoring_flags(group, from_checkpoint=False):
                             "normative file)")
     group.add_argument("--hyperdensity_prior", action=argparse.BooleanOptionalAction, default=default("hyperdensity_prior"),
                        help="weight the map by the pixel's membership of the acute-blood band (50-90 HU)")
-    group.add_argument("--brain_hu", type=float, nargs=2, default=default("brain_hu"), metavar=("LOW", "HIGH"),
-                       help="HU at input -1 and +1 of channel 0, for --hyperdensity_prior (evaluate.py sets it from the "
-                            "data layout: CT-ICH JPG -20 100, DICOM brain window 0 80)")
     group.add_argument("--min_height", type=float, default=default("min_height"),
                        help="slices below this fraction of their scan's height score 0 (skull base / face; 0 = off)")
+
+
+class _Leaving:
+    """An argument group that skips the flags named in leave_out."""
+
+    def __init__(self, group, leave_out):
+        self.group, self.leave_out = group, {f"--{name}" for name in leave_out}
+
+    def add_argument(self, flag, **kwargs):
+        if flag not in self.leave_out:
+            self.group.add_argument(flag, **kwargs)
 
 
 def smoothing_note(smooth_slices, eval_samples):
@@ -329,7 +337,7 @@ def scoring_mode(model, channels_last):
             model.to(memory_format=torch.contiguous_format)
 
 
-def noise_windows(x0, jobs, seeds, t, scheduler, patch_size, noise="gaussian"):
+def noise_windows(x0, jobs, seeds, t, diffusion, patch_size, noise="gaussian"):
     """x0 [B, C, H, W] (one row per job) with every window of its job noised to the job's t; row b's noise depends
     on (seeds[job.slice], window number, t) only. A packed job's windows do not overlap, so they are noised one
     after the other: the j-th window of every job that has one, together."""
@@ -342,17 +350,19 @@ def noise_windows(x0, jobs, seeds, t, scheduler, patch_size, noise="gaussian"):
         drawn = torch.stack([window_noise(seeds[jobs[b].slice], w.k, jobs[b].t, shape, noise, jobs[b].draw)
                              for b, w in zip(rows, windows)])
         if len(rows) == len(jobs):  # j = 0: every job, and a copy of x0
-            x_t = models.noise_boxes(x_t, boxes, patch_size, t, scheduler, drawn.to(x0.device))
+            x_t = diffusion.noise(x_t, boxes, t, drawn.to(x0.device), patch_size)
         else:
-            x_t[rows] = models.noise_boxes(x_t[rows], boxes, patch_size, t[rows], scheduler, drawn.to(x0.device))
+            x_t[rows] = diffusion.noise(x_t[rows], boxes, t[rows], drawn.to(x0.device), patch_size)
     return x_t
 
 
-def anomaly_maps(model, images, scheduler, settings, seeds, brain_masks=None, autocast_dtype=None):
-    """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W] in [-1, 1].
+def anomaly_maps(diffusion, images, settings, seeds, brain_masks=None):
+    """Per-pixel anomaly maps [N, H, W] (float32, on images' device) of slices images [N, C, H, W] in [-1, 1]:
+    the raw map, before the options that look at the input (adjust_maps) and the median filter. Callers score
+    through score_split.
 
-    seeds: one int per slice (noise_seed). Jobs (window_jobs) go through the network eval_batch_size at a time,
-    under autocast_dtype (e.g. torch.bfloat16) if given. With settings.skip_outside_mask, windows that do not touch
+    seeds: one int per slice (noise_seed). Jobs (window_jobs) go through diffusion.rebuild eval_batch_size at a
+    time (under the diffusion's precision). With settings.skip_outside_mask, windows that do not touch
     brain_masks [N, H, W] are not run and pixels no window covered are 0. Packing (settings.pack_windows) noises
     several windows far apart in one pass of the whole slice and reads each window's error from that one
     prediction: each window gets the same noise as alone, but its surroundings hold other noised windows, and the
@@ -374,16 +384,15 @@ def anomaly_maps(model, images, scheduler, settings, seeds, brain_masks=None, au
     count = torch.zeros(N, H, W, device=device)
     z = settings.draw_combine == "z"  # accumulate the signed difference and its square instead of the residual
     square_sum = torch.zeros(N, H, W, device=device) if z else None
-    with scoring_mode(model, settings.channels_last), torch.inference_mode(), \
-            torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with scoring_mode(diffusion.network, settings.channels_last), torch.inference_mode():
         for start in range(0, len(jobs), settings.eval_batch_size):
             batch = jobs[start:start + settings.eval_batch_size]
             x0 = images[[job.slice for job in batch]].float()
             t = torch.tensor([job.t for job in batch], device=device)
-            x_t = noise_windows(x0, batch, seeds, t, scheduler, p, settings.noise)
+            x_t = noise_windows(x0, batch, seeds, t, diffusion, p, settings.noise)
             if settings.channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            difference = x0 - model(x_t, t).float()
+            difference = x0 - diffusion.rebuild(x_t, t).float()
             errors = difference.mean(dim=1) if z else RESIDUALS[settings.residual](difference)
             for b, job in enumerate(batch):
                 for w in job.windows:
@@ -468,9 +477,10 @@ def blood_weight(image, brain_hu):
     return np.clip((hu - low) / (full - low), 0, 1) * np.clip((zero - hu) / (zero - end), 0, 1)
 
 
-def adjust_maps(maps, images, masks, settings, normative=None):
+def adjust_maps(maps, images, masks, settings, normative=None, brain_hu=None):
     """The map options that look at the input: --calibrate (the residual less the healthy mean of its intensity x
-    distance bin, over the healthy std for "z"; negatives to 0) and --hyperdensity_prior (times blood_weight)."""
+    distance bin, over the healthy std for "z"; negatives to 0) and --hyperdensity_prior (times blood_weight;
+    brain_hu: channel 0's HU at input -1 and +1, the model's input representation)."""
     if settings.calibrate == "none" and not settings.hyperdensity_prior:
         return maps
     if settings.calibrate != "none" and normative is None:
@@ -483,11 +493,11 @@ def adjust_maps(maps, images, masks, settings, normative=None):
             scale = normative["std"][intensity, distance] if settings.calibrate == "z" else 1.0
             out[i] = np.clip((out[i] - normative["mean"][intensity, distance]) / scale, 0, None)
         if settings.hyperdensity_prior:
-            out[i] *= blood_weight(images[i], settings.brain_hu)
+            out[i] *= blood_weight(images[i], brain_hu)
     return torch.from_numpy(out).to(maps.device)
 
 
-def fit_normative(model, dataset, scheduler, settings, device, seed, autocast_dtype=None):
+def fit_normative(diffusion, dataset, settings, seed):
     """Healthy statistics for --input_norm and --calibrate from dataset (healthy slices only: the run's training
     split): the median intracranial input, and mean / std of the raw map (the settings' map, before calibration
     and the median filter) per (input intensity, distance to the inner table) bin. -> dict of arrays."""
@@ -502,10 +512,10 @@ def fit_normative(model, dataset, scheduler, settings, device, seed, autocast_dt
     total, squares, count = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     for start in range(0, len(items), 16):
         chunk = items[start:start + 16]
-        images = shift_inputs(torch.stack([it["image"] for it in chunk]), offsets[start:start + 16]).to(device)
-        masks = torch.stack([it["mask"] for it in chunk]).to(device)
+        images = shift_inputs(torch.stack([it["image"] for it in chunk]), offsets[start:start + 16]).to(diffusion.device)
+        masks = torch.stack([it["mask"] for it in chunk]).to(diffusion.device)
         seeds = [noise_seed(seed, it["position"]) for it in chunk]
-        maps = anomaly_maps(model, images, scheduler, plain, seeds, masks, autocast_dtype).float().cpu().numpy()
+        maps = anomaly_maps(diffusion, images, plain, seeds, masks).float().cpu().numpy()
         for image, mask, error_map in zip(images.cpu().numpy(), masks.cpu().numpy(), maps):
             intensity, distance = pixel_bins(image, mask)
             np.add.at(total, (intensity[mask], distance[mask]), error_map[mask])
@@ -562,20 +572,26 @@ def slice_scores(maps, brain_masks, median_size=0):
     return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
-def score_slices(model, images, masks, positions, scheduler, settings, seed, autocast_dtype=None, normative=None,
-                 offsets=None):
-    """(maps [N, H, W], {score name: [N]}) of slices at index rows `positions`: the map and scores a split's
-    scoring gives these slices (the noise of a slice depends on (seed, position) only). offsets: input_offsets
-    of these slices (--input_norm); normative: the run's statistics (--input_norm, --calibrate)."""
+def _score_batch(diffusion, images, masks, positions, settings, seed, normative=None, offsets=None):
+    """(maps [N, H, W] before the median filter, {score name: [N]} before smoothing) of one batch of slices at
+    index rows `positions` (the noise of a slice depends on (seed, position) only). offsets: input_offsets of these
+    slices (--input_norm); normative: the run's statistics (--input_norm, --calibrate)."""
     seeds = [noise_seed(seed, p) for p in positions]
     images = shift_inputs(images, offsets)
-    maps = anomaly_maps(model, images, scheduler, settings, seeds, masks, autocast_dtype).float()
-    maps = adjust_maps(maps, images, masks, settings, normative)
+    maps = anomaly_maps(diffusion, images, settings, seeds, masks).float()
+    maps = adjust_maps(maps, images, masks, settings, normative, diffusion.input_hu[0])
     return maps, slice_scores(maps, masks, settings.median_size)
 
 
+def finish_scores(positions, scans, heights, scores, settings):
+    """The last steps of every slice score, after slice_scores: smoothed along the scan (--smooth_slices), then
+    the height filter (--min_height). score_split ends with it; sweep.py re-scores saved maps with it."""
+    smoothed = smooth_along_scans(positions, scans, scores, settings.smooth_slices)
+    return height_filter(smoothed, heights, settings.min_height)
+
+
 def height_filter(scores, heights, min_height):
-    """--min_height: slices lower than min_height of their scan's height (data.SliceDataset.heights) score 0."""
+    """--min_height: slices lower than min_height of their scan's height (cohort.relative_heights) score 0."""
     if not min_height:
         return scores
     return np.where(np.asarray(heights) < min_height, 0.0, scores)
@@ -650,6 +666,8 @@ def _record_batch(acc, batch, maps, masks, scores, settings, keep_examples, gt_m
     acc["labels"].append(labels)
     for name, values in scores.items():
         acc["scores"].setdefault(name, []).append(np.asarray(values, np.float64))
+    if acc["maps"] is not None:
+        acc["maps"].append(np.stack([median_filtered(m, settings.median_size) for m in maps]).astype(np.float32))
     for i, (pos, label) in enumerate(zip(positions, labels)):
         # Pixel metrics and overlays see the map the slice score saw (median-filtered if asked);
         # filtering is slow on CPU, so it is done only for slices that need it.
@@ -678,27 +696,32 @@ def split_loader(dataset, settings, num_workers=0, rank=0, world=1):
     return torch.utils.data.DataLoader(shard, batch_size=slices_per_batch, shuffle=False, num_workers=num_workers)
 
 
-def score_split(model, dataset, scheduler, settings, device, *, seed, autocast_dtype=None, num_workers=0,
-                keep_examples=8, gt_masks_fn=None, rank=0, world=1, normative=None):
-    """Score every slice of `dataset` (items dict(image, mask, label, position), with aligned arrays .positions,
-    .patients, .scans as data.SliceDataset has) with the sliding-window anomaly map of `settings`.
+def score_split(diffusion, dataset, settings, *, seed, normative=None, num_workers=0, keep_examples=8, keep_maps=False,
+                gt_masks_fn=None, rank=0, world=1):
+    """Score every slice of `dataset` with the sliding-window anomaly map of `settings`: the one scoring path of
+    train.py (validation), evaluate.py, sweep.py, bench.py and predict.py. dataset: items dict(image, mask, label,
+    position) with aligned arrays .positions, .patients, .scans, .heights (data.SliceDataset, data.ArrayDataset).
 
     Keeps the keep_examples highest- and lowest-scoring slices of each EXAMPLE_KINDS (ranked by settings.score,
-    unsmoothed) for the overlays. gt_masks_fn(position) -> bool [S, S] bleed mask or None; when given, pixel
-    histograms are accumulated. With world > 1 (torch.distributed initialised) each rank scores every world-th
-    slice and all ranks return the merged result. Returns a dict: positions, labels, patients, scans (sorted by
-    position), scores {name: float64 [N]} (smoothed along scans by settings.smooth_slices), examples
-    {kind: [example dicts]}, pixel (accumulator or None), seconds."""
+    unsmoothed) for the overlays; keep_maps: also every slice's map as scored (median-filtered), in position order
+    (predict.py, sweep.py: a scan's or a validation split's worth). gt_masks_fn(position) -> bool [S, S] bleed mask
+    or None; when given, pixel histograms are accumulated. normative: the run's statistics (load_normative) for
+    --input_norm / --calibrate. With world > 1 (torch.distributed initialised) each rank scores every world-th slice
+    and all ranks return the merged result (keep_maps: one process only). Returns a dict: positions, labels,
+    patients, scans (sorted by position), scores {name: float64 [N]} (finish_scores applied), examples {kind:
+    [example dicts]}, pixel (accumulator or None), maps (float32 [N, S, S] or None), seconds."""
+    if keep_maps and world > 1:
+        raise ValueError("score_split: keep_maps runs in one process")
     acc = {"positions": [], "labels": [], "scores": {}, "heaps": {kind: [] for kind in EXAMPLE_KINDS},
-           "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None}
-    model.eval()
+           "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None, "maps": [] if keep_maps else None}
+    diffusion.network.eval()
     t0 = time.time()
     offsets = dict(zip(np.asarray(dataset.positions).tolist(), input_offsets(dataset, settings, normative)))
     for batch in tqdm(split_loader(dataset, settings, num_workers, rank, world), desc="scoring slices", unit="batch",
                       leave=False, disable=rank != 0):
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
-        maps, scores = score_slices(model, images, masks, batch["position"].tolist(), scheduler, settings, seed, autocast_dtype,
-                                    normative, np.array([offsets[p] for p in batch["position"].tolist()], np.float32))
+        images, masks = batch["image"].to(diffusion.device), batch["mask"].to(diffusion.device)
+        maps, scores = _score_batch(diffusion, images, masks, batch["position"].tolist(), settings, seed, normative,
+                                    np.array([offsets[p] for p in batch["position"].tolist()], np.float32))
         _record_batch(acc, batch, maps.cpu().numpy(), masks.cpu().numpy(), scores, settings, keep_examples, gt_masks_fn)
     result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
               "labels": np.concatenate(acc["labels"]) if acc["labels"] else np.zeros(0, np.int8),
@@ -712,14 +735,13 @@ def score_split(model, dataset, scheduler, settings, device, *, seed, autocast_d
     if pixel is not None and pixel["pos"].sum() == 0:
         pixel = None  # masks were looked up but none of the slices had one: no pixel metrics
     scans = _lookup(dataset.positions, dataset.scans, positions)
+    heights = _lookup(dataset.positions, dataset.heights, positions) if settings.min_height else None
     return {"positions": positions, "labels": result["labels"][order],
             "patients": _lookup(dataset.positions, dataset.patients, positions), "scans": scans,
-            "scores": {name: height_filter(smooth_along_scans(positions, scans, v[order], settings.smooth_slices),
-                                           _lookup(dataset.positions, dataset.heights, positions) if settings.min_height else None,
-                                           settings.min_height)
-                       for name, v in result["scores"].items()},
+            "scores": {name: finish_scores(positions, scans, heights, v[order], settings) for name, v in result["scores"].items()},
             "examples": {kind: [ex for _, _, ex in sorted(result["heaps"][kind], reverse=True)] for kind in EXAMPLE_KINDS},
-            "pixel": pixel, "seconds": time.time() - t0}
+            "pixel": pixel, "maps": np.concatenate(acc["maps"])[order] if keep_maps and acc["maps"] else None,
+            "seconds": time.time() - t0}
 
 
 def _lookup(keys, values, wanted):

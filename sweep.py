@@ -3,24 +3,24 @@
     python sweep.py --checkpoint runs/ctich/best_model.pt --eval_t 100 150 250 400 500 \
         --windows 32:16 48:24 --median_sizes 0 5 --output_dir runs/ctich/sweep_val
 
-For every window setting and every t, the anomaly maps of the validation slices are computed
-once (scoring.anomaly_maps, the function evaluate.py and training use) and kept in memory; the
-average over several t ("multi-t", as in cDDPM) is the mean of those maps, which is exactly
-what anomaly_maps computes when given several timesteps. Every slice score (with and without
-a median filter, with and without averaging over neighbouring slices) is then read off the same
-maps. The test split is never touched here: test
-figures are reported once, by evaluate.py, for the setting chosen on validation.
+For every window, residual and t, the anomaly maps of the validation slices are made once by the one scoring path
+(scoring.score_split, as evaluate.py and training score) and kept in memory; every slice score, median filter and
+slice smoothing width is then read off the same maps with the steps score_split ends with (scoring.slice_scores,
+scoring.finish_scores), so a row is the number evaluate.py --split val gives for that setting. The average over
+several t ("multi-t", as in cDDPM) is the mean of the per-t maps, which is what the map of several t is, unless an
+option acts on the map itself (--calibrate, --hyperdensity_prior, --draw_combine z): then it is scored apart. Every
+other scoring flag (noise, input norm, ...) is the training run's unless given, and holds for every row. The test
+split is never touched here: test figures are reported once, by evaluate.py, for the setting chosen on validation.
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 import numpy as np
-import torch
 
 import cohort
+import config
 import data
 import runfiles
 import evaluate
@@ -28,6 +28,9 @@ import models
 import scoring
 
 D = scoring.DEFAULTS  # every default grid below holds the default setting, so the table shows where it stands
+
+
+GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_slices", "score")  # made by the grid flags
 
 
 def get_args(argv=None):
@@ -49,53 +52,43 @@ def get_args(argv=None):
                         "to have neighbours")
     p.add_argument("--residuals", nargs="+", default=list(scoring.RESIDUALS), choices=list(scoring.RESIDUALS),
                    help="error maps to try (evaluate.py --residual); each costs a full set of maps")
-    p.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=D.pack_windows,
-                   help="as evaluate.py: several windows per forward pass")
-    p.add_argument("--skip_outside_mask", action="store_true",
-                   help="do not run windows without brain (faster; brain_* scores are unchanged, the whole-image "
-                        "'mean' is then not the spec's score and is left out of the table)")
-    p.add_argument("--eval_batch_size", type=int, default=D.eval_batch_size)
-    models.add_device_flags(p, from_checkpoint=True)
+    p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
+    config.add_device_flags(p, from_checkpoint=True)
+    # every other scoring flag, as evaluate.py has it: the training run's value unless given (every row uses it)
+    scoring.add_scoring_flags(p.add_argument_group("scoring of every row (default: the training run's values)"),
+                              from_checkpoint=True, leave_out=GRID)
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_<checkpoint name>_val")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
     return p.parse_args(argv)
 
 
-def validation_slices(args, train_args, config, checkpoint):
-    """The validation split of the training run (its saved patient lists, same caches) as tensors."""
-    rd = data.open_run_data(args.data_dir or train_args.get("data_dir"), image_size=config["image_size"],
-                            channels=config["in_channels"], split_seed=train_args.get("seed", cohort.DEFAULT_SEED),
-                            num_samples=train_args.get("num_samples", cohort.DEFAULT_NUM_SAMPLES), eval_samples=args.eval_samples,
-                            decode=("val",), dataset=train_args.get("dataset", "auto"), cache_dir=train_args.get("cache_dir"),
-                            num_workers=train_args.get("num_workers", 0),
-                            saved_splits=evaluate.saved_splits(checkpoint, args.checkpoint),
-                            bleed_train_fraction=train_args.get("bleed_train_fraction", 0.0))
-    min_brain_fraction = args.min_brain_fraction if args.min_brain_fraction is not None else train_args.get("min_brain_fraction", 0.0)
-    val = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["val"], min_brain_fraction))
-    items = [val[i] for i in range(len(val))]
-    return val, torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
+def validation_split(args, checkpoint, diffusion, run):
+    """The validation split of the training run (its saved patient lists, same caches), and its brain masks."""
+    rd = evaluate.open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val",))
+    val = data.SliceDataset(rd.cache, rd.index, np.sort(rd.cache.ok(rd.splits["val"], run.min_brain_fraction)))
+    return val, np.stack([val[i]["mask"].numpy() for i in range(len(val))]) if len(val) else None
 
 
-def maps_of(model, images, masks, positions, settings, seed, device, amp):
-    """Anomaly maps of all validation slices, 16 slices at a time, on the CPU."""
-    maps = []
-    for start in range(0, len(images), 16):
-        seeds = [scoring.noise_seed(seed, p) for p in positions[start:start + 16]]
-        maps.append(scoring.anomaly_maps(model, images[start:start + 16].to(device), models.make_scheduler(), settings,
-                                         seeds, masks[start:start + 16].to(device), amp).cpu())
-    return torch.cat(maps)
+def maps_of(diffusion, val, setting, seed, normative_file):
+    """The maps of every validation slice under `setting` before the median filter, by the one scoring path
+    (scoring.score_split), in val's order (its positions are sorted)."""
+    normative = scoring.load_normative(normative_file, setting) if setting.needs_normative else None
+    raw = dataclasses.replace(setting, median_size=0, smooth_slices=0)
+    return scoring.score_split(diffusion, val, raw, seed=seed, normative=normative, keep_examples=0, keep_maps=True)["maps"]
 
 
 def score_rows(val, maps, masks, setting, t_name, args):
-    """Table rows for every median filter x slice score x smoothing width read off one set of maps."""
+    """Table rows for every median filter x slice score x smoothing width read off one set of maps: the scores
+    score_split gives for that setting (slice_scores, then finish_scores)."""
     rows = []
     for median_size in args.median_sizes:
         for score_name, raw in scoring.slice_scores(maps, masks, median_size=median_size).items():
-            if args.skip_outside_mask and not score_name.startswith("brain"):
+            if setting.skip_outside_mask and not score_name.startswith("brain"):
                 continue
             for width in args.smooth_slices:
-                values = scoring.smooth_along_scans(val.positions, val.scans, raw, width)
+                values = scoring.finish_scores(val.positions, val.scans, val.heights, raw,
+                                               dataclasses.replace(setting, smooth_slices=width))
                 m = evaluate.slice_metrics(val.labels, values, val.patients, n_boot=args.n_boot, seed=0)
                 scan = evaluate.scan_metrics(val.scans, val.labels, values, "max", val.patients, n_boot=args.n_boot, seed=0)
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
@@ -138,15 +131,17 @@ def write_table(output_dir, rows, header):
     lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def with_ci(value, ci):  # no interval with --n_boot 0
+        return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     for r in rows:
-        ci, sci = r["roc_auc_ci"], r["scan_roc_auc_ci"]
-        scan = "n/a" if r["scan_roc_auc"] is None else f"{r['scan_roc_auc']:.3f} [{sci[0]:.3f}, {sci[1]:.3f}]"
         lines.append(f"| {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
                      f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
-                     f"{r['roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
-                     f"{r['auprc']:.3f} | {scan} | {format_delta(r, 'delta_scan_roc_auc', 'delta_scan_excludes_zero')} |")
+                     f"{with_ci(r['roc_auc'], r['roc_auc_ci'])} | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
+                     f"{r['auprc']:.3f} | {with_ci(r['scan_roc_auc'], r['scan_roc_auc_ci'])} | "
+                     f"{format_delta(r, 'delta_scan_roc_auc', 'delta_scan_excludes_zero')} |")
     lines.append("")
-    lines.append("Δ: this row's ROC-AUC minus the default setting's (scoring.DEFAULTS) on the same slices; * = the paired "
+    lines.append("Δ: this row's ROC-AUC minus the default grid point's (scoring.DEFAULTS at the run's window, the other settings as "
+                 "every row's) on the same slices; * = the paired "
                  "patient-bootstrap 95 % CI excludes 0.")
     runfiles.write_atomically(os.path.join(output_dir, "sweep.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n".join(lines[:12]))
@@ -159,25 +154,21 @@ def main(argv=None):
         raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
     if not set(args.multi_t) <= set(args.eval_t):
         raise SystemExit(f"error: --multi_t {args.multi_t} must be a subset of --eval_t {args.eval_t}")
-    device = models.pick_device(args.device)
-    model, config, checkpoint = models.load_checkpoint(args.checkpoint)
-    model = model.to(device).eval()
-    train_args = checkpoint.get("args") or {}
-    amp = models.autocast_dtype(args.precision or train_args.get("precision", "auto"), device)
-    base, _ = scoring.ScoringSettings.resolve(train_args, {"eval_batch_size": args.eval_batch_size, "pack_windows": args.pack_windows,
-                                                           "skip_outside_mask": args.skip_outside_mask})
-    base = base.check(config["image_size"])
-    dataclasses.replace(base, eval_t=tuple(args.eval_t)).check(config["image_size"])
+    diffusion, checkpoint = models.load_checkpoint(args.checkpoint, models.pick_device(args.device), args.precision)
+    image_size = diffusion.config["image_size"]
+    run, base, seed = config.read_back(checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, args.checkpoint,
+                                       image_size)  # the grid flags are the rows, not the base
+    dataclasses.replace(base, eval_t=tuple(args.eval_t)).check(image_size)
     for name in ("median_sizes", "smooth_slices"):
         for value in getattr(args, name):
             models.check_flag(value >= 0, name, value, "must be 0 (off) or more")
     models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
-    windows = parse_windows(args.windows, config["image_size"], base)
+    windows = parse_windows(args.windows, image_size, base)
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                                  f"sweep_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_val")
     lock = evaluate.make_output_dir(output_dir, args.overwrite, result="sweep.json")
     try:
-        sweep(args, model, config, checkpoint, train_args, base, windows, output_dir, device, amp)
+        sweep(args, diffusion, checkpoint, run, base, seed, windows, output_dir)
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
         raise SystemExit(130)
@@ -200,33 +191,39 @@ def parse_windows(texts, image_size, base):
     return windows
 
 
-def sweep(args, model, config, checkpoint, train_args, base, windows, output_dir, device, amp):
-    val, images, masks = validation_slices(args, train_args, config, checkpoint)
-    seed = train_args.get("seed", cohort.DEFAULT_SEED)
+def sweep(args, diffusion, checkpoint, run, base, seed, windows, output_dir):
+    val, masks = validation_split(args, checkpoint, diffusion, run)
     print(f"validation split: {len(val)} slices ({int(val.labels.sum())} hemorrhage) from {len(np.unique(val.patients))} patients")
-
+    normative_file = scoring.normative_path(args.checkpoint)
+    # the mean of per-t maps is the map of several t (anomaly_maps averages them) unless an option acts on the map
+    averaging_exact = base.calibrate == "none" and not base.hyperdensity_prior and base.draw_combine == "mean"
     rows = []
     for (patch_size, stride), residual in [(w, r) for w in windows for r in args.residuals]:
         setting = dataclasses.replace(base, patch_size=patch_size, stride=stride, residual=residual)
         maps_by_t = {}
         for t in args.eval_t:
-            maps_by_t[str(t)] = maps_of(model, images, masks, val.positions, dataclasses.replace(setting, eval_t=(t,)), seed, device, amp)
+            maps_by_t[str(t)] = maps_of(diffusion, val, dataclasses.replace(setting, eval_t=(t,)), seed, normative_file)
             print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
-        if len(args.multi_t) > 1:  # the mean of the maps is what anomaly_maps computes when given several t
-            maps_by_t["+".join(map(str, args.multi_t))] = torch.stack([maps_by_t[str(t)] for t in args.multi_t]).mean(0)
+        if len(args.multi_t) > 1:
+            multi = dataclasses.replace(setting, eval_t=tuple(args.multi_t))
+            maps_by_t["+".join(map(str, args.multi_t))] = (np.mean([maps_by_t[str(t)] for t in args.multi_t], axis=0)
+                                                           if averaging_exact else maps_of(diffusion, val, multi, seed, normative_file))
         for t_name, maps in maps_by_t.items():
             rows += score_rows(val, maps, masks, setting, t_name, args)
-    default = dataclasses.replace(D.for_image(config["image_size"]), skip_outside_mask=args.skip_outside_mask)
+    # the reference of every paired difference: the default grid point (scoring.DEFAULTS) at the run's own window, with
+    # this sweep's other settings (the window of a normative fit, if any, is the run's)
+    default = dataclasses.replace(base, **{name: getattr(D, name) for name in GRID if name not in ("patch_size", "stride")})
     baseline = [r["values"] for r in rows if is_default(r, default)]
     if not baseline:  # the grid does not hold the default: score it once more
-        maps = maps_of(model, images, masks, val.positions, default, seed, device, amp)
+        maps = maps_of(diffusion, val, default, seed, normative_file)
         baseline = [r["values"] for r in score_rows(val, maps, masks, default, "+".join(map(str, default.eval_t)),
                                                    argparse.Namespace(**vars(args) | {"median_sizes": [default.median_size],
                                                                                         "smooth_slices": [default.smooth_slices]}))
                     if r["score"] == default.score]
     add_paired_differences(val, rows, baseline[0], args.n_boot)
     write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(val),
-                                   "hemorrhage_slices": int(val.labels.sum()), "patients": int(len(np.unique(val.patients)))})
+                                   "hemorrhage_slices": int(val.labels.sum()), "patients": int(len(np.unique(val.patients))),
+                                   "settings": base.as_dict()})
 
 
 if __name__ == "__main__":

@@ -25,60 +25,21 @@ from tqdm import tqdm
 
 import compare
 import cohort
+import config
 import data
 import runfiles
 import evaluate
+import inputs
 import models
 import scoring
 
 
 def get_args(argv=None):
+    """The run's configuration (config.RunConfig) and scoring settings (scoring.ScoringSettings) as one namespace,
+    the way args.json and the checkpoints record them, with --resume / --new_schedule / --overwrite."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=None,
-                   help="RSNA folder (stage_2_train/ + stage_2_train.csv), CT-ICH folder, or a phantom from `python phantom.py`")
-    g.add_argument("--dataset", default="auto", choices=["auto", *cohort.DATASETS],
-                   help="the layout of --data_dir (auto: detected; nifti = CT volumes + masks, see README)")
-    g.add_argument("--cache_dir", default=None, help="slice/index cache (default: next to the data, or ~/.cache/ct-pddpm)")
-    g.add_argument("--output_dir", default="./checkpoints")
-    g.add_argument("--num_samples", type=int, default=cohort.DEFAULT_NUM_SAMPLES, help="healthy training slices")
-    g.add_argument("--eval_samples", type=cohort.parse_eval_samples, default=cohort.DEFAULT_EVAL_SAMPLES,
-                   help="validation slices per class for the per-epoch ROC-AUC, or 'all'")
-    g.add_argument("--image_size", type=int, default=256)
-    g.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="1 = brain window, 3 = brain/subdural/bone (default: 1, or 3 with --pretrained)")
-    g.add_argument("--num_workers", type=int, default=2)
-    g.add_argument("--min_brain_fraction", type=float, default=0.0,
-                   help="use only slices whose intracranial mask covers at least this fraction of the image, "
-                        "in training and evaluation (leaves out face, skull-base and vertex slices; see README)")
-    g.add_argument("--bleed_train_fraction", type=float, default=0.0,
-                   help="opt-in protocol: this fraction of the hemorrhage patients trains too, on their slices at least "
-                        f"{cohort.BLEED_MARGIN} slices from any bleed; those patients are then in no evaluation split "
-                        "(0 = the standard protocol: hemorrhage patients only in val / test)")
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
-    g.add_argument("--hf_model", default="google/ddpm-ema-celebahq-256", help="hub id or local directory (offline clusters)")
-    g.add_argument("--base_channels", type=int, default=64, help="width of the scratch UNet")
-    g.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 4, 8],
-                   help="width of each scratch UNet level in base_channels (the spec's description, 30.3M parameters at "
-                        "base 64; 1 2 4 4 is its '~14M' reading, 14.8M)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the scratch UNet's ResBlocks")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=12)
-    g.add_argument("--batch_size", type=int, default=16,
-                   help="slices per process per step; under torchrun one step sees nproc x batch_size slices (the global batch)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="default 1e-4 scratch, 1e-5 pretrained; not scaled with the number of processes")
-    g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--grad_clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=cohort.DEFAULT_SEED)
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
-                   help="flip each training slice left-right with probability 1/2 (heads are near-symmetric; "
-                        "doubles what a small healthy set shows the model)")
-    models.add_device_flags(g)
-    scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (evaluate.py uses the run's values)"))
-    g = p.add_argument_group("run")
+    g = config.add_run_flags(p)
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output_dir from last.pt, with its saved splits. Refused if a flag would "
                         "make it another run (seed, data, model, batch, scoring...); free to change: "
@@ -88,28 +49,17 @@ def get_args(argv=None):
                         "schedule as if the run had used them from its start (the lr jumps to that curve at the current step)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run in a non-empty --output_dir (its checkpoints, history and plots are deleted first)")
-    g.add_argument("--run_label", default=None, help="label for plots (default: built from the settings)")
-    g.add_argument("--eval_every", type=int, default=1, help="score the validation split every N epochs (and after the last)")
-    g.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (smoke tests)")
+    scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (evaluate.py uses the run's values)"))
     args = p.parse_args(argv)
     if not args.data_dir:
         raise SystemExit("error: --data_dir is required: point it at the RSNA data (stage_2_train/ + stage_2_train.csv, "
-                         "see README 'Using RSNA'), a CT-ICH folder, or a phantom made by `python phantom.py --out DIR`")
-    if args.channels is None:
-        args.channels = 3 if args.pretrained else 1
-    if args.lr is None:
-        args.lr = 1e-5 if args.pretrained else 1e-4
+                         "see docs/data.md), a CT-ICH folder, or a phantom made by `python phantom.py --out DIR`")
     # every flag is checked here, before any data is read: a bad value is one line now, not a traceback an epoch later
-    models.check_model_flags(args)
+    run = config.RunConfig.from_flags(args).filled().check()
     models.check_flag(not args.new_schedule or args.resume, "new_schedule", "", "only means something with --resume")
-    if args.cache_dir:
-        runfiles.check_cache_dir(args.cache_dir)
-    settings = scoring.ScoringSettings.from_flags(args).check(args.image_size)
-    args.patch_size, args.stride = settings.patch_size, settings.stride  # recorded in args.json and the checkpoints
-    if args.run_label is None:
-        kind = f"pretrained {os.path.basename(os.path.normpath(args.hf_model))}" if args.pretrained else f"scratch bc{args.base_channels}"
-        args.run_label = f"{kind} {args.channels}ch {args.image_size}px"
-    return args
+    settings = scoring.ScoringSettings.from_flags(args).check(run.image_size, training=True)
+    return argparse.Namespace(**run.as_dict(), **settings.as_dict(), resume=args.resume, new_schedule=args.new_schedule,
+                              overwrite=args.overwrite)
 
 
 # what `--resume` may change without making the run another one; everything else must be as the run was started
@@ -165,10 +115,10 @@ def check_output_dir(args):
     return lock
 
 
-def open_datasets(args, rank, world, saved_splits):
+def open_datasets(args, rank, world, saved_splits, input_hu):
     """(run data, training set of healthy slices, validation healthy slices for the loss, the whole validation
     split). saved_splits: the run's splits record when resuming (None: drawn from --seed now)."""
-    rd = data.open_run_data(args.data_dir, image_size=args.image_size, channels=args.channels, split_seed=args.seed,
+    rd = data.open_run_data(args.data_dir, image_size=args.image_size, input_hu=input_hu, split_seed=args.seed,
                             num_samples=args.num_samples, eval_samples=args.eval_samples, decode=("train", "val"),
                             dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank,
                             world=world, saved_splits=saved_splits, bleed_train_fraction=args.bleed_train_fraction)
@@ -191,16 +141,18 @@ def _same(key, saved, now):
     return (list(saved) if isinstance(saved, (list, tuple)) else saved) == (list(now) if isinstance(now, (list, tuple)) else now)
 
 
-def check_resume(args, config, world):
+def check_resume(args, run_config, world):
     """Load last.pt and refuse, in one line, a --resume whose flags would make the run another one: another model,
     seed, data folder, batch, scoring... (a changed --lr / --epochs only with --new_schedule). -> the checkpoint."""
     last = os.path.join(args.output_dir, "last.pt")
     # load_checkpoint refuses, in one line naming the file, a truncated file, pickled objects (weights_only)
     # and weights that do not fit their config; the run's model must then be the one this command builds.
-    _, saved_config, ckpt = models.load_checkpoint(last)
-    # hf_model is left out: it only says where the starting weights came from (a path may move); last.pt holds them
-    changed = [f"{key} {saved_config.get(key)!r}, now {value!r}" for key, value in config.items()
-               if key != "hf_model" and saved_config.get(key) != value]
+    saved, ckpt = models.load_checkpoint(last)
+    saved_config = saved.config
+    # hf_model is left out: it only says where the starting weights came from (a path may move); last.pt holds them;
+    # precision may change on resume (RESUME_MAY_CHANGE)
+    changed = [f"{key} {saved_config.get(key)!r}, now {value!r}" for key, value in run_config.items()
+               if key not in ("hf_model", "precision", "format") and saved_config.get(key) != value]
     if changed:
         raise SystemExit(f"error: {last}: the run was trained with another model ({'; '.join(changed)}); "
                          "resume with the run's own settings (see args.json next to it)")
@@ -246,8 +198,8 @@ def restore(args, ckpt, model, optimizer, lr_schedule):
     return ckpt["history"], ckpt["epoch"] + 1, schedule
 
 
-def train_epoch(train_model, model, train_set, sampler, optimizer, lr_schedule, scheduler, args, device, amp_dtype,
-                epoch, rank, steps_per_epoch):
+def train_epoch(train_model, diffusion, train_set, sampler, optimizer, lr_schedule, args, device, epoch, rank,
+                steps_per_epoch):
     """One epoch of patched denoising steps -> the losses of its steps. Every random draw of an epoch comes from
     (seed, epoch, rank), so a resumed run repeats it and the processes of a torchrun draw different patch boxes,
     timesteps and noise."""
@@ -270,12 +222,12 @@ def train_epoch(train_model, model, train_set, sampler, optimizer, lr_schedule, 
         if args.hflip:  # drawn from gen like every other draw, so a resumed epoch flips the same slices
             flip = (torch.rand(x0.shape[0], generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = models.patch_step(train_model, x0, scheduler, args.patch_size, gen, amp_dtype).loss
+        loss = diffusion.loss(x0, gen, network=train_model).loss
         if not torch.isfinite(loss):
             raise SystemExit(f"error: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; {last_good(args)}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(diffusion.network.parameters(), args.grad_clip)
         if not torch.isfinite(grad_norm):  # stepping would write NaN into every weight
             raise SystemExit(f"error: non-finite gradient norm at epoch {epoch}, step {step}; {last_good(args)}")
         optimizer.step()
@@ -286,19 +238,19 @@ def train_epoch(train_model, model, train_set, sampler, optimizer, lr_schedule, 
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, scheduler, args, device, amp_dtype):
+def validation_loss(diffusion, dataset, args, device):
     """Patch loss on held-out healthy slices, with boxes, timesteps and noise fixed across epochs."""
-    model.eval()
+    diffusion.network.eval()
     gen = torch.Generator().manual_seed(args.seed + 12345)
     total, count = 0.0, 0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0):
         x0 = batch["image"].to(device)
-        total += models.patch_step(model, x0, scheduler, args.patch_size, gen, amp_dtype).loss.item() * x0.shape[0]
+        total += diffusion.loss(x0, gen).loss.item() * x0.shape[0]
         count += x0.shape[0]
     return total / max(count, 1)
 
 
-def save_diagnostics(path, model, dataset, scheduler, args, settings, device, epoch, amp_dtype):
+def save_diagnostics(path, diffusion, dataset, args, settings, device, epoch):
     """Input, noised patch, one-step reconstruction and the scored anomaly map (the same noise and median filter
     as the validation scoring) for a few val slices."""
     plt = runfiles.pyplot()
@@ -315,12 +267,13 @@ def save_diagnostics(path, model, dataset, scheduler, args, settings, device, ep
         ys, xs = torch.nonzero(masks[i].cpu(), as_tuple=True)
         cy, cx = (int(ys.float().mean()), int(xs.float().mean())) if len(ys) else (args.image_size // 2,) * 2
         boxes[i] = torch.tensor([min(max(c - p // 2, 0), args.image_size - p) for c in (cy, cx)])
-    model.eval()
+    diffusion.network.eval()
     with torch.no_grad():
-        step = models.patch_step(model, x0, scheduler, p, torch.Generator().manual_seed(args.seed), amp_dtype,
-                                 boxes=boxes, t=torch.full((n,), t_show))
-        maps, _ = scoring.score_slices(model, x0, masks, [it["position"] for it in items], scheduler, settings,
-                                       args.seed, amp_dtype)
+        step = diffusion.loss(x0, torch.Generator().manual_seed(args.seed), boxes=boxes, t=torch.full((n,), t_show))
+    shown = data.ArrayDataset([it["image"].numpy() for it in items], [it["mask"].numpy() for it in items],
+                              dataset.positions[picks], dataset.scans[picks], dataset.heights[picks])
+    scored = scoring.score_split(diffusion, shown, settings, seed=args.seed, keep_examples=0, keep_maps=True)
+    maps = scored["maps"][np.searchsorted(scored["positions"], dataset.positions[picks])]  # back to the panel order
     # Only the box is trained and scored; outside it the network's output is unconstrained, so the
     # panel shows the input with the reconstructed box pasted in.
     inside = torch.zeros_like(x0, dtype=torch.bool)
@@ -330,9 +283,8 @@ def save_diagnostics(path, model, dataset, scheduler, args, settings, device, ep
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
     for i in range(n):
         kind = "hemorrhage" if items[i]["label"] else "healthy"
-        shown = scoring.median_filtered(maps[i].cpu().numpy(), settings.median_size)
         panels = [(x0[i, 0], "input (brain window)"), (step.x_t[i, 0], f"patch noised at t={t_show}"),
-                  (rebuilt[i, 0], "box rebuilt in one step"), (shown, f"scored map ({settings.residual} residual)")]
+                  (rebuilt[i, 0], "box rebuilt in one step"), (maps[i], f"scored map ({settings.residual} residual)")]
         for j, (img, title) in enumerate(panels):
             ax = axes[i, j]
             img = img.detach().cpu().float().numpy() if torch.is_tensor(img) else img
@@ -350,18 +302,17 @@ def save_diagnostics(path, model, dataset, scheduler, args, settings, device, ep
     plt.close(fig)
 
 
-def validate(model, val_loss_set, val_eval_set, scheduler, args, settings, device, amp_dtype, epoch, rank, world):
+def validate(diffusion, val_loss_set, val_eval_set, args, settings, device, epoch, rank, world):
     """The validation loss (rank 0 alone, on all of the healthy val slices, with fixed draws: the same number
     whatever the world size) and, every eval_every epochs and after the last, the scoring evaluate.py runs, on the
     validation split (sharded over the processes). -> (val_loss or None off rank 0, score_split result or None)."""
-    val_loss = validation_loss(model, val_loss_set, scheduler, args, device, amp_dtype) if rank == 0 else None
+    val_loss = validation_loss(diffusion, val_loss_set, args, device) if rank == 0 else None
     if val_loss is not None and not math.isfinite(val_loss):  # the last step left non-finite weights: do not save them
         raise SystemExit(f"error: non-finite validation loss at epoch {epoch}; {last_good(args)}")
     # Sliding-window scoring costs far more than an epoch of training on small sets; --eval_every thins it out.
     if epoch % args.eval_every and epoch != args.epochs:
         return val_loss, None
-    return val_loss, scoring.score_split(model, val_eval_set, scheduler, settings, device, seed=args.seed,
-                                         autocast_dtype=amp_dtype, rank=rank, world=world)
+    return val_loss, scoring.score_split(diffusion, val_eval_set, settings, seed=args.seed, rank=rank, world=world)
 
 
 def epoch_record(epoch, train_loss, val_loss, result, score, lr, train_time, eval_time, images, seed):
@@ -374,7 +325,7 @@ def epoch_record(epoch, train_loss, val_loss, result, score, lr, train_time, eva
             "lr": lr, "train_seconds": train_time, "eval_seconds": eval_time, "images_per_second": images / max(train_time, 1e-9)}
 
 
-def write_epoch(args, model, config, history, result, best, optimizer, lr_schedule, world, splits):
+def write_epoch(args, diffusion, history, result, best, optimizer, lr_schedule, world, splits):
     """best_model.pt (best val ROC-AUC; best val loss when the validation split has no bleed), best_model_loss.pt
     (best val loss), history, curves, plots, then last.pt: it is what --resume trusts, so it only names an epoch
     whose files are all written. Every checkpoint holds the run's splits (plain lists)."""
@@ -384,16 +335,16 @@ def write_epoch(args, model, config, history, result, best, optimizer, lr_schedu
     auc = record["val_roc_auc"] if record["val_roc_auc"] is not None else -math.inf
     if auc > best["auc"] or (best["by_loss"] and record["val_loss"] < best["loss"]):
         best["auc"] = auc
-        models.save_checkpoint(os.path.join(out, "best_model.pt"), model, config, **extra)
+        models.save_checkpoint(os.path.join(out, "best_model.pt"), diffusion, **extra)
     if record["val_loss"] < best["loss"]:
         best["loss"] = record["val_loss"]
-        models.save_checkpoint(os.path.join(out, "best_model_loss.pt"), model, config, **extra)
+        models.save_checkpoint(os.path.join(out, "best_model_loss.pt"), diffusion, **extra)
     runfiles.write_json(os.path.join(out, "training_history.json"), history)
     compare.plot_runs([history], [args.run_label], os.path.join(out, "training_curves.png"))
     if result is not None:
         evaluate.plot_scores(os.path.join(out, f"eval_scores_epoch_{record['epoch']}.png"), result["labels"],
                              result["scores"][args.score], title=f"validation, epoch {record['epoch']}, score {args.score}")
-    models.save_checkpoint(os.path.join(out, "last.pt"), model, config, **extra,
+    models.save_checkpoint(os.path.join(out, "last.pt"), diffusion, **extra,
                            optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), history=history)
     ci = record["val_roc_auc_ci"]
     auc_text = "n/a" if record["val_roc_auc"] is None else f"{record['val_roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
@@ -422,19 +373,19 @@ def main(argv=None):
             runfiles.release_output_dir(lock)
 
 
-def open_run(args, config, settings, amp_dtype, device, rank, world):
+def open_run(args, run_config, settings, amp_dtype, device, rank, world):
     """The checkpoint to resume (or None), the run's frozen splits and its data sets: saved splits when resuming,
     else drawn from --seed and written to splits.json, which evaluate.py and sweep.py then score exactly.
     -> (ckpt, splits record, (train, val-loss, val-eval) data sets, whether best_model.pt goes by val loss)."""
     is_main = rank == 0
-    ckpt = check_resume(args, config, world) if args.resume else None
+    ckpt = check_resume(args, run_config, world) if args.resume else None
     saved_splits = ckpt.get("splits") if ckpt else None
     if ckpt and saved_splits is None:
         saved_splits = cohort.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
         if saved_splits is None and is_main:
             print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
                   "drawn from --seed again")
-    rd, *datasets = open_datasets(args, rank, world, saved_splits)
+    rd, *datasets = open_datasets(args, rank, world, saved_splits, run_config["input_hu"])
     splits = saved_splits or cohort.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
                                                 dataset=cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
                                                 bleed_train_fraction=args.bleed_train_fraction)
@@ -458,19 +409,23 @@ def run(args, rank, world, device):
     is_main = rank == 0
     amp_dtype = models.autocast_dtype(args.precision, device)
     settings = scoring.ScoringSettings.from_flags(args)
-    config = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
-                                 base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
-                                 hf_model=args.hf_model)
-    ckpt, splits, (train_set, val_loss_set, val_eval_set), by_loss = open_run(args, config, settings, amp_dtype, device,
+    # the input representation is the training data's (its layout's windows), saved with the model
+    layout = cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)
+    run_config = models.diffusion_config(
+        models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
+                            base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
+                            hf_model=args.hf_model),
+        patch_size=args.patch_size, input_hu=inputs.native_input_hu(layout, args.channels), precision=args.precision)
+    ckpt, splits, (train_set, val_loss_set, val_eval_set), by_loss = open_run(args, run_config, settings, amp_dtype, device,
                                                                               rank, world)
 
     torch.manual_seed(args.seed)
-    model = models.build_model(config).to(device)
+    diffusion = models.build_diffusion(run_config, device)
+    model = diffusion.network
     models.check_flag(args.image_size % model.size_multiple == 0, "image_size", args.image_size,
                       f"must be a multiple of {model.size_multiple} for this model")
     if is_main:
         print(f"model: {args.run_label}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    scheduler = models.make_scheduler()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # Each process trains on its own 1/world of the slices (reshuffled every epoch by set_epoch), so one optimiser
     # step sees world x batch_size slices; the learning rate is not scaled for that.
@@ -492,8 +447,8 @@ def run(args, rank, world, device):
 
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
-        losses = train_epoch(train_model, model, train_set, sampler, optimizer, lr_schedule, scheduler, args, device,
-                             amp_dtype, epoch, rank, steps_per_epoch)
+        losses = train_epoch(train_model, diffusion, train_set, sampler, optimizer, lr_schedule, args, device, epoch, rank,
+                             steps_per_epoch)
         train_time = time.time() - t0
         train_loss = float(np.mean(losses))
         if world > 1:  # the mean over all processes' steps, not rank 0's alone
@@ -501,16 +456,15 @@ def run(args, rank, world, device):
             dist.all_reduce(total)
             train_loss = (total[0] / total[1]).item()
         t1 = time.time()
-        val_loss, result = validate(model, val_loss_set, val_eval_set, scheduler, args, settings, device, amp_dtype,
-                                    epoch, rank, world)
+        val_loss, result = validate(diffusion, val_loss_set, val_eval_set, args, settings, device, epoch, rank, world)
         if not is_main:
             continue
         history.append(epoch_record(epoch, train_loss, val_loss, result, args.score, lr_schedule.get_last_lr()[0],
                                     train_time, time.time() - t1, len(losses) * args.batch_size * world, args.seed))
         if result is not None:
-            save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), model, val_eval_set,
-                             scheduler, args, settings, device, epoch, amp_dtype)
-        write_epoch(args, model, config, history, result, best, optimizer, lr_schedule, world, splits)
+            save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), diffusion, val_eval_set,
+                             args, settings, device, epoch)
+        write_epoch(args, diffusion, history, result, best, optimizer, lr_schedule, world, splits)
     if is_main:
         chosen = f"val ROC-AUC {best['auc']:.3f}" if not by_loss else f"val loss {best['loss']:.4f} (no bleed in val)"
         print(f"done: best {chosen}; outputs in {args.output_dir}")

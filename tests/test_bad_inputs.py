@@ -40,6 +40,8 @@ import evaluate
 import models
 import train
 
+DICOM_1 = inputs.native_input_hu("rsna", 1)  # the brain window, as a DICOM-trained model has it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATIENT = "ID_corpus"  # every corpus slice belongs to this one healthy patient
 
@@ -167,7 +169,7 @@ def corpus(phantom_dir, tmp_path_factory):
     with contextlib.redirect_stdout(output):
         data.main(["index", "--data_dir", root, "--num_workers", "1"])
         index = cohort.load_index(root, num_workers=1)  # from the cache just written
-        cache = data.prepare_slices(root, index, np.arange(len(index["id"])), 32, 1, num_workers=1)
+        cache = data.prepare_slices(root, index, np.arange(len(index["id"])), 32, DICOM_1, num_workers=1)
     return {"dir": root, "index": index, "cache": cache, "output": output.getvalue()}
 
 
@@ -181,7 +183,7 @@ def summary(corpus, what):
 def test_bad_slice_is_a_counted_skip(corpus, image_id, write, stage, reason):
     index, cache = corpus["index"], corpus["cache"]
     path = os.path.join(corpus["dir"], "stage_2_train", f"{image_id}.dcm")
-    read = readers.read_header if stage == "index" else lambda p: inputs.load_slice(p, 1, 32)
+    read = readers.read_header if stage == "index" else lambda p: inputs.load_slice(p, DICOM_1, 32)
     ok, message = readers._skip_bad(read, path)  # what the worker reports for this file
     assert not ok and message.startswith(reason) and "\n" not in message
     category = reason.split(":")[0]
@@ -396,7 +398,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_pt(tiny_run, p
     assert message == (f"error: non-finite loss (nan) at epoch 2, step 0; the last good checkpoint, {run / 'last.pt'}, "
                        "is untouched (train.py --resume continues from it)")
     assert (run / "last.pt").read_bytes() == before
-    _, _, checkpoint = models.load_checkpoint(run / "last.pt")
+    _, checkpoint = models.load_checkpoint(run / "last.pt")
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
 
 
@@ -474,10 +476,10 @@ def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
     cache_dir = str(tmp_path / "cache")
     index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
     rows = np.arange(len(index["id"]))
-    quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     victim = int(np.flatnonzero(index["path"] != "")[1])
     open(os.path.join(root, index["path"][victim]), "wb").close()  # 0 bytes, in place: the folder's mtime stays
-    cache, out = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    cache, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     assert cache.state[victim] == 2 and victim not in cache.ok(rows)
     assert "(1 decoded again: their file changed since it was cached)" in out
     assert f"slices: skipped 1 file(s): 1 unreadable DICOM. First: {index['path'][victim]}" in out
@@ -492,13 +494,13 @@ def test_a_cached_file_rewritten_with_other_pixels_is_decoded_again(tmp_path):
     cache_dir = str(tmp_path / "cache")
     index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
     rows = np.arange(len(index["id"]))
-    before, _ = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    before, _ = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     old_image = np.array(before.images[2])
     path = os.path.join(root, index["path"][2])
     rewrite_pixels(path, head_hu())
-    after, out = quiet(data.prepare_slices, root, index, rows, 32, 1, cache_dir=cache_dir, num_workers=1)
+    after, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     assert "1 decoded again" in out and not np.array_equal(np.array(after.images[2]), old_image)
-    expected, _ = inputs.load_slice(path, 1, 32)
+    expected, _ = inputs.load_slice(path, DICOM_1, 32)
     assert np.array_equal(np.array(after.images[2]), expected)
 
 
@@ -514,7 +516,7 @@ def test_two_data_folders_with_the_same_ids_share_no_cache_rows(tmp_path):
     for root in (first, second):
         index_here, _ = quiet(cohort.load_index, root, cache_dir=str(tmp_path / "shared"), num_workers=1)
         assert np.array_equal(index_here["id"], index["id"])
-        caches[root], _ = quiet(data.prepare_slices, root, index_here, np.arange(len(index["id"])), 32, 1,
+        caches[root], _ = quiet(data.prepare_slices, root, index_here, np.arange(len(index["id"])), 32, DICOM_1,
                                 cache_dir=str(tmp_path / "shared"), num_workers=1)
     assert caches[first].prefix != caches[second].prefix
     ok = caches[first].ok(np.arange(len(index["id"])))
@@ -630,7 +632,7 @@ def test_what_resume_may_change_is_accepted(tiny_run, phantom_dir, tmp_path):
 
 def test_the_phantom_and_its_quirk_files_still_decode(phantom_dir):
     index, _ = quiet(cohort.load_index, phantom_dir, num_workers=1)
-    results = [readers._skip_bad(lambda p: inputs.load_slice(p, 1, 32), os.path.join(phantom_dir, path)) for path in index["path"]]
+    results = [readers._skip_bad(lambda p: inputs.load_slice(p, DICOM_1, 32), os.path.join(phantom_dir, path)) for path in index["path"]]
     bad = [reason for ok, reason in results if not ok]
     assert len(bad) == 1 and bad[0].startswith("truncated or undecodable pixel data")  # the phantom's one truncated file
 

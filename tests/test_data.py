@@ -18,6 +18,9 @@ import readers
 import phantom
 from conftest import edit_dicom
 
+DICOM_1, DICOM_3 = inputs.native_input_hu("rsna", 1), inputs.native_input_hu("rsna", 3)
+CTICH_1, CTICH_3 = inputs.native_input_hu("ctich", 1), inputs.native_input_hu("ctich", 3)
+
 
 @pytest.fixture(scope="module")
 def index(phantom_dir):
@@ -148,7 +151,7 @@ def test_12bit_quirk_round_trip_slope_intercept_multivalue_and_non_square(tmp_pa
     assert np.abs(readers.hu_from_dicom(scaled) - hu).max() <= 0.5
     multi = write_test_dicom(tmp_path / "m.dcm", hu, RescaleSlope=[1, 2], RescaleIntercept=[-1024, 0])
     assert np.array_equal(readers.hu_from_dicom(multi), hu)  # multi-valued fields: the first value counts
-    image = inputs.make_input(readers.hu_from_dicom(multi), 1, 40)
+    image = inputs.make_input(readers.hu_from_dicom(multi), DICOM_1, 40)
     assert image.shape == (1, 40, 40)
     assert np.allclose(image[0, :7], -1) and np.allclose(image[0, -7:], -1)  # 48 x 80 padded with air to 80 x 80
 
@@ -181,20 +184,22 @@ def test_bad_dicom_files_raise_badfile_with_a_reason(phantom_dir, tmp_path):
 
 def test_windows_and_channels():
     assert inputs.WINDOWS == {"brain": (40, 80), "subdural": (80, 200), "bone": (600, 2800)}
-    assert np.allclose(inputs.window(np.array([-1000, 0, 40, 80, 3000]), 40, 80), [-1, -1, 0, 1, 1])
-    assert np.allclose(inputs.window(np.array([-20, 80, 180]), 80, 200), [-1, 0, 1])
+    assert inputs.hu_range("brain") == [0.0, 80.0] and inputs.hu_range("subdural") == [-20.0, 180.0]
+    assert np.allclose(inputs.window_hu(np.array([-1000, 0, 40, 80, 3000]), 0, 80), [-1, -1, 0, 1, 1])
+    assert np.allclose(inputs.window_hu(np.array([-20, 80, 180]), -20, 180), [-1, 0, 1])
     hu, _ = head_hu(64)
-    one, three = inputs.make_input(hu, 1, 64), inputs.make_input(hu, 3, 64)
+    one, three = inputs.make_input(hu, DICOM_1, 64), inputs.make_input(hu, DICOM_3, 64)
     assert one.shape == (1, 64, 64) and three.shape == (3, 64, 64) and one.dtype == np.float32
-    assert np.allclose(three[0], one[0]) and np.allclose(three[0], inputs.window(hu, 40, 80))
-    assert np.allclose(three[1], inputs.window(hu, 80, 200)) and np.allclose(three[2], inputs.window(hu, 600, 2800))
+    assert np.allclose(three[0], one[0]) and np.allclose(three[0], inputs.window_hu(hu, 0, 80))
+    assert np.allclose(three[1], inputs.window_hu(hu, -20, 180)) and np.allclose(three[2], inputs.window_hu(hu, -800, 2000))
+    assert inputs.native_input_hu("ctich", 3) == [[-20.0, 100.0], [-20.0, 100.0], [-900.0, 2300.0]]
     with pytest.raises(ValueError):
-        inputs.make_input(hu, 4, 64)
+        inputs.native_input_hu("rsna", 4)
 
 
 def test_resize_is_antialiased():
     noise = np.random.default_rng(0).uniform(0, 80, (256, 256))  # uniform over the brain window: std 0.58
-    small = inputs.make_input(noise, 1, 64)
+    small = inputs.make_input(noise, DICOM_1, 64)
     assert small.shape == (1, 64, 64) and small.std() < 0.2  # a 4x shrink averages ~16 pixels; sampling would keep ~0.4
 
 
@@ -373,12 +378,12 @@ def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, mo
     cache_dir = str(tmp_path / "cache")
     index = cohort.load_index(phantom_dir, cache_dir=cache_dir, num_workers=1)
     positions = np.arange(48)
-    cache = data.prepare_slices(phantom_dir, index, positions[:20], 32, 1, cache_dir=cache_dir, num_workers=1)
+    cache = data.prepare_slices(phantom_dir, index, positions[:20], 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     assert "slices: decoded 20" in capsys.readouterr().out
     calls = []
     real_load_slice = inputs.load_slice  # patched below in data, where load_file_slices looks it up
     monkeypatch.setattr(data, "load_slice", lambda *a, **k: calls.append(a) or real_load_slice(*a, **k))
-    cache = data.prepare_slices(phantom_dir, index, positions, 32, 1, cache_dir=cache_dir, num_workers=1)
+    cache = data.prepare_slices(phantom_dir, index, positions, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     assert len(calls) == 28  # only the rows not decoded before
     output = capsys.readouterr().out
     assert "slices/s" in output and "truncated or undecodable pixel data" in output
@@ -386,11 +391,11 @@ def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, mo
     assert cache.masks.shape == (48, 32, 32) and cache.masks.dtype == np.uint8
     assert sorted(np.bincount(cache.state, minlength=3).tolist()) == [0, 1, 47]  # the truncated file is bad
     assert np.abs(cache.images[cache.ok(positions)].astype(np.float32)).max() <= 1
-    image, mask = real_load_slice(os.path.join(phantom_dir, index["path"][5]), 1, 32)
+    image, mask = real_load_slice(os.path.join(phantom_dir, index["path"][5]), DICOM_1, 32)
     assert np.array_equal(cache.images[5], image) and np.array_equal(cache.masks[5], mask)
 
     monkeypatch.setattr(data, "load_slice", lambda *a, **k: pytest.fail("decoded again"))  # second run: memmap only
-    cache = data.prepare_slices(phantom_dir, index, positions, 32, 1, cache_dir=cache_dir, num_workers=1)
+    cache = data.prepare_slices(phantom_dir, index, positions, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
     assert "48 requested, 48 were cached, 1 bad" in capsys.readouterr().out
     dataset = data.SliceDataset(cache, index, positions)
     assert len(dataset) == 47
@@ -414,8 +419,8 @@ def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, mo
 
 
 def test_slice_cache_three_channels_and_parallel_decode(phantom_dir, tmp_path, index):
-    one = data.prepare_slices(phantom_dir, index, np.arange(12), 32, 1, cache_dir=str(tmp_path / "a"), num_workers=1)
-    three = data.prepare_slices(phantom_dir, index, np.arange(12), 32, 3, cache_dir=str(tmp_path / "b"), num_workers=2)
+    one = data.prepare_slices(phantom_dir, index, np.arange(12), 32, DICOM_1, cache_dir=str(tmp_path / "a"), num_workers=1)
+    three = data.prepare_slices(phantom_dir, index, np.arange(12), 32, DICOM_3, cache_dir=str(tmp_path / "b"), num_workers=2)
     assert three.images.shape == (48, 3, 32, 32)
     ok = one.ok(np.arange(12))
     assert np.array_equal(three.ok(np.arange(12)), ok)
@@ -471,14 +476,14 @@ def test_ctich_reader(tmp_path, capsys):
     assert index["any"].tolist() == [0, 0, 0, 1, 0] and index["intraparenchymal"].tolist() == [0, 0, 0, 1, 0]
     assert sum(index[name].sum() for name in cohort.SUBTYPES) == 1
 
-    one = data.prepare_slices(root, index, np.arange(5), 32, 1, cache_dir=cache_dir, num_workers=1)
+    one = data.prepare_slices(root, index, np.arange(5), 32, CTICH_1, cache_dir=cache_dir, num_workers=1)
     assert one.state.tolist() == [1, 1, 1, 1, 2] and "unreadable JPG" in capsys.readouterr().out
     brain = np.asarray(Image.open(os.path.join(patients, "050", "brain", "1.jpg"))).astype(np.float32) / 127.5 - 1
-    expected = inputs.make_input({"brain": brain}, 1, 32)
+    expected = inputs.make_input({"brain": brain}, CTICH_1, 32)
     assert np.allclose(one.images[0].astype(np.float32), expected, atol=2e-3)
     mask = one.masks[3].astype(bool)
     assert mask[16, 16] and not mask[0, 0] and not mask[16, 31]
-    three = data.prepare_slices(root, index, np.arange(5), 32, 3, cache_dir=cache_dir, num_workers=1)
+    three = data.prepare_slices(root, index, np.arange(5), 32, CTICH_3, cache_dir=cache_dir, num_workers=1)
     assert np.array_equal(three.images[:4, 0], three.images[:4, 1])  # no subdural window: brain again
     assert not np.array_equal(three.images[:4, 2], three.images[:4, 0])  # channel 3 is the bone JPG
     assert np.array_equal(three.images[:4, 0], one.images[:4, 0])
@@ -554,3 +559,34 @@ def test_cli_index_and_show(phantom_dir, tmp_path, capsys):
     assert os.path.getsize(png) > 10_000
     with pytest.raises(SystemExit, match="no such folder"):
         data.main(["index", "--data_dir", str(tmp_path / "nothing")])
+
+
+def test_one_slice_as_dicom_and_as_ctich_jpgs_gives_the_same_model_input(tmp_path):
+    """The input representation belongs to the model: the same head written once as DICOM and once as CT-ICH's two
+    8-bit JPG windows gives the same input, within JPEG rounding, whichever layout the model was trained on."""
+    hu, radius = head_hu(128)
+    row, col = np.mgrid[0:128, 0:128]
+    brain = radius < 35
+    hu[brain] = 30 + 25 * np.sin(row[brain] / 6.0) * np.cos(col[brain] / 9.0)  # grey/white-matter-like texture, 5-55 HU
+    hu[brain & (np.hypot(row - 50, col - 70) < 9)] = 75.0  # an acute-blood blob
+    dicom = write_test_dicom(tmp_path / "slice.dcm", hu)
+    for name, (low, high) in inputs.JPG_WINDOWS.items():  # CT-ICH: brain L40/W120, bone L700/W3200, 8 bits
+        folder = tmp_path / "Patients_CT" / "001" / name
+        folder.mkdir(parents=True)
+        grey = np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(grey).save(folder / "1.jpg", quality=95)
+    jpg = str(tmp_path / "Patients_CT" / "001" / "brain" / "1.jpg")
+    for input_hu in (CTICH_1, CTICH_3, DICOM_1, [[0.0, 80.0], [-800.0, 2000.0]]):
+        from_dicom, dicom_mask = inputs.load_slice(dicom, input_hu, 64)
+        from_jpg, jpg_mask = inputs.load_slice(jpg, input_hu, 64)
+        for k, (low, high) in enumerate(input_hu):
+            diff = np.abs(from_dicom[k].astype(np.float32) - from_jpg[k].astype(np.float32))
+            # half a grey level of the stored window is 1 / 255 of its width; JPEG adds a little at sharp edges
+            stored = 120.0 if inputs.jpg_source(low, high) == "brain" else 3200.0
+            step = 2 * (stored / 255) / (high - low)  # one grey level in this channel's [-1, 1] units
+            assert diff.mean() < step and np.percentile(diff, 99) < 6 * step, (input_hu, k, diff.mean(), step)
+        assert (dicom_mask == jpg_mask).mean() > 0.98  # the skull is found from either
+    # a DICOM-trained 3-channel model cannot be fed from them: its subdural window (-20..180 HU) saturates in the
+    # brain JPG and keeps only 16 grey levels in the bone JPG
+    with pytest.raises(SystemExit, match=r"input channel 1 is -20\.\.180 HU"):
+        inputs.check_input_hu(DICOM_3, "ctich", str(tmp_path))

@@ -280,7 +280,8 @@ def tiny_checkpoint(path, data_dir, **overrides):
     train_args = {"data_dir": str(data_dir), "image_size": 32, "channels": 1, "seed": 1, "num_samples": 12,
                   "eval_samples": "all", "patch_size": 16, "stride": 16, "eval_t": [150], "score": "brain_mean",
                   "median_size": 0, "eval_batch_size": 64, "num_workers": 0, "precision": "fp32"} | overrides
-    models.save_checkpoint(str(path), models.build_model(config), config, args=train_args, epoch=1)
+    config = models.diffusion_config(config, patch_size=16, input_hu=[[0.0, 80.0]], precision="fp32")
+    models.save_checkpoint(str(path), models.build_diffusion(config), args=train_args, epoch=1)
     return path
 
 
@@ -373,7 +374,7 @@ def test_fit_normative_then_score_with_every_issue13_option(phantom_dir, tmp_pat
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     s = metrics["settings"]
     assert (s["calibrate"], s["input_norm"], s["noise"], s["noise_draws"], s["min_height"]) == ("z", "scan", "simplex", 2, 0.2)
-    assert s["brain_hu"] == [0.0, 80.0]  # the phantom is DICOM: the brain window
+    assert s["input_hu"] == [[0.0, 80.0]]  # the model's input: the brain window of DICOM
     assert metrics["slice"]["brain_mean"]["roc_auc"] is not None
     # statistics fitted for other scoring flags are refused, in one line
     with pytest.raises(SystemExit, match="fitted for .* fit again"):

@@ -27,6 +27,8 @@ import predict
 from conftest import edit_dicom
 from test_scripts import run, tiny_train_args
 
+DICOM_1 = inputs.native_input_hu("rsna", 1)  # the brain window, as a DICOM-trained model has it
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -243,10 +245,10 @@ def test_nifti_index_slices_are_axial_and_unflipped(nifti_set):
     assert index["any"].sum() > 0
     # the slice cache reads each volume once and holds what make_input makes of the written slices
     with contextlib.redirect_stdout(io.StringIO()):
-        cache = data.prepare_slices(root, index, np.arange(len(index["id"])), 32, 1, num_workers=1)
+        cache = data.prepare_slices(root, index, np.arange(len(index["id"])), 32, DICOM_1, num_workers=1)
     for row in range(len(index["id"])):
         name, k = cohort.split_slice_id(index["id"][row])
-        expected = inputs.make_input(written[name][0][k], 1, 32).astype(np.float16)
+        expected = inputs.make_input(written[name][0][k], DICOM_1, 32).astype(np.float16)
         assert cache.state[row] == 1
         np.testing.assert_array_equal(cache.images[row], expected)
     # a volume's stored orientation is undone exactly by nifti_volume (what predict.py saves maps with)

@@ -1,11 +1,11 @@
-"""models.py: the networks, patched noising, the loss, patch_step, model configs and checkpoints."""
+"""models.py: the networks, patched noising, the loss, the Diffusion object, model configs and checkpoints."""
 import os
 import sys
 
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -20,6 +20,14 @@ CELEBAHQ_PARAMS = 113_673_219
 def tiny_unet(in_channels=1, seed=0):
     torch.manual_seed(seed)
     return models.UNet(in_channels=in_channels, base_channels=8).eval()
+
+def make_scheduler():
+    return DDPMScheduler(**models.SCHEDULE)
+
+def as_diffusion(network, patch_size=8, precision="fp32", channels=1):
+    """A Diffusion around a test network (DICOM brain window input)."""
+    return models.Diffusion(network, {"patch_size": patch_size, "input_hu": [[0.0, 80.0]] * channels,
+                                      "schedule": models.SCHEDULE}, precision)
 
 def phantom(size=32, blob=False, seed=0):
     """One slice [1, 1, S, S]: air (-1) around a disc of healthy tissue (0.2 + noise), optionally
@@ -46,7 +54,7 @@ class HealthyTissue(nn.Module):
         return torch.full_like(x_t, self.value)
 
 def test_scheduler_settings():
-    s = models.make_scheduler()
+    s = as_diffusion(tiny_unet()).scheduler
     assert s.config.num_train_timesteps == 1000
     assert s.config.beta_schedule == "squaredcos_cap_v2"
     assert s.config.prediction_type == "sample" and s.config.clip_sample is False
@@ -98,9 +106,10 @@ def test_pretrained_wrapper_loads_a_local_directory(tmp_path):
         model(torch.randn(1, 1, 32, 32), 0)
 
     # the checkpoint carries the architecture: loading needs neither the hub nor the directory
-    models.save_checkpoint(tmp_path / "pre.pt", model, config)
+    models.save_checkpoint(tmp_path / "pre.pt", models.Diffusion(model, diffusion_config(config)))
     (tmp_path / "unet" / "config.json").unlink()
-    loaded, loaded_config, _ = models.load_checkpoint(tmp_path / "pre.pt")
+    diffusion, _ = models.load_checkpoint(tmp_path / "pre.pt")
+    loaded, loaded_config = diffusion.network, diffusion.config
     assert loaded_config["unet_config"]["down_block_types"] == list(standin.config.down_block_types)
     with torch.no_grad():
         assert torch.equal(loaded(x, 7), model(x, 7))
@@ -129,7 +138,7 @@ def test_noise_boxes_touches_only_the_box():
     boxes = models.random_boxes(3, 32, 8, torch.Generator().manual_seed(0))
     assert boxes.shape == (3, 2) and boxes.dtype == torch.long and int(boxes.max()) <= 24
     noise = torch.randn(3, 2, 32, 32)
-    x_t = models.noise_boxes(x0, boxes, 8, torch.tensor([10, 500, 999]), models.make_scheduler(), noise)
+    x_t = models.noise_boxes(x0, boxes, 8, torch.tensor([10, 500, 999]), make_scheduler(), noise)
     inside = torch.zeros_like(x0, dtype=torch.bool)
     for i, (top, left) in enumerate(boxes.tolist()):
         inside[i, :, top:top + 8, left:left + 8] = True
@@ -138,7 +147,7 @@ def test_noise_boxes_touches_only_the_box():
     # patch-sized noise is the same as the box cut out of full-size noise
     patch_noise = models.crop_boxes(noise, boxes, 8)
     assert torch.equal(models.noise_boxes(x0, boxes, 8, torch.tensor([10, 500, 999]),
-                                          models.make_scheduler(), patch_noise), x_t)
+                                          make_scheduler(), patch_noise), x_t)
 
 def test_patch_loss_ignores_pixels_outside_the_box():
     x0 = torch.rand(2, 1, 32, 32) * 2 - 1
@@ -152,16 +161,22 @@ def test_patch_loss_ignores_pixels_outside_the_box():
     assert (x0_hat.grad[~inside] == 0).all()
     assert (x0_hat.grad[inside] != 0).any()
 
+def diffusion_config(network_config, patch_size=8):
+    channels = network_config["in_channels"]
+    return models.diffusion_config(network_config, patch_size=patch_size, input_hu=[[0.0, 80.0]] * channels)
+
 def scratch_config(base_channels=8):
-    return {"kind": "scratch", "in_channels": 1, "base_channels": base_channels, "image_size": 32,
-            "hf_model": "google/ddpm-ema-celebahq-256"}
+    return diffusion_config({"kind": "scratch", "in_channels": 1, "base_channels": base_channels, "image_size": 32,
+                             "hf_model": "google/ddpm-ema-celebahq-256"})
 
 def test_checkpoint_round_trip(tmp_path):
     model, path = tiny_unet(seed=3), tmp_path / "model.pt"
-    models.save_checkpoint(path, model, scratch_config(), epoch=4, history=[{"val_roc_auc": 0.7}])
+    models.save_checkpoint(path, models.Diffusion(model, scratch_config()), epoch=4, history=[{"val_roc_auc": 0.7}])
     assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
-    loaded, config, checkpoint = models.load_checkpoint(path)
+    diffusion, checkpoint = models.load_checkpoint(path)
+    loaded, config = diffusion.network, diffusion.config
     assert config == scratch_config() and checkpoint["epoch"] == 4
+    assert diffusion.patch_size == 8 and diffusion.input_hu == [[0.0, 80.0]] and diffusion.scheduler.config.clip_sample is False
     assert checkpoint["history"] == [{"val_roc_auc": 0.7}] and not loaded.training
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
@@ -179,7 +194,7 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     assert str(pickled) in str(e.value) and "\n" not in str(e.value) and "refused" in str(e.value) and "NotPlainData" in str(e.value)
 
     good = tmp_path / "good.pt"
-    models.save_checkpoint(good, model, scratch_config())
+    models.save_checkpoint(good, models.Diffusion(model, scratch_config()))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(SystemExit) as e:
@@ -187,7 +202,7 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     assert str(truncated) in str(e.value) and "\n" not in str(e.value)
 
     mismatch = tmp_path / "mismatch.pt"
-    models.save_checkpoint(mismatch, model, scratch_config(base_channels=16))
+    models.save_checkpoint(mismatch, models.Diffusion(model, scratch_config(base_channels=16)))
     with pytest.raises(SystemExit) as e:
         models.load_checkpoint(mismatch)
     assert str(mismatch) in str(e.value) and "do not match" in str(e.value) and "\n" not in str(e.value)
@@ -196,10 +211,11 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
         models.load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_patch_step_draws_boxes_then_timesteps_then_noise():
-    model, scheduler = tiny_unet(), models.make_scheduler()
+def test_diffusion_loss_draws_boxes_then_timesteps_then_noise():
+    model, scheduler = tiny_unet(), make_scheduler()
+    diffusion = as_diffusion(model)
     x0 = torch.rand(3, 1, 32, 32) * 2 - 1
-    step = models.patch_step(model, x0, scheduler, 8, torch.Generator().manual_seed(5))
+    step = diffusion.loss(x0, torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)  # the same draws by hand
     boxes = models.random_boxes(3, 32, 8, gen)
     t = torch.randint(0, 1000, (3,), generator=gen)
@@ -209,7 +225,7 @@ def test_patch_step_draws_boxes_then_timesteps_then_noise():
         expected = models.patch_loss(model(x_t, t), x0, boxes, 8)
     torch.testing.assert_close(step.loss.detach(), expected)
     assert step.loss.requires_grad  # training backpropagates through it
-    fixed = models.patch_step(model, x0, scheduler, 8, gen, boxes=torch.zeros(3, 2, dtype=torch.long), t=torch.full((3,), 250))
+    fixed = diffusion.loss(x0, gen, boxes=torch.zeros(3, 2, dtype=torch.long), t=torch.full((3,), 250))
     assert (fixed.x_t[:, :, 8:, :] == x0[:, :, 8:, :]).all() and (fixed.t == 250).all()
 
 
@@ -221,3 +237,18 @@ def test_model_config_channel_mults_and_dropout_reach_the_model():
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
     spec_14m = models.build_model(models.model_config(pretrained=False, in_channels=1, image_size=256, channel_mults=[1, 2, 4, 4]))
     assert sum(p.numel() for p in spec_14m.parameters()) == DEEPEST_256_PARAMS
+
+
+def test_checkpoint_from_before_the_diffusion_config_is_completed_or_refused_in_one_line(tmp_path, capsys):
+    path, model = tmp_path / "old.pt", tiny_unet()
+    old = {k: v for k, v in scratch_config().items() if k not in ("patch_size", "input_hu", "schedule", "precision", "format")}
+    torch.save({"model": model.state_dict(), "config": old, "args": {"patch_size": 8, "dataset": "ctich"}}, path)
+    diffusion, _ = models.load_checkpoint(path)  # a run of round two: the rest from its args and layout
+    assert diffusion.patch_size == 8 and diffusion.input_hu == [[-20.0, 100.0]]  # CT-ICH's brain JPG window
+    assert diffusion.scheduler.config.beta_schedule == "squaredcos_cap_v2" and diffusion.precision == "auto"
+    assert "before checkpoint format" in capsys.readouterr().out
+    del old["base_channels"]  # an edited or much older file: the network cannot be rebuilt
+    torch.save({"model": model.state_dict(), "config": old}, path)
+    with pytest.raises(SystemExit) as e:
+        models.load_checkpoint(path)
+    assert str(path) in str(e.value) and "lacks base_channels" in str(e.value) and "\n" not in str(e.value)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import models
 import scoring
-from test_models import HealthyTissue, phantom, tiny_unet
+from test_models import HealthyTissue, as_diffusion, make_scheduler, phantom, tiny_unet
 
 # what anomaly_maps computes with every speed option off: the reference the options are compared with
 PLAIN = scoring.ScoringSettings(eval_t=(150,), eval_batch_size=16, residual="abs", pack_windows=False, channels_last=False,
@@ -19,8 +20,9 @@ def score_maps(model, images, scheduler, seeds, brain_masks=None, autocast_dtype
     """scoring.anomaly_maps with PLAIN settings changed by keyword (timesteps = eval_t)."""
     if timesteps is not None:
         settings["eval_t"] = timesteps
-    return scoring.anomaly_maps(model, images, scheduler, dataclasses.replace(PLAIN, **settings), seeds, brain_masks,
-                                autocast_dtype)
+    patch_size = settings.get("patch_size") or images.shape[-1] // 4
+    diffusion = as_diffusion(model, patch_size, "bf16" if autocast_dtype is not None else "fp32", images.shape[1])
+    return scoring.anomaly_maps(diffusion, images, dataclasses.replace(PLAIN, **settings), seeds, brain_masks)
 
 
 def test_window_grid_covers_the_image():
@@ -53,7 +55,7 @@ def one_window_at_a_time(model, images, scheduler, patch_size, stride, t, seeds)
 
 
 def test_batched_map_equals_one_window_at_a_time():
-    model, scheduler = tiny_unet(), models.make_scheduler()
+    model, scheduler = tiny_unet(), make_scheduler()
     images = torch.cat([phantom(32, blob=b, seed=s)[0] for s, b in [(0, False), (1, True)]])
     reference = one_window_at_a_time(model, images, scheduler, 16, 8, 150, seeds=[3, 4])
     for batch_size in (1, 7, 64):  # 7 splits windows of one slice across batches
@@ -64,7 +66,7 @@ def test_batched_map_equals_one_window_at_a_time():
 
 
 def test_map_independent_of_batch_composition_and_deterministic():
-    model, scheduler = tiny_unet(), models.make_scheduler()
+    model, scheduler = tiny_unet(), make_scheduler()
     images = torch.cat([phantom(32, seed=s)[0] for s in range(3)])
     kw = dict(patch_size=16, stride=8, timesteps=(150, 300))
     together = score_maps(model, images, scheduler, seeds=[5, 6, 7], eval_batch_size=16, **kw)
@@ -81,7 +83,7 @@ def test_map_independent_of_batch_composition_and_deterministic():
 
 
 def test_several_timesteps_average_the_maps():
-    model, scheduler = tiny_unet(), models.make_scheduler()
+    model, scheduler = tiny_unet(), make_scheduler()
     images = phantom(32)[0]
     kw = dict(patch_size=16, stride=8, seeds=[1])
     both = score_maps(model, images, scheduler, timesteps=(150, 500), **kw)
@@ -92,7 +94,7 @@ def test_several_timesteps_average_the_maps():
 def test_bright_blob_scores_higher_under_brain_p99():
     healthy, mask = phantom(64, blob=False)
     bleed, _ = phantom(64, blob=True)
-    model, scheduler = HealthyTissue(0.2), models.make_scheduler()
+    model, scheduler = HealthyTissue(0.2), make_scheduler()
     maps = score_maps(model, torch.cat([healthy, bleed]), scheduler, patch_size=16,
                                stride=8, seeds=[0, 0], brain_masks=mask.expand(2, -1, -1))
     scores = scoring.slice_scores(maps, mask.expand(2, -1, -1), median_size=3)
@@ -101,7 +103,7 @@ def test_bright_blob_scores_higher_under_brain_p99():
 
 
 def test_positive_residual_keeps_only_what_is_brighter_than_the_rebuild():
-    model, scheduler = HealthyTissue(0.2), models.make_scheduler()
+    model, scheduler = HealthyTissue(0.2), make_scheduler()
     images = torch.cat([torch.full((1, 1, 32, 32), -0.5), torch.full((1, 1, 32, 32), 0.9)])  # darker, brighter
     kw = dict(patch_size=8, stride=8, seeds=[0, 1])
     abs_maps = score_maps(model, images, scheduler, **kw)
@@ -117,7 +119,7 @@ def test_skip_outside_mask_runs_only_windows_with_brain():
     images = phantom(64)[0]
     mask = torch.zeros(1, 64, 64, dtype=torch.bool)
     mask[0, 24:40, 20:40] = True  # touches 4 of the 16 windows
-    scheduler = models.make_scheduler()
+    scheduler = make_scheduler()
     kw = dict(patch_size=16, stride=16, seeds=[0], brain_masks=mask)
     model = HealthyTissue()
     full = score_maps(model, images, scheduler, **kw)
@@ -138,7 +140,7 @@ def test_skip_outside_mask_runs_only_windows_with_brain():
 
 
 def test_channels_last_and_bf16_autocast():
-    model, scheduler = tiny_unet(), models.make_scheduler()
+    model, scheduler = tiny_unet(), make_scheduler()
     images = phantom(32)[0]
     kw = dict(patch_size=16, stride=8, seeds=[2])
     fp32 = score_maps(model, images, scheduler, **kw)
@@ -153,7 +155,7 @@ def test_channels_last_and_bf16_autocast():
 
 def test_anomaly_maps_restores_training_mode():
     model = tiny_unet().train()
-    score_maps(model, phantom(32)[0], models.make_scheduler(), patch_size=16, stride=16, seeds=[0])
+    score_maps(model, phantom(32)[0], make_scheduler(), patch_size=16, stride=16, seeds=[0])
     assert model.training
 
 
@@ -176,7 +178,7 @@ def _tiny_setup():
     torch.manual_seed(0)
     model = models.UNet(in_channels=1, base_channels=8).eval()
     images = torch.rand(2, 1, 32, 32) * 2 - 1
-    return model, models.make_scheduler(), images
+    return model, make_scheduler(), images
 
 
 def test_channels_last_scoring_leaves_the_weights_as_they_were():
@@ -267,7 +269,7 @@ def test_score_split_streams_scores_keeps_few_examples_and_pixels():
     dataset = TinySlices()
     settings = dataclasses.replace(PLAIN, patch_size=16, stride=8, score="brain_mean")
     gt_of = {int(p): dataset.gts[i] for i, p in enumerate(dataset.positions)}
-    result = scoring.score_split(model, dataset, models.make_scheduler(), settings, torch.device("cpu"), seed=1,
+    result = scoring.score_split(as_diffusion(model), dataset, settings, seed=1,
                                   keep_examples=2, gt_masks_fn=lambda pos: gt_of[pos] if gt_of[pos].any() else None)
     assert list(result["positions"]) == list(dataset.positions)
     assert list(result["labels"]) == list(dataset.labels)
@@ -285,8 +287,9 @@ def test_score_split_streams_scores_keeps_few_examples_and_pixels():
     # Scores of a slice depend on (seed, position) only: a subset in another batch gives the same numbers.
     subset = torch.utils.data.Subset(dataset, [7, 3])
     subset.positions, subset.patients, subset.scans = (a[[7, 3]] for a in (dataset.positions, dataset.patients, dataset.scans))
-    again = scoring.score_split(model, subset, models.make_scheduler(), dataclasses.replace(settings, eval_batch_size=5),
-                                 torch.device("cpu"), seed=1, keep_examples=0)
+    again = scoring.score_split(as_diffusion(model), subset, dataclasses.replace(settings, eval_batch_size=5), seed=1,
+                                keep_examples=0, keep_maps=True)
+    assert again["maps"].shape == (2, 32, 32) and again["maps"].dtype == np.float32
     assert list(again["positions"]) == [103, 107] and again["pixel"] is None
     for name, values in again["scores"].items():
         np.testing.assert_allclose(values, result["scores"][name][[3, 7]], rtol=1e-5, atol=1e-7)
@@ -307,7 +310,7 @@ def test_noise_draws_and_simplex_noise():
     neighbours = lambda n: float(torch.corrcoef(torch.stack([n[0, :, :-1].reshape(-1), n[0, :, 1:].reshape(-1)]))[0, 1])
     assert neighbours(smooth) > 0.8 and abs(neighbours(torch.randn(1, 32, 32))) < 0.2  # structure wider than a pixel
 
-    model, scheduler = tiny_unet(), models.make_scheduler()
+    model, scheduler = tiny_unet(), make_scheduler()
     images = phantom(32)[0]
     kw = dict(patch_size=16, stride=8, seeds=[1])
     one = score_maps(model, images, scheduler, **kw)
@@ -353,11 +356,11 @@ def test_fit_normative_input_norm_and_min_height():
     for i in range(6):
         healthy.images[i][healthy.gts[i]] = 0.0
     settings = dataclasses.replace(PLAIN, patch_size=16, stride=8)
-    normative = scoring.fit_normative(model, healthy, models.make_scheduler(), settings, torch.device("cpu"), seed=1)
+    normative = scoring.fit_normative(as_diffusion(model), healthy, settings, seed=1)
     assert abs(float(normative["input_median"])) < 0.05 and normative["count"].sum() == 6 * healthy.brain.sum()
     assert (normative["std"] > 0).all() and normative["mean"].shape == normative["std"].shape
     with pytest.raises(ValueError, match="healthy slices only"):
-        scoring.fit_normative(model, TinySlices(n=4), models.make_scheduler(), settings, torch.device("cpu"), seed=1)
+        scoring.fit_normative(as_diffusion(model), TinySlices(n=4), settings, seed=1)
     # input_norm: after the shift every slice (or scan) has the training median inside the brain
     shifted = TinySlices(n=6)
     shifted.images = shifted.images + np.array([0.1, 0.1, 0.1, -0.2, -0.2, -0.2])[:, None, None]
@@ -390,12 +393,13 @@ def test_every_script_takes_its_scoring_defaults_from_the_settings_object():
     assert scoring_fields(bench.get_args([])) | {"patch_size": None, "stride": None} == scoring.DEFAULTS.as_dict()
     flags = evaluate.get_args(["--checkpoint", "c.pt"])
     assert all(value is None for value in scoring_fields(flags).values())  # None: the run's value
-    assert scoring.ScoringSettings.resolve({}, flags) == (scoring.DEFAULTS, list(scoring.FIELDS))
+    resolved, missing = config.resolve(scoring.ScoringSettings, {}, flags)
+    assert resolved == scoring.DEFAULTS and set(missing) == set(scoring.FIELDS) - {"patch_size", "stride"}
     grid = sweep.get_args(["--checkpoint", "c.pt"])
     d = scoring.DEFAULTS  # the default setting is one point of the default grid
     assert set(d.eval_t) <= set(grid.eval_t) and d.residual in grid.residuals
     assert d.median_size in grid.median_sizes and d.smooth_slices in grid.smooth_slices
-    assert (grid.pack_windows, grid.eval_batch_size) == (d.pack_windows, d.eval_batch_size)
+    assert grid.pack_windows is None and grid.noise is None  # every other scoring flag: the run's value unless given
 
 
 def test_settings_window_rule_pack_gap_noise_seed_and_resolve():
@@ -405,7 +409,7 @@ def test_settings_window_rule_pack_gap_noise_seed_and_resolve():
     assert scoring.ScoringSettings(patch_size=20).for_image(256).stride == 10
     assert scoring.noise_seed(3, 7) == 3 * 1_000_003 + 7
     saved = {"patch_size": 16, "stride": 8, "eval_t": [150], "residual": "abs", "score": "mean", "median_size": 0}
-    resolved, missing = scoring.ScoringSettings.resolve(saved, {"score": "brain_p99", "median_size": None})
+    resolved, missing = config.resolve(scoring.ScoringSettings, saved, {"score": "brain_p99", "median_size": None})
     assert (resolved.score, resolved.residual, resolved.median_size, resolved.eval_t) == ("brain_p99", "abs", 0, (150,))
     issue13_options = set(scoring.FIELDS[scoring.FIELDS.index("noise"):])  # newer than the saved args
     assert set(missing) == {"eval_batch_size", "smooth_slices", "skip_outside_mask", "pack_windows", "channels_last"} | issue13_options

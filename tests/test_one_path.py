@@ -1,0 +1,147 @@
+"""One scoring path: every script that scores gives the same scores for the same slices under every scoring option.
+
+A tiny run is trained once; then, for each scoring option, evaluate.py scores one hemorrhage scan as an external set
+(--split all) and predict.py scores the same files as an unlabelled series (per-slice scores must be equal), and
+sweep.py's single-setting grid must give evaluate.py's validation ROC-AUC. train.py's own validation scoring is
+checked against evaluate.py in test_training_validation_scores_like_evaluate.
+"""
+import csv
+import json
+import os
+import shutil
+import sys
+
+import pydicom
+import pytest
+
+from test_scripts import run, tiny_train_args
+
+OPTIONS = {  # every scoring flag appears in at least one of them
+    "default": [],
+    "spec": ["--eval_t", "150", "--residual", "abs", "--score", "mean", "--median_size", "0", "--smooth_slices", "0",
+             "--no-pack_windows"],
+    "two_t_skip_simplex_z": ["--eval_t", "100", "300", "--skip_outside_mask", "--median_size", "3", "--no-channels_last",
+                             "--stride", "4", "--eval_batch_size", "7", "--noise", "simplex", "--noise_draws", "2",
+                             "--draw_combine", "z"],
+    "prior_height_scan_z": ["--hyperdensity_prior", "--min_height", "0.3", "--input_norm", "scan", "--calibrate", "z"],
+    "slice_mean": ["--input_norm", "slice", "--calibrate", "mean", "--smooth_slices", "1"],
+}
+SCORES = ("mean", "brain_mean", "brain_p99")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(phantom_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_path") / "run"
+    proc = run(tiny_train_args(phantom_dir, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def one_scan_folder(phantom_dir, folder):
+    """The files and label rows of one hemorrhage patient (never a training patient) as an RSNA-layout folder,
+    choosing a patient without the phantom's quirk files (the second hemorrhage patient)."""
+    labels = list(csv.reader(open(os.path.join(phantom_dir, "stage_2_train.csv"))))
+    positive = {row[0].rsplit("_", 1)[0] for row in labels[1:] if row[0].endswith("_any") and row[1] == "1"}
+    by_patient = {}
+    for name in sorted(os.listdir(os.path.join(phantom_dir, "stage_2_train"))):
+        ds = pydicom.dcmread(os.path.join(phantom_dir, "stage_2_train", name), stop_before_pixels=True)
+        by_patient.setdefault(ds.PatientID, []).append(name)
+    sick = [p for p, names in sorted(by_patient.items()) if any(n[:-4] in positive for n in names)]
+    names = by_patient[sick[1]]
+    os.makedirs(folder / "stage_2_train")
+    for name in names:
+        shutil.copy(os.path.join(phantom_dir, "stage_2_train", name), folder / "stage_2_train" / name)
+    keep = {n[:-4] for n in names}
+    with open(folder / "stage_2_train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([labels[0]] + [row for row in labels[1:] if row[0].rsplit("_", 1)[0] in keep])
+    return folder
+
+
+def evaluate_scores(path):
+    rows = list(csv.DictReader(open(path)))
+    return {name: [float(row[name]) for row in rows] for name in SCORES}
+
+
+def predict_scores(path):
+    rows = [row for row in csv.DictReader(open(path)) if row["brain_mean"] != ""]
+    return {name: [float(row[name]) for row in rows] for name in SCORES}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phantom_dir, tmp_path):
+    flags = OPTIONS[option]
+    checkpoint = str(tiny_run / "best_model.pt")
+    if "--input_norm" in flags:
+        proc = run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--fit_normative", *flags])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    scan = one_scan_folder(phantom_dir, tmp_path / "scan")
+    proc = run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--split", "all", "--data_dir", str(scan),
+                "--n_boot", "0", "--output_dir", str(tmp_path / "ev"), *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, "predict.py", "--checkpoint", checkpoint, "--data_dir", str(scan / "stage_2_train"),
+                "--output_dir", str(tmp_path / "pr"), *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated, predicted = evaluate_scores(tmp_path / "ev" / "scores.csv"), predict_scores(tmp_path / "pr" / "slices.csv")
+    assert len(evaluated["brain_p99"]) >= 4
+    for name in SCORES:
+        if "--skip_outside_mask" in flags and name == "mean":
+            continue
+        assert predicted[name] == pytest.approx(evaluated[name], rel=1e-5, abs=1e-7), name
+    if "--min_height" in flags:
+        assert 0.0 in evaluated["brain_p99"]  # the filter was applied, by both
+
+    # sweep.py: a one-setting grid on the validation split gives evaluate.py's validation ROC-AUC
+    settings = json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]
+    t = [str(v) for v in settings["eval_t"]]
+    grid = ["--eval_t", *t, "--multi_t", *(t if len(t) > 1 else []), "--windows", f"{settings['patch_size']}:{settings['stride']}",
+            "--median_sizes", str(settings["median_size"]), "--smooth_slices", str(settings["smooth_slices"]),
+            "--residuals", settings["residual"]]
+    proc = run([sys.executable, "sweep.py", "--checkpoint", checkpoint, "--n_boot", "0", "--output_dir",
+                str(tmp_path / "sw"), *grid, *strip_grid_flags(flags)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--split", "val", "--eval_samples", "all",
+                "--n_boot", "0", "--output_dir", str(tmp_path / "val"), *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val = json.loads((tmp_path / "val" / "metrics.json").read_text())["slice"]
+    rows = [row for row in json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"] if row["t"] == "+".join(t)]
+    assert rows
+    for row in rows:
+        assert row["roc_auc"] == pytest.approx(val[row["score"]]["roc_auc"], abs=1e-9), row["score"]
+
+
+GRID_FLAGS = {"--eval_t", "--patch_size", "--stride", "--median_size", "--smooth_slices", "--residual", "--score"}
+
+
+def strip_grid_flags(flags):
+    """The flags that are not sweep.py grid axes (those are given as one-value grids)."""
+    out, skip = [], False
+    for flag in flags:
+        if flag.startswith("--"):
+            skip = flag in GRID_FLAGS
+        if not skip:
+            out.append(flag)
+    return out
+
+
+def test_training_validation_scores_like_evaluate(phantom_dir, tmp_path):
+    """train.py's per-epoch validation ROC-AUC (every score) is evaluate.py's on the same split and checkpoint, with a
+    non-default scoring setting that training can honour."""
+    out = tmp_path / "run"
+    flags = ["--residual", "abs", "--median_size", "3", "--noise", "simplex", "--min_height", "0.2", "--smooth_slices", "1"]
+    proc = run(tiny_train_args(phantom_dir, out, extra=flags))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "training_history.json").read_text())
+    proc = run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best_model.pt"), "--split", "val",
+                "--n_boot", "0", "--output_dir", str(tmp_path / "val")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val = json.loads((tmp_path / "val" / "metrics.json").read_text())["slice"]
+    for name, auc in history[0]["val_roc_auc_by_score"].items():
+        assert auc == pytest.approx(val[name]["roc_auc"], abs=1e-9), name
+
+
+def test_training_refuses_evaluation_only_options(phantom_dir, tmp_path):
+    for flag in (["--input_norm", "slice"], ["--calibrate", "z"]):
+        proc = run(tiny_train_args(phantom_dir, tmp_path / "run", extra=flag))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert "evaluation only" in proc.stderr and flag[0] in proc.stderr
+        assert not (tmp_path / "run" / "last.pt").exists()
