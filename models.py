@@ -1,5 +1,6 @@
-"""The pDDPM core: the networks, the noise schedule, patched noising and the patch loss. The anomaly maps that
-training-time evaluation and evaluate.py both score with are scoring.anomaly_maps (a split: scoring.score_split).
+"""The pDDPM core: the networks, the noise schedule, patched noising and the patch loss, and the Diffusion object
+that holds them with the patch size, precision and input representation of a run (what every script trains and
+scores with; saved and loaded with the checkpoint). The anomaly maps are scoring.py's (scoring.score_split).
 
 Method: Behrendt et al., "Patched Diffusion Models for Unsupervised Anomaly Detection in Brain
 MRI", MIDL 2023. A network that predicts the clean slice x0 from a slice in which only one box

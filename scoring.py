@@ -1,6 +1,7 @@
 """Anomaly scoring, in one place: the settings, the sliding-window anomaly map, slice scores, and
-scoring a whole split. train.py (per-epoch validation), evaluate.py, sweep.py and bench.py all
-score through this file, so a number from one is the number the others would give.
+scoring a whole split. score_split is the one scoring path: train.py (per-epoch validation and its
+diagnostics panel), evaluate.py, sweep.py, bench.py and predict.py all score through it, so a number
+from one is the number the others would give (tests/test_one_path.py checks it, option by option).
 
 The map (pDDPM): for each slice, window and timestep t, noise only that window, let the model
 predict the clean slice x0 in one step, and write the residual of the window into the map,
