@@ -18,6 +18,7 @@ import numpy as np
 
 import cohort
 import runfiles
+import scoring
 
 FOLDS_FILE = "folds.json"
 REFERENCE_FILE = "reference_{stem}.json"  # a fold model's reference statistics, next to its checkpoint
@@ -159,3 +160,41 @@ def write_reference(path, key, statistics):
 def reference_path(checkpoint_path):
     stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), REFERENCE_FILE.format(stem=stem))
+
+
+def pool_out_of_fold(results, statistics, score, keep_examples):
+    """Each fold model's result on its own fold (score_split's) as one result over every patient: arrays joined,
+    with "fold" saying which model scored a slice; every score z-scored against its model's reference statistics;
+    pixel histograms summed (maps are not rescaled); the overlays' examples ranked again on the z-scored score."""
+    joined = {key: np.concatenate([r[key] for r in results]) for key in ("positions", "labels", "patients", "scans")}
+    joined["fold"] = np.concatenate([np.full(len(r["positions"]), k) for k, r in enumerate(results)])
+    scores = [normalised(r["scores"], stats) for r, stats in zip(results, statistics)]
+    joined["scores"] = {name: np.concatenate([s[name] for s in scores]) for name in scores[0]}
+    pixels = [r["pixel"] for r in results if r["pixel"] is not None]
+    joined["pixel"] = scoring.merge_pixel_accumulators(pixels) if pixels else None
+    joined["examples"] = {}
+    for kind in scoring.EXAMPLE_KINDS:
+        examples = [ex | {"score": (ex["score"] - stats[score][0]) / stats[score][1]}
+                    for r, stats in zip(results, statistics) for ex in r["examples"].get(kind, [])]
+        joined["examples"][kind] = sorted(examples, key=lambda ex: -ex["score"] if kind != "miss" else ex["score"])[:keep_examples]
+    joined["skipped_slices"] = sum(r["skipped_slices"] for r in results)
+    joined["seconds"] = sum(r["seconds"] for r in results)
+    return joined
+
+
+def ensemble_results(results, statistics):
+    """The K fold models' results on the same data set as one result: the slices every model scored (a model leaves
+    out the patients it trained on, when ids overlap), each score the mean of the models' z-scores. No pixel
+    histograms or overlays: they are of one model's maps."""
+    common = results[0]["positions"]
+    for r in results[1:]:
+        common = np.intersect1d(common, r["positions"])
+    picks = [np.searchsorted(r["positions"], common) for r in results]  # score_split's positions are sorted
+    dropped = max(len(r["positions"]) for r in results) - len(common)
+    if dropped:
+        print(f"ensemble: {dropped} slice(s) not scored by every fold model (patients some fold trained on) are left out")
+    first, pick = results[0], picks[0]
+    return {"positions": common, "labels": first["labels"][pick], "patients": first["patients"][pick],
+            "scans": first["scans"][pick], "pixel": None, "examples": {},
+            "scores": mean_normalised([{n: v[p] for n, v in r["scores"].items()} for r, p in zip(results, picks)], statistics),
+            "skipped_slices": max(r["skipped_slices"] for r in results), "seconds": sum(r["seconds"] for r in results)}
