@@ -169,7 +169,7 @@ def decode_scan(scan, input_hu, image_size, num_workers):
 def score_scan(scorers, rows, n_slices, offset, settings, seed):
     """Score a scan's decoded slices (rows with input and brain mask) by the one scoring path, scoring.score_split,
     as one scan: noise positions offset + slice number, relative heights over all of the scan's slices. scorers:
-    scorers: [(diffusion, normative, reference statistics or None)]: one checkpoint, or a CV run's fold models, whose slice
+    [(diffusion, normative, reference statistics or None)]: one checkpoint, or a CV run's fold models, whose slice
     scores are z-scored against their references and averaged (maps: each divided by its reference's spread of
     the run's score, then averaged). -> (maps float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
     heights = cohort.relative_heights({"scan": np.zeros(n_slices)})
