@@ -469,8 +469,7 @@ def open_run(args, run_config, settings, amp_dtype, device, rank, world, fold_sp
 
 
 def run(args, rank, world, device, splits=None):
-    """Train one model into args.output_dir. splits: the splits record to start from (a CV fold's), else drawn from
-    --seed; a resumed run takes its own from last.pt."""
+    """Train one model into args.output_dir; splits: a CV fold's splits record (else drawn from --seed, see open_run)."""
     is_main = rank == 0
     amp_dtype = models.autocast_dtype(args.precision, device)
     settings = scoring.ScoringSettings.from_flags(args)
