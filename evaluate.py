@@ -640,8 +640,10 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
 # a CV run (train.py --folds): its out-of-fold scores, and its fold models as one
 
 def reference_key(settings, seed, run):
-    """What a fold model's reference statistics depend on: they are used again only for the same."""
-    return {"settings": settings.as_dict(), "seed": seed, "min_brain_fraction": run.min_brain_fraction}
+    """What a fold model's reference statistics depend on: they are used again only for the same (the batch size
+    is left out: a map does not depend on it)."""
+    return {"settings": settings.as_dict() | {"eval_batch_size": None}, "seed": seed,
+            "min_brain_fraction": run.min_brain_fraction}
 
 
 def open_fold(args, path, device):

@@ -3,6 +3,7 @@
     python train.py --data_dir DATA --output_dir runs/scratch
     python train.py --data_dir DATA --output_dir runs/pre --pretrained --hf_model google/ddpm-ema-celebahq-256
     torchrun --nproc_per_node=4 train.py --data_dir DATA ...        (see README, "Multiple GPUs")
+    python train.py --data_dir DATA --output_dir runs/cv --folds 4  (a cross-validation run: one model per fold, cv.py)
 
 Each step: take a batch of healthy slices, noise one random patch_size box per slice at a
 random timestep, and teach the network to rebuild the clean box from the noised box plus the
