@@ -118,7 +118,7 @@ def test_a_folds_model_never_sees_its_fold(cv_run):
         mine = {p for p, f in folds.items() if f == fold}
         assert set(record["patients"]["test"]) == mine
         rd = quiet(lambda: data.open_run_data(record["data_dir"], image_size=32, input_hu=diffusion.input_hu, split_seed=1,
-                                              num_samples=12, eval_samples="all", decode=("train", "val"), num_workers=0,
+                                              num_samples=4, eval_samples="all", decode=("train", "val"), num_workers=0,
                                               saved_splits=record))
         for split in ("train", "val"):  # training positions and validation (loss, ROC-AUC, checkpoint choice)
             assert not set(rd.index["patient"][rd.splits[split]]) & mine
