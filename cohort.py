@@ -490,14 +490,19 @@ def relative_heights(index):
 BLEED_MARGIN = 3  # --bleed_train_fraction: training slices of a hemorrhage patient keep this many slices from any bleed
 
 
+def patients_with_bleed(index):
+    """(the index's patients, sorted; bool array: the patient has a hemorrhage slice) - the two strata of every split."""
+    patients, inverse = np.unique(index["patient"], return_inverse=True)
+    return patients, np.bincount(inverse.reshape(-1), weights=index["any"], minlength=len(patients)) > 0
+
+
 def split_patients(index, seed, train_fraction=0.5, bleed_train_fraction=0.0):
     """{"train", "val", "test"} -> sorted patient arrays. Healthy patients (no positive slice) are
     split train / val / test; hemorrhage patients go to val / test only, half each. Opt-in protocol
     (bleed_train_fraction > 0): that fraction of the hemorrhage patients of val and of test goes to training
     instead (their slices BLEED_MARGIN or more from any bleed, see make_splits). The rest stay where the standard
     protocol puts them: val and test only shrink, so no test patient ever moves into val."""
-    patients, inverse = np.unique(index["patient"], return_inverse=True)
-    sick = np.bincount(inverse, weights=index["any"], minlength=len(patients)) > 0
+    patients, sick = patients_with_bleed(index)
     rng = np.random.default_rng(seed)
     healthy, hemorrhage = rng.permutation(patients[~sick]), rng.permutation(patients[sick])
     n_train = int(round(len(healthy) * train_fraction))
@@ -549,8 +554,8 @@ def apply_saved_splits(index, record):
     overlap = set(lists["train"]) & (set(lists["val"]) | set(lists["test"])) or set(lists["val"]) & set(lists["test"])
     if overlap:
         raise SystemExit(f"error: the run's saved splits put patient {sorted(overlap)[0]} in two splits (damaged splits.json?)")
-    patients, inverse = np.unique(index["patient"], return_inverse=True)
-    sick = set(patients[np.bincount(inverse, weights=index["any"], minlength=len(patients)) > 0].tolist())
+    patients, has_bleed = patients_with_bleed(index)
+    sick = set(patients[has_bleed].tolist())
     present, known = set(patients.tolist()), set().union(*lists.values())
     added, gone = sorted(present - known), sorted(known - present)
     if added:

@@ -49,6 +49,9 @@ class RunConfig:
     hflip: bool = False
     device: str = "auto"
     precision: str = "auto"
+    # cross-validation (cv.py): K folds of patients, and the one fold to train (None: all of them in turn)
+    folds: int = None
+    fold: int = None
     # run
     run_label: str = None
     eval_every: int = 1
@@ -108,7 +111,7 @@ def resolve(cls, saved, overrides=None):
 
 
 # fields whose default is None: "not recorded" is not worth a note for them
-_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride"}
+_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "folds", "fold"}
 
 
 def add_run_flags(p):
@@ -156,6 +159,11 @@ def add_run_flags(p):
                    help="flip each training slice left-right with probability 1/2 (heads are near-symmetric; "
                         "doubles what a small healthy set shows the model)")
     add_device_flags(g)
+    g = p.add_argument_group("cross-validation")
+    g.add_argument("--folds", type=int, default=d.folds,
+                   help="K: a patient-level K-fold cross-validation run in --output_dir (folds.json, fold_<k>/): fold k's "
+                        "model trains and validates on patients outside fold k only (docs/method.md)")
+    g.add_argument("--fold", type=int, default=d.fold, help="with --folds: train this fold only (default: every fold in turn)")
     g = p.add_argument_group("run")
     g.add_argument("--run_label", default=d.run_label, help="label for plots (default: built from the settings)")
     g.add_argument("--eval_every", type=int, default=d.eval_every, help="score the validation split every N epochs (and after the last)")
@@ -191,6 +199,11 @@ def check_flags(flags):
     for name in ("num_workers", "seed"):
         if get(name) is not None:
             models.check_flag(get(name) >= 0, name, get(name), "must be 0 or more")
+    if get("folds") is not None:
+        models.check_flag(get("folds") >= 2, "folds", get("folds"), "must be at least 2")
+    if get("fold") is not None:
+        models.check_flag(get("folds") is not None and 0 <= get("fold") < get("folds"), "fold", get("fold"),
+                          "needs --folds K and must be in 0..K-1")
     if get("channel_mults") is not None:
         models.check_flag(all(m >= 1 for m in get("channel_mults")), "channel_mults", " ".join(map(str, get("channel_mults"))),
                    "every level must be at least 1")

@@ -30,6 +30,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 import cohort
 import config
+import cv
 import data
 import inputs
 import readers
@@ -226,10 +227,30 @@ def pixel_metrics(acc, threshold=None):
     best = int(np.argmax(dice))
     out["oracle_best_dice"], out["oracle_threshold"] = float(dice[best]), float(thresholds[best])
     if threshold is not None:
-        i = int(np.searchsorted(acc["edges"], threshold, side="left"))  # first bin at or above the threshold
-        tp_at = int(acc["pos"][i:].sum())
-        out["dice"] = float(2 * tp_at / (tp_at + int(acc["neg"][i:].sum()) + n_pos))
+        tp_at, fp_at = _counts_at(acc, threshold)
+        out["dice"] = float(2 * tp_at / (tp_at + fp_at + n_pos))
     return out
+
+
+def _counts_at(acc, threshold):
+    """(bleed pixels, non-bleed pixels) at or above the threshold."""
+    i = int(np.searchsorted(acc["edges"], threshold, side="left"))  # first bin at or above the threshold
+    return int(acc["pos"][i:].sum()), int(acc["neg"][i:].sum())
+
+
+def pooled_dice(pairs):
+    """Dice pooled over (accumulator, validation accumulator) pairs, each at the threshold chosen on its own
+    validation accumulator: the folds of a CV run, each fold at its own model's threshold. -> (dice or None, the
+    thresholds)."""
+    tp = fp = n_pos = 0
+    thresholds = []
+    for acc, val_acc in pairs:
+        if acc is None or val_acc is None:
+            continue
+        thresholds.append(choose_dice_threshold(val_acc))
+        tp_at, fp_at = _counts_at(acc, thresholds[-1])
+        tp, fp, n_pos = tp + tp_at, fp + fp_at, n_pos + int(acc["pos"].sum())
+    return (float(2 * tp / (tp + fp + n_pos)) if n_pos else None), thresholds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +339,9 @@ def plot_overlays(path, examples, title="Error maps over the brain window", resi
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a .pt written by train.py (best_model.pt, ...)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt written by train.py (best_model.pt, ...), or a CV run folder (train.py --folds): its "
+                        "out-of-fold scores (--split test), or its fold models as one (--split all)")
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
     p.add_argument("--output_dir", default=None,
                    help="default: <checkpoint dir>/eval_<checkpoint name>_<split>, e.g. eval_best_model_test")
@@ -338,6 +361,7 @@ def get_args(argv=None):
     p.add_argument("--fit_normative", action="store_true",
                    help="only fit the healthy statistics of --input_norm / --calibrate on the run's healthy training "
                         "slices, for these scoring flags, and write them next to the checkpoint")
+    cv.add_cv_flags(p)
     config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
     args = p.parse_args(argv)
@@ -449,9 +473,9 @@ def write_normative(args, diffusion, run, settings, seed, checkpoint):
     print(f"input median {float(normative['input_median']):.4f}; wrote {path}")
 
 
-def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, world, normative=None):
-    """Score the split; where the data set has bleed masks, also the val split when reporting test (the Dice
-    threshold is chosen there). -> (result, val result or None)."""
+def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, world, normative=None, with_val=False):
+    """Score the split; where the data set has bleed masks (or with_val), also the val split when reporting test
+    (the Dice threshold is chosen there; a CV fold's reference slices are there). -> (result, val result or None)."""
     positions = rd.cache.ok(rd.splits[split], run.min_brain_fraction)
     if len(positions) == 0:
         raise SystemExit(f"error: {run.data_dir}: the {split} split has no usable slices")
@@ -478,12 +502,13 @@ def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, wo
     result["skipped_slices"] = int(len(rd.splits[split]) - len(positions))
     if result["pixel"] is not None:
         result["pixel"]["unusable_masks"] = len(unusable_masks)
-    if result["pixel"] is None or split != "test":  # every rank sees the gathered result: same decision
+    if (result["pixel"] is None and not with_val) or split != "test":  # every rank sees the gathered result: same decision
         return result, None
     val_positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
     if rank == 0:
         print(f"choosing the Dice threshold on the val split ({len(val_positions)} slices)")
-    val = scoring.score_split(diffusion, data.SliceDataset(rd.cache, rd.index, val_positions), settings, keep_examples=0, gt_masks_fn=gt_masks_fn, **common)
+    val = scoring.score_split(diffusion, data.SliceDataset(rd.cache, rd.index, val_positions), settings, keep_examples=0,
+                              gt_masks_fn=gt_masks_fn if has_masks else None, **common)
     return result, val
 
 
@@ -516,11 +541,12 @@ def write_results(output_dir, metrics, result, index, split, settings):
     """metrics.json, scores.csv (one row per slice), scores_<name>.png and overlays.png."""
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    names = list(result["scores"])
-    writer.writerow(["id", "patient", "scan", "any", *cohort.SUBTYPES, *names])
+    names, folds = list(result["scores"]), result.get("fold")  # a CV run's out-of-fold scores: which model scored it
+    writer.writerow(["id", "patient", "scan", "any", *cohort.SUBTYPES, *names, *(["fold"] if folds is not None else [])])
     for i, row in enumerate(result["positions"]):
         writer.writerow([index["id"][row], index["patient"][row], index["scan"][row], int(index["any"][row]),
-                         *[int(index[t][row]) for t in cohort.SUBTYPES], *[f"{result['scores'][n][i]:.6g}" for n in names]])
+                         *[int(index[t][row]) for t in cohort.SUBTYPES], *[f"{result['scores'][n][i]:.6g}" for n in names],
+                         *([int(folds[i])] if folds is not None else [])])
     runfiles.write_atomically(os.path.join(output_dir, "scores.csv"), lambda f: f.write(text.getvalue().encode()))
     runfiles.write_json(os.path.join(output_dir, "metrics.json"), metrics)  # last: a metrics.json means the rest is there
     for name, values in result["scores"].items():
@@ -553,7 +579,8 @@ def print_table(metrics, n_boot):
                                          for t, m in metrics["subtype"].items() if m["n_pos"]))
     if metrics["pixel"]:
         m = metrics["pixel"]
-        dice = "n/a" if m["dice"] is None else f"{m['dice']:.3f} (threshold {m['dice_threshold']:.4g} from {m['dice_threshold_chosen_on']})"
+        threshold = "thresholds" if m["dice_threshold"] is None else f"threshold {m['dice_threshold']:.4g}"
+        dice = "n/a" if m["dice"] is None else f"{m['dice']:.3f} ({threshold} from {m['dice_threshold_chosen_on']})"
         print(f"pixel (inside brain mask): AUPRC {m['pixel_auprc']:.3f}, ROC-AUC {m['pixel_roc_auc']:.3f}, "
               f"Dice {dice}, oracle best Dice {m['oracle_best_dice']:.3f}; {m['positive_slices_without_mask']} hemorrhage "
               f"slice(s) without a usable mask left out ({m['unusable_masks']} of them: mask did not fit the slice)")
@@ -561,8 +588,10 @@ def print_table(metrics, n_boot):
 
 def main(argv=None):
     args = get_args(argv)
+    if cv.is_cv_run(args.checkpoint):
+        return evaluate_cv(args)
     if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found (nor a CV run folder with {cv.FOLDS_FILE})")
     # Under torchrun every process scores every world-th slice; rank 0 gathers the scores and alone writes the files.
     rank, world, device = models.setup_distributed(args.device)
     diffusion, checkpoint = models.load_checkpoint(args.checkpoint, device, args.precision)
@@ -605,6 +634,129 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
     write_results(output_dir, metrics, result, rd.index, args.split, settings)
     print_table(metrics, args.n_boot)
     print(f"* = the run's score '{settings.score}'. wrote {output_dir}/metrics.json, scores.csv, scores_*.png, overlays.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# a CV run (train.py --folds): its out-of-fold scores, and its fold models as one
+
+def reference_key(settings, seed, run):
+    """What a fold model's reference statistics depend on: they are used again only for the same (the batch size
+    is left out: a map does not depend on it)."""
+    return {"settings": settings.as_dict() | {"eval_batch_size": None}, "seed": seed,
+            "min_brain_fraction": run.min_brain_fraction}
+
+
+def open_fold(args, path, device):
+    """A fold model read as evaluate.py reads a run -> (diffusion, checkpoint, run, settings, seed, normative)."""
+    diffusion, checkpoint = models.load_checkpoint(path, device, args.precision)
+    run, settings, seed = config.read_back(checkpoint, args, path, diffusion.config["image_size"])
+    normative = scoring.load_normative(scoring.normative_path(path), settings) if settings.needs_normative else None
+    return diffusion, checkpoint, run, settings, seed, normative
+
+
+def score_own_fold(args, path, device):
+    """Fold k's model on fold k's patients (its test split) and on its validation split, whose healthy slices give
+    its reference statistics (saved next to the checkpoint for predict.py and --split all).
+    -> (result, val result, reference statistics, index, run, settings, seed)."""
+    diffusion, checkpoint, run, settings, seed, normative = open_fold(args, path, device)
+    rd = open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
+    result, val = score_run(diffusion, run, settings, seed, rd, "test", args.keep_examples, 0, 1, normative, with_val=True)
+    statistics = cv.reference_statistics(val["scores"], val["labels"])
+    cv.write_reference(cv.reference_path(path), reference_key(settings, seed, run), statistics)
+    return result, val, statistics, rd.index, run, settings, seed
+
+
+def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative):
+    """A fold model's reference statistics: the saved ones for these settings, else scored now on its validation
+    split of the training data (which must then be at hand)."""
+    key = reference_key(settings, seed, run)
+    statistics = cv.read_reference(cv.reference_path(path), key)
+    if statistics is not None:
+        return statistics
+    train_dir = (checkpoint.get("splits") or {}).get("data_dir") or (checkpoint.get("args") or {}).get("data_dir")
+    if not train_dir or not os.path.isdir(train_dir):
+        raise SystemExit(f"error: {path}: no reference statistics for these scoring settings in {cv.reference_path(path)}, "
+                         f"and the training data {train_dir!r} is not at hand to score them: run evaluate.py --checkpoint "
+                         "on the CV run folder with these settings where the training data is")
+    own = dataclasses.replace(run, data_dir=train_dir)
+    val, _ = score_run(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)), "val", 0,
+                       0, 1, normative)
+    statistics = cv.reference_statistics(val["scores"], val["labels"])
+    cv.write_reference(cv.reference_path(path), key, statistics)
+    return statistics
+
+
+def score_external_fold(args, path, device):
+    """One fold model on --data_dir (--split all), with its reference statistics.
+    -> (result, statistics, index, external counts, run, settings, seed)."""
+    diffusion, checkpoint, run, settings, seed, normative = open_fold(args, path, device)
+    statistics = fold_reference(path, checkpoint, diffusion, run, settings, seed, normative)
+    run = dataclasses.replace(run, eval_samples=args.eval_samples or "all")
+    rd, external = open_external(argparse.Namespace(**vars(args) | {"checkpoint": path}), run, checkpoint,
+                                 checkpoint.get("args") or {}, diffusion.input_hu)
+    result, _ = score_run(diffusion, run, settings, seed, rd, "all", 0, 0, 1, normative)
+    return result, statistics, rd.index, external, run, settings, seed
+
+
+def cv_metrics(args, folds):
+    """--split test of a CV run: every fold's model on its own fold, pooled (cv.pool_out_of_fold), the metrics of
+    compute_metrics over every patient; Dice with each fold at the threshold chosen on its own validation split.
+    -> (metrics, pooled result, index, settings)."""
+    scored = [score_own_fold(args, path, models.pick_device(args.device)) for _, path in folds]
+    results, vals, statistics = [s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored]
+    index, run, settings, seed = scored[0][3:]
+    pooled = cv.pool_out_of_fold(results, statistics, settings.score, args.keep_examples)
+    val_pixels = [v["pixel"] for v in vals if v["pixel"] is not None]
+    pooled_val = {"pixel": scoring.merge_pixel_accumulators(val_pixels) if val_pixels else None}
+    metrics = compute_metrics(pooled, pooled_val, index, "test", settings, args.n_boot, seed)
+    if metrics["pixel"] is not None:
+        dice, thresholds = pooled_dice([(r["pixel"], v["pixel"]) for r, v in zip(results, vals)])
+        metrics["pixel"] |= {"dice": dice, "dice_threshold": None, "dice_thresholds_by_fold": thresholds,
+                             "dice_threshold_chosen_on": "each fold's own validation split (patients outside the fold)"}
+    metrics["split"] = "out-of-fold (each patient scored by the fold model that never saw it)"
+    metrics["folds"] = [{"fold": k, "checkpoint": os.path.abspath(path), "patients": int(len(np.unique(r["patients"]))),
+                         "slice_roc_auc": roc_auc(r["labels"], r["scores"][settings.score]), "reference": stats}
+                        for (k, path), r, stats in zip(folds, results, statistics)]
+    return metrics | {"settings": run.as_dict() | {"noise_seed": seed} | settings.as_dict()}, pooled, index, settings
+
+
+def cv_external_metrics(args, folds):
+    """--split all of a CV run: --data_dir scored by every fold model, combined (cv.ensemble_results)."""
+    scored = [score_external_fold(args, path, models.pick_device(args.device)) for _, path in folds]
+    result = cv.ensemble_results([s[0] for s in scored], [s[1] for s in scored])
+    index, external, run, settings, seed = scored[0][2:]
+    metrics = compute_metrics(result, None, index, "all", settings, args.n_boot, seed)
+    metrics["counts"] |= external
+    metrics["ensemble"] = {"models": [os.path.abspath(path) for _, path in folds], "references": [s[1] for s in scored],
+                           "combined": "mean of the fold models' slice scores, each z-scored against its reference"}
+    return metrics | {"settings": run.as_dict() | {"noise_seed": seed} | settings.as_dict()}, result, index, settings
+
+
+def evaluate_cv(args):
+    """--checkpoint RUN, a CV run: --split test (out-of-fold: every patient scored by the model that never saw it) or
+    --split all (--data_dir scored by the fold models as one), written as for one checkpoint into
+    RUN/eval_cv_<checkpoint name>_<oof|all>."""
+    if args.split == "val":
+        raise SystemExit("error: --split val: a CV run has no one validation split; --split test gives its out-of-fold "
+                         "scores (sweep.py chooses settings on them)")
+    if args.fit_normative:
+        for _, path in cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint):
+            fold_args = argparse.Namespace(**vars(args) | {"checkpoint": path})
+            diffusion, checkpoint, run, settings, seed, _ = open_fold(fold_args, path, models.pick_device(args.device))
+            write_normative(fold_args, diffusion, run, settings, seed, checkpoint)  # each fold's own training patients
+        return
+    folds = cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint)
+    stem = os.path.splitext(args.fold_checkpoint)[0]
+    output_dir = args.output_dir or os.path.join(args.checkpoint, f"eval_cv_{stem}_{'oof' if args.split == 'test' else 'all'}")
+    lock = make_output_dir(output_dir, args.overwrite)
+    try:
+        metrics, result, index, settings = (cv_metrics if args.split == "test" else cv_external_metrics)(args, folds)
+        metrics = {"checkpoint": os.path.abspath(args.checkpoint)} | metrics
+        write_results(output_dir, metrics, result, index, args.split, settings)
+        print_table(metrics, args.n_boot)
+        print(f"* = the run's score '{settings.score}'. wrote {output_dir}/metrics.json, scores.csv, scores_*.png, overlays.png")
+    finally:
+        runfiles.release_output_dir(lock)
 
 
 if __name__ == "__main__":

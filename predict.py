@@ -39,6 +39,7 @@ import torch
 
 import cohort
 import config
+import cv
 import data
 import inputs
 import readers
@@ -52,7 +53,9 @@ NOT_DICOM = (".csv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".npy", ".
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a .pt written by train.py (best_model.pt, ...)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt written by train.py (best_model.pt, ...), or a CV run folder (train.py --folds): its fold "
+                        "models as one (the mean of their z-scored slice scores)")
     p.add_argument("--data_dir", required=True, help="DICOM series and/or NIfTI volumes, no labels needed")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="write into an --output_dir that already holds files")
@@ -61,6 +64,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
     p.add_argument("--min_brain_fraction", type=float, default=None,
                    help="leave slices with less intracranial area unscored (default: the training run's value)")
+    cv.add_cv_flags(p)
     config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
     args = p.parse_args(argv)
@@ -162,16 +166,23 @@ def decode_scan(scan, input_hu, image_size, num_workers):
     return [(path, z, result) for (z, path), (ok, result) in zip(scan["files"], results)]
 
 
-def score_scan(diffusion, rows, n_slices, offset, settings, seed, normative):
+def score_scan(scorers, rows, n_slices, offset, settings, seed):
     """Score a scan's decoded slices (rows with input and brain mask) by the one scoring path, scoring.score_split,
-    as one scan: noise positions offset + slice number, relative heights over all of the scan's slices. -> (maps
-    float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
+    as one scan: noise positions offset + slice number, relative heights over all of the scan's slices. scorers:
+    [(diffusion, normative, reference statistics or None)]: one checkpoint, or a CV run's fold models, whose slice
+    scores are z-scored against their references and averaged (maps: each divided by its reference's spread of
+    the run's score, then averaged). -> (maps float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
     heights = cohort.relative_heights({"scan": np.zeros(n_slices)})
     scan = data.ArrayDataset([row["input"] for row in rows], [row["brain"] for row in rows],
                              [offset + row["slice"] for row in rows], np.zeros(len(rows), np.int64),
                              heights[[row["slice"] for row in rows]])
-    result = scoring.score_split(diffusion, scan, settings, seed=seed, normative=normative, keep_examples=0, keep_maps=True)
-    return result["maps"], result["scores"]  # rows are in slice order, so in position order too
+    results = [scoring.score_split(diffusion, scan, settings, seed=seed, normative=normative, keep_examples=0, keep_maps=True)
+               for diffusion, normative, _ in scorers]
+    if len(results) == 1:
+        return results[0]["maps"], results[0]["scores"]  # rows are in slice order, so in position order too
+    statistics = [stats for _, _, stats in scorers]
+    maps = np.mean([r["maps"] / stats[settings.score][1] for r, stats in zip(results, statistics)], axis=0)
+    return maps.astype(np.float32), cv.mean_normalised([r["scores"] for r in results], statistics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +230,11 @@ def overlay(path, scan, rows, top, settings):
 # ---------------------------------------------------------------------------------------------
 # one scan, all scans
 
-def predict_scan(diffusion, scan, offset, run, settings, seed, normative):
+def predict_scan(scorers, scan, offset, run, settings, seed):
     """Decode and score one scan. -> (slice rows, the full-size maps in slice order). A slice row: slice, z, source,
     brain fraction, scores (None when not scored), note, and for scored slices the input / map / brain mask that the
     overlays show. Noise seeds come from `offset` + slice number, so each slice of a run has its own."""
-    decoded = decode_scan(scan, diffusion.input_hu, run.image_size, run.num_workers)
+    decoded = decode_scan(scan, scorers[0][0].input_hu, run.image_size, run.num_workers)
     rows, scored = [], []
     for k, (source, z, result) in enumerate(decoded):
         row = {"slice": k, "z": z, "source": source, "brain_fraction": None, "scores": None, "note": ""}
@@ -238,7 +249,7 @@ def predict_scan(diffusion, scan, offset, run, settings, seed, normative):
                 row["note"] = f"not scored: brain fraction under {run.min_brain_fraction}"
         rows.append(row)
     if scored:
-        maps, scores = score_scan(diffusion, scored, len(rows), offset, settings, seed, normative)
+        maps, scores = score_scan(scorers, scored, len(rows), offset, settings, seed)
         for i, row in enumerate(scored):
             row["map"], row["scores"] = maps[i], {name: float(values[i]) for name, values in scores.items()}
             row["score"] = row["scores"][settings.score]
@@ -248,7 +259,7 @@ def predict_scan(diffusion, scan, offset, run, settings, seed, normative):
     return rows, full
 
 
-def predict(diffusion, args, run, settings, seed, normative):
+def predict(scorers, args, run, settings, seed):
     """Every scan under --data_dir -> slices.csv, scans.csv, overlays/, maps/. -> the scan rows."""
     volumes, others = find_files(args.data_dir)
     series, skips = dicom_series(others, run.num_workers) if others else ({}, [])
@@ -262,7 +273,7 @@ def predict(diffusion, args, run, settings, seed, normative):
     slice_rows, scan_rows, offset = [], [], 0
     for scan in scans:
         try:
-            rows, full = predict_scan(diffusion, scan, offset, run, settings, seed, normative)
+            rows, full = predict_scan(scorers, scan, offset, run, settings, seed)
         except readers.BadFile as error:  # a NIfTI volume that cannot be read at all
             skips.append((scan["path"], str(error)))
             continue
@@ -291,22 +302,34 @@ def predict(diffusion, args, run, settings, seed, normative):
     return scan_rows
 
 
+def open_models(args):
+    """The checkpoint, or each fold model of a CV run folder (with its reference statistics: evaluate.fold_reference),
+    with the run's configuration and scoring and the flags given here on top (--data_dir here is the new data).
+    -> ([(diffusion, normative or None, statistics or None)], run, settings, seed), the last three the first model's."""
+    cv_run = cv.is_cv_run(args.checkpoint)
+    paths = [path for _, path in cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint)] if cv_run else [args.checkpoint]
+    opened = []
+    for path in paths:
+        diffusion, checkpoint = models.load_checkpoint(path, models.pick_device(args.device), args.precision)
+        run, settings, seed = config.read_back(checkpoint, vars(args) | {"data_dir": None}, path, diffusion.config["image_size"])
+        normative = scoring.load_normative(scoring.normative_path(path), settings) if settings.needs_normative else None
+        statistics = evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, normative) if cv_run else None
+        opened.append(((diffusion, normative, statistics), run, settings, seed))
+    return [o[0] for o in opened], *opened[0][1:]
+
+
 def main(argv=None):
     args = get_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
+    if not os.path.isfile(args.checkpoint) and not cv.is_cv_run(args.checkpoint):
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found (nor a CV run folder with {cv.FOLDS_FILE})")
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: no such folder")
     check_output_dir(args)
-    diffusion, checkpoint = models.load_checkpoint(args.checkpoint, models.pick_device(args.device), args.precision)
-    # the run's configuration and scoring, with the flags given here on top (--data_dir here is the new data)
-    run, settings, seed = config.read_back(checkpoint, vars(args) | {"data_dir": None}, args.checkpoint,
-                                           diffusion.config["image_size"])
-    normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
+    scorers, run, settings, seed = open_models(args)
     lock = runfiles.lock_output_dir(args.output_dir, "predict.py")
     start = time.time()
     try:
-        scan_rows = predict(diffusion, args, run, settings, seed, normative)
+        scan_rows = predict(scorers, args, run, settings, seed)
     finally:
         runfiles.release_output_dir(lock)
     print(f"scored {len(scan_rows)} scan(s) in {time.time() - start:.0f} s with {args.checkpoint} (score '{settings.score}', "

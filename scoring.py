@@ -629,6 +629,16 @@ def new_pixel_accumulator():
             "neg": np.zeros(len(PIXEL_EDGES), np.int64), "slices": 0, "positive_slices_without_mask": 0}
 
 
+def merge_pixel_accumulators(accumulators):
+    """One accumulator holding the pixels of all of them (the shards of a split, the folds of a CV run)."""
+    merged = new_pixel_accumulator()
+    for acc in accumulators:
+        for key in ("pos", "neg", "slices", "positive_slices_without_mask"):
+            merged[key] += acc[key]
+        merged["unusable_masks"] = merged.get("unusable_masks", 0) + acc.get("unusable_masks", 0)
+    return merged
+
+
 def accumulate_pixels(acc, error_map, brain_mask, gt_mask):
     """Add one slice. Only pixels inside the brain mask count (the protocol scores the intracranial space)."""
     values = np.asarray(error_map, np.float64)[brain_mask]
@@ -766,8 +776,5 @@ def _merge_ranks(result, keep_examples):
                         for kind in EXAMPLE_KINDS},
               "pixel": None}
     if parts[0]["pixel"] is not None:
-        merged["pixel"] = new_pixel_accumulator()
-        for p in parts:
-            for key in ("pos", "neg", "slices", "positive_slices_without_mask"):
-                merged["pixel"][key] += p["pixel"][key]
+        merged["pixel"] = merge_pixel_accumulators([p["pixel"] for p in parts])
     return merged

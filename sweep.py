@@ -13,6 +13,7 @@ other scoring flag (noise, input norm, ...) is the training run's unless given, 
 split is never touched here: test figures are reported once, by evaluate.py, for the setting chosen on validation.
 """
 import argparse
+import collections
 import dataclasses
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 
 import cohort
 import config
+import cv
 import data
 import runfiles
 import evaluate
@@ -36,7 +38,9 @@ GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_sli
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a .pt written by train.py (its validation split), or a CV run folder (train.py --folds): the "
+                        "out-of-fold scores of every patient, as evaluate.py pools them")
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
     p.add_argument("--eval_samples", type=cohort.parse_eval_samples, default="all",
                    help="validation slices per class, or 'all'")
@@ -60,37 +64,87 @@ def get_args(argv=None):
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_<checkpoint name>_val")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
+    cv.add_cv_flags(p)
     return p.parse_args(argv)
 
 
-def validation_split(args, checkpoint, diffusion, run):
-    """The validation split of the training run (its saved patient lists, same caches), and its brain masks."""
+# One set of slices scored by one model: the validation split of a checkpoint, or a fold of a CV run (its test split,
+# the fold's patients, with its model's validation split: `reference` marks those, scored but not reported; their
+# healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
+Part = collections.namedtuple("Part", "diffusion dataset masks reference normative_file")
+
+
+def dataset_part(diffusion, rd, positions, run, reference_positions, normative_file):
+    """A Part of the rows `positions` (and reference_positions) of the run data rd, with its brain masks."""
+    dataset = data.SliceDataset(rd.cache, rd.index, np.sort(np.concatenate([positions, reference_positions])))
+    masks = np.stack([dataset[i]["mask"].numpy() for i in range(len(dataset))]) if len(dataset) else None
+    return Part(diffusion, dataset, masks, np.isin(dataset.positions, reference_positions), normative_file)
+
+
+def validation_parts(args, checkpoint, diffusion, run):
+    """The validation split of the training run (its saved patient lists, same caches) as the one Part."""
     rd = evaluate.open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val",))
-    val = data.SliceDataset(rd.cache, rd.index, np.sort(rd.cache.ok(rd.splits["val"], run.min_brain_fraction)))
-    return val, np.stack([val[i]["mask"].numpy() for i in range(len(val))]) if len(val) else None
+    positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
+    return [dataset_part(diffusion, rd, positions, run, np.zeros(0, np.int64), scoring.normative_path(args.checkpoint))]
 
 
-def maps_of(diffusion, val, setting, seed, normative_file):
-    """The maps of every validation slice under `setting` before the median filter, by the one scoring path
-    (scoring.score_split), in val's order (its positions are sorted)."""
-    normative = scoring.load_normative(normative_file, setting) if setting.needs_normative else None
+def out_of_fold_parts(args, folds, device):
+    """A CV run's folds: each fold's model on its own fold's patients, with its validation split, whose healthy
+    slices put its scores on the pooled scale, as evaluate.py's out-of-fold scores."""
+    parts = []
+    for _, path in folds:
+        diffusion, checkpoint = models.load_checkpoint(path, device, args.precision)
+        run, _, _ = config.read_back(checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, path,
+                                     diffusion.config["image_size"])
+        rd = evaluate.open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
+        parts.append(dataset_part(diffusion, rd, rd.cache.ok(rd.splits["test"], run.min_brain_fraction), run,
+                                  rd.cache.ok(rd.splits["val"], run.min_brain_fraction), scoring.normative_path(path)))
+    return parts
+
+
+def pooled_view(parts):
+    """labels, patients, scans of the reported slices of every part, joined in part order (score_rows' order)."""
+    joined = {name: np.concatenate([getattr(p.dataset, name)[~p.reference] for p in parts])
+              for name in ("labels", "patients", "scans")}
+    return argparse.Namespace(**joined)
+
+
+def maps_of(part, setting, seed):
+    """The maps of every slice of the part under `setting` before the median filter, by the one scoring path
+    (scoring.score_split), in the part's order (its positions are sorted)."""
+    normative = scoring.load_normative(part.normative_file, setting) if setting.needs_normative else None
     raw = dataclasses.replace(setting, median_size=0, smooth_slices=0)
-    return scoring.score_split(diffusion, val, raw, seed=seed, normative=normative, keep_examples=0, keep_maps=True)["maps"]
+    return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, normative=normative, keep_examples=0,
+                               keep_maps=True)["maps"]
 
 
-def score_rows(val, maps, masks, setting, t_name, args):
-    """Table rows for every median filter x slice score x smoothing width read off one set of maps: the scores
-    score_split gives for that setting (slice_scores, then finish_scores)."""
-    rows = []
+def part_values(part, maps, setting, median_size, width):
+    """{score name: the reported slices' scores} of one part read off its maps (slice_scores, then finish_scores);
+    a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them."""
+    raw = scoring.slice_scores(maps, part.masks, median_size=median_size)
+    d = part.dataset
+    values = {name: scoring.finish_scores(d.positions, d.scans, d.heights, v, dataclasses.replace(setting, smooth_slices=width))
+              for name, v in raw.items()}
+    if part.reference.any():
+        values = cv.normalised(values, cv.reference_statistics({n: v[part.reference] for n, v in values.items()},
+                                                                d.labels[part.reference]))
+    return {name: v[~part.reference] for name, v in values.items()}
+
+
+def score_rows(parts, maps, setting, t_name, args):
+    """Table rows for every median filter x slice score x smoothing width read off one set of maps per part: the
+    scores score_split gives for that setting, pooled over the parts."""
+    rows, pooled = [], pooled_view(parts)
     for median_size in args.median_sizes:
-        for score_name, raw in scoring.slice_scores(maps, masks, median_size=median_size).items():
-            if setting.skip_outside_mask and not score_name.startswith("brain"):
-                continue
-            for width in args.smooth_slices:
-                values = scoring.finish_scores(val.positions, val.scans, val.heights, raw,
-                                               dataclasses.replace(setting, smooth_slices=width))
-                m = evaluate.slice_metrics(val.labels, values, val.patients, n_boot=args.n_boot, seed=0)
-                scan = evaluate.scan_metrics(val.scans, val.labels, values, "max", val.patients, n_boot=args.n_boot, seed=0)
+        for width in args.smooth_slices:
+            by_part = [part_values(p, m, setting, median_size, width) for p, m in zip(parts, maps)]
+            for score_name in by_part[0]:
+                if setting.skip_outside_mask and not score_name.startswith("brain"):
+                    continue
+                values = np.concatenate([v[score_name] for v in by_part])
+                m = evaluate.slice_metrics(pooled.labels, values, pooled.patients, n_boot=args.n_boot, seed=0)
+                scan = evaluate.scan_metrics(pooled.scans, pooled.labels, values, "max", pooled.patients, n_boot=args.n_boot,
+                                             seed=0)
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
@@ -150,13 +204,15 @@ def write_table(output_dir, rows, header):
 
 def main(argv=None):
     args = get_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found")
+    folds = cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint) if cv.is_cv_run(args.checkpoint) else None
+    if folds is None and not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found (nor a CV run folder with {cv.FOLDS_FILE})")
     if not set(args.multi_t) <= set(args.eval_t):
         raise SystemExit(f"error: --multi_t {args.multi_t} must be a subset of --eval_t {args.eval_t}")
-    diffusion, checkpoint = models.load_checkpoint(args.checkpoint, models.pick_device(args.device), args.precision)
+    first = folds[0][1] if folds else args.checkpoint  # a CV run: every fold has the first one's settings
+    diffusion, checkpoint = models.load_checkpoint(first, models.pick_device(args.device), args.precision)
     image_size = diffusion.config["image_size"]
-    run, base, seed = config.read_back(checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, args.checkpoint,
+    run, base, seed = config.read_back(checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, first,
                                        image_size)  # the grid flags are the rows, not the base
     dataclasses.replace(base, eval_t=tuple(args.eval_t)).check(image_size)
     for name in ("median_sizes", "smooth_slices"):
@@ -164,11 +220,15 @@ def main(argv=None):
             models.check_flag(value >= 0, name, value, "must be 0 (off) or more")
     models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
     windows = parse_windows(args.windows, image_size, base)
-    output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                                 f"sweep_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_val")
+    output_dir = args.output_dir or (
+        os.path.join(args.checkpoint, f"sweep_cv_{os.path.splitext(args.fold_checkpoint)[0]}_oof") if folds else
+        os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                     f"sweep_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_val"))
     lock = evaluate.make_output_dir(output_dir, args.overwrite, result="sweep.json")
     try:
-        sweep(args, diffusion, checkpoint, run, base, seed, windows, output_dir)
+        parts = (out_of_fold_parts(args, folds, diffusion.device) if folds else
+                 validation_parts(args, checkpoint, diffusion, run))
+        sweep(args, parts, base, seed, windows, output_dir)
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
         raise SystemExit(130)
@@ -191,10 +251,12 @@ def parse_windows(texts, image_size, base):
     return windows
 
 
-def sweep(args, diffusion, checkpoint, run, base, seed, windows, output_dir):
-    val, masks = validation_split(args, checkpoint, diffusion, run)
-    print(f"validation split: {len(val)} slices ({int(val.labels.sum())} hemorrhage) from {len(np.unique(val.patients))} patients")
-    normative_file = scoring.normative_path(args.checkpoint)
+def sweep(args, parts, base, seed, windows, output_dir):
+    """Every row of the grid on the parts (a checkpoint's validation split, or a CV run's folds, pooled)."""
+    pooled = pooled_view(parts)
+    split = "out-of-fold" if len(parts) > 1 or parts[0].reference.any() else "val"
+    print(f"{split}: {len(pooled.labels)} slices ({int(pooled.labels.sum())} hemorrhage) from "
+          f"{len(np.unique(pooled.patients))} patients")
     # the mean of per-t maps is the map of several t (anomaly_maps averages them) unless an option acts on the map
     averaging_exact = base.calibrate == "none" and not base.hyperdensity_prior and base.draw_combine == "mean"
     rows = []
@@ -202,29 +264,29 @@ def sweep(args, diffusion, checkpoint, run, base, seed, windows, output_dir):
         setting = dataclasses.replace(base, patch_size=patch_size, stride=stride, residual=residual)
         maps_by_t = {}
         for t in args.eval_t:
-            maps_by_t[str(t)] = maps_of(diffusion, val, dataclasses.replace(setting, eval_t=(t,)), seed, normative_file)
+            maps_by_t[str(t)] = [maps_of(part, dataclasses.replace(setting, eval_t=(t,)), seed) for part in parts]
             print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
         if len(args.multi_t) > 1:
             multi = dataclasses.replace(setting, eval_t=tuple(args.multi_t))
-            maps_by_t["+".join(map(str, args.multi_t))] = (np.mean([maps_by_t[str(t)] for t in args.multi_t], axis=0)
-                                                           if averaging_exact else maps_of(diffusion, val, multi, seed, normative_file))
+            maps_by_t["+".join(map(str, args.multi_t))] = [
+                np.mean([maps_by_t[str(t)][k] for t in args.multi_t], axis=0) if averaging_exact else maps_of(part, multi, seed)
+                for k, part in enumerate(parts)]
         for t_name, maps in maps_by_t.items():
-            rows += score_rows(val, maps, masks, setting, t_name, args)
+            rows += score_rows(parts, maps, setting, t_name, args)
     # the reference of every paired difference: the default grid point (scoring.DEFAULTS) at the run's own window, with
     # this sweep's other settings (the window of a normative fit, if any, is the run's)
     default = dataclasses.replace(base, **{name: getattr(D, name) for name in GRID if name not in ("patch_size", "stride")})
     baseline = [r["values"] for r in rows if is_default(r, default)]
     if not baseline:  # the grid does not hold the default: score it once more
-        maps = maps_of(diffusion, val, default, seed, normative_file)
-        baseline = [r["values"] for r in score_rows(val, maps, masks, default, "+".join(map(str, default.eval_t)),
+        maps = [maps_of(part, default, seed) for part in parts]
+        baseline = [r["values"] for r in score_rows(parts, maps, default, "+".join(map(str, default.eval_t)),
                                                    argparse.Namespace(**vars(args) | {"median_sizes": [default.median_size],
                                                                                         "smooth_slices": [default.smooth_slices]}))
                     if r["score"] == default.score]
-    add_paired_differences(val, rows, baseline[0], args.n_boot)
-    write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": "val", "slices": len(val),
-                                   "hemorrhage_slices": int(val.labels.sum()), "patients": int(len(np.unique(val.patients))),
-                                   "settings": base.as_dict()})
-
+    add_paired_differences(pooled, rows, baseline[0], args.n_boot)
+    write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": split, "slices": len(pooled.labels),
+                                   "hemorrhage_slices": int(pooled.labels.sum()),
+                                   "patients": int(len(np.unique(pooled.patients))), "settings": base.as_dict()})
 
 if __name__ == "__main__":
     main()

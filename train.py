@@ -3,6 +3,7 @@
     python train.py --data_dir DATA --output_dir runs/scratch
     python train.py --data_dir DATA --output_dir runs/pre --pretrained --hf_model google/ddpm-ema-celebahq-256
     torchrun --nproc_per_node=4 train.py --data_dir DATA ...        (see README, "Multiple GPUs")
+    python train.py --data_dir DATA --output_dir runs/cv --folds 4  (a cross-validation run: one model per fold, cv.py)
 
 Each step: take a batch of healthy slices, noise one random patch_size box per slice at a
 random timestep, and teach the network to rebuild the clean box from the noised box plus the
@@ -26,6 +27,7 @@ from tqdm import tqdm
 import compare
 import cohort
 import config
+import cv
 import data
 import runfiles
 import evaluate
@@ -77,6 +79,21 @@ def last_good(args):
     if not os.path.exists(last):
         return "no epoch had finished, so no checkpoint was written"
     return f"the last good checkpoint, {last}, is untouched (train.py --resume continues from it)"
+
+
+def check_cv_dir(args):
+    """The CV run folder: created and locked; one that holds files is refused unless --resume or --overwrite.
+    -> the lock's path."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
+    lock = runfiles.lock_output_dir(args.output_dir, "train.py")
+    if [name for name in os.listdir(args.output_dir) if name != runfiles.LOCK_NAME] and not (args.resume or args.overwrite):
+        runfiles.release_output_dir(lock)
+        raise SystemExit(f"error: {args.output_dir}: output dir is not empty; use --resume to continue that CV run "
+                         "or --overwrite to replace it (its folds.json is kept)")
+    return lock
 
 
 def check_output_dir(args):
@@ -358,9 +375,18 @@ def main(argv=None):
     cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)  # before an output dir is made
     # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
     rank, world, device = models.setup_distributed(args.device)
+    if args.folds:
+        train_cv(args, rank, world, device)
+    else:
+        train_one(args, rank, world, device)
+    models.teardown_distributed(world)
+
+
+def train_one(args, rank, world, device, splits=None):
+    """One run in args.output_dir (a CV fold: with that fold's splits record), under the folder's lock."""
     lock = check_output_dir(args) if rank == 0 else None
     try:
-        run(args, rank, world, device)
+        run(args, rank, world, device, splits)
     except KeyboardInterrupt:
         if rank == 0:
             resumable = os.path.exists(os.path.join(args.output_dir, "last.pt"))
@@ -373,9 +399,46 @@ def main(argv=None):
             runfiles.release_output_dir(lock)
 
 
-def open_run(args, run_config, settings, amp_dtype, device, rank, world):
+def train_cv(args, rank, world, device):
+    """--folds K: the CV run in --output_dir. folds.json is drawn from --seed when the run starts (an earlier one
+    found there is kept and only extended with new patients) and read back as it is on --resume; then each fold
+    (--fold k, or all in turn) is an ordinary run in RUN/fold_<k>/: resumed where it has a last.pt, started where
+    it has none, skipped where its last.pt has reached --epochs."""
+    lock = check_cv_dir(args) if rank == 0 else None
+    try:
+        index = cohort.load_index(args.data_dir, dataset=None if args.dataset == "auto" else args.dataset,
+                                  cache_dir=args.cache_dir, num_workers=max(args.num_workers, 1))
+        saved = cv.load_folds(args.output_dir)
+        if saved is None and args.resume:
+            raise SystemExit(f"error: {args.output_dir}: nothing to resume (no {cv.FOLDS_FILE})")
+        if saved is not None and saved["k"] != args.folds:
+            raise SystemExit(f"error: --folds {args.folds}: the run's {cv.FOLDS_FILE} has {saved['k']} folds")
+        record = saved if args.resume else cv.assign_folds(index, args.folds, args.seed, saved)
+        if rank == 0 and not args.resume:
+            cv.write_folds(args.output_dir, record)
+        layout = cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)
+        for fold in [args.fold] if args.fold is not None else range(args.folds):
+            folder = cv.fold_dir(args.output_dir, fold)
+            # the fold's own files were checked with the run folder's: a fold without last.pt (never started, or
+            # killed in its first epoch) starts afresh
+            resume = args.resume and os.path.exists(os.path.join(folder, "last.pt"))
+            fold_args = argparse.Namespace(**vars(args) | {"output_dir": folder, "fold": fold, "resume": resume,
+                                                           "overwrite": True})
+            splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=layout,
+                                           bleed_train_fraction=args.bleed_train_fraction)
+            if rank == 0:
+                print(f"fold {fold} of {args.folds}: test {len(splits['patients']['test'])} patients, val "
+                      f"{len(splits['patients']['val'])}, train {len(splits['patients']['train'])} -> {fold_args.output_dir}")
+            train_one(fold_args, rank, world, device, splits)
+    finally:
+        if lock:
+            runfiles.release_output_dir(lock)
+
+
+def open_run(args, run_config, settings, amp_dtype, device, rank, world, fold_splits=None):
     """The checkpoint to resume (or None), the run's frozen splits and its data sets: saved splits when resuming,
-    else drawn from --seed and written to splits.json, which evaluate.py and sweep.py then score exactly.
+    else fold_splits (a CV fold's) or drawn from --seed, and written to splits.json, which evaluate.py and sweep.py
+    then score exactly.
     -> (ckpt, splits record, (train, val-loss, val-eval) data sets, whether best_model.pt goes by val loss)."""
     is_main = rank == 0
     ckpt = check_resume(args, run_config, world) if args.resume else None
@@ -385,6 +448,7 @@ def open_run(args, run_config, settings, amp_dtype, device, rank, world):
         if saved_splits is None and is_main:
             print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
                   "drawn from --seed again")
+    saved_splits = saved_splits or fold_splits
     rd, *datasets = open_datasets(args, rank, world, saved_splits, run_config["input_hu"])
     splits = saved_splits or cohort.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
                                                 dataset=cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
@@ -405,7 +469,8 @@ def open_run(args, run_config, settings, amp_dtype, device, rank, world):
     return ckpt, splits, datasets, by_loss
 
 
-def run(args, rank, world, device):
+def run(args, rank, world, device, splits=None):
+    """Train one model into args.output_dir; splits: a CV fold's splits record (else drawn from --seed, see open_run)."""
     is_main = rank == 0
     amp_dtype = models.autocast_dtype(args.precision, device)
     settings = scoring.ScoringSettings.from_flags(args)
@@ -417,7 +482,7 @@ def run(args, rank, world, device):
                             hf_model=args.hf_model),
         patch_size=args.patch_size, input_hu=inputs.native_input_hu(layout, args.channels), precision=args.precision)
     ckpt, splits, (train_set, val_loss_set, val_eval_set), by_loss = open_run(args, run_config, settings, amp_dtype, device,
-                                                                              rank, world)
+                                                                              rank, world, splits)
 
     torch.manual_seed(args.seed)
     diffusion = models.build_diffusion(run_config, device)
@@ -468,7 +533,6 @@ def run(args, rank, world, device):
     if is_main:
         chosen = f"val ROC-AUC {best['auc']:.3f}" if not by_loss else f"val loss {best['loss']:.4f} (no bleed in val)"
         print(f"done: best {chosen}; outputs in {args.output_dir}")
-    models.teardown_distributed(world)
 
 
 if __name__ == "__main__":

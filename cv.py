@@ -1,0 +1,200 @@
+"""Patient-level cross-validation: the fold assignment (folds.json), each fold's patient splits, the CV run folder, and
+the K fold models scored as one.
+
+A CV run is a folder RUN holding folds.json (the frozen assignment of every patient to one of K folds) and
+RUN/fold_<k>/, an ordinary train.py run whose splits are fold_patients(): test = fold k's patients, train and val
+drawn from the patients outside fold k. So fold k's test split is scored only by the model that never saw it, and
+evaluate.py / sweep.py pool those test splits into out-of-fold scores of every patient.
+
+Scores of different fold models are put on one scale before they are pooled or averaged: each model's slice scores
+are z-scored against that model's scores of its reference slices, the healthy slices of its own validation split
+(patients outside its fold that it never trained on). See docs/method.md, "Cross-validation".
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+
+import cohort
+import runfiles
+import scoring
+
+FOLDS_FILE = "folds.json"
+REFERENCE_FILE = "reference_{stem}.json"  # a fold model's reference statistics, next to its checkpoint
+
+
+def fold_dir(run_dir, fold):
+    return os.path.join(run_dir, f"fold_{fold}")
+
+
+def hash_order(seed, patients):
+    """The patients in a seeded order in which no patient's place depends on which other patients there are."""
+    return sorted(map(str, patients), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+
+
+# ---------------------------------------------------------------------------------------------
+# folds
+
+def assign_folds(index, k, seed, saved=None):
+    """{"k", "seed", "folds": {patient: fold}}. Patients in `saved` (an earlier assignment) keep their fold; every
+    other patient goes, in the seeded hash order of its stratum (bleed / no bleed), to the fold that holds the fewest
+    patients of that stratum (the lowest on a tie). From nothing this deals each stratum out in turn (stratified,
+    sizes within one); patients added later fill the folds in without moving anyone."""
+    folds = {str(p): int(f) for p, f in (saved or {}).get("folds", {}).items()}
+    patients, sick = cohort.patients_with_bleed(index)
+    for stratum in (True, False):
+        members = [str(p) for p in patients[sick == stratum]]
+        counts = np.bincount([folds[p] for p in members if p in folds], minlength=k)
+        for patient in hash_order(seed, [p for p in members if p not in folds]):
+            folds[patient] = int(np.argmin(counts))
+            counts[folds[patient]] += 1
+    return {"k": int(k), "seed": int(seed), "folds": dict(sorted(folds.items()))}
+
+
+def fold_patients(index, record, fold, bleed_train_fraction=0.0):
+    """{"train", "val", "test"} -> sorted patient lists of fold `fold`. test: the fold's patients. val: every
+    hemorrhage patient outside the fold and one fold's worth of the healthy patients outside it (half of them at
+    K = 2), drawn by a hash of (seed, fold, patient). train: the other healthy patients outside the fold; with
+    bleed_train_fraction > 0 also that fraction of the hemorrhage patients outside it (their far-from-bleed slices,
+    cohort.make_splits), taken out of val. Patients the record does not hold (added since) are in no split."""
+    k, folds = record["k"], record["folds"]
+    patients, sick = cohort.patients_with_bleed(index)
+    inside = [(str(p), s) for p, s in zip(patients, sick) if str(p) in folds]
+    outside = [(p, s) for p, s in inside if folds[p] != fold]
+    healthy = hash_order(f"{record['seed']}:{fold}", [p for p, s in outside if not s])
+    bleeds = hash_order(f"{record['seed']}:{fold}", [p for p, s in outside if s])
+    n_val = min(len(healthy) - 1, max(1, round(len(healthy) / max(k - 1, 2))))
+    n_moved = int(round(len(bleeds) * bleed_train_fraction))
+    return {"train": sorted(healthy[n_val:] + bleeds[:n_moved]), "val": sorted(healthy[:n_val] + bleeds[n_moved:]),
+            "test": sorted(p for p, _ in inside if folds[p] == fold)}
+
+
+def fold_splits_record(index, record, fold, *, data_dir, dataset, bleed_train_fraction=0.0):
+    """Fold `fold`'s splits as cohort.splits_record writes them (splits.json, every checkpoint), with the CV
+    assignment they come from under "cv"."""
+    patients = fold_patients(index, record, fold, bleed_train_fraction)
+    return cohort.splits_record(patients, seed=record["seed"], data_dir=data_dir, dataset=dataset,
+                                bleed_train_fraction=bleed_train_fraction) | {"cv": {"fold": int(fold), "folds": record}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the CV run folder
+
+def load_folds(run_dir):
+    """RUN/folds.json, or None where there is none; a damaged one is a one-line error."""
+    path = os.path.join(run_dir, FOLDS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not (isinstance(record["k"], int) and record["k"] >= 2 and isinstance(record["folds"], dict)):
+            raise ValueError("no k or folds")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: {path}: cannot read the run's fold assignment ({cohort.one_line(error)})")
+    return record
+
+
+def write_folds(run_dir, record):
+    runfiles.write_json(os.path.join(run_dir, FOLDS_FILE), record)
+
+
+def is_cv_run(path):
+    """Whether path is a CV run folder (train.py --folds): a folder with folds.json."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, FOLDS_FILE))
+
+
+def fold_checkpoints(run_dir, name):
+    """[(fold, checkpoint path)] of every fold of the CV run; a fold without its checkpoint is a one-line error."""
+    record = load_folds(run_dir)
+    paths = [(k, os.path.join(fold_dir(run_dir, k), name)) for k in range(record["k"])]
+    missing = [k for k, path in paths if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"error: {run_dir}: fold {missing[0]} has no {name} (of {len(missing)} fold(s) missing); "
+                         f"finish the run with train.py --folds {record['k']} --output_dir {run_dir} --resume (and its flags)")
+    return paths
+
+
+def add_cv_flags(p):
+    p.add_argument("--fold_checkpoint", default="best_model.pt",
+                   help="with --checkpoint a CV run folder (train.py --folds): which checkpoint of each fold to use")
+
+
+# ---------------------------------------------------------------------------------------------
+# putting fold models on one scale
+
+def reference_statistics(scores, labels):
+    """{score name: [mean, std]} of one model's scores of its healthy reference slices (labels 0)."""
+    healthy = np.asarray(labels) == 0
+    if not healthy.any():
+        raise SystemExit("error: a fold's validation split has no healthy slice to normalise its scores against")
+    return {name: [float(np.mean(v[healthy])), float(max(np.std(v[healthy]), 1e-12))] for name, v in scores.items()}
+
+
+def normalised(scores, statistics):
+    """{score name: z-scores}: each score against the model's reference mean and std (reference_statistics)."""
+    return {name: (np.asarray(v, np.float64) - statistics[name][0]) / statistics[name][1] for name, v in scores.items()}
+
+
+def mean_normalised(all_scores, all_statistics):
+    """The K models' scores of the same slices as one: per score name, the mean of the models' z-scores."""
+    zs = [normalised(scores, stats) for scores, stats in zip(all_scores, all_statistics)]
+    return {name: np.mean([z[name] for z in zs], axis=0) for name in zs[0]}
+
+
+def read_reference(path, key):
+    """The statistics saved at path for this key (settings, seed, ...), or None (none saved, or for another key)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved.get("statistics") if saved.get("key") == key else None
+
+
+def write_reference(path, key, statistics):
+    runfiles.write_json(path, {"key": key, "statistics": statistics})
+
+
+def reference_path(checkpoint_path):
+    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), REFERENCE_FILE.format(stem=stem))
+
+
+def pool_out_of_fold(results, statistics, score, keep_examples):
+    """Each fold model's result on its own fold (score_split's) as one result over every patient: arrays joined,
+    with "fold" saying which model scored a slice; every score z-scored against its model's reference statistics;
+    pixel histograms summed (maps are not rescaled); the overlays' examples ranked again on the z-scored score."""
+    joined = {key: np.concatenate([r[key] for r in results]) for key in ("positions", "labels", "patients", "scans")}
+    joined["fold"] = np.concatenate([np.full(len(r["positions"]), k) for k, r in enumerate(results)])
+    scores = [normalised(r["scores"], stats) for r, stats in zip(results, statistics)]
+    joined["scores"] = {name: np.concatenate([s[name] for s in scores]) for name in scores[0]}
+    pixels = [r["pixel"] for r in results if r["pixel"] is not None]
+    joined["pixel"] = scoring.merge_pixel_accumulators(pixels) if pixels else None
+    joined["examples"] = {}
+    for kind in scoring.EXAMPLE_KINDS:
+        examples = [ex | {"score": (ex["score"] - stats[score][0]) / stats[score][1]}
+                    for r, stats in zip(results, statistics) for ex in r["examples"].get(kind, [])]
+        joined["examples"][kind] = sorted(examples, key=lambda ex: -ex["score"] if kind != "miss" else ex["score"])[:keep_examples]
+    joined["skipped_slices"] = sum(r["skipped_slices"] for r in results)
+    joined["seconds"] = sum(r["seconds"] for r in results)
+    return joined
+
+
+def ensemble_results(results, statistics):
+    """The K fold models' results on the same data set as one result: the slices every model scored (a model leaves
+    out the patients it trained on, when ids overlap), each score the mean of the models' z-scores. No pixel
+    histograms or overlays: they are of one model's maps."""
+    common = results[0]["positions"]
+    for r in results[1:]:
+        common = np.intersect1d(common, r["positions"])
+    picks = [np.searchsorted(r["positions"], common) for r in results]  # score_split's positions are sorted
+    dropped = max(len(r["positions"]) for r in results) - len(common)
+    if dropped:
+        print(f"ensemble: {dropped} slice(s) not scored by every fold model (patients some fold trained on) are left out")
+    first, pick = results[0], picks[0]
+    return {"positions": common, "labels": first["labels"][pick], "patients": first["patients"][pick],
+            "scans": first["scans"][pick], "pixel": None, "examples": {},
+            "scores": mean_normalised([{n: v[p] for n, v in r["scores"].items()} for r, p in zip(results, picks)], statistics),
+            "skipped_slices": max(r["skipped_slices"] for r in results), "seconds": sum(r["seconds"] for r in results)}
