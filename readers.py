@@ -184,6 +184,9 @@ def hu_from_dicom(path):
     problem = decoder_problem(ds)
     if problem:
         raise BadFile(problem)
+    if "PhotometricInterpretation" not in ds and header_number(ds, "SamplesPerPixel", 1) == 1:
+        # ACR-NEMA-era files may omit it; single-sample CT is MONOCHROME2 by definition (pydicom needs it to decode)
+        ds.PhotometricInterpretation = "MONOCHROME2"
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as error:
@@ -241,6 +244,9 @@ def check_plausible_header(ds, pixels, slope):
     check_size(pixels.shape)
 
 
+SOFT_TISSUE_HU = (-100, 100)  # fat, CSF, brain, blood, scalp: most of a head inside its skull and around it
+
+
 def check_plausible_hu(hu, has_intercept):
     """BadFile for HU that no head CT has: a wrong slope/intercept (or an image that is not in HU) puts the slice
     far outside the CT range, and windowing would turn it into a flat square or noise.
@@ -249,7 +255,11 @@ def check_plausible_hu(hu, has_intercept):
     - over 5 % above 3000 HU: denser than any bone, more than metal implants cover; typically signed pixels
       read as unsigned (negative padding turned into ~63000);
     - no air (under 1 % below -200 HU): a head CT shows the air around the head; typically pixels stored as
-      HU + 1024 without their RescaleIntercept, so air reads ~0 and brain ~1060."""
+      HU + 1024 without their RescaleIntercept, so air reads ~0 and brain ~1060;
+    - soft tissue at +1024 HU: more of the slice in 924..1124 HU (brain, blood, scalp moved up by 1024) than in
+      air (-1100..-200 HU), and at least 5 %: the same HU + 1024 file when its padding outside the field of view
+      (below -1100 HU) passed as air above. A head CT is mostly 0-80 HU soft tissue in air; on real slices (CQ500,
+      the phantom) air is 29 % or more of the pixels and 924..1124 HU (dense bone) 2.5 % or less."""
     plausible = np.mean((hu >= -1100) & (hu <= 3000))
     if plausible < 0.5:
         raise BadFile(f"implausible HU values: {plausible:.0%} of pixels within -1100..3000 HU "
@@ -263,6 +273,12 @@ def check_plausible_hu(hu, has_intercept):
         hint = "" if has_intercept else "; stored as HU + 1024 without RescaleIntercept?"
         raise BadFile(f"implausible HU values: no air around the head ({air:.1%} of pixels below -200 HU, "
                       f"min {hu.min():.4g}{hint})")
+    air_in_range = np.mean((hu >= -1100) & (hu < -200))
+    shifted_tissue = np.mean((hu >= SOFT_TISSUE_HU[0] + 1024) & (hu <= SOFT_TISSUE_HU[1] + 1024))
+    if shifted_tissue >= 0.05 and shifted_tissue > air_in_range:
+        hint = "check RescaleIntercept" if has_intercept else "stored as HU + 1024 without RescaleIntercept?"
+        raise BadFile(f"implausible HU values: soft tissue at +1024 HU ({shifted_tissue:.0%} of pixels in "
+                      f"{SOFT_TISSUE_HU[0] + 1024}..{SOFT_TISSUE_HU[1] + 1024} HU, {air_in_range:.0%} air in -1100..-200 HU); {hint}")
 
 
 def installed_decoders():

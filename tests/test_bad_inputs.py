@@ -106,6 +106,16 @@ def write_multiframe(path, k):
     ct_file(path, instance=k, NumberOfFrames=2, PixelData=np.zeros((2, 32, 32), np.int16).tobytes())
 
 
+def write_acr_nema(path, k):
+    """An ACR-NEMA-era CT file: no preamble, no file meta, implicit VR, no PhotometricInterpretation."""
+    ct_file(path, instance=k)
+    ds = pydicom.dcmread(path)
+    del ds.PhotometricInterpretation
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+
+
 def write_nan(path, k):
     with warnings.catch_warnings():  # pydicom writes it, warning that "nan" is no valid DS
         warnings.simplefilter("ignore")
@@ -137,6 +147,9 @@ BAD_SLICES = [
      "implausible HU values: no air around the head"),
     ("ID_c_unsigned", lambda p, k: ct_file(p, padded_head_hu(-2000), instance=k, PixelRepresentation=0), "decode",
      "implausible HU values: 21% of pixels above 3000 HU"),
+    # issue 21: stored as HU + 1024 without Rescale tags, its padding outside the field of view (raw -2000) like air
+    ("ID_c_hu1024padded", lambda p, k: ct_file(p, padded_head_hu(-3024), instance=k, RescaleSlope=None, RescaleIntercept=None),
+     "decode", "implausible HU values: soft tissue at +1024 HU"),
     ("ID_c_columns", lambda p, k: ct_file(p, instance=k, Columns=31), "decode",
      "pixel data length does not match the header: 2048 bytes, but Rows x Columns x BitsAllocated (32 x 31 x 16 bit) "
      "make 1984"),
@@ -147,6 +160,7 @@ GOOD_SLICES = [
     ("ID_c_quirk12twin", lambda p, k: ct_file(p, instance=k)),  # the same HU stored normally
     ("ID_c_1024x700", lambda p, k: ct_file(p, head_hu(1024, 700), instance=k)),
     ("ID_c_padding3024", lambda p, k: ct_file(p, padded_head_hu(-3024), instance=k)),  # scanner padding outside the FOV
+    ("ID_c_acrnema", write_acr_nema),  # legacy: read as MONOCHROME2 (single-sample), the picture of its twin
 ]
 
 
@@ -221,6 +235,10 @@ def test_quirk_and_odd_sizes_are_decoded_not_skipped(corpus):
     wide = cache.images[row["ID_c_1024x700"]].astype(np.float32)
     assert wide.shape == (1, 32, 32) and np.allclose(wide[0, :, :3], -1) and wide[0, 16, 16] > -1
     assert cache.masks[row["ID_c_1024x700"]][16, 16]
+    # the legacy file without preamble or PhotometricInterpretation decodes to the HU of the same slice stored today
+    with open(os.path.join(corpus["dir"], "stage_2_train", "ID_c_acrnema.dcm"), "rb") as f:
+        assert f.read(132)[128:] != b"DICM"
+    assert np.array_equal(cache.images[row["ID_c_acrnema"]], cache.images[row["ID_c_quirk12twin"]])
 
 
 def test_an_unforeseen_error_in_one_file_is_a_skip_not_a_crash():
@@ -808,6 +826,20 @@ def test_a_checkpoint_with_nan_weights_is_refused_when_loaded(tiny_run, tmp_path
         evaluate.main(["--checkpoint", str(tmp_path / "nan.pt"), "--output_dir", str(tmp_path / "out")])
     assert str(e.value) == f"error: {tmp_path / 'nan.pt'}: non-finite weights (NaN or inf) in {name}; the checkpoint is unusable"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_whose_config_lacks_a_key_is_one_line(tiny_run, tmp_path):
+    """An older or hand-edited checkpoint without a key that builds the network: one line naming the key and the
+    format that wrote it, not KeyError: 'base_channels'."""
+    checkpoint = torch.load(tiny_run / "best_model.pt", weights_only=True)
+    del checkpoint["config"]["base_channels"]
+    checkpoint["config"].pop("format", None)
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--output_dir", str(tmp_path / "out")])
+    message = str(e.value)
+    assert message.startswith(f"error: {tmp_path / 'old.pt'}: its model config lacks base_channels (written by a ct-pddpm before")
+    assert "\n" not in message and not (tmp_path / "out").exists()
 
 
 # ---- smaller ones: labels, a data set without bleeds, Ctrl-C ---------------------------------------
