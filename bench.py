@@ -389,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

@@ -608,4 +608,4 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

@@ -227,4 +227,4 @@ def sweep(args, diffusion, checkpoint, run, base, seed, windows, output_dir):
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

@@ -472,4 +472,4 @@ def run(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

@@ -973,3 +973,19 @@ def test_the_lock_works_where_hard_links_do_not(tmp_path, monkeypatch):
         runfiles.lock_output_dir(tmp_path, "test")
     runfiles.release_output_dir(lock)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failing_torchrun_rank_says_one_line_not_a_traceback(tmp_path):
+    """Under torchrun each failing rank prints the project's one line as `rank N: error: ...` (torchrun kills the
+    other rank once one fails, so it may not get to say its own); no traceback from our code. torchrun's own report
+    follows (docs/reliability.md: it cannot be silenced from the script)."""
+    from test_distributed import TORCHRUN
+    from test_scripts import run
+    (tmp_path / "bad.pt").write_text("not a checkpoint\n")
+    proc = run(TORCHRUN + ["evaluate.py", "--checkpoint", str(tmp_path / "bad.pt"), "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if re.match(r"rank \d: ", line)]
+    expected = f"error: {tmp_path / 'bad.pt'}: refused to load"
+    assert lines and all(line[len("rank 0: "):].startswith(expected) for line in lines), proc.stderr[-3000:]
+    assert len({line[:6] for line in lines}) == len(lines)  # once per rank
+    assert not re.search(r'File ".*(evaluate|models|scoring|data)\.py"', proc.stderr)  # no traceback of ours
