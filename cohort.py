@@ -37,7 +37,7 @@ LABELS = ("any",) + SUBTYPES
 SHORT_NAMES = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
                "subarachnoid": "SAH", "subdural": "SDH"}
 INDEX_COLUMNS = ("id", "path", "patient", "scan", "series", "z") + LABELS
-CACHE_VERSION = 2  # bump when decoding or the cache layout changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when decoding or the cache layout changes, so old caches are not reused
 # what a run reads unless told otherwise (train.py's flags; evaluate.py falls back to them for old checkpoints)
 DEFAULT_SEED = 42  # the split seed
 DEFAULT_NUM_SAMPLES = 2000  # healthy training slices
@@ -419,7 +419,7 @@ def nothing_usable(data_dir, skips):
 
 def _sources(data_dir, index):
     """source_identity of every index row, as int64 [N, 2] ((-1, -1) where the file is gone)."""
-    identities = [source_identity(os.path.join(data_dir, path)) or (-1, -1) for path in index["path"]]
+    identities = [(source_identity(os.path.join(data_dir, path)) or (-1, -1))[:2] for path in index["path"]]
     return np.array(identities, np.int64).reshape(-1, 2)
 
 

@@ -3,6 +3,7 @@ volume's axial slices, CT-ICH's already windowed JPGs, and the checks that make 
 reason. parallel_map reads many files in worker processes and counts the bad ones instead of stopping."""
 import collections
 import functools
+import hashlib
 import math
 import multiprocessing
 import os
@@ -329,18 +330,31 @@ def read_ctich_slice(brain_path, with_bone=True):
     return images
 
 
-def source_identity(path):
-    """(size, mtime_ns) of the file(s) a slice is decoded from (a CT-ICH slice: its brain and bone JPG), or None
-    when a file cannot be stat'ed. A cache row is served only while this is what it was when the row was decoded."""
+def source_identity(path, content=False):
+    """(size, mtime_ns, content hash) of the file(s) a slice is decoded from (a CT-ICH slice: its brain and bone
+    JPG), or None when a file cannot be read. The hash (blake2b of the bytes, as an int64) is computed only with
+    content=True (--verify_cache: for copies that keep sizes and modification times), else 0. A cache row is served
+    only while this is what it was when the row was decoded."""
     paths = [path]
     if path.endswith(".jpg"):
         bone = os.path.join(os.path.dirname(os.path.dirname(path)), "bone", os.path.basename(path))
         paths += [bone] if os.path.exists(bone) else []
     try:
         stats = [os.stat(p) for p in paths]
+        digest = content_hash(paths) if content else 0
     except OSError:
         return None
-    return sum(s.st_size << (32 * k) for k, s in enumerate(stats)), max(s.st_mtime_ns for s in stats)
+    return sum(s.st_size << (32 * k) for k, s in enumerate(stats)), max(s.st_mtime_ns for s in stats), digest
+
+
+def content_hash(paths):
+    """blake2b of the files' bytes as a nonzero int64 (0 means "not hashed")."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return int.from_bytes(digest.digest(), "little", signed=True) or 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -989,3 +989,80 @@ def test_a_failing_torchrun_rank_says_one_line_not_a_traceback(tmp_path):
     assert lines and all(line[len("rank 0: "):].startswith(expected) for line in lines), proc.stderr[-3000:]
     assert len({line[:6] for line in lines}) == len(lines)  # once per rank
     assert not re.search(r'File ".*(evaluate|models|scoring|data)\.py"', proc.stderr)  # no traceback of ours
+
+
+# ---- issue 21: the slice cache under concurrency, on a full disk, with copies that keep mtimes ---------
+
+def test_a_second_run_waits_while_another_fills_the_slice_cache(tmp_path):
+    """Two runs (not torchrun ranks) on the same data: the second waits for the first's lock, then finds the rows
+    filled and decodes nothing."""
+    import threading
+    root, cache_dir = small_data(tmp_path), str(tmp_path / "cache")
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows[:2], 32, DICOM_1, cache_dir=cache_dir, num_workers=1)  # makes the files
+    prefix = data.slice_cache_prefix(root, "rsna", index, 32, DICOM_1, cache_dir)
+    second = {}
+    with runfiles.cache_lock(f"{prefix}.lock", "the slice cache"):  # "the first run", mid-fill
+        thread = threading.Thread(target=lambda: second.update(out=quiet(
+            data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)[1]))
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and "out" not in second  # waiting, not writing
+        quiet(data._fill_cache, prefix, cache_dir, root, index, rows, 32, DICOM_1, 1, False)  # the first run fills it
+    thread.join(60)
+    assert f"slices: {len(rows)} requested, {len(rows)} were cached" in second["out"]
+
+
+def test_a_full_disk_is_one_line_before_any_row_is_written(tmp_path, monkeypatch):
+    root, cache_dir = small_data(tmp_path), str(tmp_path / "cache")
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows[:3], 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SystemExit) as e:
+        quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    needed = (len(rows) - 3) * data.row_bytes(1, 32)
+    assert str(e.value).startswith(f"error: --cache_dir {cache_dir}: not enough free space for the slice cache: "
+                                   f"{len(rows) - 3} slices need {needed} bytes")
+    monkeypatch.undo()  # space again: the three rows cached before are still served, the rest decoded
+    cache, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    assert f"{len(rows)} requested, 3 were cached" in out and len(cache.ok(rows)) > 3
+
+
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+    """A lock left by a crashed run whose pid now belongs to another live process (here: this test's own)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    identity = runfiles.process_identity(os.getpid())
+    if identity == "?":
+        pytest.skip("no /proc here")
+    other = identity.rsplit(":", 1)[0] + ":1"  # same boot, another start time: another process with this pid
+    (out / runfiles.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()} 2026-01-01T00:00:00 train.py {other}\n")
+    lock, printed = quiet(runfiles.lock_output_dir, out, "test")
+    assert f"left by a run that is gone (pid {os.getpid()}" in printed
+    assert (out / runfiles.LOCK_NAME).read_text().split()[4] == identity
+    runfiles.release_output_dir(lock)
+    (out / runfiles.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()} 2026-01-01T00:00:00 train.py {identity}\n")
+    with pytest.raises(SystemExit, match="another run is using this output dir"):  # the same live process: busy
+        runfiles.lock_output_dir(out, "test")
+
+
+def test_verify_cache_decodes_a_file_swapped_with_the_same_size_and_mtime(tmp_path):
+    root, cache_dir = small_data(tmp_path), str(tmp_path / "cache")
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1, verify_cache=True)
+    path = os.path.join(root, index["path"][2])
+    stat = os.stat(path)
+    rewrite_pixels(path, head_hu())  # same size; then the old modification time back, as `cp -p` or rsync -t keep it
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size
+    _, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    assert "decoded again" not in out  # the default check (size + mtime) cannot see it
+    cache, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1,
+                       verify_cache=True)
+    assert "(1 decoded again: their file changed since it was cached)" in out
+    assert np.array_equal(np.array(cache.images[2]), inputs.load_slice(path, DICOM_1, 32)[0])
+    _, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1, verify_cache=True)
+    assert f"{len(rows)} requested, {len(rows)} were cached" in out and "decoded again" not in out
