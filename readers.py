@@ -174,6 +174,61 @@ def read_header(path, need_patient=True):
     return patient, study, series, z
 
 
+GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"]
+
+
+def read_geometry(path):
+    """(ImagePositionPatient [3], ImageOrientationPatient [6], PixelSpacing [row, column], (Rows, Columns)) of one
+    DICOM slice, in mm, or None when the header lacks one of them."""
+    try:
+        ds = read_dicom(path, "unreadable DICOM header", stop_before_pixels=True, specific_tags=GEOMETRY_TAGS)
+        values = [np.array(ds[name].value, np.float64) for name in GEOMETRY_TAGS[:3]]
+        shape = (int(ds.Rows), int(ds.Columns))
+    except (BadFile, KeyError, TypeError, ValueError):
+        return None
+    if [len(v) for v in values] != [3, 6, 2] or not all(np.isfinite(v).all() for v in values):
+        return None
+    return (*values, shape)
+
+
+MAX_TILT_DEGREES = 0.1  # slice direction off the orientation normal: more is a gantry tilt (dcm2niix also ~0.1 deg)
+MAX_SPACING_SPREAD = 0.01  # relative: slice distances differing by more are uneven (a missing or stray slice)
+
+
+def series_affine(geometries):
+    """(NIfTI affine (RAS+, mm), None) of a DICOM series' volume stored as [columns, rows, slices] in the given slice
+    order, as dcm2niix builds it: the columns of the DICOM (LPS) affine are the row direction x column spacing, the
+    column direction x row spacing and the step between slice positions, its origin the first slice's position;
+    LPS -> RAS flips x and y. (None, the reason) when no single affine describes the series: a slice without
+    geometry, slices of other size, orientation or pixel spacing, a gantry tilt (slices stacked off the orientation
+    normal) or uneven spacing; a wrong affine would put the map beside the anatomy in a viewer."""
+    if len(geometries) < 2 or any(g is None for g in geometries):
+        return None, ("a single slice has no slice direction" if len(geometries) < 2 else
+                      "a slice lacks ImagePositionPatient, ImageOrientationPatient or PixelSpacing")
+    positions = np.array([g[0] for g in geometries])
+    orientation, spacing = geometries[0][1], geometries[0][2]
+    if any(g[3] != geometries[0][3] or not np.allclose(g[1], orientation, atol=1e-4) or not np.allclose(g[2], spacing)
+           for g in geometries):
+        return None, "its slices differ in size, orientation or pixel spacing"
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    normal = np.cross(row_direction, column_direction)
+    steps = np.diff(positions, axis=0)
+    distances = steps @ normal
+    if (distances <= 0).any() and (distances >= 0).any():
+        return None, "its slice positions are not in one order along the slice normal (a repeated or stray slice?)"
+    mean_step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    tilt = np.degrees(np.arccos(min(1.0, abs(mean_step @ normal) / np.linalg.norm(mean_step))))
+    if tilt > MAX_TILT_DEGREES:
+        return None, f"gantry tilt of {tilt:.1f} degrees (slices not stacked along the orientation normal)"
+    if np.ptp(distances) > MAX_SPACING_SPREAD * abs(distances.mean()):
+        return None, (f"uneven slice spacing ({abs(distances).min():.3g} to {abs(distances).max():.3g} mm: a missing "
+                      "or stray slice?)")
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = row_direction * spacing[1], column_direction * spacing[0]
+    lps[:3, 2], lps[:3, 3] = mean_step, positions[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, None
+
+
 def hu_from_dicom(path):
     """float32 Hounsfield units of one CT slice; BadFile when it cannot be used."""
     ds = read_dicom(path, "unreadable DICOM")

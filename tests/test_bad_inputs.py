@@ -11,6 +11,7 @@ load_checkpoint on a pickled object, a truncated file, another architecture, a m
 missing --data_dir (tests/test_scripts.py); SIGKILL + resume (test_sigkill_and_resume_matches_uninterrupted).
 """
 import contextlib
+import csv
 import errno
 import io
 import json
@@ -38,6 +39,7 @@ import phantom
 from conftest import edit_dicom
 import evaluate
 import models
+import predict
 import train
 
 DICOM_1 = inputs.native_input_hu("rsna", 1)  # the brain window, as a DICOM-trained model has it
@@ -1066,3 +1068,35 @@ def test_verify_cache_decodes_a_file_swapped_with_the_same_size_and_mtime(tmp_pa
     assert np.array_equal(np.array(cache.images[2]), inputs.load_slice(path, DICOM_1, 32)[0])
     _, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1, verify_cache=True)
     assert f"{len(rows)} requested, {len(rows)} were cached" in out and "decoded again" not in out
+
+
+# ---- issue 21: maps over a DICOM series only with an affine that is right -------------------------
+
+def write_series(folder, positions):
+    """A series of the corpus patient's slices at these ImagePositionPatient values."""
+    folder.mkdir()
+    for k, position in enumerate(positions):
+        ct_file(folder / f"s{k}.dcm", instance=k + 1, ImagePositionPatient=[float(v) for v in position])
+    return [str(folder / f"s{k}.dcm") for k in range(len(positions))]
+
+
+@pytest.mark.parametrize("positions,note", [
+    ([(-12, -12 + 5 * k * np.tan(np.radians(8.5)), 5 * k) for k in range(4)], "gantry tilt of 8.5 degrees"),
+    ([(-12, -12, z) for z in (0, 5, 15, 20)], "uneven slice spacing (5 to 10 mm: a missing or stray slice?)"),
+    ([(-12, -12, z) for z in (0, 5, 5, 10)], "its slice positions are not in one order along the slice normal"),
+], ids=["tilted", "slice_missing", "repeated"])
+def test_a_series_without_one_affine_gets_a_note_and_only_the_npy(tiny_run, tmp_path, positions, note):
+    paths = write_series(tmp_path / "series", positions)
+    affine, why_not = readers.series_affine([readers.read_geometry(path) for path in paths])
+    assert affine is None and why_not.startswith(note)
+    out = tmp_path / "pred"
+    _, printed = quiet(predict.main, ["--checkpoint", str(tiny_run / "best_model.pt"), "--data_dir", str(tmp_path / "series"),
+                                      "--output_dir", str(out), "--num_workers", "1", "--top", "0"])
+    (scan,) = predict_rows(out / "scans.csv")
+    assert scan["note"].startswith(f"no NIfTI map: {note}") and f"note: {scan['scan']}: no NIfTI map: {note}" in printed
+    assert sorted(os.listdir(out / "maps")) == [f"{scan['scan']}.npy"]
+
+
+def predict_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
