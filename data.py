@@ -309,7 +309,7 @@ def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, ev
     Under torchrun the processes build the caches in turn (in_turn), rank 0 first."""
     def build():
         index = load_index(data_dir, dataset=None if dataset == "auto" else dataset, cache_dir=cache_dir,
-                           num_workers=num_workers)
+                           num_workers=num_workers, check_files=verify_cache)
         patients = (split_patients(index, split_seed, bleed_train_fraction=bleed_train_fraction) if saved_splits is None
                     else apply_saved_splits(index, saved_splits))
         splits = make_splits(index, split_seed, num_samples, eval_samples, patients=patients)

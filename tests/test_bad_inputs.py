@@ -503,8 +503,11 @@ def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
     assert cache.state[victim] == 2 and victim not in cache.ok(rows)
     assert "(1 decoded again: their file changed since it was cached)" in out
     assert f"slices: skipped 1 file(s): 1 unreadable DICOM. First: {index['path'][victim]}" in out
-    # the index, too, notices the changed file (its header could now say another patient) and reads headers again
-    again, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    # the index checks folders by default (a rewrite in place leaves the folder's time alone: issue 21, RSNA-size
+    # start-up); with check_files (--verify_cache) it notices the changed file too and reads the headers again
+    _, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    assert "changed since the index was built" not in out
+    again, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1, check_files=True)
     assert f"index: 1 file(s) changed since the index was built (first: {index['path'][victim]})" in out
     assert index["id"][victim] not in again["id"] and "1 unreadable DICOM header" in out
 
@@ -1100,3 +1103,19 @@ def test_a_series_without_one_affine_gets_a_note_and_only_the_npy(tiny_run, tmp_
 def predict_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_the_index_notices_a_folder_whose_files_changed(tmp_path):
+    """Start-up checks the folders of indexed files (one stat each, issue 21): a file removed (or added, or replaced
+    by a rename) deep in a CT-ICH patient folder, which the layout's own signature does not see, rebuilds the index."""
+    from test_data import write_ctich
+    root = str(tmp_path / "ctich")
+    rows = write_ctich(root)
+    with open(os.path.join(root, "hemorrhage_diagnosis.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    index, _ = quiet(cohort.load_index, root, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    gone = next(path for path in index["path"] if path.startswith("Patients_CT/050/brain/"))
+    os.remove(os.path.join(root, gone))
+    again, out = quiet(cohort.load_index, root, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    assert "index: 1 folder(s) changed since the index was built (first: Patients_CT/050/brain); reading the headers again" in out
+    assert gone not in again["path"] and len(again["path"]) == len(index["path"]) - 1
