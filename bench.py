@@ -4,6 +4,7 @@
     python bench.py --image_size 128 --patch_size 32 --stride 16      # the CPU acceptance size
     python bench.py --image_size 256 --base_channels 64 --patch_size 64 --stride 32 \
         --device cuda --slices 64 --compile --peak_tflops 989    # H100 SXM dense bf16 peak
+    python bench.py --scale 100000                    # the index at RSNA size: build, start-up, memory
 
 Every mode scores the same phantom slices with the same model and the same noise, so its
 ROC-AUC is printed beside its speed: a speed-up that changes the result shows up here. The
