@@ -4,6 +4,7 @@
     python bench.py --image_size 128 --patch_size 32 --stride 16      # the CPU acceptance size
     python bench.py --image_size 256 --base_channels 64 --patch_size 64 --stride 32 \
         --device cuda --slices 64 --compile --peak_tflops 989    # H100 SXM dense bf16 peak
+    python bench.py --scale 100000                    # the index at RSNA size: build, start-up, memory
 
 Every mode scores the same phantom slices with the same model and the same noise, so its
 ROC-AUC is printed beside its speed: a speed-up that changes the result shows up here. The
@@ -20,13 +21,18 @@ slices once, in turn; the median per mode is reported. Taking the modes in turn
 spreads the load of a shared machine over all of them, instead of over whichever ran last.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
+import io
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
+import tracemalloc
 
 import numpy as np
 import scipy.stats
@@ -37,6 +43,7 @@ import config
 import data
 import runfiles
 import phantom
+import readers
 import evaluate
 import inputs
 import models
@@ -74,7 +81,92 @@ def get_args(argv=None):
     p.add_argument("--save_model", default=None, help="save the briefly trained model here (for --checkpoint)")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("scale (instead of the speed table)")
+    g.add_argument("--scale", type=int, default=None,
+                   help="write a synthetic RSNA-layout folder of this many tiny DICOM files (with its label CSV) and time "
+                        "the index build, the start-up on the unchanged folder, and the index's memory")
+    g.add_argument("--scale_dir", default=None, help="where --scale writes its folder (default: a temp dir, removed after)")
+    g.add_argument("--num_workers", type=int, default=2, help="--scale: processes writing files and reading headers")
     return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# --scale: the index at RSNA size (752,803 files)
+
+RSNA_FILES = 752_803
+SCALE_SLICES_PER_SCAN = 32  # RSNA scans have ~35 slices
+
+
+def write_scale_file(k, images):
+    """Slice k of the --scale folder: a 16 x 16 px head (30 HU in air), patients of SCALE_SLICES_PER_SCAN slices."""
+    hu = np.full((16, 16), -1000.0, np.float32)
+    hu[3:13, 3:13] = 30.0
+    patient, level = divmod(k, SCALE_SLICES_PER_SCAN)
+    phantom.write_ct_dicom(os.path.join(images, f"ID_{k:09x}.dcm"), hu, patient_id=f"ID_p{patient:07d}",
+                           study_uid=f"1.2.826.0.1.3680043.10.{patient}", series_uid=f"1.2.826.0.1.3680043.10.{patient}.1",
+                           instance=level + 1, z=5.0 * level, spacing=0.5, slope=1.0, intercept=-1024.0)
+
+
+def write_scale_folder(out, n, num_workers):
+    """An RSNA-layout folder (stage_2_train/ + stage_2_train.csv) of n tiny DICOM files; every tenth patient has a
+    bleed label on all its slices. Written once: a folder that already holds n files is reused."""
+    images = os.path.join(out, cohort.LAYOUTS["rsna"][0])
+    os.makedirs(images, exist_ok=True)
+    if len(os.listdir(images)) != n:
+        for ok, reason in readers.parallel_map(functools.partial(write_scale_file, images=images), list(range(n)),
+                                               num_workers, "write"):
+            if not ok:
+                raise SystemExit(f"error: --scale_dir {out}: cannot write the files ({reason})")
+    lines = ["ID,Label"]
+    for k in range(n):
+        bleed = (k // SCALE_SLICES_PER_SCAN) % 10 == 0
+        lines += [f"ID_{k:09x}_{name},{int(bleed and name in ('any', 'subdural'))}" for name in cohort.LABELS]
+    runfiles.write_atomically(os.path.join(out, cohort.LAYOUTS["rsna"][1]), lambda f: f.write("\n".join(lines).encode() + b"\n"))
+
+
+def timed_index(out, num_workers, check_files=False):
+    """(seconds, index) of one cohort.load_index call, its prints swallowed."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        start = time.perf_counter()
+        index = cohort.load_index(out, num_workers=num_workers, check_files=check_files)
+    return time.perf_counter() - start, index
+
+
+def bench_scale(args):
+    """--scale N: index build (files/s), start-up on the unchanged folder, index memory; linear extrapolation to
+    RSNA's 752,803 files (both are one pass over the files: headers read, or files stat'ed)."""
+    tmp = tempfile.TemporaryDirectory(prefix="ctpddpm_scale_") if args.scale_dir is None else None
+    out = args.scale_dir or tmp.name
+    start = time.perf_counter()
+    write_scale_folder(out, args.scale, args.num_workers)
+    written = time.perf_counter() - start
+    for name in os.listdir(os.path.join(out, ".ctpddpm_cache")) if os.path.isdir(os.path.join(out, ".ctpddpm_cache")) else []:
+        os.unlink(os.path.join(out, ".ctpddpm_cache", name))  # a fresh build every time
+    build, index = timed_index(out, args.num_workers)
+    startups = [timed_index(out, args.num_workers)[0] for _ in range(3)]
+    checked = statistics.median(timed_index(out, args.num_workers, check_files=True)[0] for _ in range(3))
+    tracemalloc.start()
+    timed_index(out, args.num_workers)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    n, factor = len(index["id"]), RSNA_FILES / args.scale
+    report = {"files": args.scale, "indexed": n, "write_s": written, "build_s": build, "build_files_per_s": n / build,
+              "startup_s": statistics.median(startups), "startup_check_files_s": checked, "index_bytes": sum(a.nbytes for a in index.values()),
+              "startup_peak_bytes": peak, "rss_max_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    report["at_rsna"] = {"build_s": build * factor, "startup_s": report["startup_s"] * factor, "startup_check_files_s": checked * factor,
+                         "index_bytes": report["index_bytes"] * factor, "startup_peak_bytes": peak * factor}
+    print(f"scale: {args.scale} files written in {written:.0f} s; index build {build:.1f} s ({n / build:.0f} files/s, "
+          f"{args.num_workers} workers); start-up on the unchanged folder {report['startup_s']:.2f} s (median of 3; "
+          f"{checked:.2f} s with every file stat'ed, as --verify_cache does); "
+          f"index {report['index_bytes'] / 2**20:.0f} MiB, start-up peak {peak / 2**20:.0f} MiB (tracemalloc)")
+    a = report["at_rsna"]
+    print(f"at RSNA size ({RSNA_FILES} files, x{factor:.2f}, linear): build {a['build_s'] / 60:.1f} min, start-up "
+          f"{a['startup_s']:.1f} s ({a['startup_check_files_s']:.1f} s with every file stat'ed), index {a['index_bytes'] / 2**20:.0f} MiB, start-up peak {a['startup_peak_bytes'] / 2**20:.0f} MiB")
+    if args.json:
+        runfiles.write_json(args.json, report)
+    return report
+
+
 
 
 def sync(device):
@@ -340,6 +432,9 @@ def open_models(args, device):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.scale is not None:
+        models.check_flag(args.scale >= 1, "scale", args.scale, "must be at least 1")
+        return bench_scale(args)
     models.check_flag(args.threads is None or args.threads >= 1, "threads", args.threads, "must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -389,4 +484,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

@@ -37,7 +37,7 @@ LABELS = ("any",) + SUBTYPES
 SHORT_NAMES = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
                "subarachnoid": "SAH", "subdural": "SDH"}
 INDEX_COLUMNS = ("id", "path", "patient", "scan", "series", "z") + LABELS
-CACHE_VERSION = 2  # bump when decoding or the cache layout changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when decoding or the cache layout changes, so old caches are not reused
 # what a run reads unless told otherwise (train.py's flags; evaluate.py falls back to them for old checkpoints)
 DEFAULT_SEED = 42  # the split seed
 DEFAULT_NUM_SAMPLES = 2000  # healthy training slices
@@ -419,7 +419,7 @@ def nothing_usable(data_dir, skips):
 
 def _sources(data_dir, index):
     """source_identity of every index row, as int64 [N, 2] ((-1, -1) where the file is gone)."""
-    identities = [source_identity(os.path.join(data_dir, path)) or (-1, -1) for path in index["path"]]
+    identities = [(source_identity(os.path.join(data_dir, path)) or (-1, -1))[:2] for path in index["path"]]
     return np.array(identities, np.int64).reshape(-1, 2)
 
 
@@ -430,11 +430,37 @@ def _changed_files(data_dir, index, sources):
     return [str(index["path"][k]) for k in changed]
 
 
-def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKERS):
+def _folder_times(data_dir, folders):
+    """{folder: modification time in ns} of these folders (-1 where one is gone). A folder's time changes when a
+    file in it is added, removed, renamed or replaced by a rename (rsync, most copy tools)."""
+    times = {}
+    for folder in folders:
+        try:
+            times[str(folder)] = os.stat(os.path.join(data_dir, folder)).st_mtime_ns
+        except OSError:
+            times[str(folder)] = -1
+    return times
+
+
+def _changed_since_built(data_dir, index, cached, check_files):
+    """What changed since the index was built, as one phrase, or None. By default the folders' modification times
+    (one stat per folder: start-up in ~1 s at RSNA size): they see files added, removed or replaced by a rename, not
+    a file rewritten in place, whose old header would stay in the index (the slice cache still notices its size and
+    time, and decodes its new pixels). check_files (--verify_cache) stats every indexed file as well."""
+    saved = dict(zip(cached["folders"].tolist(), cached["folder_times"].tolist()))
+    changed = [folder for folder, time_ns in _folder_times(data_dir, saved).items() if saved[folder] != time_ns]
+    if changed:
+        return f"{len(changed)} folder(s) changed since the index was built (first: {changed[0] or '.'})"
+    files = _changed_files(data_dir, index, cached["source"]) if check_files else []
+    return f"{len(files)} file(s) changed since the index was built (first: {files[0]})" if files else None
+
+
+def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKERS, check_files=False):
     """The slice index, a dict of equal-length arrays (INDEX_COLUMNS), rows ordered by (patient, scan, z).
 
     Headers are read once, in parallel, and the index is cached as .npz in cache_dir; later calls load it, unless
-    the label file, the folder (files added or removed) or any indexed file (size, modification time) changed."""
+    the label file or a folder of indexed files changed (files added, removed or replaced by a rename), or, with
+    check_files, any indexed file (size, modification time): _changed_since_built."""
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, dataset)
     cache_dir = check_cache_dir(cache_dir) if cache_dir else default_cache_dir(data_dir)
@@ -445,13 +471,12 @@ def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKE
         try:
             with np.load(cache_path) as cached:
                 if str(cached["signature"]) == signature:
-                    index, sources = {name: cached[name] for name in INDEX_COLUMNS}, cached["source"]
-                    changed = _changed_files(data_dir, index, sources)
+                    index = {name: cached[name] for name in INDEX_COLUMNS}
+                    changed = _changed_since_built(data_dir, index, cached, check_files)
                     if not changed:
                         print(f"index: {len(index['id'])} slices from {cache_path} ({int(cached['n_skipped'])} files skipped when built)")
                         return index
-                    print(f"index: {len(changed)} file(s) changed since the index was built (first: {changed[0]}); "
-                          "reading the headers again")
+                    print(f"index: {changed}; reading the headers again")
         except (OSError, KeyError, ValueError):  # damaged or older cache: build it again
             pass
     start = time.time()
@@ -466,7 +491,10 @@ def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKE
     order = np.lexsort((index["id"], index["z"], index["scan"], index["patient"]))
     index = {name: index[name][order] for name in INDEX_COLUMNS}
     sources = _sources(data_dir, index)
-    write_atomically(cache_path, lambda f: np.savez(f, signature=signature, n_skipped=len(skips), source=sources, **index))
+    folders = _folder_times(data_dir, np.unique([os.path.dirname(path) for path in index["path"]]))
+    folder_columns = {"folders": np.array(list(folders)), "folder_times": np.array(list(folders.values()), np.int64)}
+    write_atomically(cache_path, lambda f: np.savez(f, signature=signature, n_skipped=len(skips), source=sources,
+                                                    **folder_columns, **index))
     print(f"index: {len(index['id'])} slices, {len(np.unique(index['patient']))} patients in {time.time() - start:.1f} s -> {cache_path}")
     return index
 

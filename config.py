@@ -33,6 +33,7 @@ class RunConfig:
     num_workers: int = 2
     min_brain_fraction: float = 0.0
     bleed_train_fraction: float = 0.0
+    verify_cache: bool = False
     # model
     pretrained: bool = False
     hf_model: str = "google/ddpm-ema-celebahq-256"
@@ -139,6 +140,7 @@ def add_run_flags(p):
                    help="opt-in protocol: this fraction of the hemorrhage patients trains too, on their slices at least "
                         f"{cohort.BLEED_MARGIN} slices from any bleed; those patients are then in no evaluation split "
                         "(0 = the standard protocol: hemorrhage patients only in val / test)")
+    add_verify_cache_flag(g)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
     g.add_argument("--hf_model", default=d.hf_model, help="hub id or local directory (offline clusters)")
@@ -169,6 +171,14 @@ def add_run_flags(p):
     g.add_argument("--eval_every", type=int, default=d.eval_every, help="score the validation split every N epochs (and after the last)")
     g.add_argument("--max_steps", type=int, default=d.max_steps, help="stop each epoch after this many steps (smoke tests)")
     return g
+
+
+def add_verify_cache_flag(group, from_checkpoint=False):
+    """--verify_cache (train.py, and evaluate.py / sweep.py where None means "the training run's value")."""
+    group.add_argument("--verify_cache", action="store_true", default=None if from_checkpoint else DEFAULTS.verify_cache,
+                       help="serve a cached slice only if a hash of its file's bytes is unchanged (not only size and "
+                            "modification time): for data copied with tools that keep modification times; reads every "
+                            "file once per run" + (" (default: the training run's value)" if from_checkpoint else ""))
 
 
 def add_device_flags(group, from_checkpoint=False):
@@ -215,7 +225,7 @@ def check_flags(flags):
     models.pick_device(get("device") or "auto")
 
 
-READ_BACK_FLAGS = ("data_dir", "eval_samples", "num_workers", "min_brain_fraction")  # what a script reading a run may set
+READ_BACK_FLAGS = ("data_dir", "eval_samples", "num_workers", "min_brain_fraction", "verify_cache")  # what a script reading a run may set
 
 
 def read_back(checkpoint, flags, checkpoint_path, image_size):

@@ -15,6 +15,7 @@ import collections
 import functools
 import hashlib
 import os
+import shutil
 import time
 
 import numpy as np
@@ -26,7 +27,7 @@ from inputs import (WINDOWS, brain_mask_from_hu, brain_mask_from_windowed, check
                     nifti_slice_input, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
-from runfiles import check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
+from runfiles import cache_lock, check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ class SliceCache:
 def _create_cache_files(prefix, n, channels, image_size):
     """Create the four files, all together (with every row "not decoded") unless all are there already."""
     shapes = {"images": ((n, channels, image_size, image_size), np.float16),
-              "masks": ((n, image_size, image_size), np.uint8), "source": ((n, 2), np.int64), "state": ((n,), np.uint8)}
+              "masks": ((n, image_size, image_size), np.uint8), "source": ((n, 3), np.int64), "state": ((n,), np.uint8)}
     try:
         if all(np.load(f"{prefix}.{name}.npy", mmap_mode="r").shape == shape for name, (shape, _) in shapes.items()):
             return
@@ -152,28 +153,72 @@ def _decode_rows(prefix, data_dir, index, todo, identities, input_hu, image_size
     return skips
 
 
-def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=None, num_workers=DEFAULT_WORKERS, dataset=None):
+def row_bytes(channels, image_size):
+    """Disk bytes of one slice cache row: image (float16), mask, source identity, state."""
+    return channels * image_size * image_size * 2 + image_size * image_size + 3 * 8 + 1
+
+
+def check_free_space(cache_dir, n_rows, channels, image_size):
+    """A one-line SystemExit, before any row is written, when the cache's disk cannot hold n_rows more rows: filling a
+    memory-mapped file on a full disk ends in a bus error, not an exception. The rows already cached stay usable."""
+    needed = n_rows * row_bytes(channels, image_size)
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        raise SystemExit(f"error: --cache_dir {cache_dir}: not enough free space for the slice cache: {n_rows} slices need "
+                         f"{needed} bytes ({needed / 2**30:.2f} GiB), {free} bytes free; nothing was written, the cached "
+                         "slices are left as they were (free some space, or point --cache_dir at a larger disk)")
+
+
+def _rows_to_decode(prefix, data_dir, index, positions, verify_cache, num_workers):
+    """(identities {position: source identity or None}, gone, changed, todo) of the requested positions: a row is
+    decoded again when its file changed since it was cached: other size or modification time, or with verify_cache
+    another content hash (a row cached without one counts as changed)."""
+    paths = [os.path.join(data_dir, index["path"][p]) for p in positions]
+    if verify_cache:
+        hashed = parallel_map(functools.partial(source_identity, content=True), paths, num_workers, "verify cache")
+        identities = {int(p): identity if ok else None for p, (ok, identity) in zip(positions, hashed)}
+    else:
+        identities = {int(p): source_identity(path) for p, path in zip(positions, paths)}
+    gone = np.array([p for p in positions if identities[p] is None], np.int64)
+    state, source = np.load(f"{prefix}.state.npy", mmap_mode="r"), np.load(f"{prefix}.source.npy", mmap_mode="r")
+    current = np.array([identities[p] or (-1, -1, 0) for p in positions], np.int64).reshape(-1, 3)
+    compared = [0, 2] if verify_cache else [0, 1]
+    differs = (source[positions][:, compared] != current[:, compared]).any(axis=1)
+    if verify_cache:
+        differs |= source[positions][:, 2] == 0
+    changed = positions[(state[positions] != 0) & differs & (current[:, 0] >= 0)]
+    todo = np.setdiff1d(positions[state[positions] == 0], gone).astype(np.int64)
+    return identities, gone, changed, np.union1d(todo, changed).astype(np.int64)
+
+
+def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=None, num_workers=DEFAULT_WORKERS, dataset=None,
+                   verify_cache=False):
     """Decode the given index rows once into the memory-mapped SliceCache, as model inputs in the representation
     input_hu (inputs.native_input_hu; a model's is in its checkpoint). A row decoded before (by an earlier
-    epoch or run) is used again only if its file is the same one (size and modification time); a changed file is
-    decoded again, and a file that is gone or no longer decodes is a counted skip. Prints slices/s and a summary."""
+    epoch or run) is used again only if its file is the same one (size and modification time; with verify_cache a
+    hash of its bytes instead of the time); a changed file is decoded again, and a file that is gone or no longer
+    decodes is a counted skip. Two runs on the same cache fill it one after the other (runfiles.cache_lock).
+    Prints slices/s and a summary."""
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, dataset)
     check_input_hu(input_hu, dataset, data_dir)
     cache_dir = check_cache_dir(cache_dir) if cache_dir else default_cache_dir(data_dir)
     prefix = slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir)
+    with cache_lock(f"{prefix}.lock", "the slice cache"):
+        _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache)
+    return SliceCache(prefix)
+
+
+def _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache):
+    """prepare_slices' work, under the cache's lock."""
     try:
         _create_cache_files(prefix, len(index["id"]), len(input_hu), image_size)
     except OSError as error:
         raise SystemExit(f"error: --cache_dir {cache_dir}: cannot write the slice cache ({error.strerror or error})")
     positions = np.unique(np.asarray(positions, np.int64))
-    identities = {int(p): source_identity(os.path.join(data_dir, index["path"][p])) for p in positions}
-    gone = np.array([p for p in positions if identities[p] is None], np.int64)
-    state, source = np.load(f"{prefix}.state.npy", mmap_mode="r+"), np.load(f"{prefix}.source.npy", mmap_mode="r")
-    current = np.array([identities[p] or (-1, -1) for p in positions], np.int64).reshape(-1, 2)
-    changed = positions[(state[positions] != 0) & (source[positions] != current).any(axis=1) & (current[:, 0] >= 0)]
-    todo = np.setdiff1d(positions[state[positions] == 0], gone).astype(np.int64)
-    todo = np.union1d(todo, changed).astype(np.int64)
+    identities, gone, changed, todo = _rows_to_decode(prefix, data_dir, index, positions, verify_cache, num_workers)
+    check_free_space(cache_dir, len(todo), len(input_hu), image_size)
+    state = np.load(f"{prefix}.state.npy", mmap_mode="r+")
     state[gone] = 2
     state.flush()
     skips = [(str(index["path"][p]), "file missing since the index was built") for p in gone]
@@ -187,8 +232,6 @@ def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=N
     again = f" ({len(changed)} decoded again: their file changed since it was cached)" if len(changed) else ""
     print(f"slices: {len(positions)} requested, {len(positions) - len(todo) - len(gone)} were cached{again}, "
           f"{n_bad} bad file(s) left out")
-    del state, source
-    return SliceCache(prefix)
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -258,7 +301,7 @@ def in_turn(build, rank, world):
 
 def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, eval_samples, decode,
                   dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1, saved_splits=None,
-                  bleed_train_fraction=0.0):
+                  bleed_train_fraction=0.0, verify_cache=False):
     """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
     (e.g. ("train", "val")), as train.py, evaluate.py, sweep.py and bench.py all read them. saved_splits: a run's
     splits record (splits_record / load_splits_record): its patient lists are used instead of drawing them from
@@ -266,12 +309,13 @@ def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, ev
     Under torchrun the processes build the caches in turn (in_turn), rank 0 first."""
     def build():
         index = load_index(data_dir, dataset=None if dataset == "auto" else dataset, cache_dir=cache_dir,
-                           num_workers=num_workers)
+                           num_workers=num_workers, check_files=verify_cache)
         patients = (split_patients(index, split_seed, bleed_train_fraction=bleed_train_fraction) if saved_splits is None
                     else apply_saved_splits(index, saved_splits))
         splits = make_splits(index, split_seed, num_samples, eval_samples, patients=patients)
         needed = np.concatenate([splits[name] for name in decode])
-        cache = prepare_slices(data_dir, index, needed, image_size, input_hu, cache_dir=cache_dir, num_workers=num_workers)
+        cache = prepare_slices(data_dir, index, needed, image_size, input_hu, cache_dir=cache_dir, num_workers=num_workers,
+                               verify_cache=verify_cache)
         return RunData(index, splits, cache, patients)
     return in_turn(build, rank, world)
 

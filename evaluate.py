@@ -356,6 +356,7 @@ def get_args(argv=None):
                         "seed, so that no training patient can land in the test split")
     p.add_argument("--min_brain_fraction", type=float, default=None,
                    help="score only slices with at least this much intracranial area (default: the training run's value)")
+    config.add_verify_cache_flag(p, from_checkpoint=True)
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap samples for the confidence intervals")
     p.add_argument("--keep_examples", type=int, default=6, help="overlay panels per kind")
     p.add_argument("--fit_normative", action="store_true",
@@ -444,7 +445,8 @@ def open_external(args, run, checkpoint, train_args, input_hu):
         positive, negative = rows[index["any"][rows] == 1], rows[index["any"][rows] == 0]
         rows = np.sort(np.concatenate([cohort.draw_slices(rng, positive, args.eval_samples, "hemorrhage slices"),
                                        cohort.draw_slices(rng, negative, args.eval_samples, "healthy slices")]))
-    cache = data.prepare_slices(args.data_dir, index, rows, run.image_size, input_hu, num_workers=max(run.num_workers, 1))
+    cache = data.prepare_slices(args.data_dir, index, rows, run.image_size, input_hu, num_workers=max(run.num_workers, 1),
+                                verify_cache=run.verify_cache)
     patients = {"all": np.unique(index["patient"][rows])}
     return data.RunData(index, {"all": rows}, cache, patients), {"training_patients_left_out": len(overlap),
                                                        "checked_against_training_patients": trained_on is not None}
@@ -457,7 +459,7 @@ def open_split_data(checkpoint_path, checkpoint, run, diffusion, decode, rank=0,
                               num_samples=run.num_samples, eval_samples=run.eval_samples, decode=decode, dataset=run.dataset,
                               cache_dir=run.cache_dir, num_workers=run.num_workers, rank=rank, world=world,
                               saved_splits=saved_splits(checkpoint, checkpoint_path, rank),
-                              bleed_train_fraction=run.bleed_train_fraction)
+                              bleed_train_fraction=run.bleed_train_fraction, verify_cache=run.verify_cache)
 
 
 def write_normative(args, diffusion, run, settings, seed, checkpoint):
@@ -760,4 +762,4 @@ def evaluate_cv(args):
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import re
+import sys
 
 import torch
 import torch.nn as nn
@@ -332,6 +333,27 @@ def setup_distributed(device_name="auto"):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def run_script(main):
+    """A script's main(), as `python script.py` or under torchrun. Under torchrun (WORLD_SIZE > 1) a rank that stops
+    with the project's one-line error says it as `rank N: error: ...` on stderr, once, and exits 1; a rank that loses
+    its peers in a collective (another rank failed first) says so in one line instead of a gloo/NCCL traceback.
+    torchrun's own report after them (its ChildFailedError traceback) is the launcher's and cannot be silenced here."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return main()
+    rank = os.environ.get("RANK", "?")
+    try:
+        return main()
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise
+        line = stop.code
+    except torch.distributed.DistError as error:
+        line = f"stopped: lost the other processes ({type(error).__name__}); see the failing rank's line"
+    sys.stdout.flush()
+    print(f"rank {rank}: {' '.join(line.split())}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def teardown_distributed(world):

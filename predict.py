@@ -21,6 +21,10 @@ Writes into --output_dir (refused if it holds files, unless --overwrite):
   maps/<scan>.npy       DICOM input: the anomaly maps, float32 [slices, rows, columns] on each slice's own pixels,
                         in slices.csv order (lowest slice first); a series whose slices differ in size gets
                         maps/<scan>.npz instead, one array per slice (slice_0000, ...)
+  maps/<scan>.nii.gz    DICOM input too, where one affine describes the series: the same maps on the series' own
+                        voxel grid, with the affine from its headers (as dcm2niix builds it), so they open over the
+                        series in 3D Slicer / ITK-SNAP; a gantry-tilted or unevenly spaced series gets a note in
+                        scans.csv and on stdout instead, never a wrong affine
 The maps are the ones the slice scores saw (median-filtered with --median_size), 0 where a slice was not scored.
 """
 import argparse
@@ -197,20 +201,30 @@ def write_csv(path, header, rows):
 
 
 def save_maps(path_stem, scan, slice_maps):
-    """The scan's maps: a NIfTI volume on the input's voxels (NIfTI input) or a .npy [slices, H, W] (DICOM)."""
+    """The scan's maps. NIfTI input: a NIfTI volume on the input's voxels. DICOM input: a .npy [slices, H, W], and
+    a NIfTI volume on the series' own voxel grid with the affine from its headers (readers.series_affine) where one
+    affine describes the series. -> (paths written, a note on why no NIfTI was written, or "")."""
     if scan["kind"] == "nifti":
         image = nibabel.load(scan["path"])
         volume = readers.nifti_volume(np.stack(slice_maps), image.affine)
-        out = nibabel.Nifti1Image(volume.reshape(image.shape[:3]).astype(np.float32), image.affine)
-        out.set_data_dtype(np.float32)
-        runfiles.write_atomically(path_stem + ".nii.gz", lambda f: f.write(gzip.compress(out.to_bytes(), compresslevel=6)))
-        return path_stem + ".nii.gz"
+        return [write_nifti(path_stem, volume.reshape(image.shape[:3]), image.affine)], ""
     if len({m.shape for m in slice_maps}) > 1:  # slices of different sizes in one series: one array per slice
         arrays = {f"slice_{k:04d}": m.astype(np.float32) for k, m in enumerate(slice_maps)}
         runfiles.write_atomically(path_stem + ".npz", lambda f: np.savez_compressed(f, **arrays))
-        return path_stem + ".npz"
+        return [path_stem + ".npz"], "no NIfTI map: its slices differ in size"
     runfiles.write_atomically(path_stem + ".npy", lambda f: np.save(f, np.stack(slice_maps).astype(np.float32)))
-    return path_stem + ".npy"
+    affine, why_not = readers.series_affine([readers.read_geometry(path) for _, path in scan["files"]])
+    if affine is None:
+        return [path_stem + ".npy"], f"no NIfTI map: {why_not}"
+    return [write_nifti(path_stem, np.stack(slice_maps).transpose(2, 1, 0), affine), path_stem + ".npy"], ""
+
+
+def write_nifti(path_stem, volume, affine):
+    """A float32 NIfTI volume, gzipped, written atomically. -> its path."""
+    out = nibabel.Nifti1Image(np.asarray(volume, np.float32), affine)
+    out.set_data_dtype(np.float32)
+    runfiles.write_atomically(path_stem + ".nii.gz", lambda f: f.write(gzip.compress(out.to_bytes(), compresslevel=6)))
+    return path_stem + ".nii.gz"
 
 
 def overlay(path, scan, rows, top, settings):
@@ -278,14 +292,16 @@ def predict(scorers, args, run, settings, seed):
             skips.append((scan["path"], str(error)))
             continue
         offset += len(rows)
-        maps = save_maps(os.path.join(args.output_dir, "maps", scan["name"]), scan, full)
+        maps, map_note = save_maps(os.path.join(args.output_dir, "maps", scan["name"]), scan, full)
+        if map_note:
+            print(f"note: {scan['name']}: {map_note}; its map is in {maps[0]} only (on each slice's pixels)")
         overlay(os.path.join(args.output_dir, "overlays", f"{scan['name']}.png"), scan,
                 [row for row in rows if row["scores"]], args.top, settings)
         scored = [row for row in rows if row["scores"]]
         top = max(scored, key=lambda row: row["score"]) if scored else None
         source = scan["path"] if scan["kind"] == "nifti" else os.path.dirname(scan["files"][0][1])
         scan_rows.append([scan["name"], scan["kind"], len(rows), len(scored), f"{top['score']:.6g}" if top else "",
-                          top["slice"] if top else "", f"{top['z']:.6g}" if top else "", source, maps])
+                          top["slice"] if top else "", f"{top['z']:.6g}" if top else "", source, ";".join(maps), map_note])
         slice_rows += [[scan["name"], row["slice"], f"{row['z']:.6g}", row["source"],
                         "" if row["brain_fraction"] is None else f"{row['brain_fraction']:.4f}",
                         *[f"{row['scores'][name]:.6g}" if row["scores"] else "" for name in scoring.SCORES], row["note"]]
@@ -298,7 +314,7 @@ def predict(scorers, args, run, settings, seed):
               ["scan", "slice", "z", "source", "brain_fraction", *scoring.SCORES, "note"], slice_rows)
     write_csv(os.path.join(args.output_dir, "scans.csv"),
               ["scan", "kind", "slices", "scored_slices", f"score_max_{settings.score}", "top_slice", "top_z", "source",
-               "maps"], scan_rows)
+               "maps", "note"], scan_rows)
     return scan_rows
 
 

@@ -3,6 +3,7 @@ volume's axial slices, CT-ICH's already windowed JPGs, and the checks that make 
 reason. parallel_map reads many files in worker processes and counts the bad ones instead of stopping."""
 import collections
 import functools
+import hashlib
 import math
 import multiprocessing
 import os
@@ -173,6 +174,61 @@ def read_header(path, need_patient=True):
     return patient, study, series, z
 
 
+GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"]
+
+
+def read_geometry(path):
+    """(ImagePositionPatient [3], ImageOrientationPatient [6], PixelSpacing [row, column], (Rows, Columns)) of one
+    DICOM slice, in mm, or None when the header lacks one of them."""
+    try:
+        ds = read_dicom(path, "unreadable DICOM header", stop_before_pixels=True, specific_tags=GEOMETRY_TAGS)
+        values = [np.array(ds[name].value, np.float64) for name in GEOMETRY_TAGS[:3]]
+        shape = (int(ds.Rows), int(ds.Columns))
+    except (BadFile, KeyError, TypeError, ValueError):
+        return None
+    if [len(v) for v in values] != [3, 6, 2] or not all(np.isfinite(v).all() for v in values):
+        return None
+    return (*values, shape)
+
+
+MAX_TILT_DEGREES = 0.1  # slice direction off the orientation normal: more is a gantry tilt (dcm2niix also ~0.1 deg)
+MAX_SPACING_SPREAD = 0.01  # relative: slice distances differing by more are uneven (a missing or stray slice)
+
+
+def series_affine(geometries):
+    """(NIfTI affine (RAS+, mm), None) of a DICOM series' volume stored as [columns, rows, slices] in the given slice
+    order, as dcm2niix builds it: the columns of the DICOM (LPS) affine are the row direction x column spacing, the
+    column direction x row spacing and the step between slice positions, its origin the first slice's position;
+    LPS -> RAS flips x and y. (None, the reason) when no single affine describes the series: a slice without
+    geometry, slices of other size, orientation or pixel spacing, a gantry tilt (slices stacked off the orientation
+    normal) or uneven spacing; a wrong affine would put the map beside the anatomy in a viewer."""
+    if len(geometries) < 2 or any(g is None for g in geometries):
+        return None, ("a single slice has no slice direction" if len(geometries) < 2 else
+                      "a slice lacks ImagePositionPatient, ImageOrientationPatient or PixelSpacing")
+    positions = np.array([g[0] for g in geometries])
+    orientation, spacing = geometries[0][1], geometries[0][2]
+    if any(g[3] != geometries[0][3] or not np.allclose(g[1], orientation, atol=1e-4) or not np.allclose(g[2], spacing)
+           for g in geometries):
+        return None, "its slices differ in size, orientation or pixel spacing"
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    normal = np.cross(row_direction, column_direction)
+    steps = np.diff(positions, axis=0)
+    distances = steps @ normal
+    if (distances <= 0).any() and (distances >= 0).any():
+        return None, "its slice positions are not in one order along the slice normal (a repeated or stray slice?)"
+    mean_step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    tilt = np.degrees(np.arccos(min(1.0, abs(mean_step @ normal) / np.linalg.norm(mean_step))))
+    if tilt > MAX_TILT_DEGREES:
+        return None, f"gantry tilt of {tilt:.1f} degrees (slices not stacked along the orientation normal)"
+    if np.ptp(distances) > MAX_SPACING_SPREAD * abs(distances.mean()):
+        return None, (f"uneven slice spacing ({abs(distances).min():.3g} to {abs(distances).max():.3g} mm: a missing "
+                      "or stray slice?)")
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = row_direction * spacing[1], column_direction * spacing[0]
+    lps[:3, 2], lps[:3, 3] = mean_step, positions[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, None
+
+
 def hu_from_dicom(path):
     """float32 Hounsfield units of one CT slice; BadFile when it cannot be used."""
     ds = read_dicom(path, "unreadable DICOM")
@@ -184,6 +240,9 @@ def hu_from_dicom(path):
     problem = decoder_problem(ds)
     if problem:
         raise BadFile(problem)
+    if "PhotometricInterpretation" not in ds and header_number(ds, "SamplesPerPixel", 1) == 1:
+        # ACR-NEMA-era files may omit it; single-sample CT is MONOCHROME2 by definition (pydicom needs it to decode)
+        ds.PhotometricInterpretation = "MONOCHROME2"
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as error:
@@ -241,6 +300,9 @@ def check_plausible_header(ds, pixels, slope):
     check_size(pixels.shape)
 
 
+SOFT_TISSUE_HU = (-100, 100)  # fat, CSF, brain, blood, scalp: most of a head inside its skull and around it
+
+
 def check_plausible_hu(hu, has_intercept):
     """BadFile for HU that no head CT has: a wrong slope/intercept (or an image that is not in HU) puts the slice
     far outside the CT range, and windowing would turn it into a flat square or noise.
@@ -249,7 +311,11 @@ def check_plausible_hu(hu, has_intercept):
     - over 5 % above 3000 HU: denser than any bone, more than metal implants cover; typically signed pixels
       read as unsigned (negative padding turned into ~63000);
     - no air (under 1 % below -200 HU): a head CT shows the air around the head; typically pixels stored as
-      HU + 1024 without their RescaleIntercept, so air reads ~0 and brain ~1060."""
+      HU + 1024 without their RescaleIntercept, so air reads ~0 and brain ~1060;
+    - soft tissue at +1024 HU: more of the slice in 924..1124 HU (brain, blood, scalp moved up by 1024) than in
+      air (-1100..-200 HU), and at least 5 %: the same HU + 1024 file when its padding outside the field of view
+      (below -1100 HU) passed as air above. A head CT is mostly 0-80 HU soft tissue in air; on real slices (CQ500,
+      the phantom) air is 29 % or more of the pixels and 924..1124 HU (dense bone) 2.5 % or less."""
     plausible = np.mean((hu >= -1100) & (hu <= 3000))
     if plausible < 0.5:
         raise BadFile(f"implausible HU values: {plausible:.0%} of pixels within -1100..3000 HU "
@@ -263,6 +329,12 @@ def check_plausible_hu(hu, has_intercept):
         hint = "" if has_intercept else "; stored as HU + 1024 without RescaleIntercept?"
         raise BadFile(f"implausible HU values: no air around the head ({air:.1%} of pixels below -200 HU, "
                       f"min {hu.min():.4g}{hint})")
+    air_in_range = np.mean((hu >= -1100) & (hu < -200))
+    shifted_tissue = np.mean((hu >= SOFT_TISSUE_HU[0] + 1024) & (hu <= SOFT_TISSUE_HU[1] + 1024))
+    if shifted_tissue >= 0.05 and shifted_tissue > air_in_range:
+        hint = "check RescaleIntercept" if has_intercept else "stored as HU + 1024 without RescaleIntercept?"
+        raise BadFile(f"implausible HU values: soft tissue at +1024 HU ({shifted_tissue:.0%} of pixels in "
+                      f"{SOFT_TISSUE_HU[0] + 1024}..{SOFT_TISSUE_HU[1] + 1024} HU, {air_in_range:.0%} air in -1100..-200 HU); {hint}")
 
 
 def installed_decoders():
@@ -313,18 +385,31 @@ def read_ctich_slice(brain_path, with_bone=True):
     return images
 
 
-def source_identity(path):
-    """(size, mtime_ns) of the file(s) a slice is decoded from (a CT-ICH slice: its brain and bone JPG), or None
-    when a file cannot be stat'ed. A cache row is served only while this is what it was when the row was decoded."""
+def source_identity(path, content=False):
+    """(size, mtime_ns, content hash) of the file(s) a slice is decoded from (a CT-ICH slice: its brain and bone
+    JPG), or None when a file cannot be read. The hash (blake2b of the bytes, as an int64) is computed only with
+    content=True (--verify_cache: for copies that keep sizes and modification times), else 0. A cache row is served
+    only while this is what it was when the row was decoded."""
     paths = [path]
     if path.endswith(".jpg"):
         bone = os.path.join(os.path.dirname(os.path.dirname(path)), "bone", os.path.basename(path))
         paths += [bone] if os.path.exists(bone) else []
     try:
         stats = [os.stat(p) for p in paths]
+        digest = content_hash(paths) if content else 0
     except OSError:
         return None
-    return sum(s.st_size << (32 * k) for k, s in enumerate(stats)), max(s.st_mtime_ns for s in stats)
+    return sum(s.st_size << (32 * k) for k, s in enumerate(stats)), max(s.st_mtime_ns for s in stats), digest
+
+
+def content_hash(paths):
+    """blake2b of the files' bytes as a nonzero int64 (0 means "not hashed")."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return int.from_bytes(digest.digest(), "little", signed=True) or 1
 
 
 # ---------------------------------------------------------------------------------------------

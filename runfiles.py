@@ -2,6 +2,7 @@
 output folder (lock_output_dir), figures (pyplot, the one matplotlib set-up; save_figure) and the cache folders.
 No project imports: every other module may use it."""
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +40,26 @@ def check_cache_dir(path):
     except OSError as error:
         raise SystemExit(f"error: --cache_dir {path}: cannot create the cache folder ({error.strerror or error})")
     return path
+
+
+@contextlib.contextmanager
+def cache_lock(path, what):
+    """Hold an exclusive lock on `path` (created if needed) while a cache is filled, so two runs on the same data
+    (not torchrun ranks: data.in_turn orders those) never write the same rows at once; the second waits, then finds
+    the rows filled. fcntl.flock: the kernel drops the lock when its process dies, so no stale lock can remain."""
+    try:
+        handle = open(path, "a")
+    except OSError as error:
+        raise SystemExit(f"error: {path}: cannot create the cache lock ({error.strerror or error})")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: another run is filling {what} ({path}); waiting for it to finish", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # a file system without locks (some network mounts): go on, and say so
+            print(f"note: {path}: no file locks here ({error.strerror}); two runs must not fill {what} at once")
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,23 +133,40 @@ def save_figure(fig, path, **savefig_kwargs):
 LOCK_NAME = ".run.lock"
 
 
-def _pid_alive(pid):
+def process_identity(pid):
+    """"<boot id>:<start time in clock ticks>" of a live process (Linux /proc), or "?" where there is no /proc: with
+    the pid it names one process, so a lock whose pid was reused by another process after a crash or a reboot is
+    recognised as stale."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = f.read().rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
+    except (OSError, IndexError):
+        return "?"
+    return f"{boot}:{start_ticks}"
+
+
+def _pid_alive(pid, identity="?"):
+    """Whether the process that wrote a lock still runs: its pid exists, and where both are known, it is the same
+    process (identity), not a later one that was given the same pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
-        return True
-    return True
+        pass
+    return identity == "?" or process_identity(pid) in ("?", identity)
 
 
 def lock_output_dir(output_dir, what):
-    """One run per output folder at a time: <output_dir>/.run.lock holds "pid host start-time", is created
+    """One run per output folder at a time: <output_dir>/.run.lock holds "pid host start-time what process-identity"
+    (process_identity: a reused pid is not taken for the run), is created
     with its content in one step (a hard link), and is removed by release_output_dir. A lock left by a crashed
     run on this host (its pid is gone) is taken over; one from another host is named in the error, with how to
     clear it. -> the lock's path."""
     path = os.path.join(os.fspath(output_dir), LOCK_NAME)
-    mine = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')} {what}\n"
+    mine = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')} {what} {process_identity(os.getpid())}\n"
     for attempt in range(2):
         temporary = f"{path}.{os.getpid()}.tmp"
         try:
@@ -152,13 +190,14 @@ def lock_output_dir(output_dir, what):
             os.unlink(temporary)
         try:
             with open(path) as f:
-                pid, host, started, *_ = f.read().split() + ["?"] * 3
+                pid, host, started, _, identity, *_ = f.read().split() + ["?"] * 5
             pid = int(pid)
         except (OSError, ValueError):
             raise SystemExit(f"error: {output_dir}: holds a lock file {path} that is not ours; delete it if no run "
                              "is using this folder")
-        if host == socket.gethostname() and not _pid_alive(pid) and attempt == 0:
-            print(f"note: {path}: left by a run that is gone (pid {pid}, started {started}); taking it over")
+        if host == socket.gethostname() and not _pid_alive(pid, identity) and attempt == 0:
+            print(f"note: {path}: left by a run that is gone (pid {pid}, started {started}; its pid is free or now "
+                  "another process's); taking it over")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             continue

@@ -61,6 +61,7 @@ def get_args(argv=None):
     # every other scoring flag, as evaluate.py has it: the training run's value unless given (every row uses it)
     scoring.add_scoring_flags(p.add_argument_group("scoring of every row (default: the training run's values)"),
                               from_checkpoint=True, leave_out=GRID)
+    config.add_verify_cache_flag(p, from_checkpoint=True)
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_<checkpoint name>_val")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
@@ -289,4 +290,4 @@ def sweep(args, parts, base, seed, windows, output_dir):
                                    "patients": int(len(np.unique(pooled.patients))), "settings": base.as_dict()})
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

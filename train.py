@@ -67,7 +67,7 @@ def get_args(argv=None):
 # what `--resume` may change without making the run another one; everything else must be as the run was started
 RESUME_MAY_CHANGE = {"num_workers", "eval_every", "device", "precision", "eval_batch_size", "pack_windows",
                      "channels_last", "cache_dir", "run_label", "hf_model", "output_dir", "resume", "overwrite",
-                     "new_schedule"}
+                     "new_schedule", "verify_cache"}
 SCHEDULE_FLAGS = ("lr", "epochs")  # changed only with --new_schedule
 TRAIN_OUTPUTS = ("last.pt", "best_model.pt", "best_model_loss.pt", "training_history.json", "args.json", "splits.json",
                  "training_curves.png")  # with eval_scores_epoch_*.png and diagnostics_epoch_*.png
@@ -138,7 +138,8 @@ def open_datasets(args, rank, world, saved_splits, input_hu):
     rd = data.open_run_data(args.data_dir, image_size=args.image_size, input_hu=input_hu, split_seed=args.seed,
                             num_samples=args.num_samples, eval_samples=args.eval_samples, decode=("train", "val"),
                             dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank,
-                            world=world, saved_splits=saved_splits, bleed_train_fraction=args.bleed_train_fraction)
+                            world=world, saved_splits=saved_splits, bleed_train_fraction=args.bleed_train_fraction,
+                            verify_cache=args.verify_cache)
     train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)
     val_pos = rd.cache.ok(rd.splits["val"], args.min_brain_fraction)
     if len(train_pos) == 0:
@@ -536,4 +537,4 @@ def run(args, rank, world, device, splits=None):
 
 
 if __name__ == "__main__":
-    main()
+    models.run_script(main)

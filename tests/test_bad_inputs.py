@@ -11,6 +11,7 @@ load_checkpoint on a pickled object, a truncated file, another architecture, a m
 missing --data_dir (tests/test_scripts.py); SIGKILL + resume (test_sigkill_and_resume_matches_uninterrupted).
 """
 import contextlib
+import csv
 import errno
 import io
 import json
@@ -38,6 +39,7 @@ import phantom
 from conftest import edit_dicom
 import evaluate
 import models
+import predict
 import train
 
 DICOM_1 = inputs.native_input_hu("rsna", 1)  # the brain window, as a DICOM-trained model has it
@@ -106,6 +108,16 @@ def write_multiframe(path, k):
     ct_file(path, instance=k, NumberOfFrames=2, PixelData=np.zeros((2, 32, 32), np.int16).tobytes())
 
 
+def write_acr_nema(path, k):
+    """An ACR-NEMA-era CT file: no preamble, no file meta, implicit VR, no PhotometricInterpretation."""
+    ct_file(path, instance=k)
+    ds = pydicom.dcmread(path)
+    del ds.PhotometricInterpretation
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+
+
 def write_nan(path, k):
     with warnings.catch_warnings():  # pydicom writes it, warning that "nan" is no valid DS
         warnings.simplefilter("ignore")
@@ -137,6 +149,9 @@ BAD_SLICES = [
      "implausible HU values: no air around the head"),
     ("ID_c_unsigned", lambda p, k: ct_file(p, padded_head_hu(-2000), instance=k, PixelRepresentation=0), "decode",
      "implausible HU values: 21% of pixels above 3000 HU"),
+    # issue 21: stored as HU + 1024 without Rescale tags, its padding outside the field of view (raw -2000) like air
+    ("ID_c_hu1024padded", lambda p, k: ct_file(p, padded_head_hu(-3024), instance=k, RescaleSlope=None, RescaleIntercept=None),
+     "decode", "implausible HU values: soft tissue at +1024 HU"),
     ("ID_c_columns", lambda p, k: ct_file(p, instance=k, Columns=31), "decode",
      "pixel data length does not match the header: 2048 bytes, but Rows x Columns x BitsAllocated (32 x 31 x 16 bit) "
      "make 1984"),
@@ -147,6 +162,7 @@ GOOD_SLICES = [
     ("ID_c_quirk12twin", lambda p, k: ct_file(p, instance=k)),  # the same HU stored normally
     ("ID_c_1024x700", lambda p, k: ct_file(p, head_hu(1024, 700), instance=k)),
     ("ID_c_padding3024", lambda p, k: ct_file(p, padded_head_hu(-3024), instance=k)),  # scanner padding outside the FOV
+    ("ID_c_acrnema", write_acr_nema),  # legacy: read as MONOCHROME2 (single-sample), the picture of its twin
 ]
 
 
@@ -221,6 +237,10 @@ def test_quirk_and_odd_sizes_are_decoded_not_skipped(corpus):
     wide = cache.images[row["ID_c_1024x700"]].astype(np.float32)
     assert wide.shape == (1, 32, 32) and np.allclose(wide[0, :, :3], -1) and wide[0, 16, 16] > -1
     assert cache.masks[row["ID_c_1024x700"]][16, 16]
+    # the legacy file without preamble or PhotometricInterpretation decodes to the HU of the same slice stored today
+    with open(os.path.join(corpus["dir"], "stage_2_train", "ID_c_acrnema.dcm"), "rb") as f:
+        assert f.read(132)[128:] != b"DICM"
+    assert np.array_equal(cache.images[row["ID_c_acrnema"]], cache.images[row["ID_c_quirk12twin"]])
 
 
 def test_an_unforeseen_error_in_one_file_is_a_skip_not_a_crash():
@@ -483,8 +503,11 @@ def test_a_cached_file_replaced_by_a_zero_byte_file_is_a_counted_skip(tmp_path):
     assert cache.state[victim] == 2 and victim not in cache.ok(rows)
     assert "(1 decoded again: their file changed since it was cached)" in out
     assert f"slices: skipped 1 file(s): 1 unreadable DICOM. First: {index['path'][victim]}" in out
-    # the index, too, notices the changed file (its header could now say another patient) and reads headers again
-    again, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    # the index checks folders by default (a rewrite in place leaves the folder's time alone: issue 21, RSNA-size
+    # start-up); with check_files (--verify_cache) it notices the changed file too and reads the headers again
+    _, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    assert "changed since the index was built" not in out
+    again, out = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1, check_files=True)
     assert f"index: 1 file(s) changed since the index was built (first: {index['path'][victim]})" in out
     assert index["id"][victim] not in again["id"] and "1 unreadable DICOM header" in out
 
@@ -810,6 +833,20 @@ def test_a_checkpoint_with_nan_weights_is_refused_when_loaded(tiny_run, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_whose_config_lacks_a_key_is_one_line(tiny_run, tmp_path):
+    """An older or hand-edited checkpoint without a key that builds the network: one line naming the key and the
+    format that wrote it, not KeyError: 'base_channels'."""
+    checkpoint = torch.load(tiny_run / "best_model.pt", weights_only=True)
+    del checkpoint["config"]["base_channels"]
+    checkpoint["config"].pop("format", None)
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(tmp_path / "old.pt"), "--output_dir", str(tmp_path / "out")])
+    message = str(e.value)
+    assert message.startswith(f"error: {tmp_path / 'old.pt'}: its model config lacks base_channels (written by a ct-pddpm before")
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
 # ---- smaller ones: labels, a data set without bleeds, Ctrl-C ---------------------------------------
 
 CTICH_HEADER = "PatientNumber,SliceNumber,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,No_Hemorrhage,Fracture_Yes_No\n"
@@ -941,3 +978,144 @@ def test_the_lock_works_where_hard_links_do_not(tmp_path, monkeypatch):
         runfiles.lock_output_dir(tmp_path, "test")
     runfiles.release_output_dir(lock)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failing_torchrun_rank_says_one_line_not_a_traceback(tmp_path):
+    """Under torchrun each failing rank prints the project's one line as `rank N: error: ...` (torchrun kills the
+    other rank once one fails, so it may not get to say its own); no traceback from our code. torchrun's own report
+    follows (docs/reliability.md: it cannot be silenced from the script)."""
+    from test_distributed import TORCHRUN
+    from test_scripts import run
+    (tmp_path / "bad.pt").write_text("not a checkpoint\n")
+    proc = run(TORCHRUN + ["evaluate.py", "--checkpoint", str(tmp_path / "bad.pt"), "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if re.match(r"rank \d: ", line)]
+    expected = f"error: {tmp_path / 'bad.pt'}: refused to load"
+    assert lines and all(line[len("rank 0: "):].startswith(expected) for line in lines), proc.stderr[-3000:]
+    assert len({line[:6] for line in lines}) == len(lines)  # once per rank
+    assert not re.search(r'File ".*(evaluate|models|scoring|data)\.py"', proc.stderr)  # no traceback of ours
+
+
+# ---- issue 21: the slice cache under concurrency, on a full disk, with copies that keep mtimes ---------
+
+def test_a_second_run_waits_while_another_fills_the_slice_cache(tmp_path):
+    """Two runs (not torchrun ranks) on the same data: the second waits for the first's lock, then finds the rows
+    filled and decodes nothing."""
+    import threading
+    root, cache_dir = small_data(tmp_path), str(tmp_path / "cache")
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows[:2], 32, DICOM_1, cache_dir=cache_dir, num_workers=1)  # makes the files
+    prefix = data.slice_cache_prefix(root, "rsna", index, 32, DICOM_1, cache_dir)
+    second = {}
+    with runfiles.cache_lock(f"{prefix}.lock", "the slice cache"):  # "the first run", mid-fill
+        thread = threading.Thread(target=lambda: second.update(out=quiet(
+            data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)[1]))
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and "out" not in second  # waiting, not writing
+        quiet(data._fill_cache, prefix, cache_dir, root, index, rows, 32, DICOM_1, 1, False)  # the first run fills it
+    thread.join(60)
+    assert f"slices: {len(rows)} requested, {len(rows)} were cached" in second["out"]
+
+
+def test_a_full_disk_is_one_line_before_any_row_is_written(tmp_path, monkeypatch):
+    root, cache_dir = small_data(tmp_path), str(tmp_path / "cache")
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows[:3], 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SystemExit) as e:
+        quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    needed = (len(rows) - 3) * data.row_bytes(1, 32)
+    assert str(e.value).startswith(f"error: --cache_dir {cache_dir}: not enough free space for the slice cache: "
+                                   f"{len(rows) - 3} slices need {needed} bytes")
+    monkeypatch.undo()  # space again: the three rows cached before are still served, the rest decoded
+    cache, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    assert f"{len(rows)} requested, 3 were cached" in out and len(cache.ok(rows)) > 3
+
+
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+    """A lock left by a crashed run whose pid now belongs to another live process (here: this test's own)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    identity = runfiles.process_identity(os.getpid())
+    if identity == "?":
+        pytest.skip("no /proc here")
+    other = identity.rsplit(":", 1)[0] + ":1"  # same boot, another start time: another process with this pid
+    (out / runfiles.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()} 2026-01-01T00:00:00 train.py {other}\n")
+    lock, printed = quiet(runfiles.lock_output_dir, out, "test")
+    assert f"left by a run that is gone (pid {os.getpid()}" in printed
+    assert (out / runfiles.LOCK_NAME).read_text().split()[4] == identity
+    runfiles.release_output_dir(lock)
+    (out / runfiles.LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()} 2026-01-01T00:00:00 train.py {identity}\n")
+    with pytest.raises(SystemExit, match="another run is using this output dir"):  # the same live process: busy
+        runfiles.lock_output_dir(out, "test")
+
+
+def test_verify_cache_decodes_a_file_swapped_with_the_same_size_and_mtime(tmp_path):
+    root, cache_dir = small_data(tmp_path), str(tmp_path / "cache")
+    index, _ = quiet(cohort.load_index, root, cache_dir=cache_dir, num_workers=1)
+    rows = np.arange(len(index["id"]))
+    quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1, verify_cache=True)
+    path = os.path.join(root, index["path"][2])
+    stat = os.stat(path)
+    rewrite_pixels(path, head_hu())  # same size; then the old modification time back, as `cp -p` or rsync -t keep it
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(path) == stat.st_size
+    _, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1)
+    assert "decoded again" not in out  # the default check (size + mtime) cannot see it
+    cache, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1,
+                       verify_cache=True)
+    assert "(1 decoded again: their file changed since it was cached)" in out
+    assert np.array_equal(np.array(cache.images[2]), inputs.load_slice(path, DICOM_1, 32)[0])
+    _, out = quiet(data.prepare_slices, root, index, rows, 32, DICOM_1, cache_dir=cache_dir, num_workers=1, verify_cache=True)
+    assert f"{len(rows)} requested, {len(rows)} were cached" in out and "decoded again" not in out
+
+
+# ---- issue 21: maps over a DICOM series only with an affine that is right -------------------------
+
+def write_series(folder, positions):
+    """A series of the corpus patient's slices at these ImagePositionPatient values."""
+    folder.mkdir()
+    for k, position in enumerate(positions):
+        ct_file(folder / f"s{k}.dcm", instance=k + 1, ImagePositionPatient=[float(v) for v in position])
+    return [str(folder / f"s{k}.dcm") for k in range(len(positions))]
+
+
+@pytest.mark.parametrize("positions,note", [
+    ([(-12, -12 + 5 * k * np.tan(np.radians(8.5)), 5 * k) for k in range(4)], "gantry tilt of 8.5 degrees"),
+    ([(-12, -12, z) for z in (0, 5, 15, 20)], "uneven slice spacing (5 to 10 mm: a missing or stray slice?)"),
+    ([(-12, -12, z) for z in (0, 5, 5, 10)], "its slice positions are not in one order along the slice normal"),
+], ids=["tilted", "slice_missing", "repeated"])
+def test_a_series_without_one_affine_gets_a_note_and_only_the_npy(tiny_run, tmp_path, positions, note):
+    paths = write_series(tmp_path / "series", positions)
+    affine, why_not = readers.series_affine([readers.read_geometry(path) for path in paths])
+    assert affine is None and why_not.startswith(note)
+    out = tmp_path / "pred"
+    _, printed = quiet(predict.main, ["--checkpoint", str(tiny_run / "best_model.pt"), "--data_dir", str(tmp_path / "series"),
+                                      "--output_dir", str(out), "--num_workers", "1", "--top", "0"])
+    (scan,) = predict_rows(out / "scans.csv")
+    assert scan["note"].startswith(f"no NIfTI map: {note}") and f"note: {scan['scan']}: no NIfTI map: {note}" in printed
+    assert sorted(os.listdir(out / "maps")) == [f"{scan['scan']}.npy"]
+
+
+def predict_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_index_notices_a_folder_whose_files_changed(tmp_path):
+    """Start-up checks the folders of indexed files (one stat each, issue 21): a file removed (or added, or replaced
+    by a rename) deep in a CT-ICH patient folder, which the layout's own signature does not see, rebuilds the index."""
+    from test_data import write_ctich
+    root = str(tmp_path / "ctich")
+    rows = write_ctich(root)
+    with open(os.path.join(root, "hemorrhage_diagnosis.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    index, _ = quiet(cohort.load_index, root, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    gone = next(path for path in index["path"] if path.startswith("Patients_CT/050/brain/"))
+    os.remove(os.path.join(root, gone))
+    again, out = quiet(cohort.load_index, root, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    assert "index: 1 folder(s) changed since the index was built (first: Patients_CT/050/brain); reading the headers again" in out
+    assert gone not in again["path"] and len(again["path"]) == len(index["path"]) - 1

@@ -2,6 +2,8 @@
 assertions; the speed options themselves are tested in test_scoring.py."""
 import json
 
+import pytest
+
 
 import bench
 
@@ -43,3 +45,13 @@ def test_bench_modes_keeps_naive_and_the_default(tmp_path):
                 "--threads", "1", "--modes", "default", "--json", str(path)])
     report = json.loads(path.read_text())
     assert set(report["modes"]) == {"naive", report["default_mode"]}
+
+
+def test_bench_scale_writes_an_rsna_folder_and_times_the_index(tmp_path):
+    report = bench.main(["--scale", "40", "--scale_dir", str(tmp_path / "scale"), "--num_workers", "1",
+                         "--json", str(tmp_path / "scale.json")])
+    assert report["files"] == report["indexed"] == 40  # every tiny file is a usable slice
+    assert len(list((tmp_path / "scale" / "stage_2_train").iterdir())) == 40
+    assert report["build_files_per_s"] > 0 and report["startup_s"] > 0 and report["index_bytes"] > 0
+    assert report["at_rsna"]["startup_s"] == pytest.approx(report["startup_s"] * bench.RSNA_FILES / 40)
+    assert json.loads((tmp_path / "scale.json").read_text())["files"] == 40

@@ -375,3 +375,38 @@ def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path)
         assert maps.shape == (len(rows), 64, 64) and maps.dtype == np.float32
     notes = [r["note"] for r in slices if r["note"]]
     assert any(note.startswith("truncated or undecodable pixel data") for note in notes)  # the phantom's cut file
+
+
+def test_predict_maps_of_a_dicom_series_and_of_the_same_volume_as_nifti_share_the_affine(nifti_run, tmp_path):
+    """A phantom series written as DICOM, and the same volume as NIfTI with the affine dcm2niix gives such a series
+    (LPS -> RAS: x and y flipped): predict.py writes both maps with that affine, and the same values."""
+    rng = np.random.default_rng(5)
+    size, spacing, z0, n = 64, 0.75, -12.0, 6
+    head = phantom.random_head(rng, size)
+    slices = np.array([np.round(phantom.draw_slice(rng, head, level, k, [], size)[0])
+                       for k, level in enumerate(np.linspace(head["z_low"], head["z_high"], n))], np.float32)
+    (tmp_path / "dicom").mkdir()
+    for k, hu in enumerate(slices):
+        phantom.write_ct_dicom(str(tmp_path / "dicom" / f"s{k}.dcm"), hu, patient_id="ID_geo", study_uid="1.2.826.0.1.21",
+                               series_uid="1.2.826.0.1.21.1", instance=k + 1, z=z0 + 5.0 * k, spacing=spacing, slope=1.0,
+                               intercept=-1024.0)
+    # the phantom's ImagePositionPatient is (-columns * spacing / 2, -rows * spacing / 2, z) in LPS
+    affine = np.array([[-spacing, 0, 0, size * spacing / 2], [0, -spacing, 0, size * spacing / 2], [0, 0, 5.0, z0],
+                       [0, 0, 0, 1]])
+    (tmp_path / "nifti").mkdir()
+    image = nibabel.Nifti1Image(np.round(slices.transpose(2, 1, 0) + 1024).astype(np.int16), affine)
+    image.header.set_slope_inter(1.0, -1024.0)
+    nibabel.save(image, tmp_path / "nifti" / "geo.nii.gz")
+    maps = {}
+    for kind in ("dicom", "nifti"):
+        out = tmp_path / f"pred_{kind}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            predict.main(["--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", str(tmp_path / kind),
+                          "--output_dir", str(out), "--num_workers", "1", "--top", "0"])
+        (scan,) = read_csv(out / "scans.csv")
+        assert scan["note"] == "" and scan["maps"].split(";")[0].endswith(".nii.gz")
+        maps[kind] = nibabel.load(scan["maps"].split(";")[0])
+    assert np.allclose(maps["dicom"].affine, affine) and np.allclose(maps["nifti"].affine, affine)
+    assert maps["dicom"].shape == maps["nifti"].shape == (size, size, n)
+    np.testing.assert_allclose(maps["dicom"].get_fdata(), maps["nifti"].get_fdata(), atol=1e-6)
+    assert maps["dicom"].get_fdata().max() > 0
