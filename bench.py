@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import functools
 import io
-import json
 import os
 import resource
 import statistics

@@ -21,7 +21,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import os
 import sys
 

@@ -29,7 +29,6 @@ t is an int or a [B] tensor of timesteps in [0, 1000).
 """
 import argparse
 import collections
-import functools
 import math
 import os
 import re

@@ -39,7 +39,6 @@ import warnings
 
 import nibabel
 import numpy as np
-import torch
 
 import cohort
 import config
