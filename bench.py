@@ -442,7 +442,7 @@ def main(argv=None):
     trained, fresh, base = open_models(args, device)
     tmp = tempfile.TemporaryDirectory(prefix="ctpddpm_bench_") if args.data_dir is None else None  # removed at exit
     index, cache, train_positions, score_positions = load_slices(args, args.data_dir or tmp.name, fresh.input_hu)
-    masks = torch.from_numpy(cache.masks[np.sort(score_positions)] > 0)  # position order, as score_split returns
+    masks = torch.from_numpy(inputs.intracranial(cache.masks[np.sort(score_positions)]))  # position order, as score_split returns
     labels = index["any"][score_positions].astype(int)
     default = {k: getattr(base, k) for k in SPEED_OPTIONS} | {"autocast_dtype": fresh.autocast_dtype}
     gflops = models.count_flops(fresh.network, args.image_size, args.channels) / 1e9

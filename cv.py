@@ -124,23 +124,59 @@ def add_cv_flags(p):
 # ---------------------------------------------------------------------------------------------
 # putting fold models on one scale
 
-def reference_statistics(scores, labels):
-    """{score name: [mean, std]} of one model's scores of its healthy reference slices (labels 0)."""
+def reference_statistics(scores, labels, levels=None, level_bins=1):
+    """One model's scores of its healthy reference slices (labels 0: validation patients it never trained on) as
+    {"level_edges": inner bin edges, score name: [[mean, std] per level bin]}. level_bins > 1 (--level_norm z):
+    bins are quantiles of the reference slices' levels (scoring.slice_levels), so each holds as many slices; a bin's
+    std is floored at a quarter of the std over all of them, so a bin of alike slices cannot blow its z-scores up."""
     healthy = np.asarray(labels) == 0
     if not healthy.any():
-        raise SystemExit("error: a fold's validation split has no healthy slice to normalise its scores against")
-    return {name: [float(np.mean(v[healthy])), float(max(np.std(v[healthy]), 1e-12))] for name, v in scores.items()}
+        raise SystemExit("error: the reference (a validation split's healthy slices) has no healthy slice to normalise "
+                         "scores against")
+    if level_bins > 1 and levels is None:
+        raise ValueError("reference_statistics: level_bins > 1 needs the slices' levels")
+    reference_levels = np.asarray(levels, np.float64)[healthy] if level_bins > 1 else np.zeros(int(healthy.sum()))
+    edges = np.unique(np.quantile(reference_levels, np.linspace(0, 1, level_bins + 1)[1:-1])) if level_bins > 1 else []
+    bins = np.digitize(reference_levels, edges)
+    statistics = {"level_edges": [float(e) for e in edges]}
+    for name, values in scores.items():
+        v = np.asarray(values, np.float64)[healthy]
+        floor = max(0.25 * np.std(v), 1e-12)
+        statistics[name] = [[float(np.mean(v[bins == b])) if (bins == b).any() else float(np.mean(v)),
+                             float(max(np.std(v[bins == b]) if (bins == b).sum() > 1 else 0.0, floor))]
+                            for b in range(len(edges) + 1)]
+    return statistics
 
 
-def normalised(scores, statistics):
-    """{score name: z-scores}: each score against the model's reference mean and std (reference_statistics)."""
-    return {name: (np.asarray(v, np.float64) - statistics[name][0]) / statistics[name][1] for name, v in scores.items()}
+def normalised(scores, statistics, levels=None):
+    """{score name: z-scores}: each score against the reference mean and std of its level bin (reference_statistics;
+    one bin unless it was fitted by level)."""
+    edges = statistics.get("level_edges", [])
+    if len(edges) and levels is None:
+        raise ValueError("normalised: these reference statistics are by level; give the slices' levels")
+    bins = np.digitize(np.asarray(levels, np.float64), edges) if len(edges) else 0
+    out = {}
+    for name, v in scores.items():
+        table = np.asarray(statistics[name], np.float64).reshape(-1, 2)
+        out[name] = (np.asarray(v, np.float64) - table[bins, 0]) / table[bins, 1]
+    return out
 
 
-def mean_normalised(all_scores, all_statistics):
+def mean_normalised(all_scores, all_statistics, levels=None):
     """The K models' scores of the same slices as one: per score name, the mean of the models' z-scores."""
-    zs = [normalised(scores, stats) for scores, stats in zip(all_scores, all_statistics)]
+    zs = [normalised(scores, stats, levels) for scores, stats in zip(all_scores, all_statistics)]
     return {name: np.mean([z[name] for z in zs], axis=0) for name in zs[0]}
+
+
+def spread(statistics, name):
+    """One number for a model's spread of score `name` on its reference (the mean std over level bins): what its
+    maps are divided by before the fold models' maps are averaged."""
+    return float(np.mean(np.asarray(statistics[name], np.float64).reshape(-1, 2)[:, 1]))
+
+
+def level_bins(settings):
+    """Level bins of the reference statistics: scoring.LEVEL_BINS with --level_norm z, else one."""
+    return scoring.LEVEL_BINS if settings.level_norm == "z" else 1
 
 
 def read_reference(path, key):
@@ -166,16 +202,16 @@ def pool_out_of_fold(results, statistics, score, keep_examples):
     """Each fold model's result on its own fold (score_split's) as one result over every patient: arrays joined,
     with "fold" saying which model scored a slice; every score z-scored against its model's reference statistics;
     pixel histograms summed (maps are not rescaled); the overlays' examples ranked again on the z-scored score."""
-    joined = {key: np.concatenate([r[key] for r in results]) for key in ("positions", "labels", "patients", "scans")}
+    joined = {key: np.concatenate([r[key] for r in results]) for key in ("positions", "labels", "patients", "scans", "levels")}
     joined["fold"] = np.concatenate([np.full(len(r["positions"]), k) for k, r in enumerate(results)])
-    scores = [normalised(r["scores"], stats) for r, stats in zip(results, statistics)]
+    scores = [normalised(r["scores"], stats, r["levels"]) for r, stats in zip(results, statistics)]
     joined["scores"] = {name: np.concatenate([s[name] for s in scores]) for name in scores[0]}
     pixels = [r["pixel"] for r in results if r["pixel"] is not None]
     joined["pixel"] = scoring.merge_pixel_accumulators(pixels) if pixels else None
     joined["examples"] = {}
-    for kind in scoring.EXAMPLE_KINDS:
-        examples = [ex | {"score": (ex["score"] - stats[score][0]) / stats[score][1]}
-                    for r, stats in zip(results, statistics) for ex in r["examples"].get(kind, [])]
+    for kind in scoring.EXAMPLE_KINDS:  # an example's z-score: its slice's, looked up by position
+        z_of = {int(p): z for r, s in zip(results, scores) for p, z in zip(r["positions"], s[score])}
+        examples = [ex | {"score": z_of[int(ex["position"])]} for r in results for ex in r["examples"].get(kind, [])]
         joined["examples"][kind] = sorted(examples, key=lambda ex: -ex["score"] if kind != "miss" else ex["score"])[:keep_examples]
     joined["skipped_slices"] = sum(r["skipped_slices"] for r in results)
     joined["seconds"] = sum(r["seconds"] for r in results)
@@ -195,6 +231,7 @@ def ensemble_results(results, statistics):
         print(f"ensemble: {dropped} slice(s) not scored by every fold model (patients some fold trained on) are left out")
     first, pick = results[0], picks[0]
     return {"positions": common, "labels": first["labels"][pick], "patients": first["patients"][pick],
-            "scans": first["scans"][pick], "pixel": None, "examples": {},
-            "scores": mean_normalised([{n: v[p] for n, v in r["scores"].items()} for r, p in zip(results, picks)], statistics),
+            "scans": first["scans"][pick], "levels": first["levels"][pick], "pixel": None, "examples": {},
+            "scores": mean_normalised([{n: v[p] for n, v in r["scores"].items()} for r, p in zip(results, picks)], statistics,
+                                      first["levels"][pick]),
             "skipped_slices": max(r["skipped_slices"] for r in results), "seconds": sum(r["seconds"] for r in results)}

@@ -23,7 +23,7 @@ import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
                     load_index, make_splits, relative_heights, slice_number, split_patients)
-from inputs import (WINDOWS, brain_mask_from_hu, brain_mask_from_windowed, check_input_hu, hu_range, load_gt_mask, load_slice,
+from inputs import (WINDOWS, brain_mask_from_hu, brain_mask_from_windowed, check_input_hu, hu_range, intracranial, load_gt_mask, load_slice,
                     nifti_slice_input, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
@@ -59,7 +59,7 @@ def file_groups(index, positions):
 
 class SliceCache:
     """Decoded slices on disk, one row per index row: images float16 [N, C, S, S] in [-1, 1], brain
-    masks uint8 [N, S, S], state uint8 [N] (0 not decoded, 1 ok, 2 bad file). Memory-mapped read-only
+    anatomy codes uint8 [N, S, S] (inputs.anatomy_code; "masks"), state uint8 [N] (0 not decoded, 1 ok, 2 bad file). Memory-mapped read-only
     on first use; pickles as its file prefix only, so DataLoader workers map the files themselves."""
 
     def __init__(self, prefix):
@@ -92,7 +92,7 @@ class SliceCache:
         positions = np.asarray(positions, np.int64)
         positions = positions[self.state[positions] == 1]
         if min_brain_fraction > 0 and len(positions):
-            fraction = np.array([self.masks[p].mean() for p in positions])
+            fraction = np.array([intracranial(self.masks[p]).mean() for p in positions])
             positions = positions[fraction >= min_brain_fraction]
         return positions
 
@@ -235,7 +235,8 @@ def _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Items dict(image float32 [C, S, S], mask bool [S, S], label int (any), position int (index row)).
+    """Items dict(image float32 [C, S, S], mask bool [S, S] (intracranial), anatomy uint8 [S, S] (the cached
+    inputs.anatomy_code: scoring.scored_masks reads the scored region off it), label int (any), position int (index row)).
     Positions whose slice did not decode (cache state != 1) are left out. .positions, .labels, .patients
     and .scans are aligned arrays over the items (for metrics that group by patient or scan)."""
 
@@ -254,7 +255,8 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         position = int(self.positions[i])
         return {"image": torch.from_numpy(self.cache.images[position].astype(np.float32)),
-                "mask": torch.from_numpy(self.cache.masks[position] > 0),
+                "mask": torch.from_numpy(intracranial(self.cache.masks[position])),
+                "anatomy": torch.from_numpy(np.array(self.cache.masks[position], np.uint8)),
                 "label": int(self.labels[i]), "position": position}
 
 
@@ -273,8 +275,9 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.positions)
 
     def __getitem__(self, i):
-        return {"image": torch.from_numpy(self.images[i].astype(np.float32)), "mask": torch.from_numpy(self.masks[i] > 0),
-                "label": 0, "position": int(self.positions[i])}
+        code = np.asarray(self.masks[i]).astype(np.uint8)  # anatomy codes, or plain masks (then nothing is left out)
+        return {"image": torch.from_numpy(self.images[i].astype(np.float32)), "mask": torch.from_numpy(intracranial(code)),
+                "anatomy": torch.from_numpy(code), "label": 0, "position": int(self.positions[i])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -624,10 +624,16 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
         rd = open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val", "test") if args.split == "test" else ("val",),
                              rank, world)
     normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
-    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world, normative)
+    levels = settings.level_norm != "none"  # the reference: this run's healthy validation slices
+    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world, normative,
+                            with_val=levels and args.split == "test")
     models.teardown_distributed(world)
     if rank != 0:
         return
+    if levels:
+        statistics = fold_reference(args.checkpoint, checkpoint, diffusion, run, settings, seed, normative,
+                                    val=result if args.split == "val" else val)
+        result["scores"] = cv.normalised(result["scores"], statistics, result["levels"])
     metrics = {"checkpoint": os.path.abspath(args.checkpoint)} | compute_metrics(
         result, val, rd.index, args.split, settings, args.n_boot, seed) | {
         "settings": run.as_dict() | {"noise_seed": seed, "input_hu": diffusion.input_hu} | settings.as_dict()}
@@ -662,27 +668,30 @@ def score_own_fold(args, path, device):
     diffusion, checkpoint, run, settings, seed, normative = open_fold(args, path, device)
     rd = open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
     result, val = score_run(diffusion, run, settings, seed, rd, "test", args.keep_examples, 0, 1, normative, with_val=True)
-    statistics = cv.reference_statistics(val["scores"], val["labels"])
+    statistics = cv.reference_statistics(val["scores"], val["labels"], val["levels"], cv.level_bins(settings))
     cv.write_reference(cv.reference_path(path), reference_key(settings, seed, run), statistics)
     return result, val, statistics, rd.index, run, settings, seed
 
 
-def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative):
-    """A fold model's reference statistics: the saved ones for these settings, else scored now on its validation
-    split of the training data (which must then be at hand)."""
+def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative, val=None):
+    """A model's reference statistics (a fold model of a CV run, or a checkpoint scored with --level_norm): the
+    saved ones for these settings, else those of val (its validation split, scored already), else scored now on its
+    validation split of the training data (which must then be at hand); saved next to the checkpoint."""
     key = reference_key(settings, seed, run)
-    statistics = cv.read_reference(cv.reference_path(path), key)
+    statistics = cv.read_reference(cv.reference_path(path), key) if val is None else None
     if statistics is not None:
         return statistics
-    train_dir = (checkpoint.get("splits") or {}).get("data_dir") or (checkpoint.get("args") or {}).get("data_dir")
-    if not train_dir or not os.path.isdir(train_dir):
-        raise SystemExit(f"error: {path}: no reference statistics for these scoring settings in {cv.reference_path(path)}, "
-                         f"and the training data {train_dir!r} is not at hand to score them: run evaluate.py --checkpoint "
-                         "on the CV run folder with these settings where the training data is")
-    own = dataclasses.replace(run, data_dir=train_dir)
-    val, _ = score_run(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)), "val", 0,
-                       0, 1, normative)
-    statistics = cv.reference_statistics(val["scores"], val["labels"])
+    if val is None:
+        train_dir = (checkpoint.get("splits") or {}).get("data_dir") or (checkpoint.get("args") or {}).get("data_dir")
+        if not train_dir or not os.path.isdir(train_dir):
+            raise SystemExit(f"error: {path}: no reference statistics (healthy validation slices) for these scoring "
+                             f"settings in {cv.reference_path(path)}, and the training data {train_dir!r} is not at hand to "
+                             f"score them: run python evaluate.py --checkpoint {path} with the same scoring flags where "
+                             "the training data is")
+        own = dataclasses.replace(run, data_dir=train_dir)
+        val, _ = score_run(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)),
+                           "val", 0, 0, 1, normative)
+    statistics = cv.reference_statistics(val["scores"], val["labels"], val["levels"], cv.level_bins(settings))
     cv.write_reference(cv.reference_path(path), key, statistics)
     return statistics
 

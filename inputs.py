@@ -204,10 +204,10 @@ def brain_mask_from_windowed(brain):
 # one slice: file -> (model input, brain mask)
 
 def load_slice(path, input_hu, image_size):
-    """Decode one slice: (image float16 [C, S, S] in [-1, 1] in the representation input_hu, brain mask uint8
-    [S, S])."""
-    if path.endswith(".jpg"):  # {"brain": ..., "bone": ...}, already windowed; the bone JPG only where a channel needs it
-        pixels = read_ctich_slice(path, with_bone=any(jpg_source(low, high) == "bone" for low, high in input_hu))
+    """Decode one slice: (image float16 [C, S, S] in [-1, 1] in the representation input_hu, anatomy code uint8
+    [S, S] (anatomy_code))."""
+    if path.endswith(".jpg"):  # {"brain": ..., "bone": ...}, already windowed; the bone JPG finds bone (anatomy_code)
+        pixels = read_ctich_slice(path, with_bone=True)
     else:
         with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
             warnings.simplefilter("ignore")
@@ -216,11 +216,60 @@ def load_slice(path, input_hu, image_size):
 
 
 def input_and_brain_mask(pixels, input_hu, image_size):
-    """(image float16 [C, S, S] in [-1, 1], brain mask uint8 [S, S]) of one decoded slice (HU, or CT-ICH's dict)."""
+    """(image float16 [C, S, S] in [-1, 1], anatomy code uint8 [S, S]) of one decoded slice (HU, or CT-ICH's
+    dict)."""
     check_size(pixels["brain"].shape if isinstance(pixels, dict) else pixels.shape)
-    mask = brain_mask_from_windowed(pixels["brain"]) if isinstance(pixels, dict) else brain_mask_from_hu(pixels)
     image = make_input(pixels, input_hu, image_size)
-    return image.astype(np.float16), resize_mask(mask, image_size).astype(np.uint8)
+    return image.astype(np.float16), anatomy_code(pixels, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# the anatomy code: what each pixel of a slice is, kept in the slice cache next to the input
+
+# bits of the code: the intracranial mask (what is scored by default), bone and non-tissue (air, fat: sinuses,
+# mastoid cells, orbits) anywhere, and the head. The scored region leaves bone, non-tissue and a band around them
+# out of the intracranial mask (scoring.scored_masks); the level of a slice is its intracranial area over its head
+# area (scoring.slice_levels).
+INTRACRANIAL, BONE, NON_TISSUE, HEAD = 1, 2, 4, 8
+BONE_HU = 120.0  # above any acute or clotted blood (50-100 HU), below cortical bone; partial-volume bone is caught
+# by the band scoring.scored_masks draws around it
+NON_TISSUE_HU = -20.0  # below CSF (0-15 HU): air and fat; CT-ICH's brain JPG bottoms out here
+PART_OF_PIXEL = 0.25  # a resized pixel is bone / non-tissue when a quarter of it is (partial volume counts)
+
+
+def intracranial(code):
+    """The intracranial mask (bool) of anatomy codes (array or tensor)."""
+    return (code & INTRACRANIAL) > 0
+
+
+def tissue_classes(pixels):
+    """(intracranial, bone, non_tissue, head): bool [H, W] each, of one decoded slice at its own resolution. HU
+    slices: thresholds. CT-ICH's windowed JPGs: the intracranial mask from the brain JPG (brain_mask_from_windowed);
+    bone where the brain JPG saturates (>= ~97 HU) and, where the bone JPG was read, it says >= BONE_HU as well;
+    non-tissue where the brain JPG bottoms out."""
+    if isinstance(pixels, dict):
+        brain = pixels["brain"]
+        inside = brain_mask_from_windowed(brain)
+        bone = brain >= 0.95
+        if "bone" in pixels:
+            low, high = JPG_WINDOWS["bone"]
+            bone &= low + (pixels["bone"] + 1) / 2 * (high - low) >= BONE_HU
+        non_tissue = brain <= -0.95
+    else:
+        inside = brain_mask_from_hu(pixels)
+        bone, non_tissue = pixels >= BONE_HU, pixels < NON_TISSUE_HU
+    head = _fill_holes(_largest_component(~non_tissue | bone))
+    return inside, bone, non_tissue, head
+
+
+def anatomy_code(pixels, image_size):
+    """uint8 [S, S] anatomy code (INTRACRANIAL | BONE | NON_TISSUE | HEAD bits) of one decoded slice, resized like
+    its input: the intracranial mask and the head as resize_mask (half a pixel), bone and non-tissue where
+    PART_OF_PIXEL of a pixel is."""
+    inside, bone, non_tissue, head = tissue_classes(pixels)
+    fraction = _square_resize(np.stack([inside, bone, non_tissue, head]).astype(np.float32), image_size, 0.0, "area")
+    bits = (fraction[0] >= 0.5, fraction[1] >= PART_OF_PIXEL, fraction[2] >= PART_OF_PIXEL, fraction[3] >= 0.5)
+    return sum(bit.astype(np.uint8) * value for bit, value in zip(bits, (INTRACRANIAL, BONE, NON_TISSUE, HEAD))).astype(np.uint8)
 
 
 def nifti_slice_input(hu, input_hu, image_size):

@@ -181,11 +181,11 @@ def score_scan(scorers, rows, n_slices, offset, settings, seed):
                              heights[[row["slice"] for row in rows]])
     results = [scoring.score_split(diffusion, scan, settings, seed=seed, normative=normative, keep_examples=0, keep_maps=True)
                for diffusion, normative, _ in scorers]
-    if len(results) == 1:
-        return results[0]["maps"], results[0]["scores"]  # rows are in slice order, so in position order too
     statistics = [stats for _, _, stats in scorers]
-    maps = np.mean([r["maps"] / stats[settings.score][1] for r, stats in zip(results, statistics)], axis=0)
-    return maps.astype(np.float32), cv.mean_normalised([r["scores"] for r in results], statistics)
+    if statistics[0] is None:
+        return results[0]["maps"], results[0]["scores"]  # rows are in slice order, so in position order too
+    maps = np.mean([r["maps"] / cv.spread(stats, settings.score) for r, stats in zip(results, statistics)], axis=0)
+    return maps.astype(np.float32), cv.mean_normalised([r["scores"] for r in results], statistics, results[0]["levels"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +328,8 @@ def open_models(args):
         diffusion, checkpoint = models.load_checkpoint(path, models.pick_device(args.device), args.precision)
         run, settings, seed = config.read_back(checkpoint, vars(args) | {"data_dir": None}, path, diffusion.config["image_size"])
         normative = scoring.load_normative(scoring.normative_path(path), settings) if settings.needs_normative else None
-        statistics = evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, normative) if cv_run else None
+        statistics = (evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, normative)
+                      if cv_run or settings.level_norm != "none" else None)
         opened.append(((diffusion, normative, statistics), run, settings, seed))
     return [o[0] for o in opened], *opened[0][1:]
 

@@ -24,6 +24,7 @@ import scipy.ndimage
 import torch
 from tqdm import tqdm
 
+import inputs
 import models
 
 # error map [B, H, W] from the difference x - x0_hat [B, C, H, W] (mean over channels)
@@ -81,6 +82,11 @@ class ScoringSettings:
     calibrate: str = "none"  # "z": (residual - healthy mean) / healthy std; "mean": residual - healthy mean; by bin
     hyperdensity_prior: bool = False  # weight the map by how far the pixel sits in the acute-blood band (50-90 HU)
     min_height: float = 0.0  # slices lower than this fraction of their scan's height score 0 (skull base, face)
+    # Issue 20 (RESULTS.md): what is scored, level-normalised slice scores, and a no-learning baseline.
+    scored_region: str = "intracranial"  # or "soft_tissue": bone, air/fat and a bone_margin band left out (scored_masks)
+    bone_margin: int = 2  # pixels (of a 128^2 slice) around bone and air/fat left out with --scored_region soft_tissue
+    level_norm: str = "none"  # "z": slice scores z-scored against healthy reference slices of the same level
+    anomaly_map: str = "model"  # or "blood_band": no model, the input's acute-blood band membership (a baseline)
 
     def __post_init__(self):
         object.__setattr__(self, "eval_t", tuple(int(t) for t in np.atleast_1d(self.eval_t)))
@@ -98,8 +104,8 @@ class ScoringSettings:
         if training:
             for name in EVALUATION_ONLY:
                 need(getattr(self, name) == getattr(DEFAULTS, name), name, getattr(self, name),
-                     "evaluation only: it needs the run's normative statistics, fitted after training (evaluate.py "
-                     "--fit_normative); give it to evaluate.py, sweep.py or predict.py")
+                     "evaluation only: it needs statistics of the trained model (evaluate.py --fit_normative, or the "
+                     "healthy validation slices for --level_norm); give it to evaluate.py, sweep.py or predict.py")
         for name in ("patch_size", "stride"):  # 0 or negative must not fall back to the default silently
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
         filled = self.for_image(image_size)
@@ -123,6 +129,10 @@ class ScoringSettings:
         need(self.input_norm in INPUT_NORMS, "input_norm", self.input_norm, f"one of {', '.join(INPUT_NORMS)}")
         need(self.calibrate in CALIBRATIONS, "calibrate", self.calibrate, f"one of {', '.join(CALIBRATIONS)}")
         need(0 <= self.min_height < 1, "min_height", self.min_height, "a fraction of the scan's height, 0 (off) to below 1")
+        need(self.scored_region in SCORED_REGIONS, "scored_region", self.scored_region, f"one of {', '.join(SCORED_REGIONS)}")
+        need(self.bone_margin >= 0, "bone_margin", self.bone_margin, "must be 0 (bone itself only) or more")
+        need(self.level_norm in LEVEL_NORMS, "level_norm", self.level_norm, f"one of {', '.join(LEVEL_NORMS)}")
+        need(self.anomaly_map in ANOMALY_MAPS, "anomaly_map", self.anomaly_map, f"one of {', '.join(ANOMALY_MAPS)}")
         return filled
 
     @property
@@ -151,7 +161,12 @@ Z_FLOOR = 0.02  # std floor of --draw_combine z, in input units (1 % of the [-1,
 DRAW_COMBINES = ("mean", "z")
 INPUT_NORMS = ("none", "slice", "scan")
 CALIBRATIONS = ("none", "z", "mean")
-EVALUATION_ONLY = ("input_norm", "calibrate")  # need statistics fitted on the trained model: refused by train.py
+SCORED_REGIONS = ("intracranial", "soft_tissue")
+LEVEL_NORMS = ("none", "z")
+LEVEL_BINS = 5  # level bins of --level_norm z: quantiles of the reference slices' levels
+ANOMALY_MAPS = ("model", "blood_band")
+# need statistics fitted on the trained model: refused by train.py
+EVALUATION_ONLY = ("input_norm", "calibrate", "level_norm")
 FIELDS = tuple(f.name for f in dataclasses.fields(ScoringSettings))
 DEFAULTS = ScoringSettings()
 SPEC = ScoringSettings(eval_t=(150,), residual="abs", score="mean", median_size=0, smooth_slices=0, pack_windows=False)
@@ -211,6 +226,17 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
                        help="weight the map by the pixel's membership of the acute-blood band (50-90 HU)")
     group.add_argument("--min_height", type=float, default=default("min_height"),
                        help="slices below this fraction of their scan's height score 0 (skull base / face; 0 = off)")
+    group.add_argument("--scored_region", default=default("scored_region"), choices=SCORED_REGIONS,
+                       help="what a slice score reads: the intracranial mask, or its soft tissue (bone islands, air/fat "
+                            "cavities and a --bone_margin band around them and the skull left out)")
+    group.add_argument("--bone_margin", type=int, default=default("bone_margin"),
+                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region soft_tissue")
+    group.add_argument("--level_norm", default=default("level_norm"), choices=LEVEL_NORMS,
+                       help="z: each slice score z-scored against healthy reference slices of its anatomical level "
+                            "(intracranial / head area), the validation patients the model never trained on")
+    group.add_argument("--anomaly_map", default=default("anomaly_map"), choices=ANOMALY_MAPS,
+                       help="model: the pDDPM map; blood_band: no model, each pixel's membership of the acute-blood band "
+                            "(50-90 HU), a no-learning baseline through the same region, scores and normalisation")
 
 
 class _Leaving:
@@ -478,6 +504,40 @@ def blood_weight(image, brain_hu):
     return np.clip((hu - low) / (full - low), 0, 1) * np.clip((zero - hu) / (zero - end), 0, 1)
 
 
+def blood_band_maps(images, brain_hu):
+    """--anomaly_map blood_band: the no-learning baseline's map [N, H, W] (tensor on images' device), each pixel's
+    blood_weight. Through brain_mean its slice score is the fraction of the scored region in the acute-blood band."""
+    maps = [blood_weight(image, brain_hu) for image in images.float().cpu().numpy()]
+    return torch.from_numpy(np.stack(maps).astype(np.float32)).to(images.device)
+
+
+def scored_masks(masks, anatomy, settings):
+    """The region a slice score reads, bool numpy [N, H, W]: the intracranial masks, or with --scored_region
+    soft_tissue those less bone and air/fat (inputs.anatomy_code) and a band of bone_margin pixels (of a 128^2
+    slice) around them. The band is why: at the skull base, partial-volume bone inside the mask (petrous ridges,
+    clinoids, sphenoid) is rebuilt darker than it is and outscored every bleed (issue 20). It also trims the rim
+    against the inner table, where thin subdurals lie: RESULTS.md measures what it costs on bleed pixels."""
+    masks = torch.as_tensor(masks).bool().cpu().numpy()
+    if settings.scored_region == "intracranial" or anatomy is None:
+        return masks
+    codes = torch.as_tensor(anatomy).cpu().numpy()
+    excluded = (codes & (inputs.BONE | inputs.NON_TISSUE)) > 0
+    margin = round(settings.bone_margin * masks.shape[-1] / 128)
+    if margin:
+        excluded = np.stack([scipy.ndimage.binary_dilation(e, iterations=margin) for e in excluded])
+    return masks & ~excluded
+
+
+def slice_levels(anatomy, masks):
+    """Each slice's anatomical level, float [N]: its intracranial area over its head area (inputs.anatomy_code), low
+    at the skull base and vertex, high mid-brain. masks: the intracranial masks, used alone where codes carry no head."""
+    masks = torch.as_tensor(masks).bool().cpu().numpy().reshape(len(masks), -1)
+    if anatomy is None:
+        return masks.mean(1)
+    head = (torch.as_tensor(anatomy).cpu().numpy().reshape(len(masks), -1) & inputs.HEAD) > 0
+    return masks.sum(1) / np.maximum(head.sum(1), np.maximum(masks.sum(1), 1))
+
+
 def adjust_maps(maps, images, masks, settings, normative=None, brain_hu=None):
     """The map options that look at the input: --calibrate (the residual less the healthy mean of its intensity x
     distance bin, over the healthy std for "z"; negatives to 0) and --hyperdensity_prior (times blood_weight;
@@ -579,7 +639,10 @@ def _score_batch(diffusion, images, masks, positions, settings, seed, normative=
     slices (--input_norm); normative: the run's statistics (--input_norm, --calibrate)."""
     seeds = [noise_seed(seed, p) for p in positions]
     images = shift_inputs(images, offsets)
-    maps = anomaly_maps(diffusion, images, settings, seeds, masks).float()
+    if settings.anomaly_map == "blood_band":
+        maps = blood_band_maps(images, diffusion.input_hu[0])
+    else:
+        maps = anomaly_maps(diffusion, images, settings, seeds, masks).float()
     maps = adjust_maps(maps, images, masks, settings, normative, diffusion.input_hu[0])
     return maps, slice_scores(maps, masks, settings.median_size)
 
@@ -635,7 +698,8 @@ def merge_pixel_accumulators(accumulators):
     for acc in accumulators:
         for key in ("pos", "neg", "slices", "positive_slices_without_mask"):
             merged[key] += acc[key]
-        merged["unusable_masks"] = merged.get("unusable_masks", 0) + acc.get("unusable_masks", 0)
+        for key in ("unusable_masks", "bleed_pixels_outside_region"):
+            merged[key] = merged.get(key, 0) + acc.get(key, 0)
     return merged
 
 
@@ -649,14 +713,16 @@ def accumulate_pixels(acc, error_map, brain_mask, gt_mask):
     acc["slices"] += 1
 
 
-def _add_pixels(acc, error_map, brain_mask, label, gt):
-    """Accumulate one slice's pixels; -> its bleed mask (None for a hemorrhage slice without one, which is
-    counted and left out; a healthy slice without one has no bleed)."""
+def _add_pixels(acc, error_map, region, brain_mask, label, gt):
+    """Accumulate one slice's pixels inside its intracranial mask, the map read as 0 outside the scored region (so
+    a region that leaves bleed pixels out pays for them: they count as missed); -> its bleed mask (None for a
+    hemorrhage slice without one, which is counted and left out; a healthy slice without one has no bleed)."""
     if gt is None and label == 1:
         acc["positive_slices_without_mask"] += 1
         return None
     gt = np.zeros(brain_mask.shape, bool) if gt is None else np.asarray(gt, bool)
-    accumulate_pixels(acc, error_map, brain_mask, gt)
+    accumulate_pixels(acc, np.where(region, error_map, 0.0), brain_mask, gt)
+    acc["bleed_pixels_outside_region"] = acc.get("bleed_pixels_outside_region", 0) + int((gt & brain_mask & ~region).sum())
     return gt
 
 
@@ -671,7 +737,9 @@ def _keep(heap, k, key, make_example, counter):
 
 
 def _record_batch(acc, batch, maps, masks, scores, settings, keep_examples, gt_masks_fn):
-    """Add one loader batch (maps and masks as numpy) to the accumulated scores, examples and pixel histograms."""
+    """Add one loader batch (maps and masks, the scored regions, as numpy) to the accumulated scores, examples and
+    pixel histograms."""
+    inside = batch["mask"].numpy()
     positions, labels = batch["position"].numpy().astype(np.int64), batch["label"].numpy().astype(np.int8)
     acc["positions"].append(positions)
     acc["labels"].append(labels)
@@ -683,7 +751,8 @@ def _record_batch(acc, batch, maps, masks, scores, settings, keep_examples, gt_m
         # Pixel metrics and overlays see the map the slice score saw (median-filtered if asked);
         # filtering is slow on CPU, so it is done only for slices that need it.
         error_map = median_filtered(maps[i], settings.median_size) if acc["pixel"] is not None else None
-        gt = _add_pixels(acc["pixel"], error_map, masks[i], label, gt_masks_fn(int(pos))) if acc["pixel"] is not None else None
+        gt = (_add_pixels(acc["pixel"], error_map, masks[i], inside[i], label, gt_masks_fn(int(pos)))
+              if acc["pixel"] is not None else None)
         score = float(scores[settings.score][i])
 
         def example(kind, i=i, pos=pos, label=label, score=score, error_map=error_map, gt=gt):
@@ -723,19 +792,23 @@ def score_split(diffusion, dataset, settings, *, seed, normative=None, num_worke
     [example dicts]}, pixel (accumulator or None), maps (float32 [N, S, S] or None), seconds."""
     if keep_maps and world > 1:
         raise ValueError("score_split: keep_maps runs in one process")
-    acc = {"positions": [], "labels": [], "scores": {}, "heaps": {kind: [] for kind in EXAMPLE_KINDS},
+    acc = {"positions": [], "labels": [], "levels": [], "scores": {}, "heaps": {kind: [] for kind in EXAMPLE_KINDS},
            "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None, "maps": [] if keep_maps else None}
     diffusion.network.eval()
     t0 = time.time()
     offsets = dict(zip(np.asarray(dataset.positions).tolist(), input_offsets(dataset, settings, normative)))
     for batch in tqdm(split_loader(dataset, settings, num_workers, rank, world), desc="scoring slices", unit="batch",
                       leave=False, disable=rank != 0):
-        images, masks = batch["image"].to(diffusion.device), batch["mask"].to(diffusion.device)
-        maps, scores = _score_batch(diffusion, images, masks, batch["position"].tolist(), settings, seed, normative,
+        images, anatomy = batch["image"].to(diffusion.device), batch.get("anatomy")
+        region = scored_masks(batch["mask"], anatomy, settings)
+        maps, scores = _score_batch(diffusion, images, torch.from_numpy(region).to(diffusion.device),
+                                    batch["position"].tolist(), settings, seed, normative,
                                     np.array([offsets[p] for p in batch["position"].tolist()], np.float32))
-        _record_batch(acc, batch, maps.cpu().numpy(), masks.cpu().numpy(), scores, settings, keep_examples, gt_masks_fn)
+        _record_batch(acc, batch, maps.cpu().numpy(), region, scores, settings, keep_examples, gt_masks_fn)
+        acc["levels"].append(slice_levels(anatomy, batch["mask"]))
     result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
               "labels": np.concatenate(acc["labels"]) if acc["labels"] else np.zeros(0, np.int8),
+              "levels": np.concatenate(acc["levels"]) if acc["levels"] else np.zeros(0),
               "scores": {name: np.concatenate(v) for name, v in acc["scores"].items()},
               "heaps": acc["heaps"], "pixel": acc["pixel"]}
     if world > 1:
@@ -747,7 +820,7 @@ def score_split(diffusion, dataset, settings, *, seed, normative=None, num_worke
         pixel = None  # masks were looked up but none of the slices had one: no pixel metrics
     scans = _lookup(dataset.positions, dataset.scans, positions)
     heights = _lookup(dataset.positions, dataset.heights, positions) if settings.min_height else None
-    return {"positions": positions, "labels": result["labels"][order],
+    return {"positions": positions, "labels": result["labels"][order], "levels": result["levels"][order],
             "patients": _lookup(dataset.positions, dataset.patients, positions), "scans": scans,
             "scores": {name: finish_scores(positions, scans, heights, v[order], settings) for name, v in result["scores"].items()},
             "examples": {kind: [ex for _, _, ex in sorted(result["heaps"][kind], reverse=True)] for kind in EXAMPLE_KINDS},
@@ -769,6 +842,7 @@ def _merge_ranks(result, keep_examples):
     dist.all_gather_object(parts, result)
     merged = {"positions": np.concatenate([p["positions"] for p in parts]),
               "labels": np.concatenate([p["labels"] for p in parts]),
+              "levels": np.concatenate([p["levels"] for p in parts]),
               # a rank with an empty shard (fewer slices than processes) has no score arrays at all
               "scores": {name: np.concatenate([p["scores"].get(name, np.zeros(0)) for p in parts])
                          for name in SCORES if any(name in p["scores"] for p in parts)},

@@ -32,7 +32,8 @@ import scoring
 D = scoring.DEFAULTS  # every default grid below holds the default setting, so the table shows where it stands
 
 
-GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_slices", "score")  # made by the grid flags
+GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_slices", "score", "scored_region", "bone_margin",
+        "level_norm", "anomaly_map")  # made by the grid flags
 
 
 def get_args(argv=None):
@@ -56,6 +57,13 @@ def get_args(argv=None):
                         "to have neighbours")
     p.add_argument("--residuals", nargs="+", default=list(scoring.RESIDUALS), choices=list(scoring.RESIDUALS),
                    help="error maps to try (evaluate.py --residual); each costs a full set of maps")
+    p.add_argument("--scored_regions", nargs="+", default=None,
+                   help="scored regions to try: intracranial, or soft_tissue:N (--scored_region soft_tissue --bone_margin "
+                        "N); default: the run's")
+    p.add_argument("--level_norms", nargs="+", default=None, choices=list(scoring.LEVEL_NORMS),
+                   help="slice-score normalisations to try (evaluate.py --level_norm); default: the run's")
+    p.add_argument("--anomaly_maps", nargs="+", default=None, choices=list(scoring.ANOMALY_MAPS),
+                   help="maps to try: the model's, and/or the no-learning blood_band baseline; default: the run's")
     p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
     config.add_device_flags(p, from_checkpoint=True)
     # every other scoring flag, as evaluate.py has it: the training run's value unless given (every row uses it)
@@ -72,14 +80,17 @@ def get_args(argv=None):
 # One set of slices scored by one model: the validation split of a checkpoint, or a fold of a CV run (its test split,
 # the fold's patients, with its model's validation split: `reference` marks those, scored but not reported; their
 # healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
-Part = collections.namedtuple("Part", "diffusion dataset masks reference normative_file")
+Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference normative_file")
 
 
 def dataset_part(diffusion, rd, positions, run, reference_positions, normative_file):
     """A Part of the rows `positions` (and reference_positions) of the run data rd, with its brain masks."""
     dataset = data.SliceDataset(rd.cache, rd.index, np.sort(np.concatenate([positions, reference_positions])))
-    masks = np.stack([dataset[i]["mask"].numpy() for i in range(len(dataset))]) if len(dataset) else None
-    return Part(diffusion, dataset, masks, np.isin(dataset.positions, reference_positions), normative_file)
+    items = [dataset[i] for i in range(len(dataset))]
+    masks = np.stack([it["mask"].numpy() for it in items]) if items else None
+    anatomy = np.stack([it["anatomy"].numpy() for it in items]) if items else None
+    return Part(diffusion, dataset, masks, anatomy, scoring.slice_levels(anatomy, masks) if items else None,
+                np.isin(dataset.positions, reference_positions), normative_file)
 
 
 def validation_parts(args, checkpoint, diffusion, run):
@@ -114,21 +125,26 @@ def maps_of(part, setting, seed):
     """The maps of every slice of the part under `setting` before the median filter, by the one scoring path
     (scoring.score_split), in the part's order (its positions are sorted)."""
     normative = scoring.load_normative(part.normative_file, setting) if setting.needs_normative else None
-    raw = dataclasses.replace(setting, median_size=0, smooth_slices=0)
+    # the intracranial region holds every scored region: its maps serve them all (part_values reads each off them)
+    raw = dataclasses.replace(setting, median_size=0, smooth_slices=0, scored_region="intracranial", level_norm="none")
     return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, normative=normative, keep_examples=0,
                                keep_maps=True)["maps"]
 
 
 def part_values(part, maps, setting, median_size, width):
     """{score name: the reported slices' scores} of one part read off its maps (slice_scores, then finish_scores);
-    a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them."""
-    raw = scoring.slice_scores(maps, part.masks, median_size=median_size)
+    a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them; with
+    --level_norm z by level, against the reference slices or, for a validation split, its own healthy slices."""
+    region = scoring.scored_masks(part.masks, part.anatomy, setting)
+    raw = scoring.slice_scores(maps, region, median_size=median_size)
     d = part.dataset
     values = {name: scoring.finish_scores(d.positions, d.scans, d.heights, v, dataclasses.replace(setting, smooth_slices=width))
               for name, v in raw.items()}
-    if part.reference.any():
-        values = cv.normalised(values, cv.reference_statistics({n: v[part.reference] for n, v in values.items()},
-                                                                d.labels[part.reference]))
+    reference = part.reference if part.reference.any() else (np.ones(len(d.labels), bool) if setting.level_norm != "none" else None)
+    if reference is not None:
+        statistics = cv.reference_statistics({n: v[reference] for n, v in values.items()}, d.labels[reference],
+                                             part.levels[reference], cv.level_bins(setting))
+        values = cv.normalised(values, statistics, part.levels)
     return {name: v[~part.reference] for name, v in values.items()}
 
 
@@ -136,9 +152,9 @@ def score_rows(parts, maps, setting, t_name, args):
     """Table rows for every median filter x slice score x smoothing width read off one set of maps per part: the
     scores score_split gives for that setting, pooled over the parts."""
     rows, pooled = [], pooled_view(parts)
-    for median_size in args.median_sizes:
-        for width in args.smooth_slices:
-            by_part = [part_values(p, m, setting, median_size, width) for p, m in zip(parts, maps)]
+    for median_size, width, post in [(m, w, p) for m in args.median_sizes for w in args.smooth_slices for p in post_map_settings(args, setting)]:
+            post_setting = dataclasses.replace(setting, **post)
+            by_part = [part_values(p, m, post_setting, median_size, width) for p, m in zip(parts, maps)]
             for score_name in by_part[0]:
                 if setting.skip_outside_mask and not score_name.startswith("brain"):
                     continue
@@ -147,17 +163,37 @@ def score_rows(parts, maps, setting, t_name, args):
                 scan = evaluate.scan_metrics(pooled.scans, pooled.labels, values, "max", pooled.patients, n_boot=args.n_boot,
                                              seed=0)
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
-                             "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
+                             "anomaly_map": setting.anomaly_map, "region": region_name(post_setting),
+                             "level_norm": post_setting.level_norm, "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
                              "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"], "values": values})
     return rows
 
 
+def post_map_settings(args, setting):
+    """The settings read off one set of maps besides median and smoothing: scored region x level normalisation."""
+    regions = args.scored_regions or [region_name(setting)]
+    norms = args.level_norms or [setting.level_norm]
+    out = []
+    for text in regions:
+        name, _, margin = text.partition(":")
+        if name not in scoring.SCORED_REGIONS or (margin and not margin.isdigit()):
+            raise SystemExit(f"error: --scored_regions {text}: expected intracranial or soft_tissue:N, e.g. soft_tissue:2")
+        out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm}
+                for norm in norms]
+    return out
+
+
+def region_name(setting):
+    return setting.scored_region if setting.scored_region == "intracranial" else f"{setting.scored_region}:{setting.bone_margin}"
+
+
 def is_default(row, default):
     """Whether a table row is the scoring default (scoring.DEFAULTS at this image size)."""
-    return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"]) == (
+    return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"],
+            row["anomaly_map"], row["region"], row["level_norm"]) == (
         default.patch_size, default.stride, default.residual, "+".join(map(str, default.eval_t)), default.median_size,
-        default.score, default.smooth_slices)
+        default.score, default.smooth_slices, default.anomaly_map, region_name(default), default.level_norm)
 
 
 def add_paired_differences(val, rows, baseline, n_boot):
@@ -183,13 +219,13 @@ def format_delta(row, key, mark_key):
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     runfiles.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
-    lines = ["| window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
+    lines = ["| map | region | level norm | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def with_ci(value, ci):  # no interval with --n_boot 0
         return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     for r in rows:
-        lines.append(f"| {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
                      f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
                      f"{with_ci(r['roc_auc'], r['roc_auc_ci'])} | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
                      f"{r['auprc']:.3f} | {with_ci(r['scan_roc_auc'], r['scan_roc_auc_ci'])} | "
@@ -261,13 +297,15 @@ def sweep(args, parts, base, seed, windows, output_dir):
     # the mean of per-t maps is the map of several t (anomaly_maps averages them) unless an option acts on the map
     averaging_exact = base.calibrate == "none" and not base.hyperdensity_prior and base.draw_combine == "mean"
     rows = []
-    for (patch_size, stride), residual in [(w, r) for w in windows for r in args.residuals]:
-        setting = dataclasses.replace(base, patch_size=patch_size, stride=stride, residual=residual)
+    combos = [(w, r, m) for m in args.anomaly_maps or [base.anomaly_map] for w in windows for r in args.residuals]
+    combos = [c for c in combos if c[2] == "model" or c[:2] == combos[0][:2]]  # no model: window, residual, t mean nothing
+    for (patch_size, stride), residual, anomaly_map in combos:
+        setting = dataclasses.replace(base, patch_size=patch_size, stride=stride, residual=residual, anomaly_map=anomaly_map)
         maps_by_t = {}
-        for t in args.eval_t:
+        for t in args.eval_t if anomaly_map == "model" else D.eval_t:
             maps_by_t[str(t)] = [maps_of(part, dataclasses.replace(setting, eval_t=(t,)), seed) for part in parts]
             print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
-        if len(args.multi_t) > 1:
+        if len(args.multi_t) > 1 and anomaly_map == "model":
             multi = dataclasses.replace(setting, eval_t=tuple(args.multi_t))
             maps_by_t["+".join(map(str, args.multi_t))] = [
                 np.mean([maps_by_t[str(t)][k] for t in args.multi_t], axis=0) if averaging_exact else maps_of(part, multi, seed)
@@ -282,7 +320,8 @@ def sweep(args, parts, base, seed, windows, output_dir):
         maps = [maps_of(part, default, seed) for part in parts]
         baseline = [r["values"] for r in score_rows(parts, maps, default, "+".join(map(str, default.eval_t)),
                                                    argparse.Namespace(**vars(args) | {"median_sizes": [default.median_size],
-                                                                                        "smooth_slices": [default.smooth_slices]}))
+                                                                                        "smooth_slices": [default.smooth_slices],
+                                                                                        "scored_regions": None, "level_norms": None}))
                     if r["score"] == default.score]
     add_paired_differences(pooled, rows, baseline[0], args.n_boot)
     write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": split, "slices": len(pooled.labels),

@@ -162,7 +162,8 @@ def test_ensemble_of_identical_fold_models_ranks_as_one(cv_run, phantom_dir, tmp
     stats = json.loads(open(cv.reference_path(str(twins / "fold_0" / "best_model.pt"))).read())["statistics"]
     scored = [(float(a["brain_p99"]), float(b["brain_p99"])) for a, b in zip(one, both) if a["brain_p99"]]
     a, b = np.array(scored).T
-    assert np.allclose(b, (a - stats["brain_p99"][0]) / stats["brain_p99"][1], rtol=1e-4, atol=1e-4)
+    (mean, std), = stats["brain_p99"]  # one level bin: no --level_norm
+    assert np.allclose(b, (a - mean) / std, rtol=1e-4, atol=1e-4)
     assert (np.diff(b[np.argsort(a)]) >= -1e-4).all()  # the same order (up to the CSV's 6 digits)
 
 
@@ -188,3 +189,58 @@ def test_cv_flags_and_folders_refused_in_one_line(cv_run, phantom_dir, tmp_path)
         evaluate.main(["--checkpoint", str(out), "--split", "val"])
     with pytest.raises(SystemExit, match="fold 0 has no nothing.pt"):
         evaluate.main(["--checkpoint", str(out), "--fold_checkpoint", "nothing.pt"])
+
+
+# ---- level normalisation and the scored region (issue 20) ---------------------------------------------
+
+def test_level_normalisation_centres_healthy_slices_of_every_level():
+    rng = np.random.default_rng(1)
+    levels = rng.random(400)
+    labels = (rng.random(400) < 0.3).astype(int)
+    raw = {"brain_p99": 2.0 - 1.5 * levels + 0.1 * rng.standard_normal(400)}  # skull-base slices score high
+    stats = cv.reference_statistics(raw, labels, levels, level_bins=5)
+    assert len(stats["level_edges"]) == 4 and len(stats["brain_p99"]) == 5
+    z = cv.normalised(raw, stats, levels)["brain_p99"]
+    bins = np.digitize(levels, stats["level_edges"])
+    for b in range(5):
+        healthy = (bins == b) & (labels == 0)
+        assert healthy.sum() > 20 and abs(z[healthy].mean()) < 1e-9  # ~0 on the slices it was fitted on
+    assert abs(np.corrcoef(z[labels == 0], levels[labels == 0])[0, 1]) < 0.2  # the level is gone from the score
+    with pytest.raises(ValueError, match="give the slices' levels"):
+        cv.normalised(raw, stats)
+
+
+def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path):
+    out, _ = cv_run
+    path = str(tmp_path / "best_model.pt")
+    shutil.copy(out / "fold_0" / "best_model.pt", path)
+    diffusion, checkpoint = models.load_checkpoint(path)
+    gone = str(tmp_path / "gone")
+    checkpoint = dict(checkpoint, splits=dict(checkpoint["splits"], data_dir=gone), args=dict(checkpoint["args"], data_dir=gone))
+    run, settings, seed = evaluate.config.read_back(checkpoint, {"level_norm": "z"}, path, diffusion.config["image_size"])
+    with pytest.raises(SystemExit, match=r"no reference statistics .* run python evaluate.py --checkpoint .*best_model.pt"):
+        evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
+
+
+def test_out_of_fold_scores_with_soft_tissue_region_and_level_norm(cv_run, phantom_dir, tmp_path):
+    out, _ = cv_run
+    flags = ["--scored_region", "soft_tissue", "--level_norm", "z", "--eval_samples", "all", "--n_boot", "20"]
+    quiet(evaluate.main, ["--checkpoint", str(out), "--output_dir", str(tmp_path / "oof"), *flags])
+    metrics = json.loads((tmp_path / "oof" / "metrics.json").read_text())
+    assert metrics["settings"]["level_norm"] == "z" and metrics["slice"]["brain_p99"]["roc_auc"] is not None
+    assert all(len(fold["reference"]["level_edges"]) >= 1 for fold in metrics["folds"])
+    # sweep.py reads both off the same maps, and the no-learning baseline beside the model
+    quiet(sweep.main, ["--checkpoint", str(out), "--eval_t", "250", "--multi_t", "--residuals", "positive",
+                       "--median_sizes", "5", "--smooth_slices", "2", "--n_boot", "0", "--output_dir", str(tmp_path / "sw"),
+                       "--scored_regions", "intracranial", "soft_tissue:2", "--level_norms", "none", "z",
+                       "--anomaly_maps", "model", "blood_band"])
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
+    assert {(r["anomaly_map"], r["region"], r["level_norm"]) for r in rows} == {
+        (m, r, n) for m in ("model", "blood_band") for r in ("intracranial", "soft_tissue:2") for n in ("none", "z")}
+    same = [r for r in rows if (r["anomaly_map"], r["region"], r["level_norm"], r["score"]) == ("model", "soft_tissue:2", "z", "brain_p99")]
+    assert same[0]["roc_auc"] == pytest.approx(metrics["slice"]["brain_p99"]["roc_auc"])
+    # a single checkpoint with --level_norm: predict.py reads the reference evaluate.py saved, or scores it
+    single = str(out / "fold_0" / "best_model.pt")
+    quiet(predict.main, ["--checkpoint", single, "--data_dir", phantom_dir, "--output_dir", str(tmp_path / "pred"), "--level_norm", "z"])
+    rows = list(csv.DictReader((tmp_path / "pred" / "slices.csv").open()))
+    assert any(row["brain_p99"] and float(row["brain_p99"]) < 0 for row in rows)  # z-scores: healthy ones below 0

@@ -410,7 +410,7 @@ def test_slice_cache_decodes_once_and_serves_a_dataset(phantom_dir, tmp_path, mo
     assert len(pickle.dumps(cache)) < 1000 and np.array_equal(copy.images[7], cache.images[7])
 
     # min_brain_fraction keeps exactly the slices with that much intracranial area, in order
-    fractions = cache.masks[cache.ok(positions)].reshape(47, -1).mean(1)
+    fractions = inputs.intracranial(cache.masks[cache.ok(positions)]).reshape(47, -1).mean(1)
     threshold = float(np.median(fractions))
     kept = cache.ok(positions, min_brain_fraction=threshold)
     assert 0 < len(kept) < 47 and np.all(np.diff(kept) > 0)
@@ -481,7 +481,7 @@ def test_ctich_reader(tmp_path, capsys):
     brain = np.asarray(Image.open(os.path.join(patients, "050", "brain", "1.jpg"))).astype(np.float32) / 127.5 - 1
     expected = inputs.make_input({"brain": brain}, CTICH_1, 32)
     assert np.allclose(one.images[0].astype(np.float32), expected, atol=2e-3)
-    mask = one.masks[3].astype(bool)
+    mask = inputs.intracranial(one.masks[3])
     assert mask[16, 16] and not mask[0, 0] and not mask[16, 31]
     three = data.prepare_slices(root, index, np.arange(5), 32, CTICH_3, cache_dir=cache_dir, num_workers=1)
     assert np.array_equal(three.images[:4, 0], three.images[:4, 1])  # no subdural window: brain again

@@ -1,0 +1,71 @@
+"""The anatomy code of a slice (inputs.anatomy_code) and the scored region read off it (scoring.scored_masks): on
+phantom slices whose intracranial space is known, at every level from the skull base to the vertex."""
+import numpy as np
+import pytest
+
+import inputs
+import phantom
+import scoring
+
+SIZE = 64
+
+
+def phantom_slice(level, seed=0, island=False):
+    """(HU [S, S], the true intracranial space, a bone island drawn inside it or None) of one phantom slice."""
+    rng = np.random.default_rng(seed)
+    head = phantom.random_head(rng, SIZE)
+    hu, _ = phantom.draw_slice(rng, head, level, 0, [], SIZE)
+    u, xn, yn, theta, rho, pixel = phantom._head_frame(head, level, SIZE)
+    _, inner, _ = phantom._scalp_and_skull(head, level, theta, rho, pixel, SIZE)
+    inside = rho <= inner
+    bone = None
+    if island:  # a petrous-like ridge of bone inside the intracranial space, with a partial-volume rim
+        bone = (np.abs(yn + 0.1) < 0.06) & (np.abs(xn) > 0.2) & (np.abs(xn) < 0.55) & inside
+        hu = np.where(bone, 900.0, hu)
+        rim = bone ^ np.pad(bone, 1)[2:, 1:-1] | bone ^ np.pad(bone, 1)[:-2, 1:-1]
+        hu = np.where(rim & ~bone & inside, 110.0, hu)
+    return hu, inside, bone
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+@pytest.mark.parametrize("level", [0.12, 0.3, 0.5, 0.7, 0.88])  # skull base, mid-brain, high, vertex
+def test_intracranial_mask_and_scored_region_at_every_level(level):
+    hu, inside, _ = phantom_slice(level)
+    code = inputs.anatomy_code(hu, SIZE)
+    intracranial = inputs.intracranial(code)
+    # the mask is the true space eroded by one pixel (inputs.intracranial_mask): inside it, and most of it
+    assert (intracranial & inside).sum() > 0.97 * intracranial.sum() and intracranial.sum() > 0.75 * inside.sum(), level
+    soft = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings(scored_region="soft_tissue"))[0]
+    assert not (soft & ~intracranial).any()  # a part of the intracranial mask
+    assert soft.sum() > 0.6 * inside.sum() and (soft & inside).sum() > 0.97 * soft.sum(), level
+    head = (code & inputs.HEAD) > 0
+    assert (head >= intracranial).all() and 0 < scoring.slice_levels(code[None], intracranial[None])[0] < 1
+
+
+def test_bone_islands_and_their_band_are_left_out_but_blood_is_not():
+    hu, inside, island = phantom_slice(0.3, island=True)
+    blood = (np.hypot(*np.mgrid[0:SIZE, 0:SIZE] - np.array([SIZE * 0.33, SIZE * 0.5])[:, None, None]) < 3) & inside & ~island
+    hu = np.where(blood, 75.0, hu)  # acute blood, 50-90 HU
+    code = inputs.anatomy_code(hu, SIZE)
+    intracranial = inputs.intracranial(code)
+    assert intracranial[island].mean() > 0.9  # holes filled: the default region keeps the island in
+    for margin in (0, 2):
+        settings = scoring.ScoringSettings(scored_region="soft_tissue", bone_margin=margin)
+        soft = scoring.scored_masks(intracranial[None], code[None], settings)[0]
+        assert not (soft & island).any()
+        assert soft[blood].mean() == 1.0  # blood far from bone stays scored
+    near = np.pad(island, 1)[2:, 1:-1] & ~island & inside  # the row next to the ridge
+    assert not (soft & near).any()  # the band of margin 2 takes the partial-volume rim out
+    default = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings())[0]
+    assert (default == intracranial).all()
+
+
+def test_anatomy_from_ctich_style_windows_matches_hu():
+    hu, inside, _ = phantom_slice(0.3, island=True)
+    windowed = {name: inputs.window_hu(hu, *inputs.JPG_WINDOWS[name]) for name in ("brain", "bone")}
+    from_hu, from_jpg = inputs.anatomy_code(hu, SIZE), inputs.anatomy_code(windowed, SIZE)
+    for bit in (inputs.INTRACRANIAL, inputs.BONE, inputs.HEAD):
+        assert dice((from_hu & bit) > 0, (from_jpg & bit) > 0) > 0.9, bit
