@@ -48,6 +48,7 @@ class RunConfig:
     grad_clip: float = 1.0
     seed: int = cohort.DEFAULT_SEED
     hflip: bool = False
+    train_noise: str = "gaussian"  # the noise of the training box: gaussian (the spec) or simplex (the official pDDPM)
     device: str = "auto"
     precision: str = "auto"
     # cross-validation (cv.py): K folds of patients, and the one fold to train (None: all of them in turn)
@@ -160,6 +161,9 @@ def add_run_flags(p):
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip,
                    help="flip each training slice left-right with probability 1/2 (heads are near-symmetric; "
                         "doubles what a small healthy set shows the model)")
+    g.add_argument("--train_noise", default=d.train_noise, choices=["gaussian", "simplex"],
+                   help="noise of the training box: gaussian (the spec) or simplex-like multi-octave noise, as the official "
+                        "pDDPM trains (saved with the model; give --noise simplex as well to score with it)")
     add_device_flags(g)
     g = p.add_argument_group("cross-validation")
     g.add_argument("--folds", type=int, default=d.folds,

@@ -7,7 +7,7 @@ drawn from the patients outside fold k. So fold k's test split is scored only by
 evaluate.py / sweep.py pool those test splits into out-of-fold scores of every patient.
 
 Scores of different fold models are put on one scale before they are pooled or averaged: each model's slice scores
-are z-scored against that model's scores of its reference slices, the healthy slices of its own validation split
+are z-scored against that model's scores of its reference slices, the slices of the healthy patients of its own validation split
 (patients outside its fold that it never trained on). See docs/method.md, "Cross-validation".
 """
 import hashlib

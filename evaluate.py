@@ -513,6 +513,28 @@ def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, wo
     return result, val
 
 
+def reference_positions(rd, run):
+    """A model's reference slices: every slice of the healthy patients of its validation split (patients it never
+    trained on, with no bleed anywhere; the healthy slices of hemorrhage patients are left out, as slices next to a
+    bleed or under its mass effect are not normal anatomy). Their scores put a model's scores on one scale (a CV
+    run's folds) and, by level, give --level_norm z its statistics."""
+    positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
+    patients, sick = cohort.patients_with_bleed(rd.index)
+    positions = positions[np.isin(rd.index["patient"][positions], patients[~sick])]
+    if len(positions) == 0:
+        raise SystemExit(f"error: {run.data_dir}: the validation split has no slice of a healthy patient to normalise "
+                         "scores against")
+    return positions
+
+
+def score_reference(diffusion, run, settings, seed, rd, normative):
+    """score_split's result on the model's reference slices (reference_positions)."""
+    positions = reference_positions(rd, run)
+    print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
+    return scoring.score_split(diffusion, data.SliceDataset(rd.cache, rd.index, positions), settings, seed=seed,
+                               normative=normative, num_workers=run.num_workers, keep_examples=0)
+
+
 def compute_metrics(result, val, index, split, settings, n_boot, seed):
     """metrics.json's content, less the settings: counts, slice / scan / subtype and pixel metrics."""
     rows, labels, patients = result["positions"], result["labels"], result["patients"]
@@ -625,14 +647,12 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
                              rank, world)
     normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
     levels = settings.level_norm != "none"  # the reference: this run's healthy validation slices
-    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world, normative,
-                            with_val=levels and args.split == "test")
+    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world, normative)
     models.teardown_distributed(world)
     if rank != 0:
         return
     if levels:
-        statistics = fold_reference(args.checkpoint, checkpoint, diffusion, run, settings, seed, normative,
-                                    val=result if args.split == "val" else val)
+        statistics = fold_reference(args.checkpoint, checkpoint, diffusion, run, settings, seed, normative)
         result["scores"] = cv.normalised(result["scores"], statistics, result["levels"])
     metrics = {"checkpoint": os.path.abspath(args.checkpoint)} | compute_metrics(
         result, val, rd.index, args.split, settings, args.n_boot, seed) | {
@@ -662,35 +682,35 @@ def open_fold(args, path, device):
 
 
 def score_own_fold(args, path, device):
-    """Fold k's model on fold k's patients (its test split) and on its validation split, whose healthy slices give
-    its reference statistics (saved next to the checkpoint for predict.py and --split all).
-    -> (result, val result, reference statistics, index, run, settings, seed)."""
+    """Fold k's model on fold k's patients (its test split) and on its reference slices (reference_positions: the
+    healthy patients of its validation split), which give its reference statistics (saved next to the checkpoint for
+    predict.py and --split all). -> (result, reference result, reference statistics, index, run, settings, seed)."""
     diffusion, checkpoint, run, settings, seed, normative = open_fold(args, path, device)
     rd = open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
-    result, val = score_run(diffusion, run, settings, seed, rd, "test", args.keep_examples, 0, 1, normative, with_val=True)
+    result, _ = score_run(diffusion, run, settings, seed, rd, "test", args.keep_examples, 0, 1, normative)
+    val = score_reference(diffusion, run, settings, seed, rd, normative)
     statistics = cv.reference_statistics(val["scores"], val["labels"], val["levels"], cv.level_bins(settings))
     cv.write_reference(cv.reference_path(path), reference_key(settings, seed, run), statistics)
     return result, val, statistics, rd.index, run, settings, seed
 
 
-def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative, val=None):
+def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative):
     """A model's reference statistics (a fold model of a CV run, or a checkpoint scored with --level_norm): the
-    saved ones for these settings, else those of val (its validation split, scored already), else scored now on its
-    validation split of the training data (which must then be at hand); saved next to the checkpoint."""
+    saved ones for these settings, else scored now on its reference slices (reference_positions) of the training
+    data (which must then be at hand); saved next to the checkpoint."""
     key = reference_key(settings, seed, run)
-    statistics = cv.read_reference(cv.reference_path(path), key) if val is None else None
+    statistics = cv.read_reference(cv.reference_path(path), key)
     if statistics is not None:
         return statistics
-    if val is None:
-        train_dir = (checkpoint.get("splits") or {}).get("data_dir") or (checkpoint.get("args") or {}).get("data_dir")
-        if not train_dir or not os.path.isdir(train_dir):
-            raise SystemExit(f"error: {path}: no reference statistics (healthy validation slices) for these scoring "
-                             f"settings in {cv.reference_path(path)}, and the training data {train_dir!r} is not at hand to "
-                             f"score them: run python evaluate.py --checkpoint {path} with the same scoring flags where "
-                             "the training data is")
-        own = dataclasses.replace(run, data_dir=train_dir)
-        val, _ = score_run(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)),
-                           "val", 0, 0, 1, normative)
+    train_dir = (checkpoint.get("splits") or {}).get("data_dir") or (checkpoint.get("args") or {}).get("data_dir")
+    if not train_dir or not os.path.isdir(train_dir):
+        raise SystemExit(f"error: {path}: no reference statistics (healthy validation slices) for these scoring "
+                         f"settings in {cv.reference_path(path)}, and the training data {train_dir!r} is not at hand to "
+                         f"score them: run python evaluate.py --checkpoint {path} with the same scoring flags where "
+                         "the training data is")
+    own = dataclasses.replace(run, data_dir=train_dir)
+    val = score_reference(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)),
+                          normative)
     statistics = cv.reference_statistics(val["scores"], val["labels"], val["levels"], cv.level_bins(settings))
     cv.write_reference(cv.reference_path(path), key, statistics)
     return statistics
@@ -713,16 +733,19 @@ def cv_metrics(args, folds):
     compute_metrics over every patient; Dice with each fold at the threshold chosen on its own validation split.
     -> (metrics, pooled result, index, settings)."""
     scored = [score_own_fold(args, path, models.pick_device(args.device)) for _, path in folds]
-    results, vals, statistics = [s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored]
+    results, statistics = [s[0] for s in scored], [s[2] for s in scored]
     index, run, settings, seed = scored[0][3:]
     pooled = cv.pool_out_of_fold(results, statistics, settings.score, args.keep_examples)
-    val_pixels = [v["pixel"] for v in vals if v["pixel"] is not None]
-    pooled_val = {"pixel": scoring.merge_pixel_accumulators(val_pixels) if val_pixels else None}
-    metrics = compute_metrics(pooled, pooled_val, index, "test", settings, args.n_boot, seed)
+    # Dice: fold k at the threshold chosen on the other folds' out-of-fold pixels (patients outside fold k, as its
+    # validation split's; scoring every validation bleed slice again for it would double the cost of a CV evaluation)
+    pixels = [r["pixel"] for r in results]
+    others = [scoring.merge_pixel_accumulators([p for j, p in enumerate(pixels) if j != k and p is not None])
+              if any(p is not None for j, p in enumerate(pixels) if j != k) else None for k in range(len(pixels))]
+    metrics = compute_metrics(pooled, {"pixel": None}, index, "test", settings, args.n_boot, seed)
     if metrics["pixel"] is not None:
-        dice, thresholds = pooled_dice([(r["pixel"], v["pixel"]) for r, v in zip(results, vals)])
+        dice, thresholds = pooled_dice(list(zip(pixels, others)))
         metrics["pixel"] |= {"dice": dice, "dice_threshold": None, "dice_thresholds_by_fold": thresholds,
-                             "dice_threshold_chosen_on": "each fold's own validation split (patients outside the fold)"}
+                             "dice_threshold_chosen_on": "the other folds' out-of-fold pixels (patients outside the fold)"}
     metrics["split"] = "out-of-fold (each patient scored by the fold model that never saw it)"
     metrics["folds"] = [{"fold": k, "checkpoint": os.path.abspath(path), "patients": int(len(np.unique(r["patients"]))),
                          "slice_roc_auc": roc_auc(r["labels"], r["scores"][settings.score]), "reference": stats}

@@ -438,6 +438,7 @@ def complete_config(checkpoint, path):
     defaults = {"patch_size": lambda: args.get("patch_size") or config["image_size"] // 4, "schedule": lambda: dict(SCHEDULE),
                 "precision": lambda: args.get("precision") or "auto",
                 "input_hu": lambda: inputs.native_input_hu(trained_layout(args), config["in_channels"])}
+    config.setdefault("train_noise", "gaussian")  # the only training noise before it was recorded: no note
     filled = [key for key in defaults if key not in config]
     for key in filled:
         config[key] = defaults[key]()
@@ -520,6 +521,7 @@ class Diffusion:
     def __init__(self, network, config, precision=None):
         self.network, self.config = network, dict(config)
         self.patch_size = int(config["patch_size"])
+        self.train_noise = config.get("train_noise", "gaussian")
         self.input_hu = [[float(low), float(high)] for low, high in config["input_hu"]]
         self.scheduler = DDPMScheduler(**config["schedule"])
         self.precision = precision or config.get("precision", "auto")
@@ -544,17 +546,43 @@ class Diffusion:
         if t is None:
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
         t = torch.as_tensor(t).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        if self.train_noise == "simplex":  # the box's noise only, at the box's scale (as scoring draws it per window)
+            noise = torch.stack([smooth_noise((x0.shape[1], p, p), generator) for _ in range(n)]).to(device)
+        else:
+            noise = torch.randn(x0.shape, generator=generator).to(device)
         x_t = self.noise(x0, boxes, t, noise)
         x0_hat = self.rebuild(x_t, t, network)
         return PatchStep(patch_loss(x0_hat.float(), x0, boxes, p), x_t, x0_hat, boxes, t)
 
 
-def diffusion_config(network_config, *, patch_size, input_hu, precision="auto"):
+def diffusion_config(network_config, *, patch_size, input_hu, precision="auto", train_noise="gaussian"):
     """A Diffusion's config: the network's (model_config) with the patch size, input representation, noise
-    schedule and precision of the run."""
+    schedule, training noise (TRAIN_NOISES) and precision of the run."""
+    if train_noise not in TRAIN_NOISES:
+        raise ValueError(f"train_noise must be one of {', '.join(TRAIN_NOISES)}, got {train_noise!r}")
     return dict(network_config) | {"patch_size": int(patch_size), "input_hu": [[float(v) for v in pair] for pair in input_hu],
-                                   "schedule": dict(SCHEDULE), "precision": precision, "format": FORMAT}
+                                   "schedule": dict(SCHEDULE), "train_noise": train_noise, "precision": precision,
+                                   "format": FORMAT}
+
+
+TRAIN_NOISES = ("gaussian", "simplex")
+
+
+def smooth_noise(shape, generator, octaves=4, persistence=0.8, base_cells=2):
+    """Simplex-like noise [C, P, P]: octaves of Gaussian lattices (2, 4, 8, 16 cells across the window) upsampled
+    bicubically, weighted by persistence ** octave, then standardised to mean 0, std 1 per channel, so the noise
+    schedule sees the same variance as Gaussian noise. The official pDDPM uses simplex noise of this kind (in
+    training and scoring: train.py --train_noise, scoring --noise); no maintained simplex package on PyPI is
+    vectorised (opensimplex loops in Python), and smooth lattice noise gives the property that matters: structure
+    larger than a pixel, which a model cannot average away."""
+    channels, size = shape[0], shape[-1]
+    total = torch.zeros(shape)
+    for octave in range(octaves):
+        cells = min(base_cells * 2 ** octave, size)
+        lattice = torch.randn((1, channels, cells + 1, cells + 1), generator=generator)
+        total += persistence ** octave * F.interpolate(lattice, size=(size, size), mode="bicubic", align_corners=True)[0]
+    total -= total.mean(dim=(-2, -1), keepdim=True)
+    return total / total.std(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
 
 
 def build_diffusion(config, device="cpu", precision=None):

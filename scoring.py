@@ -282,25 +282,8 @@ def window_noise(seed, window_index, t, shape, noise="gaussian", draw=0):
     state = np.random.SeedSequence(key).generate_state(2)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     if noise == "simplex":
-        return smooth_noise(shape, generator)
+        return models.smooth_noise(shape, generator)
     return torch.randn(shape, generator=generator)
-
-
-def smooth_noise(shape, generator, octaves=4, persistence=0.8, base_cells=2):
-    """Simplex-like noise [C, P, P]: octaves of Gaussian lattices (2, 4, 8, 16 cells across the window) upsampled
-    bicubically, weighted by persistence ** octave, then standardised to mean 0, std 1 per channel, so the noise
-    schedule sees the same variance as Gaussian noise. The official pDDPM uses simplex noise of this kind; no
-    maintained simplex package on PyPI is vectorised (opensimplex loops in Python), and smooth lattice noise
-    gives the property that matters: structure larger than a pixel, which a model cannot average away."""
-    channels, size = shape[0], shape[-1]
-    total = torch.zeros(shape)
-    for octave in range(octaves):
-        cells = min(base_cells * 2 ** octave, size)
-        lattice = torch.randn((1, channels, cells + 1, cells + 1), generator=generator)
-        total += persistence ** octave * torch.nn.functional.interpolate(lattice, size=(size, size), mode="bicubic",
-                                                                           align_corners=True)[0]
-    total -= total.mean(dim=(-2, -1), keepdim=True)
-    return total / total.std(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
 
 
 def pack_windows(windows, patch_size, stride, gap):

@@ -80,24 +80,27 @@ def get_args(argv=None):
 # One set of slices scored by one model: the validation split of a checkpoint, or a fold of a CV run (its test split,
 # the fold's patients, with its model's validation split: `reference` marks those, scored but not reported; their
 # healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
-Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference normative_file")
+# healthy: the slices --level_norm z fits its statistics on where a part has no reference slices (a validation split:
+# its healthy patients, evaluate.reference_positions).
+Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy normative_file")
 
 
-def dataset_part(diffusion, rd, positions, run, reference_positions, normative_file):
+def dataset_part(diffusion, rd, positions, run, reference_positions, normative_file, healthy_positions=()):
     """A Part of the rows `positions` (and reference_positions) of the run data rd, with its brain masks."""
     dataset = data.SliceDataset(rd.cache, rd.index, np.sort(np.concatenate([positions, reference_positions])))
     items = [dataset[i] for i in range(len(dataset))]
     masks = np.stack([it["mask"].numpy() for it in items]) if items else None
     anatomy = np.stack([it["anatomy"].numpy() for it in items]) if items else None
     return Part(diffusion, dataset, masks, anatomy, scoring.slice_levels(anatomy, masks) if items else None,
-                np.isin(dataset.positions, reference_positions), normative_file)
+                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), normative_file)
 
 
 def validation_parts(args, checkpoint, diffusion, run):
     """The validation split of the training run (its saved patient lists, same caches) as the one Part."""
     rd = evaluate.open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val",))
     positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
-    return [dataset_part(diffusion, rd, positions, run, np.zeros(0, np.int64), scoring.normative_path(args.checkpoint))]
+    return [dataset_part(diffusion, rd, positions, run, np.zeros(0, np.int64), scoring.normative_path(args.checkpoint),
+                         healthy_positions=evaluate.reference_positions(rd, run))]
 
 
 def out_of_fold_parts(args, folds, device):
@@ -110,7 +113,7 @@ def out_of_fold_parts(args, folds, device):
                                      diffusion.config["image_size"])
         rd = evaluate.open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
         parts.append(dataset_part(diffusion, rd, rd.cache.ok(rd.splits["test"], run.min_brain_fraction), run,
-                                  rd.cache.ok(rd.splits["val"], run.min_brain_fraction), scoring.normative_path(path)))
+                                  evaluate.reference_positions(rd, run), scoring.normative_path(path)))
     return parts
 
 
@@ -140,7 +143,7 @@ def part_values(part, maps, setting, median_size, width):
     d = part.dataset
     values = {name: scoring.finish_scores(d.positions, d.scans, d.heights, v, dataclasses.replace(setting, smooth_slices=width))
               for name, v in raw.items()}
-    reference = part.reference if part.reference.any() else (np.ones(len(d.labels), bool) if setting.level_norm != "none" else None)
+    reference = part.reference if part.reference.any() else (part.healthy if setting.level_norm != "none" else None)
     if reference is not None:
         statistics = cv.reference_statistics({n: v[reference] for n, v in values.items()}, d.labels[reference],
                                              part.levels[reference], cv.level_bins(setting))

@@ -481,7 +481,8 @@ def run(args, rank, world, device, splits=None):
         models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
                             base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
                             hf_model=args.hf_model),
-        patch_size=args.patch_size, input_hu=inputs.native_input_hu(layout, args.channels), precision=args.precision)
+        patch_size=args.patch_size, input_hu=inputs.native_input_hu(layout, args.channels), precision=args.precision,
+        train_noise=args.train_noise)
     ckpt, splits, (train_set, val_loss_set, val_eval_set), by_loss = open_run(args, run_config, settings, amp_dtype, device,
                                                                               rank, world, splits)
 

@@ -390,3 +390,21 @@ def test_main_user_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", str(ckpt)])
     assert "no_data_here" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_compare_scores_pairs_two_scorings_of_the_same_slices(tmp_path, capsys):
+    import compare
+    rng = np.random.default_rng(0)
+    rows = [(f"s{p}_{k}", f"p{p}", f"scan{p}", int(p < 6 and k in (2, 3))) for p in range(12) for k in range(6)]
+    labels = np.array([r[3] for r in rows])
+    noise = rng.standard_normal(len(rows))
+    for name, values in (("a", labels * 0.5 + noise), ("b", labels * 3.0 + noise), ("same", labels * 0.5 + noise)):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "scores.csv", "w") as f:
+            f.write("id,patient,scan,any,brain_p99\n" + "".join(f"{i},{p},{s},{y},{v:.6g}\n" for (i, p, s, y), v in zip(rows, values)))
+    out = compare.main(["--scores", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "same"), "--n_boot", "200"])
+    assert out[0]["delta"]["delta"] == 0 and out[2]["delta"]["delta"] == pytest.approx(0)
+    assert out[1]["delta"]["delta"] > 0.1 and out[1]["delta"]["excludes_zero"]
+    assert "Δ slice" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no scores.csv"):
+        compare.main(["--scores", str(tmp_path)])

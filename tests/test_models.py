@@ -252,3 +252,17 @@ def test_checkpoint_from_before_the_diffusion_config_is_completed_or_refused_in_
     with pytest.raises(SystemExit) as e:
         models.load_checkpoint(path)
     assert str(path) in str(e.value) and "lacks base_channels" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_simplex_training_noise_is_smooth_and_saved_with_the_model(tmp_path):
+    config = dict(scratch_config(), train_noise="simplex")
+    diffusion = models.Diffusion(tiny_unet(seed=1), config)
+    x0 = torch.zeros(4, 1, 32, 32)
+    step = diffusion.loss(x0, torch.Generator().manual_seed(0), t=torch.full((4,), 999))
+    for i, (top, left) in enumerate(step.boxes.tolist()):  # x0 = 0: the box holds the (scaled) noise itself
+        box = step.x_t[i, 0, top:top + 8, left:left + 8]
+        neighbours = torch.corrcoef(torch.stack([box[:, :-1].flatten(), box[:, 1:].flatten()]))[0, 1]
+        assert neighbours > 0.5  # smooth: Gaussian noise has ~0 correlation between neighbouring pixels
+    models.save_checkpoint(tmp_path / "m.pt", diffusion)
+    assert models.load_checkpoint(tmp_path / "m.pt")[0].train_noise == "simplex"
+    assert models.Diffusion(tiny_unet(), scratch_config()).train_noise == "gaussian"
