@@ -23,8 +23,8 @@ import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
                     load_index, make_splits, relative_heights, slice_number, split_patients)
-from inputs import (WINDOWS, brain_mask_from_hu, brain_mask_from_windowed, check_input_hu, hu_range, intracranial, load_gt_mask, load_slice,
-                    nifti_slice_input, window_hu)
+from inputs import (BONE, NON_TISSUE, WINDOWS, check_input_hu, hu_range, intracranial, load_gt_mask, load_slice,
+                    nifti_slice_input, soft_tissue, tissue_classes, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
 from runfiles import cache_lock, check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
@@ -349,13 +349,26 @@ def pick_show_slices(index, columns, seed=0):
     return positives + sorted(negatives)
 
 
-def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None):
-    """PNG grid: one column per slice, one row per window; brain mask outlined green, GT bleed mask red."""
+def pick_level_slices(index, columns, seed=0):
+    """Slices of columns // 4 scans drawn at random, each at four levels (relative heights 0.05: face, 0.2: skull
+    base, 0.5: mid-brain, 0.9: vertex), scan by scan."""
+    rng = np.random.default_rng(seed)
+    heights, scans = relative_heights(index), np.unique(index["scan"])
+    picks = []
+    for scan in rng.choice(scans, max(1, columns // 4), replace=False):
+        rows = np.flatnonzero(index["scan"] == scan)
+        picks += [int(rows[np.abs(heights[rows] - level).argmin()]) for level in (0.05, 0.2, 0.5, 0.9)]
+    return picks
+
+
+def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, bone_margin=2):
+    """PNG grid: one column per slice, one row per window; intracranial mask outlined green, the soft-tissue region
+    (--scored_region soft_tissue at bone_margin) cyan, GT bleed mask red. by_level: four levels of each scan."""
     plt = pyplot()
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, dataset)
     index = load_index(data_dir, dataset, cache_dir=cache_dir)
-    picks = pick_show_slices(index, columns, seed)
+    picks = (pick_level_slices if by_level else pick_show_slices)(index, columns, seed)
     rows = ("brain", "bone") if dataset == "ctich" else ("brain", "subdural", "bone")
     fig, axes = plt.subplots(len(rows), len(picks), figsize=(2.1 * len(picks), 2.1 * len(rows) + 0.6), squeeze=False,
                              layout="constrained")
@@ -366,10 +379,11 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None):
         try:
             if dataset != "ctich":
                 hu = read_nifti_slices(path, [slice_number(index["id"][position])])[0] if is_nifti(path) else hu_from_dicom(path)
-                images, brain = {name: window_hu(hu, *hu_range(name)) for name in rows}, brain_mask_from_hu(hu)
+                images, pixels = {name: window_hu(hu, *hu_range(name)) for name in rows}, hu
             else:
-                images = read_ctich_slice(path)
-                brain = brain_mask_from_windowed(images["brain"])
+                images = pixels = read_ctich_slice(path)
+            brain, bone, non_tissue, _ = tissue_classes(pixels)
+            soft = brain & soft_tissue(bone * BONE | non_tissue * NON_TISSUE, bone_margin)
         except BadFile as error:
             axes[0, c].text(0.5, 0.5, f"bad file:\n{str(error)[:40]}", ha="center", fontsize=6, transform=axes[0, c].transAxes)
             for r in range(len(rows)):
@@ -381,13 +395,15 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None):
             ax.imshow(images[name], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             if r == 0:
                 ax.contour(brain, levels=[0.5], colors="lime", linewidths=0.6)
+                ax.contour(soft, levels=[0.5], colors="cyan", linewidths=0.5)
             if truth is not None:
                 ax.contour(truth, levels=[0.5], colors="red", linewidths=0.7)
             if c == 0:
                 level_width = f" L{WINDOWS[name][0]}/W{WINDOWS[name][1]}" if dataset != "ctich" else " JPG"
                 ax.text(4, 4, name + level_width, color="yellow", fontsize=7, va="top")
             ax.set_axis_off()
-    fig.suptitle(f"{data_dir} ({dataset}): green = brain mask, red = ground-truth bleed", fontsize=9)
+    fig.suptitle(f"{data_dir} ({dataset}): green = intracranial mask, cyan = soft-tissue region (bone margin {bone_margin}), "
+                 "red = ground-truth bleed", fontsize=9)
     save_figure(fig, out, dpi=110)
     plt.close(fig)
     print(f"wrote {out}")
@@ -406,6 +422,9 @@ def main(argv=None):
             command.add_argument("--out", default="grid.png")
             command.add_argument("--columns", type=int, default=8)
             command.add_argument("--seed", type=int, default=0)
+            command.add_argument("--by_level", action="store_true",
+                                 help="four levels of each drawn scan (face, skull base, mid-brain, vertex), not mid-level slices")
+            command.add_argument("--bone_margin", type=int, default=2, help="the soft-tissue region's band (scoring --bone_margin)")
         else:
             command.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args(argv)
@@ -413,7 +432,7 @@ def main(argv=None):
         check_figure_format(args.out, "--out")
         if args.columns < 1:
             raise SystemExit(f"error: --columns {args.columns}: must be at least 1")
-        show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir)
+        show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir, args.by_level, args.bone_margin)
     else:
         start = time.time()
         index = load_index(args.data_dir, args.dataset, args.cache_dir, args.num_workers)

@@ -242,6 +242,18 @@ def intracranial(code):
     return (code & INTRACRANIAL) > 0
 
 
+def soft_tissue(codes, bone_margin):
+    """bool [..., S, S]: the pixels of anatomy codes [..., S, S] that are neither bone nor air/fat, nor within
+    bone_margin pixels (of a 128^2 slice, scaled to S) of either (scoring.scored_masks: --scored_region soft_tissue)."""
+    codes = np.asarray(codes)
+    excluded = (codes & (BONE | NON_TISSUE)) > 0
+    margin = round(bone_margin * codes.shape[-1] / 128)
+    if margin:
+        flat = excluded.reshape(-1, *codes.shape[-2:])
+        excluded = np.stack([ndimage.binary_dilation(e, iterations=margin) for e in flat]).reshape(codes.shape)
+    return ~excluded
+
+
 def tissue_classes(pixels):
     """(intracranial, bone, non_tissue, head): bool [H, W] each, of one decoded slice at its own resolution. HU
     slices: thresholds. CT-ICH's windowed JPGs: the intracranial mask from the brain JPG (brain_mask_from_windowed);

@@ -503,12 +503,7 @@ def scored_masks(masks, anatomy, settings):
     masks = torch.as_tensor(masks).bool().cpu().numpy()
     if settings.scored_region == "intracranial" or anatomy is None:
         return masks
-    codes = torch.as_tensor(anatomy).cpu().numpy()
-    excluded = (codes & (inputs.BONE | inputs.NON_TISSUE)) > 0
-    margin = round(settings.bone_margin * masks.shape[-1] / 128)
-    if margin:
-        excluded = np.stack([scipy.ndimage.binary_dilation(e, iterations=margin) for e in excluded])
-    return masks & ~excluded
+    return masks & inputs.soft_tissue(torch.as_tensor(anatomy).cpu().numpy(), settings.bone_margin)
 
 
 def slice_levels(anatomy, masks):
