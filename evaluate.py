@@ -213,7 +213,9 @@ def pixel_metrics(acc, threshold=None):
            "dice": None, "dice_threshold": threshold, "oracle_best_dice": None, "oracle_threshold": None,
            "n_pixels_bleed": n_pos, "n_pixels_no_bleed": n_neg, "n_slices": int(acc["slices"]),
            "positive_slices_without_mask": int(acc["positive_slices_without_mask"]),
-           "unusable_masks": int(acc.get("unusable_masks", 0))}  # of those, slices whose mask did not fit (skipped)
+           "unusable_masks": int(acc.get("unusable_masks", 0)),  # of those, slices whose mask did not fit (skipped)
+           # bleed pixels inside the intracranial mask that the scored region leaves out (counted as missed, map 0)
+           "bleed_pixels_outside_region": int(acc.get("bleed_pixels_outside_region", 0))}
     if n_pos == 0 or n_neg == 0:
         out["note"] = "pixel metrics need bleed and non-bleed pixels inside the brain mask"
         return out
