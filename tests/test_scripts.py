@@ -66,7 +66,7 @@ def test_train_evaluate_compare(phantom_dir, tmp_path):
     assert {r["residual"] for r in sweep["rows"]} == {"abs", "positive"}
     # every row carries its paired difference to the default setting (t=250 is not in this grid: scored apart)
     assert all(r["delta_roc_auc_ci"] is not None and "delta_scan_roc_auc" in r for r in sweep["rows"])
-    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| window/stride")
+    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| map | region | level norm | window/stride")
 
     proc = run([sys.executable, "compare.py", "--scratch_dir", str(out), "--pretrained_dir", str(out),
                 "--output", str(tmp_path / "cmp.png")])
