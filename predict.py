@@ -231,7 +231,7 @@ def overlay(path, scan, rows, top, settings):
     ranked = sorted(rows, key=lambda row: -row["score"])[:top]
     if not ranked:
         return
-    examples = {"highest-scoring": [{"image": row["input"][0], "map": row["map"], "brain_mask": row["brain"] > 0,
+    examples = {"highest-scoring": [{"image": row["input"][0], "map": row["map"], "brain_mask": inputs.intracranial(row["brain"]),
                                      "gt_mask": None, "score": row["score"], "id": f"slice {row['slice']}", "position": row["slice"]}
                                     for row in ranked]}
     evaluate.plot_overlays(path, examples, title=f"{scan['name']}: scan score {ranked[0]['score']:.4g} ({settings.score})",
@@ -255,7 +255,7 @@ def predict_scan(scorers, scan, offset, run, settings, seed):
             row["note"] = result
         else:
             row["input"], row["brain"], row["shape"] = result
-            row["brain_fraction"] = float(np.mean(row["brain"] > 0))
+            row["brain_fraction"] = float(np.mean(inputs.intracranial(row["brain"])))
             if row["brain_fraction"] >= run.min_brain_fraction:
                 scored.append(row)
             else:
