@@ -69,3 +69,19 @@ def test_anatomy_from_ctich_style_windows_matches_hu():
     from_hu, from_jpg = inputs.anatomy_code(hu, SIZE), inputs.anatomy_code(windowed, SIZE)
     for bit in (inputs.INTRACRANIAL, inputs.BONE, inputs.HEAD):
         assert dice((from_hu & bit) > 0, (from_jpg & bit) > 0) > 0.9, bit
+
+
+def test_no_intracranial_mask_on_the_neck_but_one_through_a_craniectomy():
+    """Below the skull base the largest piece of tissue is the neck or the face, which no bone encloses: no mask.
+    A brain whose skull is open over a quarter of its outline (craniectomy) keeps its mask."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] - SIZE / 2
+    neck = np.where(np.hypot(x / 0.9, y) < SIZE * 0.38, 40.0, -1000.0)  # muscle and fat of the neck
+    neck = np.where(np.hypot(x, y - SIZE * 0.12) < 4, 700.0, neck)  # a vertebral body
+    neck = np.where((np.abs(np.hypot(x, y + SIZE * 0.05) - SIZE * 0.28) < 1.5) & (y < -SIZE * 0.15), 900.0, neck)  # the jaw
+    assert not inputs.intracranial(inputs.anatomy_code(neck, SIZE)).any()
+
+    hu, inside, _ = phantom_slice(0.5)
+    _, _, _, theta, _, _ = phantom._head_frame(phantom.random_head(np.random.default_rng(0), SIZE), 0.5, SIZE)
+    opened = (hu >= 200) & (np.abs(np.angle(np.exp(1j * (theta - 0.5)))) < np.pi / 4)  # a quarter of the skull gone
+    mask = inputs.intracranial(inputs.anatomy_code(np.where(opened, 30.0, hu), SIZE))
+    assert mask.sum() > 0.6 * inside.sum() and (mask & inside).sum() > 0.9 * mask.sum()
