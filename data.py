@@ -23,8 +23,8 @@ import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
                     load_index, make_splits, relative_heights, slice_number, split_patients)
-from inputs import (BONE, NON_TISSUE, WINDOWS, check_input_hu, hu_range, intracranial, load_gt_mask, load_slice,
-                    nifti_slice_input, soft_tissue, tissue_classes, window_hu)
+from inputs import (BONE, INTRACRANIAL, NON_TISSUE, WINDOWS, check_input_hu, hu_range, intracranial, load_gt_mask,
+                    load_slice, nifti_slice_input, region_mask, tissue_classes, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
 from runfiles import cache_lock, check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
@@ -361,9 +361,10 @@ def pick_level_slices(index, columns, seed=0):
     return picks
 
 
-def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, bone_margin=2):
-    """PNG grid: one column per slice, one row per window; intracranial mask outlined green, the soft-tissue region
-    (--scored_region soft_tissue at bone_margin) cyan, GT bleed mask red. by_level: four levels of each scan."""
+def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, bone_margin=2,
+              scored_region="soft_tissue"):
+    """PNG grid: one column per slice, one row per window; intracranial mask outlined green, the scored region
+    (--scored_region, at bone_margin) cyan, GT bleed mask red. by_level: four levels of each scan."""
     plt = pyplot()
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, dataset)
@@ -383,7 +384,7 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by
             else:
                 images = pixels = read_ctich_slice(path)
             brain, bone, non_tissue, _ = tissue_classes(pixels)
-            soft = brain & soft_tissue(bone * BONE | non_tissue * NON_TISSUE, bone_margin)
+            soft = region_mask(brain * INTRACRANIAL | bone * BONE | non_tissue * NON_TISSUE, scored_region, bone_margin)
         except BadFile as error:
             axes[0, c].text(0.5, 0.5, f"bad file:\n{str(error)[:40]}", ha="center", fontsize=6, transform=axes[0, c].transAxes)
             for r in range(len(rows)):
@@ -402,7 +403,7 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by
                 level_width = f" L{WINDOWS[name][0]}/W{WINDOWS[name][1]}" if dataset != "ctich" else " JPG"
                 ax.text(4, 4, name + level_width, color="yellow", fontsize=7, va="top")
             ax.set_axis_off()
-    fig.suptitle(f"{data_dir} ({dataset}): green = intracranial mask, cyan = soft-tissue region (bone margin {bone_margin}), "
+    fig.suptitle(f"{data_dir} ({dataset}): green = intracranial mask, cyan = {scored_region} region (bone margin {bone_margin}), "
                  "red = ground-truth bleed", fontsize=9)
     save_figure(fig, out, dpi=110)
     plt.close(fig)
@@ -424,7 +425,9 @@ def main(argv=None):
             command.add_argument("--seed", type=int, default=0)
             command.add_argument("--by_level", action="store_true",
                                  help="four levels of each drawn scan (face, skull base, mid-brain, vertex), not mid-level slices")
-            command.add_argument("--bone_margin", type=int, default=2, help="the soft-tissue region's band (scoring --bone_margin)")
+            command.add_argument("--bone_margin", type=int, default=2, help="the scored region's band (scoring --bone_margin)")
+            command.add_argument("--scored_region", default="soft_tissue", choices=("soft_tissue", "no_bone_islands"),
+                                 help="the scored region drawn in cyan (scoring --scored_region)")
         else:
             command.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args(argv)
@@ -432,7 +435,8 @@ def main(argv=None):
         check_figure_format(args.out, "--out")
         if args.columns < 1:
             raise SystemExit(f"error: --columns {args.columns}: must be at least 1")
-        show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir, args.by_level, args.bone_margin)
+        show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir, args.by_level, args.bone_margin,
+                  args.scored_region)
     else:
         start = time.time()
         index = load_index(args.data_dir, args.dataset, args.cache_dir, args.num_workers)

@@ -270,6 +270,38 @@ def soft_tissue(codes, bone_margin):
     return ~excluded
 
 
+RIDGE_REACH = 4  # pixels (of a 128^2 slice): bays of the intracranial outline narrower than about twice this are
+# where a ridge of bone pokes in (petrous ridge, clinoids, sphenoid wing), not the smooth inner table
+
+
+def no_bone_islands(codes, bone_margin):
+    """bool [..., S, S]: the pixels of anatomy codes [..., S, S] that are not bone or air/fat inside the intracranial
+    mask (islands: calcifications, clinoids, sinuses), not in a bay of its outline where a ridge of bone pokes in
+    (the intracranial mask closed over RIDGE_REACH, less the mask), and not within bone_margin pixels (of a 128^2
+    slice, scaled to S) of either (scoring.scored_masks: --scored_region no_bone_islands). Unlike soft_tissue it
+    draws no band along the smooth inner table, where epidurals and subdurals lie."""
+    codes = np.asarray(codes)
+    scale = codes.shape[-1] / 128
+    margin, reach = round(bone_margin * scale), max(1, round(RIDGE_REACH * scale))
+    kept = []
+    for code in codes.reshape(-1, *codes.shape[-2:]):
+        inside = (code & INTRACRANIAL) > 0
+        excluded = (inside & ((code & (BONE | NON_TISSUE)) > 0)) | (_closing(inside, reach) & ~inside)
+        if margin and excluded.any():
+            excluded = ndimage.binary_dilation(excluded, iterations=margin)
+        kept.append(~excluded)
+    return np.stack(kept).reshape(codes.shape) if kept else np.ones(codes.shape, bool)
+
+
+def region_mask(codes, region, bone_margin):
+    """bool [..., S, S]: the scored region (--scored_region: intracranial, soft_tissue or no_bone_islands) of anatomy
+    codes [..., S, S]."""
+    inside = intracranial(np.asarray(codes))
+    if region == "intracranial":
+        return inside
+    return inside & {"soft_tissue": soft_tissue, "no_bone_islands": no_bone_islands}[region](codes, bone_margin)
+
+
 def tissue_classes(pixels):
     """(intracranial, bone, non_tissue, head): bool [H, W] each, of one decoded slice at its own resolution. HU
     slices: thresholds. CT-ICH's windowed JPGs: the intracranial mask from the brain JPG (brain_mask_from_windowed);

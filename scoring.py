@@ -83,7 +83,7 @@ class ScoringSettings:
     hyperdensity_prior: bool = False  # weight the map by how far the pixel sits in the acute-blood band (50-90 HU)
     min_height: float = 0.0  # slices lower than this fraction of their scan's height score 0 (skull base, face)
     # Issue 20 (RESULTS.md): what is scored, level-normalised slice scores, and a no-learning baseline.
-    scored_region: str = "intracranial"  # or "soft_tissue": bone, air/fat and a bone_margin band left out (scored_masks)
+    scored_region: str = "intracranial"  # or "soft_tissue" / "no_bone_islands": bone, air/fat and a bone_margin band left out (scored_masks)
     bone_margin: int = 2  # pixels (of a 128^2 slice) around bone and air/fat left out with --scored_region soft_tissue
     level_norm: str = "none"  # "z": slice scores z-scored against healthy reference slices of the same level
     anomaly_map: str = "model"  # or "blood_band": no model, the input's acute-blood band membership (a baseline)
@@ -161,7 +161,7 @@ Z_FLOOR = 0.02  # std floor of --draw_combine z, in input units (1 % of the [-1,
 DRAW_COMBINES = ("mean", "z")
 INPUT_NORMS = ("none", "slice", "scan")
 CALIBRATIONS = ("none", "z", "mean")
-SCORED_REGIONS = ("intracranial", "soft_tissue")
+SCORED_REGIONS = ("intracranial", "soft_tissue", "no_bone_islands")
 LEVEL_NORMS = ("none", "z")
 LEVEL_BINS = 5  # level bins of --level_norm z: quantiles of the reference slices' levels
 ANOMALY_MAPS = ("model", "blood_band")
@@ -227,10 +227,11 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
     group.add_argument("--min_height", type=float, default=default("min_height"),
                        help="slices below this fraction of their scan's height score 0 (skull base / face; 0 = off)")
     group.add_argument("--scored_region", default=default("scored_region"), choices=SCORED_REGIONS,
-                       help="what a slice score reads: the intracranial mask, or its soft tissue (bone islands, air/fat "
-                            "cavities and a --bone_margin band around them and the skull left out)")
+                       help="what a slice score reads: the intracranial mask; its soft tissue (bone islands, air/fat "
+                            "cavities and a --bone_margin band around them and the skull left out); or no_bone_islands "
+                            "(the same, but no band along the smooth inner table)")
     group.add_argument("--bone_margin", type=int, default=default("bone_margin"),
-                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region soft_tissue")
+                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region soft_tissue / no_bone_islands")
     group.add_argument("--level_norm", default=default("level_norm"), choices=LEVEL_NORMS,
                        help="z: each slice score z-scored against healthy reference slices of its anatomical level "
                             "(intracranial / head area), the validation patients the model never trained on")
@@ -498,12 +499,14 @@ def scored_masks(masks, anatomy, settings):
     """The region a slice score reads, bool numpy [N, H, W]: the intracranial masks, or with --scored_region
     soft_tissue those less bone and air/fat (inputs.anatomy_code) and a band of bone_margin pixels (of a 128^2
     slice) around them. The band is why: at the skull base, partial-volume bone inside the mask (petrous ridges,
-    clinoids, sphenoid) is rebuilt darker than it is and outscored every bleed (issue 20). It also trims the rim
-    against the inner table, where thin subdurals lie: RESULTS.md measures what it costs on bleed pixels."""
+    clinoids, sphenoid) is rebuilt darker than it is and outscored every bleed (issue 20). soft_tissue also trims
+    the rim against the inner table, where thin subdurals lie; no_bone_islands (inputs.no_bone_islands) leaves out
+    only bone and air inside the mask and the bays where ridges of bone poke in, each with the band: RESULTS.md
+    measures what each costs on bleed pixels."""
     masks = torch.as_tensor(masks).bool().cpu().numpy()
     if settings.scored_region == "intracranial" or anatomy is None:
         return masks
-    return masks & inputs.soft_tissue(torch.as_tensor(anatomy).cpu().numpy(), settings.bone_margin)
+    return masks & inputs.region_mask(torch.as_tensor(anatomy).cpu().numpy(), settings.scored_region, settings.bone_margin)
 
 
 def slice_levels(anatomy, masks):

@@ -10,13 +10,13 @@ import scoring
 SIZE = 64
 
 
-def phantom_slice(level, seed=0, island=False):
+def phantom_slice(level, seed=0, island=False, size=SIZE):
     """(HU [S, S], the true intracranial space, a bone island drawn inside it or None) of one phantom slice."""
     rng = np.random.default_rng(seed)
-    head = phantom.random_head(rng, SIZE)
-    hu, _ = phantom.draw_slice(rng, head, level, 0, [], SIZE)
-    u, xn, yn, theta, rho, pixel = phantom._head_frame(head, level, SIZE)
-    _, inner, _ = phantom._scalp_and_skull(head, level, theta, rho, pixel, SIZE)
+    head = phantom.random_head(rng, size)
+    hu, _ = phantom.draw_slice(rng, head, level, 0, [], size)
+    u, xn, yn, theta, rho, pixel = phantom._head_frame(head, level, size)
+    _, inner, _ = phantom._scalp_and_skull(head, level, theta, rho, pixel, size)
     inside = rho <= inner
     bone = None
     if island:  # a petrous-like ridge of bone inside the intracranial space, with a partial-volume rim
@@ -52,13 +52,14 @@ def test_bone_islands_and_their_band_are_left_out_but_blood_is_not():
     code = inputs.anatomy_code(hu, SIZE)
     intracranial = inputs.intracranial(code)
     assert intracranial[island].mean() > 0.9  # holes filled: the default region keeps the island in
-    for margin in (0, 2):
-        settings = scoring.ScoringSettings(scored_region="soft_tissue", bone_margin=margin)
-        soft = scoring.scored_masks(intracranial[None], code[None], settings)[0]
-        assert not (soft & island).any()
-        assert soft[blood].mean() == 1.0  # blood far from bone stays scored
     near = np.pad(island, 1)[2:, 1:-1] & ~island & inside  # the row next to the ridge
-    assert not (soft & near).any()  # the band of margin 2 takes the partial-volume rim out
+    for region in ("soft_tissue", "no_bone_islands"):
+        for margin in (0, 2):
+            settings = scoring.ScoringSettings(scored_region=region, bone_margin=margin)
+            soft = scoring.scored_masks(intracranial[None], code[None], settings)[0]
+            assert not (soft & island).any(), region
+            assert soft[blood].mean() == 1.0, region  # blood far from bone stays scored
+        assert not (soft & near).any(), region  # the band of margin 2 takes the partial-volume rim out
     default = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings())[0]
     assert (default == intracranial).all()
 
@@ -85,3 +86,18 @@ def test_no_intracranial_mask_on_the_neck_but_one_through_a_craniectomy():
     opened = (hu >= 200) & (np.abs(np.angle(np.exp(1j * (theta - 0.5)))) < np.pi / 4)  # a quarter of the skull gone
     mask = inputs.intracranial(inputs.anatomy_code(np.where(opened, 30.0, hu), SIZE))
     assert mask.sum() > 0.6 * inside.sum() and (mask & inside).sum() > 0.9 * mask.sum()
+
+
+def test_a_subdural_against_the_inner_table_stays_in_no_bone_islands_but_not_in_soft_tissue():
+    """soft_tissue draws its band along the skull too, where thin subdurals and epidurals lie; no_bone_islands only
+    around bone and air inside the mask and the bays where ridges poke in."""
+    hu, inside, island = phantom_slice(0.5, island=True, size=128)  # the recipe's size: a 2 px band is 2 px
+    rim = inside & ~np.pad(inside, 2)[4:, 2:-2]  # 2 px against the inner table, at the back of the head
+    rim &= ~(np.pad(island, 3)[3:-3, 3:-3])
+    code = inputs.anatomy_code(np.where(rim, 70.0, hu), 128)
+    intracranial = inputs.intracranial(code)
+    subdural = rim & intracranial
+    assert subdural.sum() > 5
+    kept = {region: inputs.region_mask(code, region, 2)[subdural].mean() for region in ("soft_tissue", "no_bone_islands")}
+    assert kept["no_bone_islands"] > 0.9 and kept["soft_tissue"] < 0.5, kept
+    assert not (inputs.region_mask(code, "no_bone_islands", 2) & island).any()
