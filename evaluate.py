@@ -670,9 +670,9 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
 
 def reference_key(settings, seed, run):
     """What a fold model's reference statistics depend on: they are used again only for the same (the batch size
-    is left out: a map does not depend on it)."""
+    is left out: a map does not depend on it; the cache version is in: it changes when decoding or the masks do)."""
     return {"settings": settings.as_dict() | {"eval_batch_size": None}, "seed": seed,
-            "min_brain_fraction": run.min_brain_fraction}
+            "min_brain_fraction": run.min_brain_fraction, "cache_version": data.CACHE_VERSION}
 
 
 def open_fold(args, path, device):

@@ -220,6 +220,11 @@ def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path)
     run, settings, seed = evaluate.config.read_back(checkpoint, {"level_norm": "z"}, path, diffusion.config["image_size"])
     with pytest.raises(SystemExit, match=r"no reference statistics .* run python evaluate.py --checkpoint .*best_model.pt"):
         evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
+    # statistics saved under older masks or decoding (another cache version) are never reused
+    stale = evaluate.reference_key(settings, seed, run) | {"cache_version": evaluate.data.CACHE_VERSION - 1}
+    cv.write_reference(cv.reference_path(path), stale, {"level_edges": [], "mean": [[0.0, 1.0]]})
+    with pytest.raises(SystemExit, match=r"no reference statistics"):
+        evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
 
 
 def test_out_of_fold_scores_with_soft_tissue_region_and_level_norm(cv_run, phantom_dir, tmp_path):
@@ -232,11 +237,12 @@ def test_out_of_fold_scores_with_soft_tissue_region_and_level_norm(cv_run, phant
     # sweep.py reads both off the same maps, and the no-learning baseline beside the model
     quiet(sweep.main, ["--checkpoint", str(out), "--eval_t", "250", "--multi_t", "--residuals", "positive",
                        "--median_sizes", "5", "--smooth_slices", "2", "--n_boot", "0", "--output_dir", str(tmp_path / "sw"),
-                       "--scored_regions", "intracranial", "soft_tissue:2", "--level_norms", "none", "z",
+                       "--scored_regions", "intracranial", "soft_tissue:2", "no_bone_islands:2", "--level_norms", "none", "z",
                        "--anomaly_maps", "model", "blood_band"])
     rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
     assert {(r["anomaly_map"], r["region"], r["level_norm"]) for r in rows} == {
-        (m, r, n) for m in ("model", "blood_band") for r in ("intracranial", "soft_tissue:2") for n in ("none", "z")}
+        (m, r, n) for m in ("model", "blood_band") for r in ("intracranial", "soft_tissue:2", "no_bone_islands:2")
+        for n in ("none", "z")}
     same = [r for r in rows if (r["anomaly_map"], r["region"], r["level_norm"], r["score"]) == ("model", "soft_tissue:2", "z", "brain_p99")]
     assert same[0]["roc_auc"] == pytest.approx(metrics["slice"]["brain_p99"]["roc_auc"])
     # a single checkpoint with --level_norm: predict.py reads the reference evaluate.py saved, or scores it
