@@ -679,7 +679,9 @@ def open_fold(args, path, device):
     """A fold model read as evaluate.py reads a run -> (diffusion, checkpoint, run, settings, seed, normative)."""
     diffusion, checkpoint = models.load_checkpoint(path, device, args.precision)
     run, settings, seed = config.read_back(checkpoint, args, path, diffusion.config["image_size"])
-    normative = scoring.load_normative(scoring.normative_path(path), settings) if settings.needs_normative else None
+    # --fit_normative is what makes the normative file: it cannot need one
+    needs = settings.needs_normative and not getattr(args, "fit_normative", False)
+    normative = scoring.load_normative(scoring.normative_path(path), settings) if needs else None
     return diffusion, checkpoint, run, settings, seed, normative
 
 

@@ -250,3 +250,21 @@ def test_out_of_fold_scores_with_soft_tissue_region_and_level_norm(cv_run, phant
     quiet(predict.main, ["--checkpoint", single, "--data_dir", phantom_dir, "--output_dir", str(tmp_path / "pred"), "--level_norm", "z"])
     rows = list(csv.DictReader((tmp_path / "pred" / "slices.csv").open()))
     assert any(row["brain_p99"] and float(row["brain_p99"]) < 0 for row in rows)  # z-scores: healthy ones below 0
+
+
+def test_input_norm_on_a_cv_run_fits_each_folds_statistics_first(cv_run, tmp_path):
+    """--fit_normative on a CV run writes each fold's normative file (from its own healthy training patients);
+    the out-of-fold scores with --input_norm then read them. Before the fit, the one-line refusal."""
+    out, _ = cv_run
+    flags = ["--input_norm", "slice", "--eval_samples", "all", "--n_boot", "20"]
+    for k in range(K):
+        gone = evaluate.scoring.normative_path(str(out / f"fold_{k}" / "best_model.pt"))
+        if os.path.exists(gone):
+            os.remove(gone)
+    with pytest.raises(SystemExit, match="fit_normative"):
+        quiet(evaluate.main, ["--checkpoint", str(out), "--output_dir", str(tmp_path / "refused"), *flags])
+    quiet(evaluate.main, ["--checkpoint", str(out), "--input_norm", "slice", "--fit_normative"])
+    assert all(os.path.exists(evaluate.scoring.normative_path(str(out / f"fold_{k}" / "best_model.pt"))) for k in range(K))
+    quiet(evaluate.main, ["--checkpoint", str(out), "--output_dir", str(tmp_path / "oof"), *flags])
+    metrics = json.loads((tmp_path / "oof" / "metrics.json").read_text())
+    assert metrics["settings"]["input_norm"] == "slice" and metrics["slice"]["brain_p99"]["roc_auc"] is not None
