@@ -23,8 +23,8 @@ import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
                     load_index, make_splits, relative_heights, slice_number, split_patients)
-from inputs import (BONE, INTRACRANIAL, NON_TISSUE, WINDOWS, check_input_hu, hu_range, intracranial, load_gt_mask,
-                    load_slice, nifti_slice_input, region_mask, tissue_classes, window_hu)
+from inputs import (BONE, INTRACRANIAL, NON_TISSUE, SCORED_REGIONS, WINDOWS, check_input_hu, hu_range, intracranial,
+                    load_gt_mask, load_slice, nifti_slice_input, region_mask, tissue_classes, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
 from runfiles import cache_lock, check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
@@ -426,7 +426,7 @@ def main(argv=None):
             command.add_argument("--by_level", action="store_true",
                                  help="four levels of each drawn scan (face, skull base, mid-brain, vertex), not mid-level slices")
             command.add_argument("--bone_margin", type=int, default=2, help="the scored region's band (scoring --bone_margin)")
-            command.add_argument("--scored_region", default="soft_tissue", choices=("soft_tissue", "no_bone_islands"),
+            command.add_argument("--scored_region", default="soft_tissue", choices=SCORED_REGIONS[1:],
                                  help="the scored region drawn in cyan (scoring --scored_region)")
         else:
             command.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)

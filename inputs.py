@@ -293,6 +293,9 @@ def no_bone_islands(codes, bone_margin):
     return np.stack(kept).reshape(codes.shape) if kept else np.ones(codes.shape, bool)
 
 
+SCORED_REGIONS = ("intracranial", "soft_tissue", "no_bone_islands")  # --scored_region; region_mask draws each
+
+
 def region_mask(codes, region, bone_margin):
     """bool [..., S, S]: the scored region (--scored_region: intracranial, soft_tissue or no_bone_islands) of anatomy
     codes [..., S, S]."""

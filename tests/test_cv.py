@@ -210,7 +210,7 @@ def test_level_normalisation_centres_healthy_slices_of_every_level():
         cv.normalised(raw, stats)
 
 
-def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path):
+def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path, monkeypatch):
     out, _ = cv_run
     path = str(tmp_path / "best_model.pt")
     shutil.copy(out / "fold_0" / "best_model.pt", path)
@@ -220,9 +220,11 @@ def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path)
     run, settings, seed = evaluate.config.read_back(checkpoint, {"level_norm": "z"}, path, diffusion.config["image_size"])
     with pytest.raises(SystemExit, match=r"no reference statistics .* run python evaluate.py --checkpoint .*best_model.pt"):
         evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
-    # statistics saved under older masks or decoding (another cache version) are never reused
-    stale = evaluate.reference_key(settings, seed, run) | {"cache_version": evaluate.data.CACHE_VERSION - 1}
-    cv.write_reference(cv.reference_path(path), stale, {"level_edges": [], "mean": [[0.0, 1.0]]})
+    # saved statistics are reused for the same key; once the masks or decoding change (a new cache version), never
+    saved = {"level_edges": [], "brain_p99": [[0.0, 1.0]]}
+    cv.write_reference(cv.reference_path(path), evaluate.reference_key(settings, seed, run), saved)
+    assert evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None) == saved
+    monkeypatch.setattr(evaluate.data, "CACHE_VERSION", evaluate.data.CACHE_VERSION + 1)
     with pytest.raises(SystemExit, match=r"no reference statistics"):
         evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
 
