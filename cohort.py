@@ -499,6 +499,20 @@ def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKE
     return index
 
 
+def neighbour_rows(index, positions):
+    """int64 [N, 2]: the index rows of the slices just below and just above each position in its scan (rows of a
+    scan are consecutive and ordered by z, see load_index), -1 where the position is its scan's lowest / highest."""
+    scans, positions = np.asarray(index["scan"]), np.asarray(positions, np.int64).reshape(-1)
+    out = np.full((len(positions), 2), -1, np.int64)
+    for column, step in enumerate((-1, 1)):
+        other = positions + step
+        inside = (other >= 0) & (other < len(scans))
+        same = np.zeros(len(positions), bool)
+        same[inside] = scans[other[inside]] == scans[positions[inside]]
+        out[same, column] = other[same]
+    return out
+
+
 def relative_heights(index):
     """Per index row: its height in its scan, 0 = the lowest slice, 1 = the highest (rows of a scan are consecutive
     and ordered by z, see load_index; z grows toward the vertex in DICOM patient coordinates and in CT-ICH's slice

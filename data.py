@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
-                    load_index, make_splits, relative_heights, slice_number, split_patients)
-from inputs import (BONE, INTRACRANIAL, NON_TISSUE, SCORED_REGIONS, WINDOWS, check_input_hu, hu_range, intracranial,
+                    load_index, make_splits, neighbour_rows, relative_heights, slice_number, split_patients)
+from inputs import (BONE, INTRACRANIAL, NON_TISSUE, SCORED_REGIONS, WINDOWS, add_neighbour_bone, check_input_hu, hu_range, intracranial,
                     load_gt_mask, load_slice, nifti_slice_input, region_mask, tissue_classes, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
@@ -215,7 +215,9 @@ def _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input
         _create_cache_files(prefix, len(index["id"]), len(input_hu), image_size)
     except OSError as error:
         raise SystemExit(f"error: --cache_dir {cache_dir}: cannot write the slice cache ({error.strerror or error})")
-    positions = np.unique(np.asarray(positions, np.int64))
+    positions = np.asarray(positions, np.int64)
+    neighbours = neighbour_rows(index, positions)  # a slice is read beside its neighbours (SliceDataset): decode them too
+    positions = np.unique(np.concatenate([positions, neighbours[neighbours >= 0]]))
     identities, gone, changed, todo = _rows_to_decode(prefix, data_dir, index, positions, verify_cache, num_workers)
     check_free_space(cache_dir, len(todo), len(input_hu), image_size)
     state = np.load(f"{prefix}.state.npy", mmap_mode="r+")
@@ -236,13 +238,19 @@ def _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input
 
 class SliceDataset(torch.utils.data.Dataset):
     """Items dict(image float32 [C, S, S], mask bool [S, S] (intracranial), anatomy uint8 [S, S] (the cached
-    inputs.anatomy_code: scoring.scored_masks reads the scored region off it), label int (any), position int (index row)).
+    inputs.anatomy_code, with the NEAR_BONE bit from the slices above and below: scoring.scored_masks reads the
+    scored region off it), label int (any), position int (index row)).
     Positions whose slice did not decode (cache state != 1) are left out. .positions, .labels, .patients
     and .scans are aligned arrays over the items (for metrics that group by patient or scan)."""
 
     def __init__(self, cache, index, positions):
         self.cache = cache
         self.positions = cache.ok(positions)
+        self.neighbours = neighbour_rows(index, self.positions)
+        state = cache.state[np.maximum(self.neighbours, 0)]
+        if ((self.neighbours >= 0) & (state == 0)).any():  # the anatomy of a slice would depend on what was decoded before
+            raise RuntimeError(f"{cache.prefix}: a slice's neighbour is not decoded (prepare_slices decodes them)")
+        self.neighbours[state != 1] = -1  # a neighbour whose file is bad is no neighbour
         # copies of the few columns needed, not the whole index: DataLoader workers stay light
         self.labels = np.asarray(index["any"])[self.positions].astype(np.int64)
         self.patients = np.asarray(index["patient"])[self.positions]
@@ -254,15 +262,17 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         position = int(self.positions[i])
+        code = add_neighbour_bone(self.cache.masks[position], [self.cache.masks[j] for j in self.neighbours[i] if j >= 0])
         return {"image": torch.from_numpy(self.cache.images[position].astype(np.float32)),
-                "mask": torch.from_numpy(intracranial(self.cache.masks[position])),
-                "anatomy": torch.from_numpy(np.array(self.cache.masks[position], np.uint8)),
+                "mask": torch.from_numpy(intracranial(code)), "anatomy": torch.from_numpy(code),
                 "label": int(self.labels[i]), "position": position}
 
 
 class ArrayDataset(torch.utils.data.Dataset):
     """Slices held in memory, served as SliceDataset serves the cache (predict.py: one scan's decoded slices).
-    positions: the slices' noise positions (scoring.noise_seed); labels are 0 (unknown); each scan its own patient."""
+    positions: the slices' noise positions (scoring.noise_seed); labels are 0 (unknown); each scan its own patient.
+    Two slices of a scan whose positions differ by one are neighbours (inputs.add_neighbour_bone), as in predict.py,
+    whose positions are an offset plus the slice number."""
 
     def __init__(self, images, masks, positions, scans, heights):
         self.images, self.masks = np.asarray(images), np.asarray(masks)
@@ -270,12 +280,16 @@ class ArrayDataset(torch.utils.data.Dataset):
         self.scans = self.patients = np.asarray(scans)
         self.heights = np.asarray(heights, np.float64)
         self.labels = np.zeros(len(self.positions), np.int64)
+        row = {(scan, position): i for i, (scan, position) in enumerate(zip(self.scans.tolist(), self.positions.tolist()))}
+        self.neighbours = [[row[key] for key in ((scan, position - 1), (scan, position + 1)) if key in row]
+                           for scan, position in zip(self.scans.tolist(), self.positions.tolist())]
 
     def __len__(self):
         return len(self.positions)
 
     def __getitem__(self, i):
         code = np.asarray(self.masks[i]).astype(np.uint8)  # anatomy codes, or plain masks (then nothing is left out)
+        code = add_neighbour_bone(code, [np.asarray(self.masks[j]).astype(np.uint8) for j in self.neighbours[i]])
         return {"image": torch.from_numpy(self.images[i].astype(np.float32)), "mask": torch.from_numpy(intracranial(code)),
                 "anatomy": torch.from_numpy(code), "label": 0, "position": int(self.positions[i])}
 

@@ -247,6 +247,9 @@ def input_and_brain_mask(pixels, input_hu, image_size):
 # out of the intracranial mask (scoring.scored_masks); the level of a slice is its intracranial area over its head
 # area (scoring.slice_levels).
 INTRACRANIAL, BONE, NON_TISSUE, HEAD = 1, 2, 4, 8
+# the one bit that needs the scan: bone at this pixel in the slice above or below (add_neighbour_bone). It is not
+# cached: the dataset sets it when it reads a slice beside its neighbours (data.SliceDataset, data.ArrayDataset).
+NEAR_BONE = 16
 BONE_HU = 120.0  # above any acute or clotted blood (50-100 HU), below cortical bone; partial-volume bone is caught
 # by the band scoring.scored_masks draws around it
 NON_TISSUE_HU = -20.0  # below CSF (0-15 HU): air and fat; CT-ICH's brain JPG bottoms out here
@@ -293,7 +296,38 @@ def no_bone_islands(codes, bone_margin):
     return np.stack(kept).reshape(codes.shape) if kept else np.ones(codes.shape, bool)
 
 
-SCORED_REGIONS = ("intracranial", "soft_tissue", "no_bone_islands")  # --scored_region; region_mask draws each
+def add_neighbour_bone(code, neighbours):
+    """code (uint8 [S, S]) with its NEAR_BONE bit set where any of `neighbours` (the codes of the slices above and
+    below it in the scan, those that decoded) is bone, and cleared elsewhere."""
+    near = np.zeros(np.shape(code), bool)
+    for other in neighbours:
+        near |= (np.asarray(other) & BONE) > 0
+    return ((np.asarray(code) & ~np.uint8(NEAR_BONE)) | (near.astype(np.uint8) * NEAR_BONE)).astype(np.uint8)
+
+
+Z_RIM = 4  # pixels (of a 128^2 slice) inside the intracranial outline where no_bone_3d keeps scoring: near the vertex
+# the inner table of the slice above lies under this rim (CT-ICH: 5 % of a vertex slice's mask within 2 px of the
+# outline, 0.4 % beyond 4), and it is where subdurals and epidurals lie
+
+
+def no_bone_3d(codes, bone_margin):
+    """bool [..., S, S]: no_bone_islands, less the pixels that are bone in the slice above or below (NEAR_BONE) deeper
+    than Z_RIM pixels inside the intracranial outline (--scored_region no_bone_3d). Why: a 5 mm slice over the floor
+    of a cranial fossa, a petrous ridge or an orbital roof holds part of that bone; the partial volume is bright,
+    is rebuilt darker, and is what the top false positives of the CV run were made of (RESULTS.md). Codes without
+    NEAR_BONE (a slice read alone) lose only what no_bone_islands takes."""
+    codes = np.asarray(codes)
+    kept = no_bone_islands(codes, bone_margin)
+    rim = max(1, round(Z_RIM * codes.shape[-1] / 128))
+    flat, flat_kept = codes.reshape(-1, *codes.shape[-2:]), kept.reshape(-1, *codes.shape[-2:])
+    for code, keep in zip(flat, flat_kept):
+        near = (code & NEAR_BONE) > 0
+        if near.any():
+            keep &= ~(near & ndimage.binary_erosion((code & INTRACRANIAL) > 0, iterations=rim))
+    return flat_kept.reshape(codes.shape)
+
+
+SCORED_REGIONS = ("intracranial", "soft_tissue", "no_bone_islands", "no_bone_3d")  # --scored_region; region_mask draws each
 
 
 def region_mask(codes, region, bone_margin):
@@ -302,7 +336,8 @@ def region_mask(codes, region, bone_margin):
     inside = intracranial(np.asarray(codes))
     if region == "intracranial":
         return inside
-    return inside & {"soft_tissue": soft_tissue, "no_bone_islands": no_bone_islands}[region](codes, bone_margin)
+    rule = {"soft_tissue": soft_tissue, "no_bone_islands": no_bone_islands, "no_bone_3d": no_bone_3d}[region]
+    return inside & rule(codes, bone_margin)
 
 
 def tissue_classes(pixels):

@@ -83,7 +83,7 @@ class ScoringSettings:
     hyperdensity_prior: bool = False  # weight the map by how far the pixel sits in the acute-blood band (50-90 HU)
     min_height: float = 0.0  # slices lower than this fraction of their scan's height score 0 (skull base, face)
     # Issue 20 (RESULTS.md): what is scored, level-normalised slice scores, and a no-learning baseline.
-    scored_region: str = "intracranial"  # or "soft_tissue" / "no_bone_islands": bone, air/fat and a bone_margin band left out (scored_masks)
+    scored_region: str = "intracranial"  # or "soft_tissue" / "no_bone_islands" / "no_bone_3d": bone, air/fat and a bone_margin band left out (scored_masks)
     bone_margin: int = 2  # pixels (of a 128^2 slice) around bone and air/fat left out with --scored_region soft_tissue
     level_norm: str = "none"  # "z": slice scores z-scored against healthy reference slices of the same level
     anomaly_map: str = "model"  # or "blood_band": no model, the input's acute-blood band membership (a baseline)
@@ -228,10 +228,11 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
                        help="slices below this fraction of their scan's height score 0 (skull base / face; 0 = off)")
     group.add_argument("--scored_region", default=default("scored_region"), choices=SCORED_REGIONS,
                        help="what a slice score reads: the intracranial mask; its soft tissue (bone islands, air/fat "
-                            "cavities and a --bone_margin band around them and the skull left out); or no_bone_islands "
-                            "(the same, but no band along the smooth inner table)")
+                            "cavities and a --bone_margin band around them and the skull left out); no_bone_islands "
+                            "(the same, but no band along the smooth inner table); or no_bone_3d (no_bone_islands, and "
+                            "the pixels over or under bone in the neighbouring slices, away from the outline's rim)")
     group.add_argument("--bone_margin", type=int, default=default("bone_margin"),
-                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region soft_tissue / no_bone_islands")
+                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region soft_tissue / no_bone_islands / no_bone_3d")
     group.add_argument("--level_norm", default=default("level_norm"), choices=LEVEL_NORMS,
                        help="z: each slice score z-scored against healthy reference slices of its anatomical level "
                             "(intracranial / head area), the validation patients the model never trained on")
@@ -501,8 +502,9 @@ def scored_masks(masks, anatomy, settings):
     slice) around them. The band is why: at the skull base, partial-volume bone inside the mask (petrous ridges,
     clinoids, sphenoid) is rebuilt darker than it is and outscored every bleed (issue 20). soft_tissue also trims
     the rim against the inner table, where thin subdurals lie; no_bone_islands (inputs.no_bone_islands) leaves out
-    only bone and air inside the mask and the bays where ridges of bone poke in, each with the band: RESULTS.md
-    measures what each costs on bleed pixels."""
+    only bone and air inside the mask and the bays where ridges of bone poke in, each with the band; no_bone_3d
+    (inputs.no_bone_3d) also what is bone in the slice above or below: RESULTS.md measures what each costs on bleed
+    pixels."""
     masks = torch.as_tensor(masks).bool().cpu().numpy()
     if settings.scored_region == "intracranial" or anatomy is None:
         return masks

@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--residuals", nargs="+", default=list(scoring.RESIDUALS), choices=list(scoring.RESIDUALS),
                    help="error maps to try (evaluate.py --residual); each costs a full set of maps")
     p.add_argument("--scored_regions", nargs="+", default=None,
-                   help="scored regions to try: intracranial, soft_tissue:N or no_bone_islands:N (--scored_region R --bone_margin "
+                   help="scored regions to try: intracranial, soft_tissue:N, no_bone_islands:N or no_bone_3d:N (--scored_region R --bone_margin "
                         "N); default: the run's")
     p.add_argument("--level_norms", nargs="+", default=None, choices=list(scoring.LEVEL_NORMS),
                    help="slice-score normalisations to try (evaluate.py --level_norm); default: the run's")
@@ -181,7 +181,8 @@ def post_map_settings(args, setting):
     for text in regions:
         name, _, margin = text.partition(":")
         if name not in scoring.SCORED_REGIONS or (margin and not margin.isdigit()):
-            raise SystemExit(f"error: --scored_regions {text}: expected intracranial, soft_tissue:N or no_bone_islands:N, e.g. soft_tissue:2")
+            raise SystemExit(f"error: --scored_regions {text}: expected intracranial or REGION:N with REGION one of "
+                             f"{', '.join(scoring.SCORED_REGIONS[1:])}, e.g. no_bone_islands:2")
         out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm}
                 for norm in norms]
     return out

@@ -101,3 +101,48 @@ def test_a_subdural_against_the_inner_table_stays_in_no_bone_islands_but_not_in_
     kept = {region: inputs.region_mask(code, region, 2)[subdural].mean() for region in ("soft_tissue", "no_bone_islands")}
     assert kept["no_bone_islands"] > 0.9 and kept["soft_tissue"] < 0.5, kept
     assert not (inputs.region_mask(code, "no_bone_islands", 2) & island).any()
+
+
+def test_no_bone_3d_leaves_out_what_is_bone_in_the_next_slice_but_not_the_rim():
+    """A ridge of bone in the slice below (the floor of a fossa, a petrous ridge) lies partly in this slice: no_bone_3d
+    leaves those pixels out, except within Z_RIM of the outline, where extra-axial bleeds lie. A slice read alone
+    (no NEAR_BONE bit) loses only what no_bone_islands takes."""
+    hu, inside, _ = phantom_slice(0.5, size=128)
+    code = inputs.anatomy_code(hu, 128)
+    intracranial = inputs.intracranial(code)
+    _, _, ridge = phantom_slice(0.5, island=True, size=128)
+    rim_bone = intracranial & ~np.pad(intracranial, 2)[4:, 2:-2]  # bone under the back of the outline (the vertex cap)
+    below = np.where(ridge | rim_bone, inputs.BONE, 0).astype(np.uint8)
+    with_neighbours = inputs.add_neighbour_bone(code, [below, np.zeros_like(below)])
+    assert (((with_neighbours & inputs.NEAR_BONE) > 0) == (ridge | rim_bone)).all()
+    assert ((with_neighbours & ~np.uint8(inputs.NEAR_BONE)) == code).all()
+    kept = inputs.region_mask(with_neighbours, "no_bone_3d", 2)
+    assert not (kept & ridge).any() and kept[rim_bone & intracranial].mean() > 0.95
+    alone = inputs.region_mask(code, "no_bone_3d", 2)
+    assert (alone == inputs.region_mask(code, "no_bone_islands", 2)).all()
+    assert (inputs.add_neighbour_bone(with_neighbours, []) == code).all()  # the bit is set afresh, never kept
+
+
+def test_a_slice_is_read_with_its_neighbours_bone(phantom_dir, tmp_path):
+    """data.SliceDataset sets NEAR_BONE from the slices just above and below in the scan; prepare_slices decodes those
+    neighbours even when only the middle slice is asked for, so a slice's anatomy never depends on what was decoded
+    before. ArrayDataset (predict.py, one scan) does the same by slice number."""
+    import cohort
+    import data
+    index = cohort.load_index(phantom_dir, cache_dir=str(tmp_path))
+    scan_rows = np.flatnonzero(index["scan"] == index["scan"][0])
+    middle, lowest = int(scan_rows[2]), int(scan_rows[0])
+    cache = data.prepare_slices(phantom_dir, index, [middle, lowest], 64, inputs.native_input_hu("rsna", 1), cache_dir=str(tmp_path),
+                                num_workers=0)
+    assert set(np.flatnonzero(cache.state[:] == 1)) >= {middle - 1, middle, middle + 1, lowest, lowest + 1}
+    dataset = data.SliceDataset(cache, index, [lowest, middle])
+    items = {int(dataset[i]["position"]): dataset[i]["anatomy"].numpy() for i in range(len(dataset))}
+    near = lambda *rows: np.logical_or.reduce([(cache.masks[r] & inputs.BONE) > 0 for r in rows])
+    assert (((items[middle] & inputs.NEAR_BONE) > 0) == near(middle - 1, middle + 1)).all()
+    assert (((items[lowest] & inputs.NEAR_BONE) > 0) == near(lowest + 1)).all()
+    assert ((items[middle] & inputs.NEAR_BONE) > 0).any()  # the skull of the next slice lies under this one's scalp
+    codes = [cache.masks[r] for r in (middle - 1, middle, middle + 1)]
+    images = [cache.images[r] for r in (middle - 1, middle, middle + 1)]
+    scan = data.ArrayDataset(images, codes, [10, 11, 12], np.zeros(3, np.int64), np.zeros(3))
+    assert (scan[1]["anatomy"].numpy() == items[middle]).all()
+    assert (((scan[0]["anatomy"].numpy() & inputs.NEAR_BONE) > 0) == near(middle)).all()
