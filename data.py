@@ -375,6 +375,16 @@ def pick_level_slices(index, columns, seed=0):
     return picks
 
 
+def _show_pixels(data_dir, index, position, dataset, rows):
+    """(the windows shown {name: image in [-1, 1]}, the pixels tissue_classes reads) of one index row, for show_grid."""
+    path = os.path.join(data_dir, index["path"][position])
+    if dataset == "ctich":
+        pixels = read_ctich_slice(path)
+        return pixels, pixels
+    hu = read_nifti_slices(path, [slice_number(index["id"][position])])[0] if is_nifti(path) else hu_from_dicom(path)
+    return {name: window_hu(hu, *hu_range(name)) for name in rows}, hu
+
+
 def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, bone_margin=2,
               scored_region="soft_tissue"):
     """PNG grid: one column per slice, one row per window; intracranial mask outlined green, the scored region
@@ -388,17 +398,16 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by
     fig, axes = plt.subplots(len(rows), len(picks), figsize=(2.1 * len(picks), 2.1 * len(rows) + 0.6), squeeze=False,
                              layout="constrained")
     for c, position in enumerate(picks):
-        path = os.path.join(data_dir, index["path"][position])
         subtypes = [SHORT_NAMES[name] for name in SUBTYPES if index[name][position]]
         axes[0, c].set_title(f"{index['id'][position]}\n{'+'.join(subtypes) or 'no bleed'}", fontsize=7)
         try:
-            if dataset != "ctich":
-                hu = read_nifti_slices(path, [slice_number(index["id"][position])])[0] if is_nifti(path) else hu_from_dicom(path)
-                images, pixels = {name: window_hu(hu, *hu_range(name)) for name in rows}, hu
-            else:
-                images = pixels = read_ctich_slice(path)
+            images, pixels = _show_pixels(data_dir, index, position, dataset, rows)
             brain, bone, non_tissue, _ = tissue_classes(pixels)
-            soft = region_mask(brain * INTRACRANIAL | bone * BONE | non_tissue * NON_TISSUE, scored_region, bone_margin)
+            code = (brain * INTRACRANIAL | bone * BONE | non_tissue * NON_TISSUE).astype(np.uint8)
+            if scored_region == "no_bone_3d":  # the bone of the slices above and below, as SliceDataset reads it
+                code = add_neighbour_bone(code, [tissue_classes(_show_pixels(data_dir, index, j, dataset, rows)[1])[1] * BONE
+                                                 for j in neighbour_rows(index, [position])[0] if j >= 0])
+            soft = region_mask(code, scored_region, bone_margin)
         except BadFile as error:
             axes[0, c].text(0.5, 0.5, f"bad file:\n{str(error)[:40]}", ha="center", fontsize=6, transform=axes[0, c].transAxes)
             for r in range(len(rows)):
