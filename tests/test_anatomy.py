@@ -146,3 +146,19 @@ def test_a_slice_is_read_with_its_neighbours_bone(phantom_dir, tmp_path):
     scan = data.ArrayDataset(images, codes, [10, 11, 12], np.zeros(3, np.int64), np.zeros(3))
     assert (scan[1]["anatomy"].numpy() == items[middle]).all()
     assert (((scan[0]["anatomy"].numpy() & inputs.NEAR_BONE) > 0) == near(middle)).all()
+
+
+def test_region_costs_script_measures_every_region_on_phantom_bleeds():
+    """scripts/region_costs.py (the bleed-pixel figures of RESULTS.md) runs, and the rule it checks holds on a few
+    phantom bleeds: regions that draw no band along the inner table leave extra-axial bleed pixels in."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "region_costs.py")
+    spec = importlib.util.spec_from_file_location("region_costs", path)
+    region_costs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(region_costs)
+    costs = region_costs.phantom_costs(bleeds_per_kind=2, size=128, seed=0)
+    assert set(costs) == set(phantom.BLEED_LEVELS)
+    for kind in ("epidural", "subdural"):
+        assert costs[kind][("no_bone_3d", 2)] <= 0.05 and costs[kind][("no_bone_islands", 2)] <= 0.05, costs[kind]
+        assert costs[kind][("soft_tissue", 2)] > costs[kind][("no_bone_3d", 2)]
