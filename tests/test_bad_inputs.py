@@ -917,8 +917,10 @@ def test_ctrl_c_stops_in_one_line_and_leaves_a_resumable_run(phantom_dir, tmp_pa
     out = tmp_path / "run"
     args = tiny_train_args(phantom_dir, out, "--epochs", "200", "--max_steps", "1", "--eval_every", "1000")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a script) ignores
+    # SIGINT, the child would inherit that, and Python installs no KeyboardInterrupt handler for an ignored signal
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600  # generous: a loaded 2-core machine takes minutes to start torch and train a step
     while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
