@@ -317,14 +317,14 @@ def no_bone_3d(codes, bone_margin):
     is rebuilt darker, and is what the top false positives of the CV run were made of (RESULTS.md). Codes without
     NEAR_BONE (a slice read alone) lose only what no_bone_islands takes."""
     codes = np.asarray(codes)
-    kept = no_bone_islands(codes, bone_margin)
     rim = max(1, round(Z_RIM * codes.shape[-1] / 128))
-    flat, flat_kept = codes.reshape(-1, *codes.shape[-2:]), kept.reshape(-1, *codes.shape[-2:])
-    for code, keep in zip(flat, flat_kept):
+    flat = codes.reshape(-1, *codes.shape[-2:])
+    kept = no_bone_islands(flat, bone_margin)
+    for i, code in enumerate(flat):
         near = (code & NEAR_BONE) > 0
         if near.any():
-            keep &= ~(near & ndimage.binary_erosion((code & INTRACRANIAL) > 0, iterations=rim))
-    return flat_kept.reshape(codes.shape)
+            kept[i] &= ~(near & ndimage.binary_erosion((code & INTRACRANIAL) > 0, iterations=rim))
+    return kept.reshape(codes.shape)
 
 
 SCORED_REGIONS = ("intracranial", "soft_tissue", "no_bone_islands", "no_bone_3d")  # --scored_region; region_mask draws each

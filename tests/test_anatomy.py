@@ -148,6 +148,20 @@ def test_a_slice_is_read_with_its_neighbours_bone(phantom_dir, tmp_path):
     assert (((scan[0]["anatomy"].numpy() & inputs.NEAR_BONE) > 0) == near(middle)).all()
 
 
+def test_a_slice_whose_neighbour_was_never_decoded_is_refused(phantom_dir, tmp_path, monkeypatch):
+    """Loud, not silent: were a neighbour left undecoded, the slice's region would depend on what was decoded before."""
+    import cohort
+    import data
+    index = cohort.load_index(phantom_dir, cache_dir=str(tmp_path))
+    middle = int(np.flatnonzero(index["scan"] == index["scan"][0])[2])
+    with monkeypatch.context() as patch:  # a cache filled as before this rule: the requested row alone
+        patch.setattr(data, "neighbour_rows", lambda index, positions: np.full((len(positions), 2), -1))
+        cache = data.prepare_slices(phantom_dir, index, [middle], 64, inputs.native_input_hu("rsna", 1),
+                                    cache_dir=str(tmp_path), num_workers=0)
+    with pytest.raises(RuntimeError, match="neighbour is not decoded"):
+        data.SliceDataset(cache, index, [middle])
+
+
 def test_region_costs_script_measures_every_region_on_phantom_bleeds():
     """scripts/region_costs.py (the bleed-pixel figures of RESULTS.md) runs, and the rule it checks holds on a few
     phantom bleeds: regions that draw no band along the inner table leave extra-axial bleed pixels in."""
