@@ -3,7 +3,7 @@
     python scripts/flags_doc.py           write docs/flags.md
     python scripts/flags_doc.py --check   exit 1 if docs/flags.md differs from what would be written
 
-Each script in SCRIPTS is imported and its entry function is called with ["--help"]; the first argparse parser it
+Each script in SCRIPTS is imported and its get_args (else main) is called with ["--help"]; the first argparse parser it
 asks to parse is taken (the call stops there, so nothing past the parser runs) and its help is formatted at a fixed
 width, with the defaults that depend on the machine (CPU count) written as the rule that sets them. A parser with
 sub-commands (data.py) gets one block per sub-command. tests/test_docs.py fails when docs/flags.md is stale.
@@ -20,18 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "docs", "flags.md")
 COMMAND = "python scripts/flags_doc.py"
 
-# (script module in the repository root, entry function called with ["--help"]), in the order docs/flags.md lists them.
-# The entry is get_args(argv) where a script has one, else main(argv); either must build its parser and parse argv.
-SCRIPTS = [
-    ("train", "get_args"),
-    ("evaluate", "get_args"),
-    ("predict", "get_args"),
-    ("sweep", "get_args"),
-    ("compare", "main"),
-    ("bench", "get_args"),
-    ("phantom", "main"),
-    ("data", "main"),
-]
+# The scripts in the repository root, in the order docs/flags.md lists them.
+SCRIPTS = ["train", "evaluate", "predict", "sweep", "compare", "bench", "phantom", "data"]
+# Each is called as the first of these it defines, with ["--help"]; that function must build its parser and parse argv.
+ENTRIES = ("get_args", "main")
 
 # Defaults that depend on the machine, shown as the rule that sets them so the file is the same everywhere:
 # (module, attribute) -> text. That attribute of every loaded repository module that has one (`from readers import
@@ -69,19 +61,20 @@ class _Reached(BaseException):
         self.parser = parser
 
 
-def _capture_parser(module_name, entry_name):
-    """Call module.entry(["--help"]) and return the first parser it asks to parse argv."""
+def _capture_parser(module_name):
+    """Call the script's get_args(["--help"]) (else main) and return the first parser it asks to parse argv."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    where = f"{module_name}.py {entry_name}([\"--help\"])"
-    fix = "update SCRIPTS in scripts/flags_doc.py"
+    fix = "update SCRIPTS / ENTRIES in scripts/flags_doc.py"
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
         raise FlagsDocError(f"{module_name}.py: cannot import it ({type(e).__name__}: {e}); {fix}") from e
-    entry = getattr(module, entry_name, None)
-    if not callable(entry):
-        raise FlagsDocError(f"{module_name}.py has no {entry_name}(argv); {fix}")
+    entry_name = next((name for name in ENTRIES if callable(getattr(module, name, None))), None)
+    if entry_name is None:
+        raise FlagsDocError(f"{module_name}.py has none of {', '.join(f'{n}(argv)' for n in ENTRIES)}; {fix}")
+    entry = getattr(module, entry_name)
+    where = f"{module_name}.py {entry_name}([\"--help\"])"
 
     def stop(parser, args=None, namespace=None):
         raise _Reached(parser)
@@ -134,8 +127,8 @@ def _block(command, text):
 def generate():
     """The text of docs/flags.md."""
     parts = [HEADER]
-    for module_name, entry_name in SCRIPTS:
-        text, subcommands = _help(_capture_parser(module_name, entry_name))
+    for module_name in SCRIPTS:
+        text, subcommands = _help(_capture_parser(module_name))
         script = f"{module_name}.py"
         parts.append(f"## `{script}`\n\n" + _block(f"python {script}", text))
         for name, sub_text in subcommands:

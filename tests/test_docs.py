@@ -29,7 +29,7 @@ def test_flags_md_names_every_script_and_no_machine_value(monkeypatch):
     import readers
     flags_doc = load_flags_doc()
     text = flags_doc.generate()
-    for module_name, _ in flags_doc.SCRIPTS:
+    for module_name in flags_doc.SCRIPTS:
         assert f"## `{module_name}.py`" in text and f"usage: {module_name}.py" in text
     assert "### `data.py show`" in text and "usage: data.py show" in text
     monkeypatch.setattr(readers, "DEFAULT_WORKERS", readers.DEFAULT_WORKERS + 37)
@@ -40,10 +40,11 @@ def test_flags_md_names_every_script_and_no_machine_value(monkeypatch):
 
 def test_unreachable_parser_is_a_clear_error(monkeypatch):
     flags_doc = load_flags_doc()
-    monkeypatch.setattr(flags_doc, "SCRIPTS", [("phantom", "get_args")])
-    with pytest.raises(flags_doc.FlagsDocError, match=r"phantom\.py has no get_args\(argv\); update SCRIPTS"):
+    monkeypatch.setattr(flags_doc, "SCRIPTS", ["phantom"])
+    monkeypatch.setattr(flags_doc, "ENTRIES", ("get_args",))
+    with pytest.raises(flags_doc.FlagsDocError, match=r"phantom\.py has none of get_args\(argv\); update SCRIPTS"):
         flags_doc.generate()
-    monkeypatch.setattr(flags_doc, "SCRIPTS", [("no_such_script", "main")])
+    monkeypatch.setattr(flags_doc, "SCRIPTS", ["no_such_script"])
     with pytest.raises(flags_doc.FlagsDocError, match=r"no_such_script\.py: cannot import it"):
         flags_doc.generate()
 
