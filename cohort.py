@@ -529,43 +529,43 @@ def relative_heights(index):
 # ---------------------------------------------------------------------------------------------
 # patient-level splits
 
-BLEED_MARGIN = 3  # --bleed_train_fraction: training slices of a hemorrhage patient keep this many slices from any bleed
-
-
 def patients_with_bleed(index):
     """(the index's patients, sorted; bool array: the patient has a hemorrhage slice) - the two strata of every split."""
     patients, inverse = np.unique(index["patient"], return_inverse=True)
     return patients, np.bincount(inverse.reshape(-1), weights=index["any"], minlength=len(patients)) > 0
 
 
-def split_patients(index, seed, train_fraction=0.5, bleed_train_fraction=0.0):
+def split_patients(index, seed, train_fraction=0.5):
     """{"train", "val", "test"} -> sorted patient arrays. Healthy patients (no positive slice) are
-    split train / val / test; hemorrhage patients go to val / test only, half each. Opt-in protocol
-    (bleed_train_fraction > 0): that fraction of the hemorrhage patients of val and of test goes to training
-    instead (their slices BLEED_MARGIN or more from any bleed, see make_splits). The rest stay where the standard
-    protocol puts them: val and test only shrink, so no test patient ever moves into val."""
+    split train / val / test; hemorrhage patients go to val / test only, half each."""
     patients, sick = patients_with_bleed(index)
     rng = np.random.default_rng(seed)
     healthy, hemorrhage = rng.permutation(patients[~sick]), rng.permutation(patients[sick])
     n_train = int(round(len(healthy) * train_fraction))
     held_out = healthy[n_train:]
     n_val_healthy, n_val_sick = (len(held_out) + 1) // 2, (len(hemorrhage) + 1) // 2
-    val_sick, test_sick = hemorrhage[:n_val_sick], hemorrhage[n_val_sick:]
-    n_val_moved, n_test_moved = (int(round(len(p) * bleed_train_fraction)) for p in (val_sick, test_sick))
-    return {"train": np.sort(np.concatenate([healthy[:n_train], val_sick[:n_val_moved], test_sick[:n_test_moved]])),
-            "val": np.sort(np.concatenate([held_out[:n_val_healthy], val_sick[n_val_moved:]])),
-            "test": np.sort(np.concatenate([held_out[n_val_healthy:], test_sick[n_test_moved:]]))}
+    return {"train": np.sort(healthy[:n_train]),
+            "val": np.sort(np.concatenate([held_out[:n_val_healthy], hemorrhage[:n_val_sick]])),
+            "test": np.sort(np.concatenate([held_out[n_val_healthy:], hemorrhage[n_val_sick:]]))}
 
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def splits_record(patients, *, seed, data_dir, dataset, bleed_train_fraction=0.0):
+def splits_record(patients, *, seed, data_dir, dataset):
     """What splits.json and every checkpoint hold: the patient lists of the run's splits as plain data (loadable
     with torch.load(weights_only=True)), fixed when training starts."""
     return {"seed": int(seed), "data_dir": os.path.abspath(os.fspath(data_dir)), "dataset": dataset,
-            "patients": {name: [str(p) for p in patients[name]] for name in SPLIT_NAMES},
-            "bleed_train_fraction": float(bleed_train_fraction)}
+            "patients": {name: [str(p) for p in patients[name]] for name in SPLIT_NAMES}}
+
+
+def refuse_bleed_training(record, where):
+    """A one-line SystemExit for a run trained with the removed --bleed_train_fraction (its saved args or splits
+    record says a fraction above 0): its training split held hemorrhage patients, which nothing here reads back."""
+    fraction = record.get("bleed_train_fraction") if isinstance(record, dict) else None
+    if fraction:
+        raise SystemExit(f"error: {where}: trained with --bleed_train_fraction {fraction:g}, an option removed in ct-pddpm; "
+                         "its splits cannot be read back: use the ct-pddpm version that trained it, or train a new run")
 
 
 def load_splits_record(checkpoint, checkpoint_path):
@@ -584,6 +584,7 @@ def load_splits_record(checkpoint, checkpoint_path):
     lists = record.get("patients") if isinstance(record, dict) else None
     if not isinstance(lists, dict) or not all(isinstance(lists.get(name), list) for name in SPLIT_NAMES):
         raise SystemExit(f"error: {checkpoint_path}: its saved splits are damaged (no train/val/test patient lists)")
+    refuse_bleed_training(record, checkpoint_path)
     return record
 
 
@@ -592,6 +593,7 @@ def apply_saved_splits(index, record):
     Patients in the index but in no saved list (added since training) are left out of every split; both are
     counted in one line each. A training patient is never in val or test, and a training patient whose slices
     are now labelled as a bleed is left out of training."""
+    refuse_bleed_training(record, "the run's saved splits")
     lists = {name: [str(p) for p in record["patients"][name]] for name in SPLIT_NAMES}
     overlap = set(lists["train"]) & (set(lists["val"]) | set(lists["test"])) or set(lists["val"]) & set(lists["test"])
     if overlap:
@@ -606,8 +608,6 @@ def apply_saved_splits(index, record):
     if gone:
         counts = ", ".join(f"{name} {len(set(lists[name]) - present)}" for name in SPLIT_NAMES)
         print(f"splits: {len(gone)} patient(s) of the run's saved splits are no longer in the data ({counts})")
-    if record.get("bleed_train_fraction", 0):  # the opt-in protocol trains on hemorrhage patients' far slices
-        sick = set()
     now_sick = sorted(set(lists["train"]) & sick)
     if now_sick:
         print(f"splits: {len(now_sick)} training patient(s) now have a bleed label and are left out of training: "
@@ -639,20 +639,6 @@ def parse_eval_samples(text):
     return n
 
 
-def far_from_bleeds(index, rows, margin=BLEED_MARGIN):
-    """The rows (of training patients) that are no bleed and at least `margin` slices from any bleed slice of their
-    scan (rows of a scan are consecutive and ordered by z). All rows of a healthy patient."""
-    bleeds = np.flatnonzero(index["any"] == 1)
-    if len(bleeds) == 0 or len(rows) == 0:
-        return rows
-    scans = np.asarray(index["scan"])
-    keep = np.ones(len(rows), bool)
-    for offset in range(-margin + 1, margin):
-        other = np.clip(rows + offset, 0, len(scans) - 1)
-        keep &= ~((index["any"][other] == 1) & (scans[other] == scans[rows]))
-    return rows[keep]
-
-
 def make_splits(index, seed, num_samples, eval_samples, train_fraction=0.5, patients=None):
     """{"train", "val", "test"} -> int64 row positions, patient level, deterministic from seed.
 
@@ -666,7 +652,7 @@ def make_splits(index, seed, num_samples, eval_samples, train_fraction=0.5, pati
         rng = np.random.default_rng([seed, k])  # one stream per split: changing one never moves another
         rows = np.flatnonzero(np.isin(index["patient"], patients[name])).astype(np.int64)
         if name == "train":
-            splits[name] = draw_slices(rng, far_from_bleeds(index, rows), num_samples, "train healthy slices")
+            splits[name] = draw_slices(rng, rows, num_samples, "train healthy slices")
         else:
             positive = rows[index["any"][rows] == 1]
             negative = rows[index["any"][rows] == 0]

@@ -1,7 +1,7 @@
 """A run's configuration, in one place: `RunConfig` (what train.py was told: data, model, optimisation) beside
 scoring.ScoringSettings (how slices are scored). Both are dataclasses that make the flags, are saved together in
 args.json and in every checkpoint (`"args"`), and are what evaluate.py, predict.py, sweep.py and bench.py read back
-with `from_saved`: "the flag given now, else the training run's value, else today's default" is written once, here.
+with `resolve`: "the flag given now, else the training run's value, else today's default" is written once, here.
 
 Adding a run flag: a field of RunConfig (its default) and its line in add_run_flags (its help); check() if it has a
 range. Adding a scoring option: scoring.py (ScoringSettings and add_scoring_flags).
@@ -32,7 +32,6 @@ class RunConfig:
     channels: int = None
     num_workers: int = 2
     min_brain_fraction: float = 0.0
-    bleed_train_fraction: float = 0.0
     verify_cache: bool = False
     # model
     pretrained: bool = False
@@ -86,12 +85,6 @@ class RunConfig:
         """From parsed flags (a namespace or a dict): the fields' values; names missing or None keep the default."""
         return cls(**_given(cls, flags))
 
-    @classmethod
-    def from_saved(cls, saved, overrides=None):
-        """A training run's saved args (args.json, or a checkpoint's "args") with the flags given now (not None) on
-        top. -> (config, names the run did not record, which take today's defaults)."""
-        return resolve(cls, saved, overrides)
-
 
 FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 DEFAULTS = RunConfig()
@@ -137,10 +130,6 @@ def add_run_flags(p):
     g.add_argument("--min_brain_fraction", type=float, default=d.min_brain_fraction,
                    help="use only slices whose intracranial mask covers at least this fraction of the image, "
                         "in training and evaluation (leaves out face, skull-base and vertex slices)")
-    g.add_argument("--bleed_train_fraction", type=float, default=d.bleed_train_fraction,
-                   help="opt-in protocol: this fraction of the hemorrhage patients trains too, on their slices at least "
-                        f"{cohort.BLEED_MARGIN} slices from any bleed; those patients are then in no evaluation split "
-                        "(0 = the standard protocol: hemorrhage patients only in val / test)")
     add_verify_cache_flag(g)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
@@ -207,7 +196,7 @@ def check_flags(flags):
     if get("weight_decay") is not None:
         models.check_flag(math.isfinite(get("weight_decay")) and get("weight_decay") >= 0, "weight_decay", get("weight_decay"),
                    "must be a finite number, 0 or more")
-    for name in ("dropout", "min_brain_fraction", "bleed_train_fraction"):
+    for name in ("dropout", "min_brain_fraction"):
         if get(name) is not None:
             models.check_flag(0 <= get(name) < 1, name, get(name), "must be in [0, 1)")
     for name in ("num_workers", "seed"):
@@ -230,6 +219,11 @@ def check_flags(flags):
 
 
 READ_BACK_FLAGS = ("data_dir", "eval_samples", "num_workers", "min_brain_fraction", "verify_cache")  # what a script reading a run may set
+# options removed in ct-pddpm (issue 27) that old runs still record, with the value that meant "off"; a run that trained
+# with --bleed_train_fraction is refused (cohort.refuse_bleed_training), one scored with a removed scoring option is
+# scored without it, with a note, and a removed scored region is refused
+REMOVED_SCORING = {"noise_draws": 1, "draw_combine": "mean", "input_norm": "none", "calibrate": "none", "min_height": 0.0}
+REMOVED_SCORED_REGIONS = ("soft_tissue", "no_bone_islands")
 
 
 def read_back(checkpoint, flags, checkpoint_path, image_size):
@@ -239,8 +233,15 @@ def read_back(checkpoint, flags, checkpoint_path, image_size):
     record takes today's default, named in a one-line note."""
     saved = checkpoint.get("args") or {}
     flags = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
+    cohort.refuse_bleed_training(saved, checkpoint_path)
     run, missing_run = resolve(RunConfig, saved, {name: flags.get(name) for name in READ_BACK_FLAGS})
     settings, missing = resolve(scoring.ScoringSettings, saved, flags)
+    if settings.scored_region in REMOVED_SCORED_REGIONS:
+        raise SystemExit(f"error: {checkpoint_path}: scored with --scored_region {settings.scored_region}, an option removed "
+                         f"in ct-pddpm; give --scored_region {' or '.join(scoring.SCORED_REGIONS)}")
+    removed = [f"--{name} {saved[name]}" for name, off in REMOVED_SCORING.items() if saved.get(name, off) not in (off, None)]
+    if removed:
+        print(f"note: {checkpoint_path} was scored with {', '.join(removed)}, removed in ct-pddpm; scoring without")
     if missing_run + missing:
         print(f"note: {checkpoint_path} does not record {', '.join(missing_run + missing)}; using today's defaults")
     seed = run.seed if flags.get("seed") is None else flags["seed"]

@@ -52,12 +52,11 @@ def assign_folds(index, k, seed, saved=None):
     return {"k": int(k), "seed": int(seed), "folds": dict(sorted(folds.items()))}
 
 
-def fold_patients(index, record, fold, bleed_train_fraction=0.0):
+def fold_patients(index, record, fold):
     """{"train", "val", "test"} -> sorted patient lists of fold `fold`. test: the fold's patients. val: every
     hemorrhage patient outside the fold and one fold's worth of the healthy patients outside it (half of them at
-    K = 2), drawn by a hash of (seed, fold, patient). train: the other healthy patients outside the fold; with
-    bleed_train_fraction > 0 also that fraction of the hemorrhage patients outside it (their far-from-bleed slices,
-    cohort.make_splits), taken out of val. Patients the record does not hold (added since) are in no split."""
+    K = 2), drawn by a hash of (seed, fold, patient). train: the other healthy patients outside the fold. Patients
+    the record does not hold (added since) are in no split."""
     k, folds = record["k"], record["folds"]
     patients, sick = cohort.patients_with_bleed(index)
     inside = [(str(p), s) for p, s in zip(patients, sick) if str(p) in folds]
@@ -65,17 +64,16 @@ def fold_patients(index, record, fold, bleed_train_fraction=0.0):
     healthy = hash_order(f"{record['seed']}:{fold}", [p for p, s in outside if not s])
     bleeds = hash_order(f"{record['seed']}:{fold}", [p for p, s in outside if s])
     n_val = min(len(healthy) - 1, max(1, round(len(healthy) / max(k - 1, 2))))
-    n_moved = int(round(len(bleeds) * bleed_train_fraction))
-    return {"train": sorted(healthy[n_val:] + bleeds[:n_moved]), "val": sorted(healthy[:n_val] + bleeds[n_moved:]),
+    return {"train": sorted(healthy[n_val:]), "val": sorted(healthy[:n_val] + bleeds),
             "test": sorted(p for p, _ in inside if folds[p] == fold)}
 
 
-def fold_splits_record(index, record, fold, *, data_dir, dataset, bleed_train_fraction=0.0):
+def fold_splits_record(index, record, fold, *, data_dir, dataset):
     """Fold `fold`'s splits as cohort.splits_record writes them (splits.json, every checkpoint), with the CV
     assignment they come from under "cv"."""
-    patients = fold_patients(index, record, fold, bleed_train_fraction)
-    return cohort.splits_record(patients, seed=record["seed"], data_dir=data_dir, dataset=dataset,
-                                bleed_train_fraction=bleed_train_fraction) | {"cv": {"fold": int(fold), "folds": record}}
+    patients = fold_patients(index, record, fold)
+    return cohort.splits_record(patients, seed=record["seed"], data_dir=data_dir, dataset=dataset) | {
+        "cv": {"fold": int(fold), "folds": record}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def in_turn(build, rank, world):
 
 def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, eval_samples, decode,
                   dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1, saved_splits=None,
-                  bleed_train_fraction=0.0, verify_cache=False):
+                  verify_cache=False):
     """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
     (e.g. ("train", "val")), as train.py, evaluate.py, sweep.py and bench.py all read them. saved_splits: a run's
     splits record (splits_record / load_splits_record): its patient lists are used instead of drawing them from
@@ -327,8 +327,7 @@ def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, ev
     def build():
         index = load_index(data_dir, dataset=None if dataset == "auto" else dataset, cache_dir=cache_dir,
                            num_workers=num_workers, check_files=verify_cache)
-        patients = (split_patients(index, split_seed, bleed_train_fraction=bleed_train_fraction) if saved_splits is None
-                    else apply_saved_splits(index, saved_splits))
+        patients = split_patients(index, split_seed) if saved_splits is None else apply_saved_splits(index, saved_splits)
         splits = make_splits(index, split_seed, num_samples, eval_samples, patients=patients)
         needed = np.concatenate([splits[name] for name in decode])
         cache = prepare_slices(data_dir, index, needed, image_size, input_hu, cache_dir=cache_dir, num_workers=num_workers,
@@ -386,7 +385,7 @@ def _show_pixels(data_dir, index, position, dataset, rows):
 
 
 def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, bone_margin=2,
-              scored_region="soft_tissue"):
+              scored_region="no_bone_3d"):
     """PNG grid: one column per slice, one row per window; intracranial mask outlined green, the scored region
     (--scored_region, at bone_margin) cyan, GT bleed mask red. by_level: four levels of each scan."""
     plt = pyplot()
@@ -449,7 +448,7 @@ def main(argv=None):
             command.add_argument("--by_level", action="store_true",
                                  help="four levels of each drawn scan (face, skull base, mid-brain, vertex), not mid-level slices")
             command.add_argument("--bone_margin", type=int, default=2, help="the scored region's band (scoring --bone_margin)")
-            command.add_argument("--scored_region", default="soft_tissue", choices=SCORED_REGIONS[1:],
+            command.add_argument("--scored_region", default="no_bone_3d", choices=SCORED_REGIONS[1:],
                                  help="the scored region drawn in cyan (scoring --scored_region)")
         else:
             command.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)

@@ -360,9 +360,6 @@ def get_args(argv=None):
     config.add_verify_cache_flag(p, from_checkpoint=True)
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap samples for the confidence intervals")
     p.add_argument("--keep_examples", type=int, default=6, help="overlay panels per kind")
-    p.add_argument("--fit_normative", action="store_true",
-                   help="only fit the healthy statistics of --input_norm / --calibrate on the run's healthy training "
-                        "slices, for these scoring flags, and write them next to the checkpoint")
     cv.add_cv_flags(p)
     config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
@@ -416,8 +413,7 @@ def training_patients(checkpoint, checkpoint_path, train_args):
         return None
     index = cohort.load_index(train_dir, dataset=None if train_args.get("dataset", "auto") == "auto" else train_args["dataset"],
                             cache_dir=train_args.get("cache_dir"), num_workers=train_args.get("num_workers", 0) or 1)
-    return set(map(str, cohort.split_patients(index, train_args.get("seed", cohort.DEFAULT_SEED),
-                                            bleed_train_fraction=train_args.get("bleed_train_fraction", 0.0))["train"]))
+    return set(map(str, cohort.split_patients(index, train_args.get("seed", cohort.DEFAULT_SEED))["train"]))
 
 
 def open_external(args, run, checkpoint, train_args, input_hu):
@@ -459,24 +455,10 @@ def open_split_data(checkpoint_path, checkpoint, run, diffusion, decode, rank=0,
     return data.open_run_data(run.data_dir, image_size=run.image_size, input_hu=diffusion.input_hu, split_seed=run.seed,
                               num_samples=run.num_samples, eval_samples=run.eval_samples, decode=decode, dataset=run.dataset,
                               cache_dir=run.cache_dir, num_workers=run.num_workers, rank=rank, world=world,
-                              saved_splits=saved_splits(checkpoint, checkpoint_path, rank),
-                              bleed_train_fraction=run.bleed_train_fraction, verify_cache=run.verify_cache)
+                              saved_splits=saved_splits(checkpoint, checkpoint_path, rank), verify_cache=run.verify_cache)
 
 
-def write_normative(args, diffusion, run, settings, seed, checkpoint):
-    """--fit_normative: healthy statistics from the run's training split (healthy patients only) -> the npz file."""
-    rd = open_split_data(args.checkpoint, checkpoint, run, diffusion, ("train",))
-    healthy = data.SliceDataset(rd.cache, rd.index, rd.cache.ok(rd.splits["train"], run.min_brain_fraction))
-    print(f"fitting normative statistics on {len(healthy)} healthy training slices")
-    normative = scoring.fit_normative(diffusion, healthy, settings, seed)
-    path = scoring.normative_path(args.checkpoint)
-    temporary = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(temporary, **normative)
-    os.replace(temporary, path)
-    print(f"input median {float(normative['input_median']):.4f}; wrote {path}")
-
-
-def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, world, normative=None, with_val=False):
+def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, world, with_val=False):
     """Score the split; where the data set has bleed masks (or with_val), also the val split when reporting test
     (the Dice threshold is chosen there; a CV fold's reference slices are there). -> (result, val result or None)."""
     positions = rd.cache.ok(rd.splits[split], run.min_brain_fraction)
@@ -495,7 +477,7 @@ def score_run(diffusion, run, settings, seed, rd, split, keep_examples, rank, wo
             return None
     # Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none.
     has_masks = any(gt_masks_fn(p) is not None for p in positions[rd.index["any"][positions] == 1])
-    common = dict(seed=seed, num_workers=run.num_workers, rank=rank, world=world, normative=normative)
+    common = dict(seed=seed, num_workers=run.num_workers, rank=rank, world=world)
     if rank == 0:
         print(f"scoring the {split} split: {len(positions)} slices on {diffusion.device}" + (f" x{world} processes" if world > 1 else ""))
         if scoring.smoothing_note(settings.smooth_slices, run.eval_samples):
@@ -529,12 +511,12 @@ def reference_positions(rd, run):
     return positions
 
 
-def score_reference(diffusion, run, settings, seed, rd, normative):
+def score_reference(diffusion, run, settings, seed, rd):
     """score_split's result on the model's reference slices (reference_positions)."""
     positions = reference_positions(rd, run)
     print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
     return scoring.score_split(diffusion, data.SliceDataset(rd.cache, rd.index, positions), settings, seed=seed,
-                               normative=normative, num_workers=run.num_workers, keep_examples=0)
+                               num_workers=run.num_workers, keep_examples=0)
 
 
 def compute_metrics(result, val, index, split, settings, n_boot, seed):
@@ -623,8 +605,6 @@ def main(argv=None):
     run, settings, seed = config.read_back(checkpoint, args, args.checkpoint, diffusion.config["image_size"])
     if run.data_dir is None:
         raise SystemExit(f"error: {args.checkpoint}: checkpoint does not record a data dir; pass --data_dir")
-    if args.fit_normative:
-        return write_normative(args, diffusion, run, settings, seed, checkpoint)
     output_dir = args.output_dir or default_output_dir(args.checkpoint, args.split)
     lock = make_output_dir(output_dir, args.overwrite) if rank == 0 else None
     try:
@@ -647,14 +627,13 @@ def evaluate_run(args, rank, world, diffusion, checkpoint, run, settings, seed, 
     else:  # the same patient-level splits as training (the training seed); Dice on test needs a threshold chosen on val
         rd = open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val", "test") if args.split == "test" else ("val",),
                              rank, world)
-    normative = scoring.load_normative(scoring.normative_path(args.checkpoint), settings) if settings.needs_normative else None
     levels = settings.level_norm != "none"  # the reference: this run's healthy validation slices
-    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world, normative)
+    result, val = score_run(diffusion, run, settings, seed, rd, args.split, args.keep_examples, rank, world)
     models.teardown_distributed(world)
     if rank != 0:
         return
     if levels:
-        statistics = fold_reference(args.checkpoint, checkpoint, diffusion, run, settings, seed, normative)
+        statistics = fold_reference(args.checkpoint, checkpoint, diffusion, run, settings, seed)
         result["scores"] = cv.normalised(result["scores"], statistics, result["levels"])
     metrics = {"checkpoint": os.path.abspath(args.checkpoint)} | compute_metrics(
         result, val, rd.index, args.split, settings, args.n_boot, seed) | {
@@ -676,29 +655,26 @@ def reference_key(settings, seed, run):
 
 
 def open_fold(args, path, device):
-    """A fold model read as evaluate.py reads a run -> (diffusion, checkpoint, run, settings, seed, normative)."""
+    """A fold model read as evaluate.py reads a run -> (diffusion, checkpoint, run, settings, seed)."""
     diffusion, checkpoint = models.load_checkpoint(path, device, args.precision)
     run, settings, seed = config.read_back(checkpoint, args, path, diffusion.config["image_size"])
-    # --fit_normative is what makes the normative file: it cannot need one
-    needs = settings.needs_normative and not getattr(args, "fit_normative", False)
-    normative = scoring.load_normative(scoring.normative_path(path), settings) if needs else None
-    return diffusion, checkpoint, run, settings, seed, normative
+    return diffusion, checkpoint, run, settings, seed
 
 
 def score_own_fold(args, path, device):
     """Fold k's model on fold k's patients (its test split) and on its reference slices (reference_positions: the
     healthy patients of its validation split), which give its reference statistics (saved next to the checkpoint for
     predict.py and --split all). -> (result, reference result, reference statistics, index, run, settings, seed)."""
-    diffusion, checkpoint, run, settings, seed, normative = open_fold(args, path, device)
+    diffusion, checkpoint, run, settings, seed = open_fold(args, path, device)
     rd = open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
-    result, _ = score_run(diffusion, run, settings, seed, rd, "test", args.keep_examples, 0, 1, normative)
-    val = score_reference(diffusion, run, settings, seed, rd, normative)
+    result, _ = score_run(diffusion, run, settings, seed, rd, "test", args.keep_examples, 0, 1)
+    val = score_reference(diffusion, run, settings, seed, rd)
     statistics = cv.reference_statistics(val["scores"], val["labels"], val["levels"], cv.level_bins(settings))
     cv.write_reference(cv.reference_path(path), reference_key(settings, seed, run), statistics)
     return result, val, statistics, rd.index, run, settings, seed
 
 
-def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative):
+def fold_reference(path, checkpoint, diffusion, run, settings, seed):
     """A model's reference statistics (a fold model of a CV run, or a checkpoint scored with --level_norm): the
     saved ones for these settings, else scored now on its reference slices (reference_positions) of the training
     data (which must then be at hand); saved next to the checkpoint."""
@@ -713,8 +689,7 @@ def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative):
                          f"score them: run python evaluate.py --checkpoint {path} with the same scoring flags where "
                          "the training data is")
     own = dataclasses.replace(run, data_dir=train_dir)
-    val = score_reference(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)),
-                          normative)
+    val = score_reference(diffusion, own, settings, seed, open_split_data(path, checkpoint, own, diffusion, ("val",)))
     statistics = cv.reference_statistics(val["scores"], val["labels"], val["levels"], cv.level_bins(settings))
     cv.write_reference(cv.reference_path(path), key, statistics)
     return statistics
@@ -723,12 +698,12 @@ def fold_reference(path, checkpoint, diffusion, run, settings, seed, normative):
 def score_external_fold(args, path, device):
     """One fold model on --data_dir (--split all), with its reference statistics.
     -> (result, statistics, index, external counts, run, settings, seed)."""
-    diffusion, checkpoint, run, settings, seed, normative = open_fold(args, path, device)
-    statistics = fold_reference(path, checkpoint, diffusion, run, settings, seed, normative)
+    diffusion, checkpoint, run, settings, seed = open_fold(args, path, device)
+    statistics = fold_reference(path, checkpoint, diffusion, run, settings, seed)
     run = dataclasses.replace(run, eval_samples=args.eval_samples or "all")
     rd, external = open_external(argparse.Namespace(**vars(args) | {"checkpoint": path}), run, checkpoint,
                                  checkpoint.get("args") or {}, diffusion.input_hu)
-    result, _ = score_run(diffusion, run, settings, seed, rd, "all", 0, 0, 1, normative)
+    result, _ = score_run(diffusion, run, settings, seed, rd, "all", 0, 0, 1)
     return result, statistics, rd.index, external, run, settings, seed
 
 
@@ -776,12 +751,6 @@ def evaluate_cv(args):
     if args.split == "val":
         raise SystemExit("error: --split val: a CV run has no one validation split; --split test gives its out-of-fold "
                          "scores (sweep.py chooses settings on them)")
-    if args.fit_normative:
-        for _, path in cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint):
-            fold_args = argparse.Namespace(**vars(args) | {"checkpoint": path})
-            diffusion, checkpoint, run, settings, seed, _ = open_fold(fold_args, path, models.pick_device(args.device))
-            write_normative(fold_args, diffusion, run, settings, seed, checkpoint)  # each fold's own training patients
-        return
     folds = cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint)
     stem = os.path.splitext(args.fold_checkpoint)[0]
     output_dir = args.output_dir or os.path.join(args.checkpoint, f"eval_cv_{stem}_{'oof' if args.split == 'test' else 'all'}")

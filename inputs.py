@@ -261,28 +261,16 @@ def intracranial(code):
     return (code & INTRACRANIAL) > 0
 
 
-def soft_tissue(codes, bone_margin):
-    """bool [..., S, S]: the pixels of anatomy codes [..., S, S] that are neither bone nor air/fat, nor within
-    bone_margin pixels (of a 128^2 slice, scaled to S) of either (scoring.scored_masks: --scored_region soft_tissue)."""
-    codes = np.asarray(codes)
-    excluded = (codes & (BONE | NON_TISSUE)) > 0
-    margin = round(bone_margin * codes.shape[-1] / 128)
-    if margin:
-        flat = excluded.reshape(-1, *codes.shape[-2:])
-        excluded = np.stack([ndimage.binary_dilation(e, iterations=margin) for e in flat]).reshape(codes.shape)
-    return ~excluded
-
-
 RIDGE_REACH = 4  # pixels (of a 128^2 slice): bays of the intracranial outline narrower than about twice this are
 # where a ridge of bone pokes in (petrous ridge, clinoids, sphenoid wing), not the smooth inner table
 
 
-def no_bone_islands(codes, bone_margin):
+def _without_bone_islands(codes, bone_margin):
     """bool [..., S, S]: the pixels of anatomy codes [..., S, S] that are not bone or air/fat inside the intracranial
     mask (islands: calcifications, clinoids, sinuses), not in a bay of its outline where a ridge of bone pokes in
     (the intracranial mask closed over RIDGE_REACH, less the mask), and not within bone_margin pixels (of a 128^2
-    slice, scaled to S) of either (scoring.scored_masks: --scored_region no_bone_islands). Unlike soft_tissue it
-    draws no band along the smooth inner table, where epidurals and subdurals lie."""
+    slice, scaled to S) of either: the part of no_bone_3d that reads the slice alone. It draws no band along the
+    smooth inner table, where epidurals and subdurals lie."""
     codes = np.asarray(codes)
     scale = codes.shape[-1] / 128
     margin, reach = round(bone_margin * scale), max(1, round(RIDGE_REACH * scale))
@@ -311,15 +299,15 @@ Z_RIM = 4  # pixels (of a 128^2 slice) inside the intracranial outline where no_
 
 
 def no_bone_3d(codes, bone_margin):
-    """bool [..., S, S]: no_bone_islands, less the pixels that are bone in the slice above or below (NEAR_BONE) deeper
+    """bool [..., S, S]: _without_bone_islands, less the pixels that are bone in the slice above or below (NEAR_BONE) deeper
     than Z_RIM pixels inside the intracranial outline (--scored_region no_bone_3d). Why: a 5 mm slice over the floor
     of a cranial fossa, a petrous ridge or an orbital roof holds part of that bone; the partial volume is bright,
     is rebuilt darker, and is what the top false positives of the CV run were made of (RESULTS.md). Codes without
-    NEAR_BONE (a slice read alone) lose only what no_bone_islands takes."""
+    NEAR_BONE (a slice read alone) lose only what _without_bone_islands takes."""
     codes = np.asarray(codes)
     rim = max(1, round(Z_RIM * codes.shape[-1] / 128))
     flat = codes.reshape(-1, *codes.shape[-2:])
-    kept = no_bone_islands(flat, bone_margin)
+    kept = _without_bone_islands(flat, bone_margin)
     for i, code in enumerate(flat):
         near = (code & NEAR_BONE) > 0
         if near.any():
@@ -327,17 +315,17 @@ def no_bone_3d(codes, bone_margin):
     return kept.reshape(codes.shape)
 
 
-SCORED_REGIONS = ("intracranial", "soft_tissue", "no_bone_islands", "no_bone_3d")  # --scored_region; region_mask draws each
+SCORED_REGIONS = ("intracranial", "no_bone_3d")  # --scored_region; region_mask draws each
 
 
 def region_mask(codes, region, bone_margin):
-    """bool [..., S, S]: the scored region (--scored_region: intracranial, soft_tissue or no_bone_islands) of anatomy
-    codes [..., S, S]."""
+    """bool [..., S, S]: the scored region (--scored_region: intracranial or no_bone_3d) of anatomy codes [..., S, S]."""
     inside = intracranial(np.asarray(codes))
     if region == "intracranial":
         return inside
-    rule = {"soft_tissue": soft_tissue, "no_bone_islands": no_bone_islands, "no_bone_3d": no_bone_3d}[region]
-    return inside & rule(codes, bone_margin)
+    if region != "no_bone_3d":
+        raise ValueError(f"unknown scored region {region!r} (one of {', '.join(SCORED_REGIONS)})")
+    return inside & no_bone_3d(codes, bone_margin)
 
 
 def tissue_classes(pixels):

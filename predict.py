@@ -6,8 +6,7 @@
 grouped into scans by SeriesInstanceUID and ordered by slice position) and/or NIfTI volumes (*.nii, *.nii.gz: one
 volume is one scan; where the folder has a NIfTI layout with masks, only its CT folder is read). No labels are read.
 Each scan is scored as evaluate.py scores a split, by the one scoring path (scoring.score_split), with the training
-run's scoring settings or the flags given here (every scoring flag means what it means in evaluate.py; --input_norm
-and --calibrate read the normative file that evaluate.py --fit_normative wrote next to the checkpoint); slices with
+run's scoring settings or the flags given here (every scoring flag means what it means in evaluate.py); slices with
 less brain than the run's --min_brain_fraction are left unscored. Inputs are made in the checkpoint's own input
 representation (the windows the model was trained on), whatever the layout of --data_dir. A scan's score is the max of its slice scores, as evaluate.py's scan
 metric. Scores are relative: compare them between scans scored by the same checkpoint.
@@ -172,16 +171,16 @@ def decode_scan(scan, input_hu, image_size, num_workers):
 def score_scan(scorers, rows, n_slices, offset, settings, seed):
     """Score a scan's decoded slices (rows with input and brain mask) by the one scoring path, scoring.score_split,
     as one scan: noise positions offset + slice number, relative heights over all of the scan's slices. scorers:
-    [(diffusion, normative, reference statistics or None)]: one checkpoint, or a CV run's fold models, whose slice
+    [(diffusion, reference statistics or None)]: one checkpoint, or a CV run's fold models, whose slice
     scores are z-scored against their references and averaged (maps: each divided by its reference's spread of
     the run's score, then averaged). -> (maps float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
     heights = cohort.relative_heights({"scan": np.zeros(n_slices)})
     scan = data.ArrayDataset([row["input"] for row in rows], [row["brain"] for row in rows],
                              [offset + row["slice"] for row in rows], np.zeros(len(rows), np.int64),
                              heights[[row["slice"] for row in rows]])
-    results = [scoring.score_split(diffusion, scan, settings, seed=seed, normative=normative, keep_examples=0, keep_maps=True)
-               for diffusion, normative, _ in scorers]
-    statistics = [stats for _, _, stats in scorers]
+    results = [scoring.score_split(diffusion, scan, settings, seed=seed, keep_examples=0, keep_maps=True)
+               for diffusion, _ in scorers]
+    statistics = [stats for _, stats in scorers]
     if statistics[0] is None:
         return results[0]["maps"], results[0]["scores"]  # rows are in slice order, so in position order too
     maps = np.mean([r["maps"] / cv.spread(stats, settings.score) for r, stats in zip(results, statistics)], axis=0)
@@ -320,17 +319,16 @@ def predict(scorers, args, run, settings, seed):
 def open_models(args):
     """The checkpoint, or each fold model of a CV run folder (with its reference statistics: evaluate.fold_reference),
     with the run's configuration and scoring and the flags given here on top (--data_dir here is the new data).
-    -> ([(diffusion, normative or None, statistics or None)], run, settings, seed), the last three the first model's."""
+    -> ([(diffusion, statistics or None)], run, settings, seed), the last three the first model's."""
     cv_run = cv.is_cv_run(args.checkpoint)
     paths = [path for _, path in cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint)] if cv_run else [args.checkpoint]
     opened = []
     for path in paths:
         diffusion, checkpoint = models.load_checkpoint(path, models.pick_device(args.device), args.precision)
         run, settings, seed = config.read_back(checkpoint, vars(args) | {"data_dir": None}, path, diffusion.config["image_size"])
-        normative = scoring.load_normative(scoring.normative_path(path), settings) if settings.needs_normative else None
-        statistics = (evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, normative)
+        statistics = (evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed)
                       if cv_run or settings.level_norm != "none" else None)
-        opened.append(((diffusion, normative, statistics), run, settings, seed))
+        opened.append(((diffusion, statistics), run, settings, seed))
     return [o[0] for o in opened], *opened[0][1:]
 
 

@@ -15,8 +15,6 @@ import collections
 import contextlib
 import dataclasses
 import heapq
-import json
-import os
 import time
 
 import numpy as np
@@ -57,7 +55,7 @@ EXAMPLE_KINDS = ("true positive", "false positive", "miss")
 @dataclasses.dataclass(frozen=True)
 class ScoringSettings:
     """How slices are scored. The defaults were chosen on the CT-ICH validation split (README, "Choosing
-    the scoring settings"); SPEC below is the spec's scoring. patch_size None = image_size // 4 (64 at the
+    the scoring settings"). patch_size None = image_size // 4 (64 at the
     spec's 256^2), stride None = patch_size // 2: call for_image() to fill them in."""
     patch_size: int = None
     stride: int = None
@@ -73,18 +71,13 @@ class ScoringSettings:
     pack_windows: bool = True
     # bench.py: 1.3x at 128^2 with bf16 on this CPU (slightly slower at 64^2); the same map up to bf16 rounding.
     channels_last: bool = True
-    # Options of the issue-13 method study, all off by default (README, "Round two": each measured on validation,
-    # paired against the default). input_norm and calibrate need the run's normative file (fit_normative).
+    # Options of the issue-13 method study, off by default (README, "Round two": each measured on validation,
+    # paired against the default).
     noise: str = "gaussian"  # or "simplex": smooth multi-octave noise in the noised window (the official pDDPM's)
-    noise_draws: int = 1  # noise draws per window, combined per pixel by draw_combine
-    draw_combine: str = "mean"  # mean of the residual over draws, or "z": mean(x - rebuilt) / its std over draws
-    input_norm: str = "none"  # "slice" / "scan": shift the input so its intracranial median is the training median
-    calibrate: str = "none"  # "z": (residual - healthy mean) / healthy std; "mean": residual - healthy mean; by bin
     hyperdensity_prior: bool = False  # weight the map by how far the pixel sits in the acute-blood band (50-90 HU)
-    min_height: float = 0.0  # slices lower than this fraction of their scan's height score 0 (skull base, face)
     # Issue 20 (RESULTS.md): what is scored, level-normalised slice scores, and a no-learning baseline.
-    scored_region: str = "intracranial"  # or "soft_tissue" / "no_bone_islands" / "no_bone_3d": bone, air/fat and a bone_margin band left out (scored_masks)
-    bone_margin: int = 2  # pixels (of a 128^2 slice) around bone and air/fat left out with --scored_region soft_tissue
+    scored_region: str = "intracranial"  # or "no_bone_3d": bone, air/fat and a bone_margin band left out (scored_masks)
+    bone_margin: int = 2  # pixels (of a 128^2 slice) around bone and air/fat left out with --scored_region no_bone_3d
     level_norm: str = "none"  # "z": slice scores z-scored against healthy reference slices of the same level
     anomaly_map: str = "model"  # or "blood_band": no model, the input's acute-blood band membership (a baseline)
 
@@ -99,13 +92,13 @@ class ScoringSettings:
     def check(self, image_size, training=False):
         """self.for_image(image_size), or a one-line SystemExit naming the first flag that cannot work at this
         image size. Every script that scores calls this right after parsing; training=True (train.py, bench.py)
-        also refuses the options that need healthy statistics fitted after training (EVALUATION_ONLY)."""
+        also refuses the options that need statistics of the trained model (EVALUATION_ONLY)."""
         need = models.check_flag
         if training:
             for name in EVALUATION_ONLY:
                 need(getattr(self, name) == getattr(DEFAULTS, name), name, getattr(self, name),
-                     "evaluation only: it needs statistics of the trained model (evaluate.py --fit_normative, or the "
-                     "healthy validation slices for --level_norm); give it to evaluate.py, sweep.py or predict.py")
+                     "evaluation only: it needs statistics of the trained model (its healthy validation slices); "
+                     "give it to evaluate.py, sweep.py or predict.py")
         for name in ("patch_size", "stride"):  # 0 or negative must not fall back to the default silently
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
         filled = self.for_image(image_size)
@@ -124,21 +117,11 @@ class ScoringSettings:
         need(self.residual in RESIDUALS, "residual", self.residual, f"unknown (one of {', '.join(RESIDUALS)})")
         need(self.score in SLICE_SCORES, "score", self.score, f"unknown (one of {', '.join(SLICE_SCORES)})")
         need(self.noise in NOISES, "noise", self.noise, f"unknown (one of {', '.join(NOISES)})")
-        need(self.noise_draws >= 1, "noise_draws", self.noise_draws, "must be at least 1")
-        need(self.draw_combine in DRAW_COMBINES, "draw_combine", self.draw_combine, f"one of {', '.join(DRAW_COMBINES)}")
-        need(self.input_norm in INPUT_NORMS, "input_norm", self.input_norm, f"one of {', '.join(INPUT_NORMS)}")
-        need(self.calibrate in CALIBRATIONS, "calibrate", self.calibrate, f"one of {', '.join(CALIBRATIONS)}")
-        need(0 <= self.min_height < 1, "min_height", self.min_height, "a fraction of the scan's height, 0 (off) to below 1")
         need(self.scored_region in SCORED_REGIONS, "scored_region", self.scored_region, f"one of {', '.join(SCORED_REGIONS)}")
         need(self.bone_margin >= 0, "bone_margin", self.bone_margin, "must be 0 (bone itself only) or more")
         need(self.level_norm in LEVEL_NORMS, "level_norm", self.level_norm, f"one of {', '.join(LEVEL_NORMS)}")
         need(self.anomaly_map in ANOMALY_MAPS, "anomaly_map", self.anomaly_map, f"one of {', '.join(ANOMALY_MAPS)}")
         return filled
-
-    @property
-    def needs_normative(self):
-        """Whether scoring needs the run's normative statistics (fit_normative, NORMATIVE_FILE)."""
-        return self.input_norm != "none" or self.calibrate != "none"
 
     @property
     def pack_gap(self):
@@ -157,19 +140,15 @@ class ScoringSettings:
 
 
 NOISES = ("gaussian", "simplex")
-Z_FLOOR = 0.02  # std floor of --draw_combine z, in input units (1 % of the [-1, 1] range)
-DRAW_COMBINES = ("mean", "z")
-INPUT_NORMS = ("none", "slice", "scan")
-CALIBRATIONS = ("none", "z", "mean")
 SCORED_REGIONS = inputs.SCORED_REGIONS
 LEVEL_NORMS = ("none", "z")
 LEVEL_BINS = 5  # level bins of --level_norm z: quantiles of the reference slices' levels
 ANOMALY_MAPS = ("model", "blood_band")
-# need statistics fitted on the trained model: refused by train.py
-EVALUATION_ONLY = ("input_norm", "calibrate", "level_norm")
+# need statistics of the trained model (its healthy validation slices): refused by train.py
+EVALUATION_ONLY = ("level_norm",)
 FIELDS = tuple(f.name for f in dataclasses.fields(ScoringSettings))
 DEFAULTS = ScoringSettings()
-SPEC = ScoringSettings(eval_t=(150,), residual="abs", score="mean", median_size=0, smooth_slices=0, pack_windows=False)
+SPEC_EVAL_T = 150  # the spec's noise timestep (--eval_t's help)
 
 
 def noise_seed(seed, position):
@@ -191,7 +170,7 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
                        help="side of the noised square window (default: image_size / 4, 64 at 256^2)")
     group.add_argument("--stride", type=int, default=default("stride"), help="step between windows (default: patch_size / 2)")
     group.add_argument("--eval_t", type=int, nargs="+", default=default("eval_t"),
-                       help=f"noise timestep(s) when scoring; several are averaged (spec: {SPEC.eval_t[0]})")
+                       help=f"noise timestep(s) when scoring; several are averaged (spec: {SPEC_EVAL_T})")
     group.add_argument("--eval_batch_size", type=int, default=default("eval_batch_size"), help="windows per forward pass when scoring")
     group.add_argument("--residual", default=default("residual"), choices=list(RESIDUALS),
                        help="error map: abs = |x - rebuilt| (the spec), positive = only where x is brighter than rebuilt")
@@ -211,28 +190,14 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
                        help="score in NHWC memory layout (weights converted for the call and back)")
     group.add_argument("--noise", default=default("noise"), choices=NOISES,
                        help="noise of the noised window: gaussian (the spec) or simplex-like multi-octave noise")
-    group.add_argument("--noise_draws", type=int, default=default("noise_draws"),
-                       help="noise draws per window (each costs a full scoring pass), combined by --draw_combine")
-    group.add_argument("--draw_combine", default=default("draw_combine"), choices=DRAW_COMBINES,
-                       help="mean: mean residual over draws; z: mean(x - rebuilt) / its std over draws and windows")
-    group.add_argument("--input_norm", default=default("input_norm"), choices=INPUT_NORMS,
-                       help="shift each slice (or each scan) so its median intracranial intensity is the training "
-                            "median (needs the run's normative file: evaluate.py --fit_normative)")
-    group.add_argument("--calibrate", default=default("calibrate"), choices=CALIBRATIONS,
-                       help="the residual relative to healthy training residuals of the same input-intensity x distance-"
-                            "to-the-inner-table bin: z = in their standard deviations, mean = less their mean (needs the "
-                            "normative file)")
     group.add_argument("--hyperdensity_prior", action=argparse.BooleanOptionalAction, default=default("hyperdensity_prior"),
                        help="weight the map by the pixel's membership of the acute-blood band (50-90 HU)")
-    group.add_argument("--min_height", type=float, default=default("min_height"),
-                       help="slices below this fraction of their scan's height score 0 (skull base / face; 0 = off)")
     group.add_argument("--scored_region", default=default("scored_region"), choices=SCORED_REGIONS,
-                       help="what a slice score reads: the intracranial mask; its soft tissue (bone islands, air/fat "
-                            "cavities and a --bone_margin band around them and the skull left out); no_bone_islands "
-                            "(the same, but no band along the smooth inner table); or no_bone_3d (no_bone_islands, and "
-                            "the pixels over or under bone in the neighbouring slices, away from the outline's rim)")
+                       help="what a slice score reads: the intracranial mask; or no_bone_3d (bone and air/fat inside "
+                            "it, the bays where ridges of bone poke in and a --bone_margin band around them left out, "
+                            "and the pixels over or under bone in the neighbouring slices, away from the outline's rim)")
     group.add_argument("--bone_margin", type=int, default=default("bone_margin"),
-                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region soft_tissue / no_bone_islands / no_bone_3d")
+                       help="band (pixels of a 128^2 slice) around bone and air/fat left out by --scored_region no_bone_3d")
     group.add_argument("--level_norm", default=default("level_norm"), choices=LEVEL_NORMS,
                        help="z: each slice score z-scored against healthy reference slices of its anatomical level "
                             "(intracranial / head area), the validation patients the model never trained on")
@@ -265,7 +230,7 @@ def smoothing_note(smooth_slices, eval_samples):
 # windows
 
 Window = collections.namedtuple("Window", "k top left")  # k: the window's number in the grid (its noise)
-Job = collections.namedtuple("Job", "slice t windows draw", defaults=(0,))  # one pass: windows of a slice noised at t
+Job = collections.namedtuple("Job", "slice t windows")  # one pass: windows of a slice noised at t
 
 
 def window_grid(image_size, patch_size, stride):
@@ -277,10 +242,10 @@ def window_grid(image_size, patch_size, stride):
     return [(top, left) for top in starts for left in starts]
 
 
-def window_noise(seed, window_index, t, shape, noise="gaussian", draw=0):
-    """The noise for one window: a function of (slice seed, window index, t, draw) only, drawn on the
+def window_noise(seed, window_index, t, shape, noise="gaussian"):
+    """The noise for one window: a function of (slice seed, window index, t) only, drawn on the
     CPU, so a map does not depend on batch size, batch composition, device or process rank."""
-    key = [int(seed), int(window_index), int(t)] + ([int(draw)] if draw else [])  # draw 0: the noise of one draw
+    key = [int(seed), int(window_index), int(t)]
     state = np.random.SeedSequence(key).generate_state(2)
     generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     if noise == "simplex":
@@ -314,19 +279,18 @@ def window_jobs(settings, image_size, n_slices, brain_masks=None):
     p = settings.patch_size
     windows = [Window(k, top, left) for k, (top, left) in enumerate(window_grid(image_size, p, settings.stride))]
     jobs = []
-    for draw in range(settings.noise_draws):
-        for t in settings.eval_t:
-            for i in range(n_slices):
-                kept = windows if brain_masks is None else [
-                    w for w in windows if brain_masks[i, w.top:w.top + p, w.left:w.left + p].any()]
-                groups = [[w] for w in kept] if settings.pack_gap is None else pack_windows(kept, p, settings.stride, settings.pack_gap)
-                jobs += [Job(i, t, group, draw) for group in groups]
+    for t in settings.eval_t:
+        for i in range(n_slices):
+            kept = windows if brain_masks is None else [
+                w for w in windows if brain_masks[i, w.top:w.top + p, w.left:w.left + p].any()]
+            groups = [[w] for w in kept] if settings.pack_gap is None else pack_windows(kept, p, settings.stride, settings.pack_gap)
+            jobs += [Job(i, t, group) for group in groups]
     return jobs
 
 
 def passes_per_slice(settings, image_size):
     """Forward passes per slice and timestep when no window is skipped."""
-    return len(window_jobs(dataclasses.replace(settings, eval_t=(0,), noise_draws=1), image_size, 1))
+    return len(window_jobs(dataclasses.replace(settings, eval_t=(0,)), image_size, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +323,7 @@ def noise_windows(x0, jobs, seeds, t, diffusion, patch_size, noise="gaussian"):
         rows = [b for b, job in enumerate(jobs) if len(job.windows) > j]
         windows = [jobs[b].windows[j] for b in rows]
         boxes = torch.tensor([(w.top, w.left) for w in windows])
-        drawn = torch.stack([window_noise(seeds[jobs[b].slice], w.k, jobs[b].t, shape, noise, jobs[b].draw)
+        drawn = torch.stack([window_noise(seeds[jobs[b].slice], w.k, jobs[b].t, shape, noise)
                              for b, w in zip(rows, windows)])
         if len(rows) == len(jobs):  # j = 0: every job, and a copy of x0
             x_t = diffusion.noise(x_t, boxes, t, drawn.to(x0.device), patch_size)
@@ -394,8 +358,6 @@ def anomaly_maps(diffusion, images, settings, seeds, brain_masks=None):
     jobs = window_jobs(settings, H, N, torch.as_tensor(brain_masks).bool().cpu() if settings.skip_outside_mask else None)
     error_sum = torch.zeros(N, H, W, device=device)
     count = torch.zeros(N, H, W, device=device)
-    z = settings.draw_combine == "z"  # accumulate the signed difference and its square instead of the residual
-    square_sum = torch.zeros(N, H, W, device=device) if z else None
     with scoring_mode(diffusion.network, settings.channels_last), torch.inference_mode():
         for start in range(0, len(jobs), settings.eval_batch_size):
             batch = jobs[start:start + settings.eval_batch_size]
@@ -405,81 +367,19 @@ def anomaly_maps(diffusion, images, settings, seeds, brain_masks=None):
             if settings.channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
             difference = x0 - diffusion.rebuild(x_t, t).float()
-            errors = difference.mean(dim=1) if z else RESIDUALS[settings.residual](difference)
+            errors = RESIDUALS[settings.residual](difference)
             for b, job in enumerate(batch):
                 for w in job.windows:
                     box = (job.slice, slice(w.top, w.top + p), slice(w.left, w.left + p))
                     error_sum[box] += errors[b, box[1], box[2]]
                     count[box] += 1
-                    if z:
-                        square_sum[box] += errors[b, box[1], box[2]] ** 2
-    mean = error_sum / count.clamp(min=1)
-    if not z:
-        return mean
-    # Mahalanobis-style (diagonal): how many standard deviations of the rebuilt values over draws (and overlapping
-    # windows) the input lies above their mean; Z_FLOOR keeps a pixel the draws agree on from dividing by ~0.
-    variance = (square_sum / count.clamp(min=1) - mean ** 2).clamp(min=0)
-    return (mean / (variance + Z_FLOOR ** 2).sqrt()).clamp(min=0)
+    return error_sum / count.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------
-# options that use the input and the run's healthy statistics (issue 13; off by default)
+# options that use the input (issue 13; off by default), the scored region and the slice's level
 
-NORMATIVE_FILE = "normative_{stem}.npz"  # next to the checkpoint; written by evaluate.py --fit_normative
-INTENSITY_EDGES = np.linspace(-1, 1, 17)  # 16 bins of the input (channel 0)
-DISTANCE_EDGES = np.array([0, 1.5, 2.5, 3.5, 5, 7, 10, 14, np.inf])  # pixels at 128^2 from the mask edge (inner table)
 BLOOD_HU = (45.0, 55.0, 90.0, 100.0)  # weight rises 45 -> 55 HU, is 1 to 90 HU, falls to 0 at 100 HU (bone)
-
-
-def normative_path(checkpoint_path):
-    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), NORMATIVE_FILE.format(stem=stem))
-
-
-def brain_median(image, mask):
-    """Median of channel 0 inside the brain mask (the whole slice when the mask is empty)."""
-    values = np.asarray(image[0], np.float32)
-    mask = np.asarray(mask, bool)
-    return float(np.median(values[mask] if mask.any() else values))
-
-
-def input_offsets(dataset, settings, normative):
-    """Per item of dataset: the shift that gives its slice (input_norm "slice") or its scan (pooled intracranial pixels
-    of the scan's slices in dataset, "scan") the training median (normative["input_median"]); zeros when off."""
-    offsets = np.zeros(len(dataset), np.float32)
-    if settings.input_norm == "none":
-        return offsets
-    if normative is None:
-        raise SystemExit("error: --input_norm needs the run's normative statistics: run evaluate.py --fit_normative first")
-    # one slice (or one scan) in memory at a time: a split of all of RSNA does not fit at once
-    if settings.input_norm == "slice":
-        medians = np.array([brain_median(dataset[i]["image"].numpy(), dataset[i]["mask"].numpy()) for i in range(len(dataset))])
-    else:
-        scans = np.asarray(dataset.scans)
-        medians = np.zeros(len(dataset))
-        for scan in np.unique(scans):
-            members = np.flatnonzero(scans == scan)
-            items = [dataset[i] for i in members]
-            pixels = np.concatenate([it["image"][0].numpy()[it["mask"].numpy()] for it in items] + [np.zeros(0)])
-            medians[members] = np.median(pixels) if len(pixels) else normative["input_median"]
-    return (float(normative["input_median"]) - medians).astype(np.float32)
-
-
-def shift_inputs(images, offsets):
-    """images [N, C, H, W] with channel 0 shifted by offsets [N] (clipped to [-1, 1])."""
-    if offsets is None or not np.any(offsets):
-        return images
-    images = images.clone()
-    images[:, 0] = (images[:, 0] + torch.as_tensor(offsets, dtype=images.dtype, device=images.device)[:, None, None]).clamp(-1, 1)
-    return images
-
-
-def pixel_bins(image, mask):
-    """(intensity bin, distance bin) of each pixel [H, W]: channel-0 intensity, and the distance to the edge of the
-    brain mask (the inner table of the skull), scaled to a 128-px slice."""
-    intensity = np.clip(np.digitize(np.asarray(image[0]), INTENSITY_EDGES) - 1, 0, len(INTENSITY_EDGES) - 2)
-    distance = scipy.ndimage.distance_transform_edt(np.asarray(mask, bool)) * 128 / mask.shape[-1]
-    return intensity, np.clip(np.digitize(distance, DISTANCE_EDGES) - 1, 0, len(DISTANCE_EDGES) - 2)
 
 
 def blood_weight(image, brain_hu):
@@ -498,13 +398,11 @@ def blood_band_maps(images, brain_hu):
 
 def scored_masks(masks, anatomy, settings):
     """The region a slice score reads, bool numpy [N, H, W]: the intracranial masks, or with --scored_region
-    soft_tissue those less bone and air/fat (inputs.anatomy_code) and a band of bone_margin pixels (of a 128^2
-    slice) around them. The band is why: at the skull base, partial-volume bone inside the mask (petrous ridges,
-    clinoids, sphenoid) is rebuilt darker than it is and outscored every bleed (issue 20). soft_tissue also trims
-    the rim against the inner table, where thin subdurals lie; no_bone_islands (inputs.no_bone_islands) leaves out
-    only bone and air inside the mask and the bays where ridges of bone poke in, each with the band; no_bone_3d
-    (inputs.no_bone_3d) also what is bone in the slice above or below: RESULTS.md measures what each costs on bleed
-    pixels."""
+    no_bone_3d (inputs.no_bone_3d) those less bone and air/fat inside the mask (inputs.anatomy_code), the bays where
+    ridges of bone poke in, a band of bone_margin pixels (of a 128^2 slice) around them, and what is bone in the
+    slice above or below. The band is why: at the skull base, partial-volume bone inside the mask (petrous ridges,
+    clinoids, sphenoid) is rebuilt darker than it is and outscored every bleed (issue 20). RESULTS.md measures what
+    the region costs on bleed pixels."""
     masks = torch.as_tensor(masks).bool().cpu().numpy()
     if settings.scored_region == "intracranial" or anatomy is None:
         return masks
@@ -521,77 +419,16 @@ def slice_levels(anatomy, masks):
     return masks.sum(1) / np.maximum(head.sum(1), np.maximum(masks.sum(1), 1))
 
 
-def adjust_maps(maps, images, masks, settings, normative=None, brain_hu=None):
-    """The map options that look at the input: --calibrate (the residual less the healthy mean of its intensity x
-    distance bin, over the healthy std for "z"; negatives to 0) and --hyperdensity_prior (times blood_weight;
-    brain_hu: channel 0's HU at input -1 and +1, the model's input representation)."""
-    if settings.calibrate == "none" and not settings.hyperdensity_prior:
+def adjust_maps(maps, images, settings, brain_hu=None):
+    """The map option that looks at the input: --hyperdensity_prior (the map times blood_weight; brain_hu: channel
+    0's HU at input -1 and +1, the model's input representation)."""
+    if not settings.hyperdensity_prior:
         return maps
-    if settings.calibrate != "none" and normative is None:
-        raise SystemExit("error: --calibrate needs the run's normative statistics: run evaluate.py --fit_normative first")
     out = maps.detach().float().cpu().numpy().copy()
-    images, masks = torch.as_tensor(images).float().cpu().numpy(), torch.as_tensor(masks).bool().cpu().numpy()
+    images = torch.as_tensor(images).float().cpu().numpy()
     for i in range(len(out)):
-        if settings.calibrate != "none":
-            intensity, distance = pixel_bins(images[i], masks[i])
-            scale = normative["std"][intensity, distance] if settings.calibrate == "z" else 1.0
-            out[i] = np.clip((out[i] - normative["mean"][intensity, distance]) / scale, 0, None)
-        if settings.hyperdensity_prior:
-            out[i] *= blood_weight(images[i], brain_hu)
+        out[i] *= blood_weight(images[i], brain_hu)
     return torch.from_numpy(out).to(maps.device)
-
-
-def fit_normative(diffusion, dataset, settings, seed):
-    """Healthy statistics for --input_norm and --calibrate from dataset (healthy slices only: the run's training
-    split): the median intracranial input, and mean / std of the raw map (the settings' map, before calibration
-    and the median filter) per (input intensity, distance to the inner table) bin. -> dict of arrays."""
-    if np.any(np.asarray(dataset.labels) != 0):
-        raise ValueError("fit_normative takes healthy slices only")
-    items = [dataset[i] for i in range(len(dataset))]
-    pixels = np.concatenate([it["image"][0].numpy()[it["mask"].numpy()] for it in items])
-    normative = {"input_median": np.float32(np.median(pixels))}
-    plain = dataclasses.replace(settings, calibrate="none", hyperdensity_prior=False)
-    offsets = input_offsets(dataset, settings, normative)
-    shape = (len(INTENSITY_EDGES) - 1, len(DISTANCE_EDGES) - 1)
-    total, squares, count = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    for start in range(0, len(items), 16):
-        chunk = items[start:start + 16]
-        images = shift_inputs(torch.stack([it["image"] for it in chunk]), offsets[start:start + 16]).to(diffusion.device)
-        masks = torch.stack([it["mask"] for it in chunk]).to(diffusion.device)
-        seeds = [noise_seed(seed, it["position"]) for it in chunk]
-        maps = anomaly_maps(diffusion, images, plain, seeds, masks).float().cpu().numpy()
-        for image, mask, error_map in zip(images.cpu().numpy(), masks.cpu().numpy(), maps):
-            intensity, distance = pixel_bins(image, mask)
-            np.add.at(total, (intensity[mask], distance[mask]), error_map[mask])
-            np.add.at(squares, (intensity[mask], distance[mask]), error_map[mask] ** 2)
-            np.add.at(count, (intensity[mask], distance[mask]), 1)
-    # bins with few healthy pixels borrow the pooled statistics, so one odd pixel does not set a scale
-    pooled_mean, pooled_var = total.sum() / count.sum(), squares.sum() / count.sum() - (total.sum() / count.sum()) ** 2
-    few = count < 50
-    mean = np.where(few, pooled_mean, total / np.maximum(count, 1))
-    var = np.where(few, pooled_var, squares / np.maximum(count, 1) - mean ** 2)
-    normative |= {"mean": mean.astype(np.float32), "std": np.sqrt(np.maximum(var, 1e-8)).astype(np.float32),
-                  "count": count.astype(np.int64), "slices": np.int64(len(items)), "settings": json.dumps(map_key(settings))}
-    return normative
-
-
-def map_key(settings):
-    """The settings a normative file's statistics depend on; scoring with others is refused."""
-    return {name: getattr(settings, name) for name in ("patch_size", "stride", "eval_t", "residual", "noise", "noise_draws",
-                                                      "draw_combine", "input_norm")} | {"eval_t": list(settings.eval_t)}
-
-
-def load_normative(path, settings):
-    """The normative statistics at path for these settings, or a one-line SystemExit."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no normative statistics for --input_norm / --calibrate; run evaluate.py "
-                         "--fit_normative with the same scoring flags first")
-    with np.load(path) as f:
-        normative = {name: f[name] for name in f.files}
-    saved = json.loads(str(normative["settings"]))
-    if saved != map_key(settings):
-        raise SystemExit(f"error: {path}: fitted for {saved}, but scoring uses {map_key(settings)}; fit again")
-    return normative
 
 
 def median_filtered(error_map, median_size):
@@ -616,32 +453,22 @@ def slice_scores(maps, brain_masks, median_size=0):
     return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
-def _score_batch(diffusion, images, masks, positions, settings, seed, normative=None, offsets=None):
+def _score_batch(diffusion, images, masks, positions, settings, seed):
     """(maps [N, H, W] before the median filter, {score name: [N]} before smoothing) of one batch of slices at
-    index rows `positions` (the noise of a slice depends on (seed, position) only). offsets: input_offsets of these
-    slices (--input_norm); normative: the run's statistics (--input_norm, --calibrate)."""
+    index rows `positions` (the noise of a slice depends on (seed, position) only)."""
     seeds = [noise_seed(seed, p) for p in positions]
-    images = shift_inputs(images, offsets)
     if settings.anomaly_map == "blood_band":
         maps = blood_band_maps(images, diffusion.input_hu[0])
     else:
         maps = anomaly_maps(diffusion, images, settings, seeds, masks).float()
-    maps = adjust_maps(maps, images, masks, settings, normative, diffusion.input_hu[0])
+    maps = adjust_maps(maps, images, settings, diffusion.input_hu[0])
     return maps, slice_scores(maps, masks, settings.median_size)
 
 
-def finish_scores(positions, scans, heights, scores, settings):
-    """The last steps of every slice score, after slice_scores: smoothed along the scan (--smooth_slices), then
-    the height filter (--min_height). score_split ends with it; sweep.py re-scores saved maps with it."""
-    smoothed = smooth_along_scans(positions, scans, scores, settings.smooth_slices)
-    return height_filter(smoothed, heights, settings.min_height)
-
-
-def height_filter(scores, heights, min_height):
-    """--min_height: slices lower than min_height of their scan's height (cohort.relative_heights) score 0."""
-    if not min_height:
-        return scores
-    return np.where(np.asarray(heights) < min_height, 0.0, scores)
+def finish_scores(positions, scans, scores, settings):
+    """The last step of every slice score, after slice_scores: smoothed along the scan (--smooth_slices).
+    score_split ends with it; sweep.py re-scores saved maps with it."""
+    return smooth_along_scans(positions, scans, scores, settings.smooth_slices)
 
 
 def smooth_along_scans(positions, scans, scores, width):
@@ -759,17 +586,16 @@ def split_loader(dataset, settings, num_workers=0, rank=0, world=1):
     return torch.utils.data.DataLoader(shard, batch_size=slices_per_batch, shuffle=False, num_workers=num_workers)
 
 
-def score_split(diffusion, dataset, settings, *, seed, normative=None, num_workers=0, keep_examples=8, keep_maps=False,
+def score_split(diffusion, dataset, settings, *, seed, num_workers=0, keep_examples=8, keep_maps=False,
                 gt_masks_fn=None, rank=0, world=1):
     """Score every slice of `dataset` with the sliding-window anomaly map of `settings`: the one scoring path of
     train.py (validation), evaluate.py, sweep.py, bench.py and predict.py. dataset: items dict(image, mask, label,
-    position) with aligned arrays .positions, .patients, .scans, .heights (data.SliceDataset, data.ArrayDataset).
+    position) with aligned arrays .positions, .patients, .scans (data.SliceDataset, data.ArrayDataset).
 
     Keeps the keep_examples highest- and lowest-scoring slices of each EXAMPLE_KINDS (ranked by settings.score,
     unsmoothed) for the overlays; keep_maps: also every slice's map as scored (median-filtered), in position order
     (predict.py, sweep.py: a scan's or a validation split's worth). gt_masks_fn(position) -> bool [S, S] bleed mask
-    or None; when given, pixel histograms are accumulated. normative: the run's statistics (load_normative) for
-    --input_norm / --calibrate. With world > 1 (torch.distributed initialised) each rank scores every world-th slice
+    or None; when given, pixel histograms are accumulated. With world > 1 (torch.distributed initialised) each rank scores every world-th slice
     and all ranks return the merged result (keep_maps: one process only). Returns a dict: positions, labels,
     patients, scans (sorted by position), scores {name: float64 [N]} (finish_scores applied), examples {kind:
     [example dicts]}, pixel (accumulator or None), maps (float32 [N, S, S] or None), seconds."""
@@ -779,14 +605,12 @@ def score_split(diffusion, dataset, settings, *, seed, normative=None, num_worke
            "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None, "maps": [] if keep_maps else None}
     diffusion.network.eval()
     t0 = time.time()
-    offsets = dict(zip(np.asarray(dataset.positions).tolist(), input_offsets(dataset, settings, normative)))
     for batch in tqdm(split_loader(dataset, settings, num_workers, rank, world), desc="scoring slices", unit="batch",
                       leave=False, disable=rank != 0):
         images, anatomy = batch["image"].to(diffusion.device), batch.get("anatomy")
         region = scored_masks(batch["mask"], anatomy, settings)
         maps, scores = _score_batch(diffusion, images, torch.from_numpy(region).to(diffusion.device),
-                                    batch["position"].tolist(), settings, seed, normative,
-                                    np.array([offsets[p] for p in batch["position"].tolist()], np.float32))
+                                    batch["position"].tolist(), settings, seed)
         _record_batch(acc, batch, maps.cpu().numpy(), region, scores, settings, keep_examples, gt_masks_fn)
         acc["levels"].append(slice_levels(anatomy, batch["mask"]))
     result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
@@ -802,10 +626,9 @@ def score_split(diffusion, dataset, settings, *, seed, normative=None, num_worke
     if pixel is not None and pixel["pos"].sum() == 0:
         pixel = None  # masks were looked up but none of the slices had one: no pixel metrics
     scans = _lookup(dataset.positions, dataset.scans, positions)
-    heights = _lookup(dataset.positions, dataset.heights, positions) if settings.min_height else None
     return {"positions": positions, "labels": result["labels"][order], "levels": result["levels"][order],
             "patients": _lookup(dataset.positions, dataset.patients, positions), "scans": scans,
-            "scores": {name: finish_scores(positions, scans, heights, v[order], settings) for name, v in result["scores"].items()},
+            "scores": {name: finish_scores(positions, scans, v[order], settings) for name, v in result["scores"].items()},
             "examples": {kind: [ex for _, _, ex in sorted(result["heaps"][kind], reverse=True)] for kind in EXAMPLE_KINDS},
             "pixel": pixel, "maps": np.concatenate(acc["maps"])[order] if keep_maps and acc["maps"] else None,
             "seconds": time.time() - t0}

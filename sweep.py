@@ -8,8 +8,8 @@ For every window, residual and t, the anomaly maps of the validation slices are 
 slice smoothing width is then read off the same maps with the steps score_split ends with (scoring.slice_scores,
 scoring.finish_scores), so a row is the number evaluate.py --split val gives for that setting. The average over
 several t ("multi-t", as in cDDPM) is the mean of the per-t maps, which is what the map of several t is, unless an
-option acts on the map itself (--calibrate, --hyperdensity_prior, --draw_combine z): then it is scored apart. Every
-other scoring flag (noise, input norm, ...) is the training run's unless given, and holds for every row. The test
+option acts on the map itself (--hyperdensity_prior): then it is scored apart. Every other scoring flag (noise,
+...) is the training run's unless given, and holds for every row. The test
 split is never touched here: test figures are reported once, by evaluate.py, for the setting chosen on validation.
 """
 import argparse
@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--residuals", nargs="+", default=list(scoring.RESIDUALS), choices=list(scoring.RESIDUALS),
                    help="error maps to try (evaluate.py --residual); each costs a full set of maps")
     p.add_argument("--scored_regions", nargs="+", default=None,
-                   help="scored regions to try: intracranial, soft_tissue:N, no_bone_islands:N or no_bone_3d:N (--scored_region R --bone_margin "
+                   help="scored regions to try: intracranial or no_bone_3d:N (--scored_region no_bone_3d --bone_margin "
                         "N); default: the run's")
     p.add_argument("--level_norms", nargs="+", default=None, choices=list(scoring.LEVEL_NORMS),
                    help="slice-score normalisations to try (evaluate.py --level_norm); default: the run's")
@@ -82,24 +82,24 @@ def get_args(argv=None):
 # healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
 # healthy: the slices --level_norm z fits its statistics on where a part has no reference slices (a validation split:
 # its healthy patients, evaluate.reference_positions).
-Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy normative_file")
+Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy")
 
 
-def dataset_part(diffusion, rd, positions, run, reference_positions, normative_file, healthy_positions=()):
+def dataset_part(diffusion, rd, positions, run, reference_positions, healthy_positions=()):
     """A Part of the rows `positions` (and reference_positions) of the run data rd, with its brain masks."""
     dataset = data.SliceDataset(rd.cache, rd.index, np.sort(np.concatenate([positions, reference_positions])))
     items = [dataset[i] for i in range(len(dataset))]
     masks = np.stack([it["mask"].numpy() for it in items]) if items else None
     anatomy = np.stack([it["anatomy"].numpy() for it in items]) if items else None
     return Part(diffusion, dataset, masks, anatomy, scoring.slice_levels(anatomy, masks) if items else None,
-                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), normative_file)
+                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions))
 
 
 def validation_parts(args, checkpoint, diffusion, run):
     """The validation split of the training run (its saved patient lists, same caches) as the one Part."""
     rd = evaluate.open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val",))
     positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
-    return [dataset_part(diffusion, rd, positions, run, np.zeros(0, np.int64), scoring.normative_path(args.checkpoint),
+    return [dataset_part(diffusion, rd, positions, run, np.zeros(0, np.int64),
                          healthy_positions=evaluate.reference_positions(rd, run))]
 
 
@@ -113,7 +113,7 @@ def out_of_fold_parts(args, folds, device):
                                      diffusion.config["image_size"])
         rd = evaluate.open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
         parts.append(dataset_part(diffusion, rd, rd.cache.ok(rd.splits["test"], run.min_brain_fraction), run,
-                                  evaluate.reference_positions(rd, run), scoring.normative_path(path)))
+                                  evaluate.reference_positions(rd, run)))
     return parts
 
 
@@ -127,11 +127,9 @@ def pooled_view(parts):
 def maps_of(part, setting, seed):
     """The maps of every slice of the part under `setting` before the median filter, by the one scoring path
     (scoring.score_split), in the part's order (its positions are sorted)."""
-    normative = scoring.load_normative(part.normative_file, setting) if setting.needs_normative else None
     # the intracranial region holds every scored region: its maps serve them all (part_values reads each off them)
     raw = dataclasses.replace(setting, median_size=0, smooth_slices=0, scored_region="intracranial", level_norm="none")
-    return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, normative=normative, keep_examples=0,
-                               keep_maps=True)["maps"]
+    return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, keep_examples=0, keep_maps=True)["maps"]
 
 
 def part_values(part, maps, setting, median_size, width):
@@ -141,7 +139,7 @@ def part_values(part, maps, setting, median_size, width):
     region = scoring.scored_masks(part.masks, part.anatomy, setting)
     raw = scoring.slice_scores(maps, region, median_size=median_size)
     d = part.dataset
-    values = {name: scoring.finish_scores(d.positions, d.scans, d.heights, v, dataclasses.replace(setting, smooth_slices=width))
+    values = {name: scoring.finish_scores(d.positions, d.scans, v, dataclasses.replace(setting, smooth_slices=width))
               for name, v in raw.items()}
     reference = part.reference if part.reference.any() else (part.healthy if setting.level_norm != "none" else None)
     if reference is not None:
@@ -182,7 +180,7 @@ def post_map_settings(args, setting):
         name, _, margin = text.partition(":")
         if name not in scoring.SCORED_REGIONS or (margin and not margin.isdigit()):
             raise SystemExit(f"error: --scored_regions {text}: expected intracranial or REGION:N with REGION one of "
-                             f"{', '.join(scoring.SCORED_REGIONS[1:])}, e.g. no_bone_islands:2")
+                             f"{', '.join(scoring.SCORED_REGIONS[1:])}, e.g. no_bone_3d:2")
         out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm}
                 for norm in norms]
     return out
@@ -299,7 +297,7 @@ def sweep(args, parts, base, seed, windows, output_dir):
     print(f"{split}: {len(pooled.labels)} slices ({int(pooled.labels.sum())} hemorrhage) from "
           f"{len(np.unique(pooled.patients))} patients")
     # the mean of per-t maps is the map of several t (anomaly_maps averages them) unless an option acts on the map
-    averaging_exact = base.calibrate == "none" and not base.hyperdensity_prior and base.draw_combine == "mean"
+    averaging_exact = not base.hyperdensity_prior
     rows = []
     combos = [(w, r, m) for m in args.anomaly_maps or [base.anomaly_map] for w in windows for r in args.residuals]
     combos = [c for c in combos if c[2] == "model" or c[:2] == combos[0][:2]]  # no model: window, residual, t mean nothing
@@ -317,7 +315,7 @@ def sweep(args, parts, base, seed, windows, output_dir):
         for t_name, maps in maps_by_t.items():
             rows += score_rows(parts, maps, setting, t_name, args)
     # the reference of every paired difference: the default grid point (scoring.DEFAULTS) at the run's own window, with
-    # this sweep's other settings (the window of a normative fit, if any, is the run's)
+    # this sweep's other settings
     default = dataclasses.replace(base, **{name: getattr(D, name) for name in GRID if name not in ("patch_size", "stride")})
     baseline = [r["values"] for r in rows if is_default(r, default)]
     if not baseline:  # the grid does not hold the default: score it once more

@@ -138,8 +138,7 @@ def open_datasets(args, rank, world, saved_splits, input_hu):
     rd = data.open_run_data(args.data_dir, image_size=args.image_size, input_hu=input_hu, split_seed=args.seed,
                             num_samples=args.num_samples, eval_samples=args.eval_samples, decode=("train", "val"),
                             dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank,
-                            world=world, saved_splits=saved_splits, bleed_train_fraction=args.bleed_train_fraction,
-                            verify_cache=args.verify_cache)
+                            world=world, saved_splits=saved_splits, verify_cache=args.verify_cache)
     train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)
     val_pos = rd.cache.ok(rd.splits["val"], args.min_brain_fraction)
     if len(train_pos) == 0:
@@ -425,8 +424,7 @@ def train_cv(args, rank, world, device):
             resume = args.resume and os.path.exists(os.path.join(folder, "last.pt"))
             fold_args = argparse.Namespace(**vars(args) | {"output_dir": folder, "fold": fold, "resume": resume,
                                                            "overwrite": True})
-            splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=layout,
-                                           bleed_train_fraction=args.bleed_train_fraction)
+            splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=layout)
             if rank == 0:
                 print(f"fold {fold} of {args.folds}: test {len(splits['patients']['test'])} patients, val "
                       f"{len(splits['patients']['val'])}, train {len(splits['patients']['train'])} -> {fold_args.output_dir}")
@@ -452,8 +450,7 @@ def open_run(args, run_config, settings, amp_dtype, device, rank, world, fold_sp
     saved_splits = saved_splits or fold_splits
     rd, *datasets = open_datasets(args, rank, world, saved_splits, run_config["input_hu"])
     splits = saved_splits or cohort.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
-                                                dataset=cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset),
-                                                bleed_train_fraction=args.bleed_train_fraction)
+                                                dataset=cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset))
     train_set, val_eval_set = datasets[0], datasets[2]
     by_loss = not val_eval_set.labels.any()
     if is_main:

@@ -23,7 +23,7 @@ import data  # noqa: E402
 import inputs  # noqa: E402
 import phantom  # noqa: E402
 
-REGIONS = [("soft_tissue", 2), ("no_bone_islands", 2), ("no_bone_3d", 1), ("no_bone_3d", 2), ("no_bone_3d", 3)]
+REGIONS = [("no_bone_3d", 1), ("no_bone_3d", 2), ("no_bone_3d", 3)]
 LEVELS = [(0.0, 0.35), (0.35, 0.5), (0.5, 0.7), (0.7, 0.85), (0.85, 1.0)]
 
 

@@ -38,7 +38,7 @@ def test_intracranial_mask_and_scored_region_at_every_level(level):
     intracranial = inputs.intracranial(code)
     # the mask is the true space eroded by one pixel (inputs.intracranial_mask): inside it, and most of it
     assert (intracranial & inside).sum() > 0.97 * intracranial.sum() and intracranial.sum() > 0.75 * inside.sum(), level
-    soft = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings(scored_region="soft_tissue"))[0]
+    soft = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings(scored_region="no_bone_3d"))[0]
     assert not (soft & ~intracranial).any()  # a part of the intracranial mask
     assert soft.sum() > 0.6 * inside.sum() and (soft & inside).sum() > 0.97 * soft.sum(), level
     head = (code & inputs.HEAD) > 0
@@ -53,7 +53,7 @@ def test_bone_islands_and_their_band_are_left_out_but_blood_is_not():
     intracranial = inputs.intracranial(code)
     assert intracranial[island].mean() > 0.9  # holes filled: the default region keeps the island in
     near = np.pad(island, 1)[2:, 1:-1] & ~island & inside  # the row next to the ridge
-    for region in ("soft_tissue", "no_bone_islands"):
+    for region in ("no_bone_3d",):
         for margin in (0, 2):
             settings = scoring.ScoringSettings(scored_region=region, bone_margin=margin)
             soft = scoring.scored_masks(intracranial[None], code[None], settings)[0]
@@ -88,9 +88,9 @@ def test_no_intracranial_mask_on_the_neck_but_one_through_a_craniectomy():
     assert mask.sum() > 0.6 * inside.sum() and (mask & inside).sum() > 0.9 * mask.sum()
 
 
-def test_a_subdural_against_the_inner_table_stays_in_no_bone_islands_but_not_in_soft_tissue():
-    """soft_tissue draws its band along the skull too, where thin subdurals and epidurals lie; no_bone_islands only
-    around bone and air inside the mask and the bays where ridges poke in."""
+def test_a_subdural_against_the_inner_table_stays_in_no_bone_3d():
+    """no_bone_3d draws its band only around bone and air inside the mask and the bays where ridges poke in, not along
+    the skull, where thin subdurals and epidurals lie."""
     hu, inside, island = phantom_slice(0.5, island=True, size=128)  # the recipe's size: a 2 px band is 2 px
     rim = inside & ~np.pad(inside, 2)[4:, 2:-2]  # 2 px against the inner table, at the back of the head
     rim &= ~(np.pad(island, 3)[3:-3, 3:-3])
@@ -98,15 +98,14 @@ def test_a_subdural_against_the_inner_table_stays_in_no_bone_islands_but_not_in_
     intracranial = inputs.intracranial(code)
     subdural = rim & intracranial
     assert subdural.sum() > 5
-    kept = {region: inputs.region_mask(code, region, 2)[subdural].mean() for region in ("soft_tissue", "no_bone_islands")}
-    assert kept["no_bone_islands"] > 0.9 and kept["soft_tissue"] < 0.5, kept
-    assert not (inputs.region_mask(code, "no_bone_islands", 2) & island).any()
+    assert inputs.region_mask(code, "no_bone_3d", 2)[subdural].mean() > 0.9
+    assert not (inputs.region_mask(code, "no_bone_3d", 2) & island).any()
 
 
 def test_no_bone_3d_leaves_out_what_is_bone_in_the_next_slice_but_not_the_rim():
     """A ridge of bone in the slice below (the floor of a fossa, a petrous ridge) lies partly in this slice: no_bone_3d
     leaves those pixels out, except within Z_RIM of the outline, where extra-axial bleeds lie. A slice read alone
-    (no NEAR_BONE bit) loses only what no_bone_islands takes."""
+    (no NEAR_BONE bit) loses only what it takes of the slice alone (inputs._without_bone_islands)."""
     hu, inside, _ = phantom_slice(0.5, size=128)
     code = inputs.anatomy_code(hu, 128)
     intracranial = inputs.intracranial(code)
@@ -119,7 +118,7 @@ def test_no_bone_3d_leaves_out_what_is_bone_in_the_next_slice_but_not_the_rim():
     kept = inputs.region_mask(with_neighbours, "no_bone_3d", 2)
     assert not (kept & ridge).any() and kept[rim_bone & intracranial].mean() > 0.95
     alone = inputs.region_mask(code, "no_bone_3d", 2)
-    assert (alone == inputs.region_mask(code, "no_bone_islands", 2)).all()
+    assert (alone == (intracranial & inputs._without_bone_islands(code, 2))).all()
     assert (inputs.add_neighbour_bone(with_neighbours, []) == code).all()  # the bit is set afresh, never kept
 
 
@@ -174,5 +173,4 @@ def test_region_costs_script_measures_every_region_on_phantom_bleeds():
     costs = region_costs.phantom_costs(bleeds_per_kind=2, size=128, seed=0)
     assert set(costs) == set(phantom.BLEED_LEVELS)
     for kind in ("epidural", "subdural"):
-        assert costs[kind][("no_bone_3d", 2)] <= 0.05 and costs[kind][("no_bone_islands", 2)] <= 0.05, costs[kind]
-        assert costs[kind][("soft_tissue", 2)] > costs[kind][("no_bone_3d", 2)]
+        assert costs[kind][("no_bone_3d", 2)] <= 0.05, costs[kind]

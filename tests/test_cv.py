@@ -219,19 +219,19 @@ def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path,
     checkpoint = dict(checkpoint, splits=dict(checkpoint["splits"], data_dir=gone), args=dict(checkpoint["args"], data_dir=gone))
     run, settings, seed = evaluate.config.read_back(checkpoint, {"level_norm": "z"}, path, diffusion.config["image_size"])
     with pytest.raises(SystemExit, match=r"no reference statistics .* run python evaluate.py --checkpoint .*best_model.pt"):
-        evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
+        evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed)
     # saved statistics are reused for the same key; once the masks or decoding change (a new cache version), never
     saved = {"level_edges": [], "brain_p99": [[0.0, 1.0]]}
     cv.write_reference(cv.reference_path(path), evaluate.reference_key(settings, seed, run), saved)
-    assert evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None) == saved
+    assert evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed) == saved
     monkeypatch.setattr(evaluate.data, "CACHE_VERSION", evaluate.data.CACHE_VERSION + 1)
     with pytest.raises(SystemExit, match=r"no reference statistics"):
-        evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed, None)
+        evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed)
 
 
-def test_out_of_fold_scores_with_soft_tissue_region_and_level_norm(cv_run, phantom_dir, tmp_path):
+def test_out_of_fold_scores_with_no_bone_3d_region_and_level_norm(cv_run, phantom_dir, tmp_path):
     out, _ = cv_run
-    flags = ["--scored_region", "soft_tissue", "--level_norm", "z", "--eval_samples", "all", "--n_boot", "20"]
+    flags = ["--scored_region", "no_bone_3d", "--level_norm", "z", "--eval_samples", "all", "--n_boot", "20"]
     quiet(evaluate.main, ["--checkpoint", str(out), "--output_dir", str(tmp_path / "oof"), *flags])
     metrics = json.loads((tmp_path / "oof" / "metrics.json").read_text())
     assert metrics["settings"]["level_norm"] == "z" and metrics["slice"]["brain_p99"]["roc_auc"] is not None
@@ -239,34 +239,16 @@ def test_out_of_fold_scores_with_soft_tissue_region_and_level_norm(cv_run, phant
     # sweep.py reads both off the same maps, and the no-learning baseline beside the model
     quiet(sweep.main, ["--checkpoint", str(out), "--eval_t", "250", "--multi_t", "--residuals", "positive",
                        "--median_sizes", "5", "--smooth_slices", "2", "--n_boot", "0", "--output_dir", str(tmp_path / "sw"),
-                       "--scored_regions", "intracranial", "soft_tissue:2", "no_bone_islands:2", "--level_norms", "none", "z",
+                       "--scored_regions", "intracranial", "no_bone_3d:1", "no_bone_3d:2", "--level_norms", "none", "z",
                        "--anomaly_maps", "model", "blood_band"])
     rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"]
     assert {(r["anomaly_map"], r["region"], r["level_norm"]) for r in rows} == {
-        (m, r, n) for m in ("model", "blood_band") for r in ("intracranial", "soft_tissue:2", "no_bone_islands:2")
+        (m, r, n) for m in ("model", "blood_band") for r in ("intracranial", "no_bone_3d:1", "no_bone_3d:2")
         for n in ("none", "z")}
-    same = [r for r in rows if (r["anomaly_map"], r["region"], r["level_norm"], r["score"]) == ("model", "soft_tissue:2", "z", "brain_p99")]
+    same = [r for r in rows if (r["anomaly_map"], r["region"], r["level_norm"], r["score"]) == ("model", "no_bone_3d:2", "z", "brain_p99")]
     assert same[0]["roc_auc"] == pytest.approx(metrics["slice"]["brain_p99"]["roc_auc"])
     # a single checkpoint with --level_norm: predict.py reads the reference evaluate.py saved, or scores it
     single = str(out / "fold_0" / "best_model.pt")
     quiet(predict.main, ["--checkpoint", single, "--data_dir", phantom_dir, "--output_dir", str(tmp_path / "pred"), "--level_norm", "z"])
     rows = list(csv.DictReader((tmp_path / "pred" / "slices.csv").open()))
     assert any(row["brain_p99"] and float(row["brain_p99"]) < 0 for row in rows)  # z-scores: healthy ones below 0
-
-
-def test_input_norm_on_a_cv_run_fits_each_folds_statistics_first(cv_run, tmp_path):
-    """--fit_normative on a CV run writes each fold's normative file (from its own healthy training patients);
-    the out-of-fold scores with --input_norm then read them. Before the fit, the one-line refusal."""
-    out, _ = cv_run
-    flags = ["--input_norm", "slice", "--eval_samples", "all", "--n_boot", "20"]
-    for k in range(K):
-        gone = evaluate.scoring.normative_path(str(out / f"fold_{k}" / "best_model.pt"))
-        if os.path.exists(gone):
-            os.remove(gone)
-    with pytest.raises(SystemExit, match="fit_normative"):
-        quiet(evaluate.main, ["--checkpoint", str(out), "--output_dir", str(tmp_path / "refused"), *flags])
-    quiet(evaluate.main, ["--checkpoint", str(out), "--input_norm", "slice", "--fit_normative"])
-    assert all(os.path.exists(evaluate.scoring.normative_path(str(out / f"fold_{k}" / "best_model.pt"))) for k in range(K))
-    quiet(evaluate.main, ["--checkpoint", str(out), "--output_dir", str(tmp_path / "oof"), *flags])
-    metrics = json.loads((tmp_path / "oof" / "metrics.json").read_text())
-    assert metrics["settings"]["input_norm"] == "slice" and metrics["slice"]["brain_p99"]["roc_auc"] is not None

@@ -496,27 +496,21 @@ def test_ctich_reader(tmp_path, capsys):
         cohort.load_index(root, cache_dir=str(tmp_path / "other"))
 
 
-def test_opt_in_protocol_trains_on_far_slices_of_some_hemorrhage_patients(phantom_dir):
+def test_splits_of_a_run_trained_with_bleed_train_fraction_are_refused_in_one_line(phantom_dir, tmp_path):
+    """--bleed_train_fraction (hemorrhage patients' far slices in training) is removed: a saved splits record that says
+    a run used it is refused, not read as the standard protocol."""
     index = cohort.load_index(phantom_dir, num_workers=1)
-    standard = cohort.split_patients(index, seed=3)
-    for name in cohort.SPLIT_NAMES:
-        np.testing.assert_array_equal(standard[name], cohort.split_patients(index, seed=3, bleed_train_fraction=0.0)[name])
-    opt_in = cohort.split_patients(index, seed=3, bleed_train_fraction=0.5)
-    sick = set(np.unique(index["patient"][index["any"] == 1]))
-    bleed_trained = set(opt_in["train"]) & sick
-    assert len(bleed_trained) == 2  # half of the 4 hemorrhage patients
-    assert not bleed_trained & (set(opt_in["val"]) | set(opt_in["test"]))  # in no evaluation split
-    assert set(opt_in["train"]) - sick == set(standard["train"])  # the healthy patients stay where they were
-    assert set(opt_in["val"]) < set(standard["val"]) and set(opt_in["test"]) < set(standard["test"])  # only shrink
-    rows = cohort.make_splits(index, 3, "all", "all", patients=opt_in)["train"]
-    scans, bleeds = index["scan"], np.flatnonzero(index["any"] == 1)
-    assert (index["any"][rows] == 0).all()
-    for row in rows:  # every training slice of a hemorrhage patient is >= 3 slices from any bleed of its scan
-        same_scan = bleeds[scans[bleeds] == scans[row]]
-        assert len(same_scan) == 0 or np.abs(same_scan - row).min() >= cohort.BLEED_MARGIN
-    # a 10-slice scan with bleeds on slices 4 and 5 keeps slices 0, 1 and 8, 9; a healthy scan keeps all
-    toy = {"any": np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0]), "scan": np.array(["a"] * 10 + ["b"] * 2)}
-    assert cohort.far_from_bleeds(toy, np.arange(12)).tolist() == [0, 1, 8, 9, 10, 11]
+    record = cohort.splits_record(cohort.split_patients(index, seed=3), seed=3, data_dir=phantom_dir, dataset="rsna")
+    assert "bleed_train_fraction" not in record
+    assert {name: list(p) for name, p in cohort.apply_saved_splits(index, record).items()} == {
+        name: list(p) for name, p in cohort.split_patients(index, seed=3).items()}
+    old = dict(record, bleed_train_fraction=0.5)
+    for read in (lambda: cohort.apply_saved_splits(index, old), lambda: cohort.load_splits_record({"splits": old}, "run/best_model.pt")):
+        with pytest.raises(SystemExit) as stop:
+            read()
+        assert "trained with --bleed_train_fraction 0.5, an option removed in ct-pddpm" in str(stop.value)
+        assert str(stop.value).startswith("error: ") and "\n" not in str(stop.value)
+    assert cohort.load_splits_record({"splits": dict(record, bleed_train_fraction=0.0)}, "run/best_model.pt") is not None
 
 
 def write_ctich_with_masks(root):

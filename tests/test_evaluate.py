@@ -361,24 +361,37 @@ def test_split_all_on_ctich_reads_its_masks_and_counts_the_unusable(phantom_dir,
     assert "skipped mask:" in capsys.readouterr().out
 
 
-def test_fit_normative_then_score_with_every_issue13_option(phantom_dir, tmp_path):
+def test_score_with_the_issue13_options(phantom_dir, tmp_path):
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
-    options = ["--calibrate", "z", "--input_norm", "scan", "--noise", "simplex", "--noise_draws", "2"]
-    with pytest.raises(SystemExit, match="--fit_normative"):  # statistics first
-        evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--output_dir", str(tmp_path / "x")] + options)
-    evaluate.main(["--checkpoint", str(ckpt), "--fit_normative"] + options)
-    assert (tmp_path / "run" / "normative_best_model.npz").is_file()
     evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--n_boot", "10", "--output_dir", str(tmp_path / "ev"),
-                   "--hyperdensity_prior", "--min_height", "0.2"] + options)
+                   "--hyperdensity_prior", "--noise", "simplex"])
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     s = metrics["settings"]
-    assert (s["calibrate"], s["input_norm"], s["noise"], s["noise_draws"], s["min_height"]) == ("z", "scan", "simplex", 2, 0.2)
+    assert (s["hyperdensity_prior"], s["noise"]) == (True, "simplex")
     assert s["input_hu"] == [[0.0, 80.0]]  # the model's input: the brain window of DICOM
     assert metrics["slice"]["brain_mean"]["roc_auc"] is not None
-    # statistics fitted for other scoring flags are refused, in one line
-    with pytest.raises(SystemExit, match="fitted for .* fit again"):
-        evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--eval_t", "300", "--output_dir", str(tmp_path / "y")] + options)
+
+
+def test_a_run_that_used_a_removed_option_is_read_back_or_refused_in_one_line(phantom_dir, tmp_path, capsys):
+    """Old runs record options removed in ct-pddpm: a removed scoring option is scored without (a note), a removed
+    scored region or --bleed_train_fraction (its splits held hemorrhage patients) is refused in one line."""
+    (tmp_path / "run").mkdir()
+    ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    old = dict(checkpoint["args"], min_height=0.3, noise_draws=1, input_norm="none")
+    _, settings, _ = evaluate.config.read_back(dict(checkpoint, args=old), {}, "old.pt", 32)
+    assert settings == evaluate.config.read_back(checkpoint, {}, "new.pt", 32)[1]
+    assert "note: old.pt was scored with --min_height 0.3, removed in ct-pddpm" in capsys.readouterr().out
+    for changed, flag in (({"scored_region": "soft_tissue"}, "--scored_region soft_tissue"),
+                          ({"bleed_train_fraction": 0.25}, "--bleed_train_fraction 0.25")):
+        with pytest.raises(SystemExit) as stop:
+            evaluate.config.read_back(dict(checkpoint, args=dict(checkpoint["args"], **changed)), {}, "old.pt", 32)
+        assert str(stop.value).startswith("error: old.pt: ") and flag in str(stop.value) and "removed" in str(stop.value)
+        assert "\n" not in str(stop.value)
+    # the given flag wins over the saved region
+    assert evaluate.config.read_back(dict(checkpoint, args=dict(checkpoint["args"], scored_region="soft_tissue")),
+                                     {"scored_region": "no_bone_3d"}, "old.pt", 32)[1].scored_region == "no_bone_3d"
 
 
 def test_main_user_errors_are_one_line(tmp_path):

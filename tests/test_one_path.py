@@ -30,11 +30,9 @@ OPTIONS = {  # every scoring flag appears in at least one of them
     "default": [],
     "spec": ["--eval_t", "150", "--residual", "abs", "--score", "mean", "--median_size", "0", "--smooth_slices", "0",
              "--no-pack_windows"],
-    "two_t_skip_simplex_z": ["--eval_t", "100", "300", "--skip_outside_mask", "--median_size", "3", "--no-channels_last",
-                             "--stride", "4", "--eval_batch_size", "7", "--noise", "simplex", "--noise_draws", "2",
-                             "--draw_combine", "z"],
-    "prior_height_scan_z": ["--hyperdensity_prior", "--min_height", "0.3", "--input_norm", "scan", "--calibrate", "z"],
-    "slice_mean": ["--input_norm", "slice", "--calibrate", "mean", "--smooth_slices", "1"],
+    "two_t_skip_simplex": ["--eval_t", "100", "300", "--skip_outside_mask", "--median_size", "3", "--no-channels_last",
+                           "--stride", "4", "--eval_batch_size", "7", "--noise", "simplex"],
+    "prior": ["--hyperdensity_prior"],
 }
 SCORES = ("mean", "brain_mean", "brain_p99")
 
@@ -80,8 +78,6 @@ def predict_scores(path):
 def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phantom_dir, tmp_path):
     flags = OPTIONS[option]
     checkpoint = str(tiny_run / "best_model.pt")
-    if "--input_norm" in flags:
-        run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--fit_normative", *flags])
     scan = one_scan_folder(phantom_dir, tmp_path / "scan")
     run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--split", "all", "--data_dir", str(scan),
          "--n_boot", "0", "--output_dir", str(tmp_path / "ev"), *flags])
@@ -93,8 +89,6 @@ def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phant
         if "--skip_outside_mask" in flags and name == "mean":
             continue
         assert predicted[name] == pytest.approx(evaluated[name], rel=1e-5, abs=1e-7), name
-    if "--min_height" in flags:
-        assert 0.0 in evaluated["brain_p99"]  # the filter was applied, by both
 
     # sweep.py: a one-setting grid on the validation split gives evaluate.py's validation ROC-AUC
     settings = json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]
@@ -131,7 +125,7 @@ def test_training_validation_scores_like_evaluate(phantom_dir, tmp_path):
     """train.py's per-epoch validation ROC-AUC (every score) is evaluate.py's on the same split and checkpoint, with a
     non-default scoring setting that training can honour."""
     out = tmp_path / "run"
-    flags = ["--residual", "abs", "--median_size", "3", "--noise", "simplex", "--min_height", "0.2", "--smooth_slices", "1"]
+    flags = ["--residual", "abs", "--median_size", "3", "--noise", "simplex", "--smooth_slices", "1"]
     run(tiny_train_args(phantom_dir, out, extra=flags))
     history = json.loads((out / "training_history.json").read_text())
     run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best_model.pt"), "--split", "val",
@@ -142,7 +136,7 @@ def test_training_validation_scores_like_evaluate(phantom_dir, tmp_path):
 
 
 def test_training_refuses_evaluation_only_options(phantom_dir, tmp_path):
-    for flag in (["--input_norm", "slice"], ["--calibrate", "z"]):
+    for flag in (["--level_norm", "z"],):
         with pytest.raises(SystemExit) as stop:
             run(tiny_train_args(phantom_dir, tmp_path / "run", extra=flag))
         assert str(stop.value).startswith(f"error: {flag[0]} {flag[1]}: evaluation only") and "\n" not in str(stop.value)
