@@ -43,8 +43,8 @@ import data
 import runfiles
 import phantom
 import readers
-import evaluate
 import inputs
+import metrics
 import models
 import scoring
 
@@ -180,8 +180,9 @@ def load_slices(args, data_dir, input_hu):
     and bottom of a head give larger errors than its middle, where most bleeds are."""
     if args.data_dir is None:
         phantom.write_phantom(data_dir, patients=24, slices=10, size=args.image_size, seed=args.seed)
-    rd = data.open_run_data(data_dir, image_size=args.image_size, input_hu=input_hu, split_seed=args.seed,
-                            num_samples="all", eval_samples="all", decode=("train", "val", "test"), num_workers=0)
+    run = config.RunConfig(data_dir=data_dir, image_size=args.image_size, seed=args.seed, num_samples="all",
+                           eval_samples="all", num_workers=0)
+    rd = data.open_run_data(run, input_hu, ("train", "val", "test"))
     rng = np.random.default_rng(args.seed)
     held_out = rd.cache.ok(np.concatenate([rd.splits["val"], rd.splits["test"]]))
     pos, neg = held_out[rd.index["any"][held_out] == 1], held_out[rd.index["any"][held_out] == 0]
@@ -346,7 +347,7 @@ def mode_results(modes, scored, times, masks, base, gflops, args):
     for name, options in modes.items():
         seconds = statistics.median(times[name])
         scores, labels = scored[name]["scores"], scored[name]["labels"]
-        aucs = {k: evaluate.roc_auc(labels, v) for k, v in scores.items()}
+        aucs = {k: metrics.roc_auc(labels, v) for k, v in scores.items()}
         per_slice = forwards_per_slice(masks, mode_settings(base, options), args) * len(base.eval_t)
         diff = torch.as_tensor(scored[name]["maps"] - naive["maps"]).abs()
         results[name] = {
@@ -413,11 +414,13 @@ def open_models(args, device):
         net = trained.config
         args.image_size, args.channels, args.base_channels = net["image_size"], net["in_channels"], net.get("base_channels", args.base_channels)
     else:
+        d = config.RunConfig()  # train.py's defaults, but for the width and size bench.py is told
         net = models.model_config(pretrained=False, in_channels=args.channels, image_size=args.image_size,
-                                  base_channels=args.base_channels)
+                                  base_channels=args.base_channels, channel_mults=d.channel_mults, dropout=d.dropout,
+                                  hf_model=d.hf_model)
     config.check_flags(argparse.Namespace(**{k: getattr(args, k) for k in (
         "image_size", "base_channels", "batch_size", "lr", "seed", "slices", "device")},
-        channel_mults=net.get("channel_mults", [1, 2, 4, 8]), pretrained=net["kind"] == "pretrained"))
+        channel_mults=net.get("channel_mults"), pretrained=net["kind"] == "pretrained"))
     for name in ("repeats", "train_steps"):
         models.check_flag(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
     base = scoring.ScoringSettings.from_flags(args).check(args.image_size, training=True)

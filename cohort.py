@@ -94,8 +94,9 @@ def detect_dataset(data_dir):
 
 
 def check_dataset(data_dir, dataset):
-    """The dataset to read: detected when None, else the one asked for, which must be there."""
-    if dataset is None:
+    """The dataset to read: detected when None or "auto" (--dataset's default), else the one asked for, which must be
+    there."""
+    if dataset in (None, "auto"):
         return detect_dataset(data_dir)
     if dataset not in DATASETS:
         raise SystemExit(f"error: {data_dir}: unknown dataset {dataset!r} ({', '.join(DATASETS)})")
@@ -585,6 +586,15 @@ def load_splits_record(checkpoint, checkpoint_path):
     if not isinstance(lists, dict) or not all(isinstance(lists.get(name), list) for name in SPLIT_NAMES):
         raise SystemExit(f"error: {checkpoint_path}: its saved splits are damaged (no train/val/test patient lists)")
     refuse_bleed_training(record, checkpoint_path)
+    return record
+
+
+def saved_splits(checkpoint, checkpoint_path, rank=0):
+    """load_splits_record, with a note (rank 0) for a run older than saved splits (None)."""
+    record = load_splits_record(checkpoint, checkpoint_path)
+    if record is None and rank == 0:
+        print(f"note: {checkpoint_path} holds no saved splits (trained before they were saved); the splits are drawn "
+              "from the training seed again, so patients added to the folder since could move between splits")
     return record
 
 

@@ -5,7 +5,7 @@
     python compare.py --scores runs/cv/eval_default runs/cv/eval_option_a runs/cv/eval_option_b
 
 --scores: evaluate.py output folders (scores.csv) of the same slices under different settings or models; each is
-compared with the first by the paired patient bootstrap (evaluate.paired_auc_difference: slice and scan ROC-AUC
+compared with the first by the paired patient bootstrap (metrics.paired_auc_difference: slice and scan ROC-AUC
 differences with 95 % CIs, the same resampled patients for both).
 
 Each run dir holds training_history.json (one dict per epoch, written by train.py) and
@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+import metrics
+import plots
 import runfiles
 
 
@@ -56,62 +58,6 @@ def load_run(run_dir):
     return history, label
 
 
-def _series(history, key):
-    """Epochs and values of one metric, skipping epochs where it is missing or None."""
-    points = [(h.get("epoch", i + 1), h[key]) for i, h in enumerate(history) if h.get(key) is not None]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def best_epoch(history, key, mode):
-    """(epoch, value) of the best value of `key` (mode "max" or "min"), or (None, None)."""
-    epochs, values = _series(history, key)
-    if not values:
-        return None, None
-    i = int(np.argmax(values) if mode == "max" else np.argmin(values))
-    return epochs[i], values[i]
-
-
-def plot_runs(histories, labels, path):
-    """Left: train (solid) and validation (dashed) loss. Right: validation ROC-AUC, best epoch starred."""
-    plt = runfiles.pyplot()
-    import matplotlib.ticker
-
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for k, (history, label) in enumerate(zip(histories, labels)):
-        color = f"C{k}"
-        epochs, values = _series(history, "train_loss")
-        ax_loss.plot(epochs, values, "-o", ms=3, color=color, label=f"{label}: train")
-        epochs, values = _series(history, "val_loss")
-        ax_loss.plot(epochs, values, "--s", ms=3, color=color, label=f"{label}: validation")
-        epochs, values = _series(history, "val_roc_auc")
-        ax_auc.plot(epochs, values, "-o", ms=3, color=color, label=label)
-        ci = [(h.get("epoch", i + 1), h["val_roc_auc_ci"]) for i, h in enumerate(history) if h.get("val_roc_auc_ci")]
-        if ci:
-            ax_auc.fill_between([e for e, _ in ci], [c[0] for _, c in ci], [c[1] for _, c in ci], color=color, alpha=0.12, lw=0)
-        epoch, best = best_epoch(history, "val_roc_auc", "max")
-        if best is not None:
-            ax_auc.plot([epoch], [best], "*", ms=14, color=color, mec="black", zorder=5)
-            ax_auc.annotate(f"best {best:.3f} (epoch {epoch})", (epoch, best), textcoords="offset points",
-                            xytext=(6, 6 + 12 * k), fontsize=8, color=color)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("patch loss (MSE + 1 - SSIM)")
-    ax_loss.set_title("Training and validation loss (healthy slices)")
-    ax_loss.legend(fontsize=7)
-    ax_auc.axhline(0.5, color="gray", ls=":", lw=1, label="chance (0.5)")
-    ax_auc.set_xlabel("epoch")
-    ax_auc.set_ylabel("validation ROC-AUC (slice level)")
-    ax_auc.set_title("Hemorrhage detection on validation patients\n(band = 95% patient-bootstrap CI, star = best epoch)",
-                     fontsize=10)
-    ax_auc.set_ylim(0, 1.05)
-    ax_auc.legend(fontsize=7, loc="lower right")
-    for ax in (ax_loss, ax_auc):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.tight_layout()
-    runfiles.save_figure(fig, path, dpi=90)
-    plt.close(fig)
-
-
 def read_scores(folder):
     """{slice id: row} of an evaluate.py output folder's scores.csv; one-line error where there is none."""
     path = os.path.join(folder, "scores.csv")
@@ -124,7 +70,6 @@ def read_scores(folder):
 def compare_scores(folders, score, n_boot, reduce="max"):
     """Print (and return) each folder's slice and scan ROC-AUC and its paired difference to the first folder's, on
     the slices all of them scored."""
-    import evaluate  # torch: only this mode needs it
     tables = [read_scores(folder) for folder in folders]
     ids = sorted(set.intersection(*(set(t) for t in tables)))
     if not ids:
@@ -138,10 +83,10 @@ def compare_scores(folders, score, n_boot, reduce="max"):
     print(f"{len(ids)} slices ({int(labels.sum())} hemorrhage), {len(set(patients))} patients, score {score}, scan = {reduce}")
     out = []
     for folder, v in zip(folders, values):
-        slice_m = evaluate.slice_metrics(labels, v, patients, n_boot=n_boot)
-        scan_m = evaluate.scan_metrics(scans, labels, v, reduce, patients, n_boot=n_boot)
-        d = evaluate.paired_auc_difference(labels, values[0], v, patients, n_boot=n_boot)
-        ds = evaluate.paired_scan_auc_difference(scans, labels, values[0], v, patients, reduce=reduce, n_boot=n_boot)
+        slice_m = metrics.slice_metrics(labels, v, patients, n_boot=n_boot)
+        scan_m = metrics.scan_metrics(scans, labels, v, reduce, patients, n_boot=n_boot)
+        d = metrics.paired_auc_difference(labels, values[0], v, patients, n_boot=n_boot)
+        ds = metrics.paired_scan_auc_difference(scans, labels, values[0], v, patients, reduce=reduce, n_boot=n_boot)
         out.append({"folder": folder, "slice": slice_m["roc_auc"], "scan": scan_m["roc_auc"], "delta": d, "delta_scan": ds})
         print(f"  {folder}: slice {slice_m['roc_auc']:.3f}, scan {scan_m['roc_auc']:.3f} | Δ slice {d['delta']:+.3f} "
               f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]{' *' if d['excludes_zero'] else ''}, Δ scan {ds['delta']:+.3f} "
@@ -172,10 +117,10 @@ def main(argv=None):
     if not os.path.isdir(out_dir):
         raise SystemExit(f"error: {args.output}: directory {out_dir} does not exist")
     runfiles.check_figure_format(args.output, "--output")
-    plot_runs([h for h, _ in runs], [label for _, label in runs], args.output)
+    plots.plot_runs([h for h, _ in runs], [label for _, label in runs], args.output)
     for run_dir, (history, label) in zip(run_dirs, runs):
-        epoch, auc = best_epoch(history, "val_roc_auc", "max")
-        loss_epoch, loss = best_epoch(history, "val_loss", "min")
+        epoch, auc = plots.best_epoch(history, "val_roc_auc", "max")
+        loss_epoch, loss = plots.best_epoch(history, "val_loss", "min")
         auc_text = "n/a" if auc is None else f"{auc:.3f} at epoch {epoch}"
         loss_text = "n/a" if loss is None else f"{loss:.4f} at epoch {loss_epoch}"
         print(f"{label} ({run_dir}): {len(history)} epochs, best val ROC-AUC {auc_text}, best val loss {loss_text}")

@@ -62,13 +62,16 @@ class RunConfig:
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
 
     def filled(self):
-        """A copy with channels, lr and run_label set from the other fields where they are None."""
+        """A copy with channels, lr and run_label set from the other fields where they are None, and --dataset auto
+        resolved to the layout found in data_dir (once, here: the run records the layout it trained on)."""
         pick = lambda value, default: default if value is None else value  # noqa: E731
         channels = pick(self.channels, 3 if self.pretrained else 1)
         kind = (f"pretrained {os.path.basename(os.path.normpath(self.hf_model))}" if self.pretrained
                 else f"scratch bc{self.base_channels}")
+        dataset = cohort.check_dataset(self.data_dir, self.dataset) if self.data_dir else self.dataset
         return dataclasses.replace(self, channels=channels, lr=pick(self.lr, 1e-5 if self.pretrained else 1e-4),
-                                   run_label=pick(self.run_label, f"{kind} {channels}ch {self.image_size}px"))
+                                   run_label=pick(self.run_label, f"{kind} {channels}ch {self.image_size}px"),
+                                   dataset=dataset)
 
     def check(self):
         """self, or a one-line SystemExit naming the first flag out of its range (before any data is read)."""

@@ -10,6 +10,7 @@ Scores of different fold models are put on one scale before they are pooled or a
 are z-scored against that model's scores of its reference slices, the slices of the healthy patients of its own validation split
 (patients outside its fold that it never trained on). See docs/method.md, "Cross-validation".
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ import os
 import numpy as np
 
 import cohort
+import data
+import metrics
 import runfiles
 import scoring
 
@@ -216,10 +219,12 @@ def pool_out_of_fold(results, statistics, score, keep_examples):
     return joined
 
 
-def ensemble_results(results, statistics):
-    """The K fold models' results on the same data set as one result: the slices every model scored (a model leaves
-    out the patients it trained on, when ids overlap), each score the mean of the models' z-scores. No pixel
-    histograms or overlays: they are of one model's maps."""
+def ensemble_results(results, statistics, score):
+    """The fold models' results on the same data set as one result: the slices every model scored (a model leaves out
+    the patients it trained on, when ids overlap), each score the mean of the models' z-scores (mean_normalised) and,
+    where the results kept their maps (predict.py), the mean of the models' maps, each divided by its reference spread
+    of `score` (spread). One model keeps its pixel histograms and overlay examples; several models' are left out
+    (those are of one model's maps)."""
     common = results[0]["positions"]
     for r in results[1:]:
         common = np.intersect1d(common, r["positions"])
@@ -228,8 +233,82 @@ def ensemble_results(results, statistics):
     if dropped:
         print(f"ensemble: {dropped} slice(s) not scored by every fold model (patients some fold trained on) are left out")
     first, pick = results[0], picks[0]
-    return {"positions": common, "labels": first["labels"][pick], "patients": first["patients"][pick],
-            "scans": first["scans"][pick], "levels": first["levels"][pick], "pixel": None, "examples": {},
-            "scores": mean_normalised([{n: v[p] for n, v in r["scores"].items()} for r, p in zip(results, picks)], statistics,
-                                      first["levels"][pick]),
-            "skipped_slices": max(r["skipped_slices"] for r in results), "seconds": sum(r["seconds"] for r in results)}
+    one = len(results) == 1
+    combined = {"positions": common, "labels": first["labels"][pick], "patients": first["patients"][pick],
+                "scans": first["scans"][pick], "levels": first["levels"][pick],
+                "pixel": first["pixel"] if one else None, "examples": first["examples"] if one else {},
+                "scores": mean_normalised([{n: v[p] for n, v in r["scores"].items()} for r, p in zip(results, picks)],
+                                          statistics, first["levels"][pick]),
+                "skipped_slices": max(r.get("skipped_slices", 0) for r in results),
+                "seconds": sum(r["seconds"] for r in results), "maps": None}
+    if all(r.get("maps") is not None for r in results):
+        combined["maps"] = np.mean([r["maps"][p] / spread(stats, score) for r, p, stats in zip(results, picks, statistics)],
+                                   axis=0).astype(np.float32)
+    return combined
+
+
+def out_of_fold_dice(pixels):
+    """Pooled Dice of a CV run's out-of-fold pixel histograms (one per fold, None where a fold had no masks): fold k at
+    the threshold chosen on the other folds' out-of-fold pixels (patients outside fold k, as its validation split's;
+    scoring every validation bleed slice again for it would double the cost of a CV evaluation).
+    -> (Dice or None, the thresholds of the folds that had pixels)."""
+    others = []
+    for k in range(len(pixels)):
+        rest = [p for j, p in enumerate(pixels) if j != k and p is not None]
+        others.append(scoring.merge_pixel_accumulators(rest) if rest else None)
+    return metrics.pooled_dice(list(zip(pixels, others)))
+
+
+# ---------------------------------------------------------------------------------------------
+# a model's reference: which slices, scoring them, the file next to the checkpoint
+
+def reference_positions(rd, run):
+    """A model's reference slices: every slice of the healthy patients of its validation split (patients it never
+    trained on, with no bleed anywhere; the healthy slices of hemorrhage patients are left out, as slices next to a
+    bleed or under its mass effect are not normal anatomy). Their scores put a model's scores on one scale (a CV
+    run's folds) and, by level, give --level_norm z its statistics."""
+    positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
+    patients, sick = cohort.patients_with_bleed(rd.index)
+    positions = positions[np.isin(rd.index["patient"][positions], patients[~sick])]
+    if len(positions) == 0:
+        raise SystemExit(f"error: {run.data_dir}: the validation split has no slice of a healthy patient to normalise "
+                         "scores against")
+    return positions
+
+
+def reference_key(settings, seed, run):
+    """What a model's reference statistics depend on: they are used again only for the same (the batch size is left
+    out: a map does not depend on it; the cache version is in: it changes when decoding or the masks do)."""
+    return {"settings": settings.as_dict() | {"eval_batch_size": None}, "seed": seed,
+            "min_brain_fraction": run.min_brain_fraction, "cache_version": cohort.CACHE_VERSION}
+
+
+def compute_reference(fold, rd):
+    """Score the fold model's reference slices of rd (the fold's own data: reference_positions), and save their
+    statistics next to its checkpoint (reference_path). fold: trained.Fold. -> the statistics."""
+    positions = reference_positions(rd, fold.run)
+    print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
+    val = scoring.score_split(fold.diffusion, data.SliceDataset(rd.cache, rd.index, positions), fold.settings,
+                              seed=fold.seed, num_workers=fold.run.num_workers, keep_examples=0)
+    statistics = reference_statistics(val["scores"], val["labels"], val["levels"], level_bins(fold.settings))
+    write_reference(reference_path(fold.path), reference_key(fold.settings, fold.seed, fold.run), statistics)
+    return statistics
+
+
+def fold_reference(fold):
+    """A model's reference statistics (a fold model of a CV run, or a checkpoint scored with --level_norm): the saved
+    ones for these settings, else scored now on its reference slices of the training data (which must then be at
+    hand), and saved. fold: trained.Fold."""
+    statistics = read_reference(reference_path(fold.path), reference_key(fold.settings, fold.seed, fold.run))
+    if statistics is not None:
+        return statistics
+    train_dir = (fold.checkpoint.get("splits") or {}).get("data_dir") or (fold.checkpoint.get("args") or {}).get("data_dir")
+    if not train_dir or not os.path.isdir(train_dir):
+        raise SystemExit(f"error: {fold.path}: no reference statistics (healthy validation slices) for these scoring "
+                         f"settings in {reference_path(fold.path)}, and the training data {train_dir!r} is not at hand to "
+                         f"score them: run python evaluate.py --checkpoint {fold.path} with the same scoring flags where "
+                         "the training data is")
+    own = dataclasses.replace(fold.run, data_dir=train_dir)
+    rd = data.open_run_data(own, fold.diffusion.input_hu, ("val",),
+                            saved_splits=cohort.saved_splits(fold.checkpoint, fold.path))
+    return compute_reference(dataclasses.replace(fold, run=own), rd)

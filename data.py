@@ -316,22 +316,22 @@ def in_turn(build, rank, world):
     return result
 
 
-def open_run_data(data_dir, *, image_size, input_hu, split_seed, num_samples, eval_samples, decode,
-                  dataset="auto", cache_dir=None, num_workers=DEFAULT_WORKERS, rank=0, world=1, saved_splits=None,
-                  verify_cache=False):
+def open_run_data(run, input_hu, decode, *, saved_splits=None, rank=0, world=1):
     """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
-    (e.g. ("train", "val")), as train.py, evaluate.py, sweep.py and bench.py all read them. saved_splits: a run's
-    splits record (splits_record / load_splits_record): its patient lists are used instead of drawing them from
-    split_seed, so patients added to the folder since training never move a training patient into val or test.
+    (e.g. ("train", "val")), in the input representation input_hu, as train.py, evaluate.py, sweep.py and bench.py
+    all read them. run: the run's configuration (config.RunConfig, or train.py's flags): data_dir, dataset,
+    cache_dir, num_workers, verify_cache, image_size, seed (the splits), num_samples and eval_samples. saved_splits: a
+    run's splits record (splits_record / load_splits_record): its patient lists are used instead of drawing them from
+    the seed, so patients added to the folder since training never move a training patient into val or test.
     Under torchrun the processes build the caches in turn (in_turn), rank 0 first."""
     def build():
-        index = load_index(data_dir, dataset=None if dataset == "auto" else dataset, cache_dir=cache_dir,
-                           num_workers=num_workers, check_files=verify_cache)
-        patients = split_patients(index, split_seed) if saved_splits is None else apply_saved_splits(index, saved_splits)
-        splits = make_splits(index, split_seed, num_samples, eval_samples, patients=patients)
+        index = load_index(run.data_dir, dataset=run.dataset, cache_dir=run.cache_dir, num_workers=run.num_workers,
+                           check_files=run.verify_cache)
+        patients = split_patients(index, run.seed) if saved_splits is None else apply_saved_splits(index, saved_splits)
+        splits = make_splits(index, run.seed, run.num_samples, run.eval_samples, patients=patients)
         needed = np.concatenate([splits[name] for name in decode])
-        cache = prepare_slices(data_dir, index, needed, image_size, input_hu, cache_dir=cache_dir, num_workers=num_workers,
-                               verify_cache=verify_cache)
+        cache = prepare_slices(run.data_dir, index, needed, run.image_size, input_hu, cache_dir=run.cache_dir,
+                               num_workers=run.num_workers, verify_cache=run.verify_cache)
         return RunData(index, splits, cache, patients)
     return in_turn(build, rank, world)
 

@@ -27,7 +27,6 @@ any model. Which one detects bleeds better is for held-out data to say, not this
 Shapes: images are [B, C, H, W] in [-1, 1]; boxes are [B, 2] LongTensors of (top, left);
 t is an int or a [B] tensor of timesteps in [0, 1000).
 """
-import argparse
 import collections
 import math
 import os
@@ -128,11 +127,14 @@ class UNet(nn.Module):
     two ResBlocks; every level but the last halves the resolution after its ResBlocks. The
     decoder mirrors it, concatenating the encoder output of the same level (one skip per level)."""
 
-    def __init__(self, in_channels=1, base_channels=64, channel_mults=(1, 2, 4, 8),
-                 num_res_blocks=2, attention_heads=4, time_embed_dim=64, time_dim=256, dropout=0.1):
+    # the architecture's fixed parts (the spec's); the run's choices (width, levels, dropout) are config.RunConfig's
+    num_res_blocks, attention_heads, time_embed_dim, time_dim = 2, 4, 64, 256
+
+    def __init__(self, *, in_channels, base_channels, channel_mults, dropout):
         super().__init__()
+        num_res_blocks, attention_heads = self.num_res_blocks, self.attention_heads
+        time_embed_dim, time_dim = self.time_embed_dim, self.time_dim
         widths = [base_channels * m for m in channel_mults]
-        self.time_embed_dim = time_embed_dim
         self.size_multiple = 2 ** (len(widths) - 1)
         self.time_mlp = nn.Sequential(nn.Linear(time_embed_dim, time_dim), nn.SiLU(),
                                       nn.Linear(time_dim, time_dim))
@@ -232,10 +234,10 @@ def _plain(value):
     return value
 
 
-def model_config(*, pretrained, in_channels, image_size, base_channels=64, channel_mults=(1, 2, 4, 8), dropout=0.1,
-                 hf_model="google/ddpm-ema-celebahq-256"):
-    """The plain-data model config that checkpoints store and build_model reads. The scratch UNet's defaults
-    are the spec's description (30.3M parameters); channel_mults=(1, 2, 4, 4) is its "~14M" reading (14.8M)."""
+def model_config(*, pretrained, in_channels, image_size, base_channels, channel_mults, dropout, hf_model):
+    """The plain-data model config that checkpoints store and build_model reads (the values: config.RunConfig's
+    flags; its defaults are the spec's description, 30.3M parameters; channel_mults 1 2 4 4 is its "~14M" reading,
+    14.8M)."""
     return {"kind": "pretrained" if pretrained else "scratch", "in_channels": in_channels, "base_channels": base_channels,
             "image_size": image_size, "hf_model": str(hf_model), "channel_mults": [int(m) for m in channel_mults],
             "dropout": float(dropout)}
@@ -252,8 +254,7 @@ def build_model(config):
                              f"({' '.join(str(e).split())[:200]})")
     if config["kind"] == "scratch":
         return UNet(in_channels=config["in_channels"], base_channels=config["base_channels"],
-                    channel_mults=tuple(config.get("channel_mults", (1, 2, 4, 8))),
-                    dropout=config.get("dropout", 0.1))
+                    channel_mults=tuple(config["channel_mults"]), dropout=config["dropout"])
     raise ValueError(f"unknown model kind {config['kind']!r} (scratch | pretrained)")
 
 
@@ -439,6 +440,9 @@ def complete_config(checkpoint, path):
                 "precision": lambda: args.get("precision") or "auto",
                 "input_hu": lambda: inputs.native_input_hu(trained_layout(args), config["in_channels"])}
     config.setdefault("train_noise", "gaussian")  # the only training noise before it was recorded: no note
+    if config["kind"] == "scratch":  # the only widths and dropout of the scratch UNet before they were recorded
+        config.setdefault("channel_mults", [1, 2, 4, 8])
+        config.setdefault("dropout", 0.1)
     filled = [key for key in defaults if key not in config]
     for key in filled:
         config[key] = defaults[key]()
@@ -610,39 +614,3 @@ def count_flops(model, image_size, channels):
     with torch.no_grad(), counter:
         model(x, 0)
     return counter.get_total_flops()
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Print parameter count and forward GFLOPs (batch 1).")
-    parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--base_channels", type=int, default=64)
-    parser.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument("--pretrained", action="store_true")
-    parser.add_argument("--hf_model", default="google/ddpm-ema-celebahq-256")
-    parser.add_argument("--save_standin", metavar="DIR",
-                        help="write a tiny random UNet2DModel with the celebahq block types to DIR "
-                             "(a stand-in for --hf_model where the hub is unreachable) and print its size")
-    args = parser.parse_args()
-    if args.save_standin:
-        save_standin(args.save_standin)
-        args.pretrained, args.hf_model = True, args.save_standin
-    if args.pretrained:
-        try:
-            model = PretrainedUNet(args.hf_model)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {args.hf_model}: cannot load a UNet2DModel "
-                             f"({str(e).strip().splitlines()[0]})")
-        channels = model.in_channels
-    else:
-        model = UNet(in_channels=args.channels, base_channels=args.base_channels,
-                     channel_mults=tuple(args.channel_mults))
-        channels = args.channels
-    model.eval()
-    params = sum(p.numel() for p in model.parameters())
-    gflops = count_flops(model, args.image_size, channels) / 1e9
-    print(f"params={params} gflops={gflops:.2f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -44,11 +44,12 @@ import config
 import cv
 import data
 import inputs
+import models
+import plots
 import readers
 import runfiles
-import evaluate
-import models
 import scoring
+import trained
 
 NOT_DICOM = (".csv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".npy", ".npz", ".pt", ".zip", ".gz", ".xml", ".html")
 
@@ -73,19 +74,6 @@ def get_args(argv=None):
     if args.top < 0:
         raise SystemExit(f"error: --top {args.top}: must be 0 or more")
     return args
-
-
-def check_output_dir(args):
-    """Refuse to mix this run's files with an earlier one's, unless --overwrite."""
-    if os.path.isfile(args.output_dir):
-        raise SystemExit(f"error: {args.output_dir}: output dir is a file")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"error: {args.output_dir}: output dir is not empty; use --overwrite to replace its files")
-    for folder in (args.output_dir, os.path.join(args.output_dir, "maps"), os.path.join(args.output_dir, "overlays")):
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as error:
-            raise SystemExit(f"error: {folder}: cannot create output dir ({error.strerror})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,23 +156,17 @@ def decode_scan(scan, input_hu, image_size, num_workers):
     return [(path, z, result) for (z, path), (ok, result) in zip(scan["files"], results)]
 
 
-def score_scan(scorers, rows, n_slices, offset, settings, seed):
-    """Score a scan's decoded slices (rows with input and brain mask) by the one scoring path, scoring.score_split,
-    as one scan: noise positions offset + slice number, relative heights over all of the scan's slices. scorers:
-    [(diffusion, reference statistics or None)]: one checkpoint, or a CV run's fold models, whose slice
-    scores are z-scored against their references and averaged (maps: each divided by its reference's spread of
-    the run's score, then averaged). -> (maps float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
+def score_scan(run, rows, n_slices, offset):
+    """Score a scan's decoded slices (rows with input and brain mask) as one scan, by every model of the run
+    (TrainedRun.score_dataset: scoring.score_split, then the fold models on one scale and averaged): noise positions
+    offset + slice number, relative heights over all of the scan's slices.
+    -> (maps float32 [N, S, S] as scored, {score name: float64 [N]}) in row order."""
     heights = cohort.relative_heights({"scan": np.zeros(n_slices)})
     scan = data.ArrayDataset([row["input"] for row in rows], [row["brain"] for row in rows],
                              [offset + row["slice"] for row in rows], np.zeros(len(rows), np.int64),
                              heights[[row["slice"] for row in rows]])
-    results = [scoring.score_split(diffusion, scan, settings, seed=seed, keep_examples=0, keep_maps=True)
-               for diffusion, _ in scorers]
-    statistics = [stats for _, stats in scorers]
-    if statistics[0] is None:
-        return results[0]["maps"], results[0]["scores"]  # rows are in slice order, so in position order too
-    maps = np.mean([r["maps"] / cv.spread(stats, settings.score) for r, stats in zip(results, statistics)], axis=0)
-    return maps.astype(np.float32), cv.mean_normalised([r["scores"] for r in results], statistics, results[0]["levels"])
+    result = run.score_dataset(scan)  # rows are in slice order, so in position order too
+    return result["maps"], result["scores"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,14 +208,14 @@ def write_nifti(path_stem, volume, affine):
 
 
 def overlay(path, scan, rows, top, settings):
-    """The scan's `top` highest-scoring slices with their maps (evaluate.plot_overlays)."""
+    """The scan's `top` highest-scoring slices with their maps (plots.plot_overlays)."""
     ranked = sorted(rows, key=lambda row: -row["score"])[:top]
     if not ranked:
         return
     examples = {"highest-scoring": [{"image": row["input"][0], "map": row["map"], "brain_mask": inputs.intracranial(row["brain"]),
                                      "gt_mask": None, "score": row["score"], "id": f"slice {row['slice']}", "position": row["slice"]}
                                     for row in ranked]}
-    evaluate.plot_overlays(path, examples, title=f"{scan['name']}: scan score {ranked[0]['score']:.4g} ({settings.score})",
+    plots.plot_overlays(path, examples, title=f"{scan['name']}: scan score {ranked[0]['score']:.4g} ({settings.score})",
                            residual=settings.residual,
                            legend="the scan's highest-scoring slices (no labels: a high score is a place to look, not a "
                                   "finding); dashed white = brain mask")
@@ -242,11 +224,12 @@ def overlay(path, scan, rows, top, settings):
 # ---------------------------------------------------------------------------------------------
 # one scan, all scans
 
-def predict_scan(scorers, scan, offset, run, settings, seed):
+def predict_scan(trained_run, scan, offset):
     """Decode and score one scan. -> (slice rows, the full-size maps in slice order). A slice row: slice, z, source,
     brain fraction, scores (None when not scored), note, and for scored slices the input / map / brain mask that the
     overlays show. Noise seeds come from `offset` + slice number, so each slice of a run has its own."""
-    decoded = decode_scan(scan, scorers[0][0].input_hu, run.image_size, run.num_workers)
+    run = trained_run.run
+    decoded = decode_scan(scan, trained_run.folds[0].diffusion.input_hu, run.image_size, run.num_workers)
     rows, scored = [], []
     for k, (source, z, result) in enumerate(decoded):
         row = {"slice": k, "z": z, "source": source, "brain_fraction": None, "scores": None, "note": ""}
@@ -261,19 +244,20 @@ def predict_scan(scorers, scan, offset, run, settings, seed):
                 row["note"] = f"not scored: brain fraction under {run.min_brain_fraction}"
         rows.append(row)
     if scored:
-        maps, scores = score_scan(scorers, scored, len(rows), offset, settings, seed)
+        maps, scores = score_scan(trained_run, scored, len(rows), offset)
         for i, row in enumerate(scored):
             row["map"], row["scores"] = maps[i], {name: float(values[i]) for name, values in scores.items()}
-            row["score"] = row["scores"][settings.score]
+            row["score"] = row["scores"][trained_run.settings.score]
     common = next((row["shape"] for row in rows if "shape" in row), (1, 1))
     full = [inputs.to_slice_shape(row["map"], row["shape"]) if "map" in row else np.zeros(row.get("shape", common), np.float32)
             for row in rows]
     return rows, full
 
 
-def predict(scorers, args, run, settings, seed):
+def predict(trained_run, args):
     """Every scan under --data_dir -> slices.csv, scans.csv, overlays/, maps/. -> the scan rows."""
     volumes, others = find_files(args.data_dir)
+    run, settings = trained_run.run, trained_run.settings
     series, skips = dicom_series(others, run.num_workers) if others else ({}, [])
     used = set()
     scans = [{"kind": "nifti", "path": path, "name": scan_name(readers.nifti_name(os.path.basename(path)), used)}
@@ -285,7 +269,7 @@ def predict(scorers, args, run, settings, seed):
     slice_rows, scan_rows, offset = [], [], 0
     for scan in scans:
         try:
-            rows, full = predict_scan(scorers, scan, offset, run, settings, seed)
+            rows, full = predict_scan(trained_run, scan, offset)
         except readers.BadFile as error:  # a NIfTI volume that cannot be read at all
             skips.append((scan["path"], str(error)))
             continue
@@ -316,41 +300,28 @@ def predict(scorers, args, run, settings, seed):
     return scan_rows
 
 
-def open_models(args):
-    """The checkpoint, or each fold model of a CV run folder (with its reference statistics: evaluate.fold_reference),
-    with the run's configuration and scoring and the flags given here on top (--data_dir here is the new data).
-    -> ([(diffusion, statistics or None)], run, settings, seed), the last three the first model's."""
-    cv_run = cv.is_cv_run(args.checkpoint)
-    paths = [path for _, path in cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint)] if cv_run else [args.checkpoint]
-    opened = []
-    for path in paths:
-        diffusion, checkpoint = models.load_checkpoint(path, models.pick_device(args.device), args.precision)
-        run, settings, seed = config.read_back(checkpoint, vars(args) | {"data_dir": None}, path, diffusion.config["image_size"])
-        statistics = (evaluate.fold_reference(path, checkpoint, diffusion, run, settings, seed)
-                      if cv_run or settings.level_norm != "none" else None)
-        opened.append(((diffusion, statistics), run, settings, seed))
-    return [o[0] for o in opened], *opened[0][1:]
-
-
 def main(argv=None):
     args = get_args(argv)
-    if not os.path.isfile(args.checkpoint) and not cv.is_cv_run(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found (nor a CV run folder with {cv.FOLDS_FILE})")
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: no such folder")
-    check_output_dir(args)
-    scorers, run, settings, seed = open_models(args)
-    lock = runfiles.lock_output_dir(args.output_dir, "predict.py")
+    lock = runfiles.claim_output_dir(args.output_dir, "predict.py", overwrite=args.overwrite)
     start = time.time()
     try:
-        scan_rows = predict(scorers, args, run, settings, seed)
+        for folder in ("maps", "overlays"):
+            runfiles.make_dir(os.path.join(args.output_dir, folder))
+        # the run's configuration and scoring, the flags given here on top (--data_dir here is the new data)
+        run = trained.open_run(args.checkpoint, vars(args) | {"data_dir": None}, args.fold_checkpoint,
+                               models.pick_device(args.device), args.precision)
+        run.references()  # a CV run (or --level_norm): each model's reference statistics, before any scan
+        scan_rows = predict(run, args)
     finally:
         runfiles.release_output_dir(lock)
-    print(f"scored {len(scan_rows)} scan(s) in {time.time() - start:.0f} s with {args.checkpoint} (score '{settings.score}', "
+    print(f"scored {len(scan_rows)} scan(s) in {time.time() - start:.0f} s with {args.checkpoint} (score '{run.settings.score}', "
           f"scan score = max over its slices). Highest:")
     for row in scan_rows[:5]:
         print(f"  {row[0]}: {row[4] or 'n/a'} (slice {row[5]} of {row[2]})")
-    print(f"wrote {args.output_dir}/scans.csv, slices.csv, overlays/, maps/")
+    print(f"wrote {args.output_dir}/: scans.csv, slices.csv, overlays/ ({len(os.listdir(os.path.join(args.output_dir, 'overlays')))} "
+          f"files), maps/ ({len(os.listdir(os.path.join(args.output_dir, 'maps')))} files)")
 
 
 if __name__ == "__main__":

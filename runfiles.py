@@ -213,3 +213,37 @@ def release_output_dir(lock_path):
         with open(lock_path) as f:
             if int(f.read().split()[0]) == os.getpid():
                 os.unlink(lock_path)
+
+
+def make_dir(path):
+    """os.makedirs(path, exist_ok=True), or a one-line error naming the folder."""
+    if os.path.isfile(path):
+        raise SystemExit(f"error: {path}: output dir is a file")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: {path}: cannot create output dir ({error.strerror or error})")
+
+
+def claim_output_dir(output_dir, what, *, overwrite=False, finished=None, resumable=False):
+    """The one gate of every script's output folder: create it, take its lock (one run per folder at a time), and only
+    then look inside, so that two runs started together cannot both pass the check. Refused unless --overwrite:
+    `finished` given (evaluate.py, sweep.py: folders that may hold other files), a folder holding that file, the
+    result of an earlier run; otherwise (train.py, predict.py) a folder holding anything. resumable (train.py): the
+    message offers --resume too, and the caller decides what a resume or an overwrite keeps. -> the lock's path
+    (release_output_dir frees it)."""
+    make_dir(output_dir)
+    lock = lock_output_dir(output_dir, what)
+    try:
+        if finished is not None:
+            if os.path.exists(os.path.join(output_dir, finished)) and not overwrite:
+                raise SystemExit(f"error: {output_dir}: holds the results of an earlier run ({finished}); use --overwrite "
+                                 "to replace them, or --output_dir to write elsewhere")
+        elif [name for name in os.listdir(output_dir) if name != LOCK_NAME] and not overwrite:
+            offer = "use --resume to continue that run or --overwrite to replace it" if resumable else \
+                "use --overwrite to replace its files"
+            raise SystemExit(f"error: {output_dir}: output dir is not empty; {offer}")
+    except BaseException:
+        release_output_dir(lock)
+        raise
+    return lock

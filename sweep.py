@@ -8,8 +8,8 @@ For every window, residual and t, the anomaly maps of the validation slices are 
 slice smoothing width is then read off the same maps with the steps score_split ends with (scoring.slice_scores,
 scoring.finish_scores), so a row is the number evaluate.py --split val gives for that setting. The average over
 several t ("multi-t", as in cDDPM) is the mean of the per-t maps, which is what the map of several t is, unless an
-option acts on the map itself (--hyperdensity_prior): then it is scored apart. Every other scoring flag (noise,
-...) is the training run's unless given, and holds for every row. The test
+option acts on the map itself (--hyperdensity_prior): then it is scored apart. Every
+other scoring flag (noise, ...) is the training run's unless given, and holds for every row. The test
 split is never touched here: test figures are reported once, by evaluate.py, for the setting chosen on validation.
 """
 import argparse
@@ -24,10 +24,11 @@ import cohort
 import config
 import cv
 import data
-import runfiles
-import evaluate
+import metrics
 import models
+import runfiles
 import scoring
+import trained
 
 D = scoring.DEFAULTS  # every default grid below holds the default setting, so the table shows where it stands
 
@@ -81,11 +82,11 @@ def get_args(argv=None):
 # the fold's patients, with its model's validation split: `reference` marks those, scored but not reported; their
 # healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
 # healthy: the slices --level_norm z fits its statistics on where a part has no reference slices (a validation split:
-# its healthy patients, evaluate.reference_positions).
+# its healthy patients, cv.reference_positions).
 Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy")
 
 
-def dataset_part(diffusion, rd, positions, run, reference_positions, healthy_positions=()):
+def dataset_part(diffusion, rd, positions, reference_positions, healthy_positions=()):
     """A Part of the rows `positions` (and reference_positions) of the run data rd, with its brain masks."""
     dataset = data.SliceDataset(rd.cache, rd.index, np.sort(np.concatenate([positions, reference_positions])))
     items = [dataset[i] for i in range(len(dataset))]
@@ -95,25 +96,21 @@ def dataset_part(diffusion, rd, positions, run, reference_positions, healthy_pos
                 np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions))
 
 
-def validation_parts(args, checkpoint, diffusion, run):
-    """The validation split of the training run (its saved patient lists, same caches) as the one Part."""
-    rd = evaluate.open_split_data(args.checkpoint, checkpoint, run, diffusion, ("val",))
-    positions = rd.cache.ok(rd.splits["val"], run.min_brain_fraction)
-    return [dataset_part(diffusion, rd, positions, run, np.zeros(0, np.int64),
-                         healthy_positions=evaluate.reference_positions(rd, run))]
-
-
-def out_of_fold_parts(args, folds, device):
-    """A CV run's folds: each fold's model on its own fold's patients, with its validation split, whose healthy
-    slices put its scores on the pooled scale, as evaluate.py's out-of-fold scores."""
+def open_parts(run):
+    """A checkpoint's validation split as the one Part; or a CV run's folds, each fold's model on its own fold's
+    patients with its validation split, whose healthy slices put its scores on the pooled scale (as evaluate.py's
+    out-of-fold scores)."""
+    if not run.is_cv:
+        fold = run.folds[0]
+        rd = run.fold_data(fold, ("val",))
+        positions = rd.cache.ok(rd.splits["val"], fold.run.min_brain_fraction)
+        return [dataset_part(fold.diffusion, rd, positions, np.zeros(0, np.int64),
+                             healthy_positions=cv.reference_positions(rd, fold.run))]
     parts = []
-    for _, path in folds:
-        diffusion, checkpoint = models.load_checkpoint(path, device, args.precision)
-        run, _, _ = config.read_back(checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, path,
-                                     diffusion.config["image_size"])
-        rd = evaluate.open_split_data(path, checkpoint, run, diffusion, ("val", "test"))
-        parts.append(dataset_part(diffusion, rd, rd.cache.ok(rd.splits["test"], run.min_brain_fraction), run,
-                                  evaluate.reference_positions(rd, run)))
+    for fold in run.folds:
+        rd = run.fold_data(fold, ("val", "test"))
+        parts.append(dataset_part(fold.diffusion, rd, rd.cache.ok(rd.splits["test"], fold.run.min_brain_fraction),
+                                  cv.reference_positions(rd, fold.run)))
     return parts
 
 
@@ -160,8 +157,8 @@ def score_rows(parts, maps, setting, t_name, args):
                 if setting.skip_outside_mask and not score_name.startswith("brain"):
                     continue
                 values = np.concatenate([v[score_name] for v in by_part])
-                m = evaluate.slice_metrics(pooled.labels, values, pooled.patients, n_boot=args.n_boot, seed=0)
-                scan = evaluate.scan_metrics(pooled.scans, pooled.labels, values, "max", pooled.patients, n_boot=args.n_boot,
+                m = metrics.slice_metrics(pooled.labels, values, pooled.patients, n_boot=args.n_boot, seed=0)
+                scan = metrics.scan_metrics(pooled.scans, pooled.labels, values, "max", pooled.patients, n_boot=args.n_boot,
                                              seed=0)
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "anomaly_map": setting.anomaly_map, "region": region_name(post_setting),
@@ -203,8 +200,8 @@ def add_paired_differences(val, rows, baseline, n_boot):
     resampled patients for both), so that a difference can be told from noise; drops the score vectors."""
     for row in rows:
         values = row.pop("values")
-        d = evaluate.paired_auc_difference(val.labels, baseline, values, val.patients, n_boot=n_boot, seed=0)
-        s = evaluate.paired_scan_auc_difference(val.scans, val.labels, baseline, values, val.patients, n_boot=n_boot, seed=0)
+        d = metrics.paired_auc_difference(val.labels, baseline, values, val.patients, n_boot=n_boot, seed=0)
+        s = metrics.paired_scan_auc_difference(val.scans, val.labels, baseline, values, val.patients, n_boot=n_boot, seed=0)
         row.update({"delta_roc_auc": d["delta"], "delta_roc_auc_ci": d["ci"], "delta_excludes_zero": d["excludes_zero"],
                     "delta_scan_roc_auc": s["delta"], "delta_scan_roc_auc_ci": s["ci"],
                     "delta_scan_excludes_zero": s["excludes_zero"]})
@@ -243,31 +240,25 @@ def write_table(output_dir, rows, header):
 
 def main(argv=None):
     args = get_args(argv)
-    folds = cv.fold_checkpoints(args.checkpoint, args.fold_checkpoint) if cv.is_cv_run(args.checkpoint) else None
-    if folds is None and not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"error: {args.checkpoint}: checkpoint not found (nor a CV run folder with {cv.FOLDS_FILE})")
     if not set(args.multi_t) <= set(args.eval_t):
         raise SystemExit(f"error: --multi_t {args.multi_t} must be a subset of --eval_t {args.eval_t}")
-    first = folds[0][1] if folds else args.checkpoint  # a CV run: every fold has the first one's settings
-    diffusion, checkpoint = models.load_checkpoint(first, models.pick_device(args.device), args.precision)
-    image_size = diffusion.config["image_size"]
-    run, base, seed = config.read_back(checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, first,
-                                       image_size)  # the grid flags are the rows, not the base
-    dataclasses.replace(base, eval_t=tuple(args.eval_t)).check(image_size)
     for name in ("median_sizes", "smooth_slices"):
         for value in getattr(args, name):
             models.check_flag(value >= 0, name, value, "must be 0 (off) or more")
     models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")
+    # the grid flags are the rows, not the base: every other scoring flag is the run's unless given
+    run = trained.open_run(args.checkpoint, {k: v for k, v in vars(args).items() if k not in GRID}, args.fold_checkpoint,
+                           models.pick_device(args.device), args.precision)
+    image_size, base = run.folds[0].diffusion.config["image_size"], run.settings
+    dataclasses.replace(base, eval_t=tuple(args.eval_t)).check(image_size)
     windows = parse_windows(args.windows, image_size, base)
     output_dir = args.output_dir or (
-        os.path.join(args.checkpoint, f"sweep_cv_{os.path.splitext(args.fold_checkpoint)[0]}_oof") if folds else
+        os.path.join(args.checkpoint, f"sweep_cv_{os.path.splitext(args.fold_checkpoint)[0]}_oof") if run.is_cv else
         os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                      f"sweep_{os.path.splitext(os.path.basename(args.checkpoint))[0]}_val"))
-    lock = evaluate.make_output_dir(output_dir, args.overwrite, result="sweep.json")
+    lock = runfiles.claim_output_dir(output_dir, "sweep.py", overwrite=args.overwrite, finished="sweep.json")
     try:
-        parts = (out_of_fold_parts(args, folds, diffusion.device) if folds else
-                 validation_parts(args, checkpoint, diffusion, run))
-        sweep(args, parts, base, seed, windows, output_dir)
+        sweep(args, open_parts(run), base, run.seed, windows, output_dir)
     except KeyboardInterrupt:
         print(f"interrupted: nothing was written to {output_dir}; run the same command again", file=sys.stderr)
         raise SystemExit(130)

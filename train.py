@@ -13,6 +13,8 @@ validation split (patients never seen in training), giving the ROC-AUC used to k
 best_model.pt. The test split is left alone: evaluate.py reports it once.
 """
 import argparse
+import collections
+import dataclasses
 import math
 import os
 import sys
@@ -24,15 +26,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import compare
 import cohort
 import config
 import cv
 import data
-import runfiles
-import evaluate
 import inputs
+import metrics
 import models
+import plots
+import runfiles
 import scoring
 
 
@@ -57,9 +59,10 @@ def get_args(argv=None):
         raise SystemExit("error: --data_dir is required: point it at the RSNA data (stage_2_train/ + stage_2_train.csv, "
                          "see docs/data.md), a CT-ICH folder, or a phantom made by `python phantom.py --out DIR`")
     # every flag is checked here, before any data is read: a bad value is one line now, not a traceback an epoch later
-    run = config.RunConfig.from_flags(args).filled().check()
+    run = config.RunConfig.from_flags(args).check()
     models.check_flag(not args.new_schedule or args.resume, "new_schedule", "", "only means something with --resume")
     settings = scoring.ScoringSettings.from_flags(args).check(run.image_size, training=True)
+    run = run.filled()  # last: it looks into --data_dir for the layout
     return argparse.Namespace(**run.as_dict(), **settings.as_dict(), resume=args.resume, new_schedule=args.new_schedule,
                               overwrite=args.overwrite)
 
@@ -73,6 +76,7 @@ TRAIN_OUTPUTS = ("last.pt", "best_model.pt", "best_model_loss.pt", "training_his
                  "training_curves.png")  # with eval_scores_epoch_*.png and diagnostics_epoch_*.png
 
 
+
 def last_good(args):
     """End of the message when training stops on a non-finite value: what is left to resume from."""
     last = os.path.join(args.output_dir, "last.pt")
@@ -81,78 +85,9 @@ def last_good(args):
     return f"the last good checkpoint, {last}, is untouched (train.py --resume continues from it)"
 
 
-def check_cv_dir(args):
-    """The CV run folder: created and locked; one that holds files is refused unless --resume or --overwrite.
-    -> the lock's path."""
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
-    lock = runfiles.lock_output_dir(args.output_dir, "train.py")
-    if [name for name in os.listdir(args.output_dir) if name != runfiles.LOCK_NAME] and not (args.resume or args.overwrite):
-        runfiles.release_output_dir(lock)
-        raise SystemExit(f"error: {args.output_dir}: output dir is not empty; use --resume to continue that CV run "
-                         "or --overwrite to replace it (its folds.json is kept)")
-    return lock
-
-
-def check_output_dir(args):
-    """Refuse to silently overwrite a finished run, and take the folder's lock (one run per output dir at a time).
-    -> the lock's path (runfiles.release_output_dir frees it)."""
-    if args.resume and not os.path.exists(os.path.join(args.output_dir, "last.pt")):
-        raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, f".write_test.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: {args.output_dir}: cannot write output dir ({e.strerror})")
-    lock = runfiles.lock_output_dir(args.output_dir, "train.py")
-    try:
-        names = [name for name in os.listdir(args.output_dir) if name != runfiles.LOCK_NAME]
-        if args.resume:
-            for name in names:
-                if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
-                    os.remove(os.path.join(args.output_dir, name))
-        elif names and not args.overwrite:
-            raise SystemExit(f"error: {args.output_dir}: output dir is not empty; "
-                             "use --resume to continue that run or --overwrite to replace it")
-        elif names:
-            old = [name for name in names if name in TRAIN_OUTPUTS or name.endswith(".tmp") or
-                   (name.endswith(".png") and name.startswith(("eval_scores_epoch_", "diagnostics_epoch_")))]
-            for name in old:
-                os.remove(os.path.join(args.output_dir, name))
-            print(f"--overwrite: removed {len(old)} file(s) of the previous run in {args.output_dir}"
-                  + (f"; left {len(names) - len(old)} other entries (e.g. {sorted(set(names) - set(old))[0]})"
-                     if len(names) > len(old) else ""))
-    except BaseException:
-        runfiles.release_output_dir(lock)
-        raise
-    return lock
-
-
-def open_datasets(args, rank, world, saved_splits, input_hu):
-    """(run data, training set of healthy slices, validation healthy slices for the loss, the whole validation
-    split). saved_splits: the run's splits record when resuming (None: drawn from --seed now)."""
-    rd = data.open_run_data(args.data_dir, image_size=args.image_size, input_hu=input_hu, split_seed=args.seed,
-                            num_samples=args.num_samples, eval_samples=args.eval_samples, decode=("train", "val"),
-                            dataset=args.dataset, cache_dir=args.cache_dir, num_workers=args.num_workers, rank=rank,
-                            world=world, saved_splits=saved_splits, verify_cache=args.verify_cache)
-    train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)
-    val_pos = rd.cache.ok(rd.splits["val"], args.min_brain_fraction)
-    if len(train_pos) == 0:
-        why = "all of them are bad files" if len(rd.splits["train"]) else "no patient without a hemorrhage slice to train on"
-        raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices ({why})")
-    val_healthy = val_pos[rd.index["any"][val_pos] == 0]
-    if len(val_healthy) == 0:  # the validation loss, and so best_model_loss.pt, would be made of nothing
-        raise SystemExit(f"error: {args.data_dir}: no usable healthy validation slices (the validation split has "
-                         f"{len(rd.patients['val'])} patient(s); a run needs at least 2 healthy patients with usable slices)")
-    return (rd, data.SliceDataset(rd.cache, rd.index, train_pos), data.SliceDataset(rd.cache, rd.index, val_healthy),
-            data.SliceDataset(rd.cache, rd.index, val_pos))
-
-
 def _same(key, saved, now):
+    if key == "dataset" and saved == "auto":  # a run that recorded --dataset auto, not the layout it resolved to
+        return True
     if key == "data_dir":
         return os.path.realpath(os.fspath(saved)) == os.path.realpath(os.fspath(now))  # symlinks: the same folder
     return (list(saved) if isinstance(saved, (list, tuple)) else saved) == (list(now) if isinstance(now, (list, tuple)) else now)
@@ -196,6 +131,201 @@ def check_resume(args, run_config, world):
     return ckpt
 
 
+@torch.no_grad()
+def validation_loss(diffusion, dataset, args):
+    """Patch loss on held-out healthy slices, with boxes, timesteps and noise fixed across epochs."""
+    diffusion.network.eval()
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    total, count = 0.0, 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0):
+        x0 = batch["image"].to(diffusion.device)
+        total += diffusion.loss(x0, gen).loss.item() * x0.shape[0]
+        count += x0.shape[0]
+    return total / max(count, 1)
+
+
+Datasets = collections.namedtuple("Datasets", "train val_loss val_eval")  # healthy training slices; healthy val; all of val
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries from epoch to epoch (and last.pt saves)."""
+    diffusion: models.Diffusion
+    train_model: torch.nn.Module  # the network, or its DistributedDataParallel wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    sampler: object  # DistributedSampler under torchrun, else None
+    steps_per_epoch: int
+    history: list = dataclasses.field(default_factory=list)
+    start_epoch: int = 1
+    best: dict = None  # best val ROC-AUC and loss so far; by_loss: best_model.pt goes by the loss (no bleed in val)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
+    rank, world, device = models.setup_distributed(args.device)
+    if args.folds:
+        train_cv(args, rank, world, device)
+    else:
+        train_one(args, rank, world, device)
+    models.teardown_distributed(world)
+
+
+def train_one(args, rank, world, device, fold_splits=None):
+    """One run in args.output_dir (a CV fold: with that fold's splits record), under the folder's lock."""
+    lock = claim_run_dir(args) if rank == 0 else None
+    try:
+        train(args, rank, world, device, fold_splits)
+    except KeyboardInterrupt:
+        if rank == 0:
+            resumable = os.path.exists(os.path.join(args.output_dir, "last.pt"))
+            print("interrupted: continue with --resume" if resumable else
+                  "interrupted before the first epoch finished: nothing to resume; start again with --overwrite",
+                  file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if lock:
+            runfiles.release_output_dir(lock)
+
+
+def train(args, rank, world, device, fold_splits=None):
+    """Train one model into args.output_dir. fold_splits: a CV fold's splits record (else drawn from --seed)."""
+    is_main = rank == 0
+    settings = scoring.ScoringSettings.from_flags(args)
+
+    # The model's configuration: the network, the patch size, the noise schedule, the precision, and the input
+    # representation of the training data's layout (its windows), all saved with the weights.
+    network = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
+                                  base_channels=args.base_channels, channel_mults=args.channel_mults,
+                                  dropout=args.dropout, hf_model=args.hf_model)
+    model_config = models.diffusion_config(network, patch_size=args.patch_size, precision=args.precision,
+                                           input_hu=inputs.native_input_hu(args.dataset, args.channels),
+                                           train_noise=args.train_noise)
+    ckpt = check_resume(args, model_config, world) if args.resume else None
+
+    # The data, with its patient splits frozen: saved ones when resuming, a CV fold's, or drawn from --seed now.
+    splits, datasets = open_data(args, ckpt, fold_splits, model_config["input_hu"], rank, world)
+    if is_main:
+        announce_data(args, splits, datasets, settings, device, world)
+
+    # The network (initialised from --seed), optimiser, learning-rate schedule; restored from last.pt on --resume.
+    torch.manual_seed(args.seed)
+    state = new_state(args, models.build_diffusion(model_config, device), datasets, ckpt, rank, world)
+    if ckpt and is_main:
+        print(f"resuming {args.output_dir} after epoch {state.start_epoch - 1}")
+    if is_main:
+        runfiles.write_json(os.path.join(args.output_dir, "args.json"),
+                            vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world})
+
+    # Train: each epoch, patched denoising steps on healthy slices, then validation (the loss, and the scoring
+    # evaluate.py runs), then the epoch's checkpoints and figures.
+    for epoch in range(state.start_epoch, args.epochs + 1):
+        t0 = time.time()
+        train_loss, images = train_epoch(state, datasets.train, args, epoch, rank, world)
+        t1 = time.time()
+        val_loss, result = validate(state.diffusion, datasets, args, settings, epoch, rank, world)
+        if is_main:
+            state.history.append(epoch_record(args, epoch, (train_loss, val_loss), result,
+                                              state.lr_schedule.get_last_lr()[0], (t1 - t0, time.time() - t1), images))
+            write_epoch(args, state, result, datasets.val_eval, settings, world, splits)
+    if is_main:
+        best = state.best
+        chosen = f"val ROC-AUC {best['auc']:.3f}" if not best["by_loss"] else f"val loss {best['loss']:.4f} (no bleed in val)"
+        print(f"done: best {chosen}; outputs in {args.output_dir}")
+
+
+def claim_run_dir(args):
+    """The run's folder, claimed (runfiles.claim_output_dir: locked, then checked): one that holds files is refused
+    unless --resume (half-written *.tmp files of the killed run are removed) or --overwrite (the previous run's
+    files are removed). -> the lock's path."""
+    if args.resume and not os.path.exists(os.path.join(args.output_dir, "last.pt")):
+        raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
+    lock = runfiles.claim_output_dir(args.output_dir, "train.py", overwrite=args.overwrite or args.resume, resumable=True)
+    try:
+        names = [name for name in os.listdir(args.output_dir) if name != runfiles.LOCK_NAME]
+        if args.resume:
+            for name in names:
+                if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
+                    os.remove(os.path.join(args.output_dir, name))
+        elif names:
+            old = [name for name in names if name in TRAIN_OUTPUTS or name.endswith(".tmp") or
+                   (name.endswith(".png") and name.startswith(("eval_scores_epoch_", "diagnostics_epoch_")))]
+            for name in old:
+                os.remove(os.path.join(args.output_dir, name))
+            print(f"--overwrite: removed {len(old)} file(s) of the previous run in {args.output_dir}"
+                  + (f"; left {len(names) - len(old)} other entries (e.g. {sorted(set(names) - set(old))[0]})"
+                     if len(names) > len(old) else ""))
+    except BaseException:
+        runfiles.release_output_dir(lock)
+        raise
+    return lock
+
+
+def open_data(args, ckpt, fold_splits, input_hu, rank, world):
+    """The run's data and frozen splits: last.pt's splits when resuming (splits.json for a run older than that),
+    else fold_splits, else drawn from --seed. -> (splits record, Datasets)."""
+    saved = ckpt.get("splits") if ckpt else None
+    if ckpt and saved is None:
+        saved = cohort.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
+        if saved is None and rank == 0:
+            print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
+                  "drawn from --seed again")
+    saved = saved or fold_splits
+    rd = data.open_run_data(args, input_hu, ("train", "val"), saved_splits=saved, rank=rank, world=world)
+    train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)
+    val_pos = rd.cache.ok(rd.splits["val"], args.min_brain_fraction)
+    if len(train_pos) == 0:
+        why = "all of them are bad files" if len(rd.splits["train"]) else "no patient without a hemorrhage slice to train on"
+        raise SystemExit(f"error: {args.data_dir}: no usable healthy training slices ({why})")
+    val_healthy = val_pos[rd.index["any"][val_pos] == 0]
+    if len(val_healthy) == 0:  # the validation loss, and so best_model_loss.pt, would be made of nothing
+        raise SystemExit(f"error: {args.data_dir}: no usable healthy validation slices (the validation split has "
+                         f"{len(rd.patients['val'])} patient(s); a run needs at least 2 healthy patients with usable slices)")
+    splits = saved or cohort.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir, dataset=args.dataset)
+    return splits, Datasets(*(data.SliceDataset(rd.cache, rd.index, p) for p in (train_pos, val_healthy, val_pos)))
+
+
+def announce_data(args, splits, datasets, settings, device, world):
+    """Rank 0, once the data is open: splits.json (a new run's splits, fixed now: evaluate.py and sweep.py score
+    exactly these patients), and what the run trains and validates on."""
+    if not args.resume:
+        runfiles.write_json(os.path.join(args.output_dir, "splits.json"), splits)
+    amp_dtype = models.autocast_dtype(args.precision, device)
+    print(f"train: {len(datasets.train)} healthy slices | val: {len(datasets.val_eval)} slices "
+          f"({int(datasets.val_eval.labels.sum())} hemorrhage) | device {device} x{world} | "
+          f"precision {'bf16' if amp_dtype else 'fp32'}")
+    if not datasets.val_eval.labels.any():
+        print("warning: the validation split has no hemorrhage slice, so no ROC-AUC can be computed; best_model.pt "
+              "is chosen by validation loss (as best_model_loss.pt)", file=sys.stderr)
+    if scoring.smoothing_note(settings.smooth_slices, args.eval_samples):
+        print(scoring.smoothing_note(settings.smooth_slices, args.eval_samples))
+
+
+def new_state(args, diffusion, datasets, ckpt, rank, world):
+    """The optimiser, the cosine schedule over every step of the run, and (torchrun) the sampler that gives each
+    process its own 1/world of the slices, reshuffled every epoch: one step sees world x batch_size slices, and the
+    learning rate is not scaled for that. Restored from ckpt (last.pt) when resuming. -> TrainState."""
+    model, device = diffusion.network, diffusion.device
+    models.check_flag(args.image_size % model.size_multiple == 0, "image_size", args.image_size,
+                      f"must be a multiple of {model.size_multiple} for this model")
+    if rank == 0:
+        print(f"model: {args.run_label}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sampler = (torch.utils.data.DistributedSampler(datasets.train, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+               if world > 1 else None)
+    steps_per_epoch = min(len(datasets.train) // (args.batch_size * world) or 1, args.max_steps or math.inf)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    history, start_epoch = [], 1
+    if ckpt:
+        history, start_epoch, lr_schedule = restore(args, ckpt, model, optimizer, lr_schedule)
+    best = {"auc": max([h["val_roc_auc"] for h in history if h["val_roc_auc"] is not None], default=-math.inf),
+            "loss": min([h["val_loss"] for h in history], default=math.inf), "by_loss": not datasets.val_eval.labels.any()}
+    train_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    return TrainState(diffusion, train_model, optimizer, lr_schedule, sampler, steps_per_epoch, history, start_epoch, best)
+
+
 def restore(args, ckpt, model, optimizer, lr_schedule):
     """Load the checkpoint into model, optimizer and schedule -> (history, first epoch to run, schedule)."""
     model.load_state_dict(ckpt["model"])
@@ -215,13 +345,13 @@ def restore(args, ckpt, model, optimizer, lr_schedule):
     return ckpt["history"], ckpt["epoch"] + 1, schedule
 
 
-def train_epoch(train_model, diffusion, train_set, sampler, optimizer, lr_schedule, args, device, epoch, rank,
-                steps_per_epoch):
-    """One epoch of patched denoising steps -> the losses of its steps. Every random draw of an epoch comes from
-    (seed, epoch, rank), so a resumed run repeats it and the processes of a torchrun draw different patch boxes,
-    timesteps and noise."""
+def train_epoch(state, train_set, args, epoch, rank, world):
+    """One epoch of patched denoising steps. Every random draw of an epoch comes from (seed, epoch, rank), so a
+    resumed run repeats it and the processes of a torchrun draw different patch boxes, timesteps and noise.
+    -> (the mean loss of the epoch's steps over every process, slices seen)."""
     torch.manual_seed(args.seed + 1000 * epoch + rank)
     gen = torch.Generator().manual_seed(args.seed + 1000 * epoch + rank)
+    device, sampler = state.diffusion.device, state.sampler
     if sampler is not None:
         sampler.set_epoch(epoch)
     per_process = len(sampler) if sampler is not None else len(train_set)
@@ -229,124 +359,68 @@ def train_epoch(train_model, diffusion, train_set, sampler, optimizer, lr_schedu
                                          generator=gen if sampler is None else None, drop_last=per_process >= args.batch_size,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0)
-    train_model.train()
+    state.train_model.train()
     losses = []
-    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", disable=rank != 0, leave=False)
+    bar = tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", disable=rank != 0, leave=False)
     for step, batch in enumerate(bar):
-        if step >= steps_per_epoch:
+        if step >= state.steps_per_epoch:
             break
         x0 = batch["image"].to(device, non_blocking=True)
         if args.hflip:  # drawn from gen like every other draw, so a resumed epoch flips the same slices
             flip = (torch.rand(x0.shape[0], generator=gen) < 0.5).to(device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = diffusion.loss(x0, gen, network=train_model).loss
+        loss = state.diffusion.loss(x0, gen, network=state.train_model).loss
         if not torch.isfinite(loss):
             raise SystemExit(f"error: non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; {last_good(args)}")
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(diffusion.network.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.diffusion.network.parameters(), args.grad_clip)
         if not torch.isfinite(grad_norm):  # stepping would write NaN into every weight
             raise SystemExit(f"error: non-finite gradient norm at epoch {epoch}, step {step}; {last_good(args)}")
-        optimizer.step()
-        lr_schedule.step()
+        state.optimizer.step()
+        state.lr_schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return losses
+    train_loss = float(np.mean(losses))
+    if world > 1:  # the mean over all processes' steps, not rank 0's alone
+        total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        train_loss = (total[0] / total[1]).item()
+    return train_loss, len(losses) * args.batch_size * world
 
 
-@torch.no_grad()
-def validation_loss(diffusion, dataset, args, device):
-    """Patch loss on held-out healthy slices, with boxes, timesteps and noise fixed across epochs."""
-    diffusion.network.eval()
-    gen = torch.Generator().manual_seed(args.seed + 12345)
-    total, count = 0.0, 0
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0):
-        x0 = batch["image"].to(device)
-        total += diffusion.loss(x0, gen).loss.item() * x0.shape[0]
-        count += x0.shape[0]
-    return total / max(count, 1)
-
-
-def save_diagnostics(path, diffusion, dataset, args, settings, device, epoch):
-    """Input, noised patch, one-step reconstruction and the scored anomaly map (the same noise and median filter
-    as the validation scoring) for a few val slices."""
-    plt = runfiles.pyplot()
-    picks = list(np.flatnonzero(dataset.labels == 0)[:3]) + list(np.flatnonzero(dataset.labels == 1)[:3])
-    if not picks:
-        return
-    items = [dataset[i] for i in picks]
-    x0 = torch.stack([it["image"] for it in items]).to(device)
-    masks = torch.stack([it["mask"] for it in items]).to(device)
-    n, p, t_show = len(items), args.patch_size, settings.eval_t[0]
-    # Noise the box centred on the brain (or the image centre) so the panel shows a typical window.
-    boxes = torch.zeros(n, 2, dtype=torch.long)
-    for i in range(n):
-        ys, xs = torch.nonzero(masks[i].cpu(), as_tuple=True)
-        cy, cx = (int(ys.float().mean()), int(xs.float().mean())) if len(ys) else (args.image_size // 2,) * 2
-        boxes[i] = torch.tensor([min(max(c - p // 2, 0), args.image_size - p) for c in (cy, cx)])
-    diffusion.network.eval()
-    with torch.no_grad():
-        step = diffusion.loss(x0, torch.Generator().manual_seed(args.seed), boxes=boxes, t=torch.full((n,), t_show))
-    shown = data.ArrayDataset([it["image"].numpy() for it in items], [it["mask"].numpy() for it in items],
-                              dataset.positions[picks], dataset.scans[picks], dataset.heights[picks])
-    scored = scoring.score_split(diffusion, shown, settings, seed=args.seed, keep_examples=0, keep_maps=True)
-    maps = scored["maps"][np.searchsorted(scored["positions"], dataset.positions[picks])]  # back to the panel order
-    # Only the box is trained and scored; outside it the network's output is unconstrained, so the
-    # panel shows the input with the reconstructed box pasted in.
-    inside = torch.zeros_like(x0, dtype=torch.bool)
-    for i, (y, x) in enumerate(boxes.tolist()):
-        inside[i, :, y:y + p, x:x + p] = True
-    rebuilt = torch.where(inside, step.x0_hat.float(), x0)
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
-    for i in range(n):
-        kind = "hemorrhage" if items[i]["label"] else "healthy"
-        panels = [(x0[i, 0], "input (brain window)"), (step.x_t[i, 0], f"patch noised at t={t_show}"),
-                  (rebuilt[i, 0], "box rebuilt in one step"), (maps[i], f"scored map ({settings.residual} residual)")]
-        for j, (img, title) in enumerate(panels):
-            ax = axes[i, j]
-            img = img.detach().cpu().float().numpy() if torch.is_tensor(img) else img
-            im = ax.imshow(img, cmap="inferno" if j == 3 else "gray", vmin=0 if j == 3 else -1, vmax=None if j == 3 else 1)
-            if j in (1, 2):
-                y, x = boxes[i].tolist()
-                ax.add_patch(plt.Rectangle((x, y), p, p, fill=False, ec="cyan", lw=1))
-            if j == 3:
-                fig.colorbar(im, ax=ax, fraction=0.046)
-            ax.set_title(f"{kind}: {title}" if j == 0 else title, fontsize=8)
-            ax.axis("off")
-    fig.suptitle(f"Diagnostics after epoch {epoch} ({args.run_label})")
-    fig.tight_layout()
-    runfiles.save_figure(fig, path, dpi=80)
-    plt.close(fig)
-
-
-def validate(diffusion, val_loss_set, val_eval_set, args, settings, device, epoch, rank, world):
+def validate(diffusion, datasets, args, settings, epoch, rank, world):
     """The validation loss (rank 0 alone, on all of the healthy val slices, with fixed draws: the same number
     whatever the world size) and, every eval_every epochs and after the last, the scoring evaluate.py runs, on the
     validation split (sharded over the processes). -> (val_loss or None off rank 0, score_split result or None)."""
-    val_loss = validation_loss(diffusion, val_loss_set, args, device) if rank == 0 else None
+    val_loss = validation_loss(diffusion, datasets.val_loss, args) if rank == 0 else None
     if val_loss is not None and not math.isfinite(val_loss):  # the last step left non-finite weights: do not save them
         raise SystemExit(f"error: non-finite validation loss at epoch {epoch}; {last_good(args)}")
     # Sliding-window scoring costs far more than an epoch of training on small sets; --eval_every thins it out.
     if epoch % args.eval_every and epoch != args.epochs:
         return val_loss, None
-    return val_loss, scoring.score_split(diffusion, val_eval_set, settings, seed=args.seed, rank=rank, world=world)
+    return val_loss, scoring.score_split(diffusion, datasets.val_eval, settings, seed=args.seed, rank=rank, world=world)
 
 
-def epoch_record(epoch, train_loss, val_loss, result, score, lr, train_time, eval_time, images, seed):
-    """One entry of training_history.json."""
-    metrics = (evaluate.slice_metrics(result["labels"], result["scores"][score], result["patients"], n_boot=200, seed=seed)
-               if result else {"roc_auc": None, "roc_auc_ci": None, "auprc": None})
-    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-            "val_roc_auc": metrics["roc_auc"], "val_roc_auc_ci": metrics["roc_auc_ci"], "val_auprc": metrics["auprc"],
-            "val_roc_auc_by_score": {name: evaluate.roc_auc(result["labels"], s) for name, s in result["scores"].items()} if result else None,
-            "lr": lr, "train_seconds": train_time, "eval_seconds": eval_time, "images_per_second": images / max(train_time, 1e-9)}
+def epoch_record(args, epoch, losses, result, lr, seconds, images):
+    """One entry of training_history.json. losses: (train, val); seconds: (training, validation)."""
+    score = args.score
+    m = (metrics.slice_metrics(result["labels"], result["scores"][score], result["patients"], n_boot=200, seed=args.seed)
+         if result else {"roc_auc": None, "roc_auc_ci": None, "auprc": None})
+    return {"epoch": epoch, "train_loss": losses[0], "val_loss": losses[1],
+            "val_roc_auc": m["roc_auc"], "val_roc_auc_ci": m["roc_auc_ci"], "val_auprc": m["auprc"],
+            "val_roc_auc_by_score": {name: metrics.roc_auc(result["labels"], s) for name, s in result["scores"].items()} if result else None,
+            "lr": lr, "train_seconds": seconds[0], "eval_seconds": seconds[1], "images_per_second": images / max(seconds[0], 1e-9)}
 
 
-def write_epoch(args, diffusion, history, result, best, optimizer, lr_schedule, world, splits):
-    """best_model.pt (best val ROC-AUC; best val loss when the validation split has no bleed), best_model_loss.pt
-    (best val loss), history, curves, plots, then last.pt: it is what --resume trusts, so it only names an epoch
-    whose files are all written. Every checkpoint holds the run's splits (plain lists)."""
-    record, out = history[-1], args.output_dir
+def write_epoch(args, state, result, val_eval_set, settings, world, splits):
+    """The diagnostics panel (on scoring epochs), best_model.pt (best val ROC-AUC; best val loss when the validation
+    split has no bleed), best_model_loss.pt (best val loss), history, curves, plots, then last.pt: it is what --resume
+    trusts, so it only names an epoch whose files are all written. Every checkpoint holds the run's splits."""
+    record, out, best, diffusion = state.history[-1], args.output_dir, state.best, state.diffusion
+    if result is not None:
+        plots.save_diagnostics(os.path.join(out, f"diagnostics_epoch_{record['epoch']}.png"), diffusion, val_eval_set,
+                               settings, args.seed, record["epoch"], args.run_label)
     extra = {"args": vars(args) | {"world_size": world}, "epoch": record["epoch"], "metrics": record, "splits": splits,
              "best_by": "val_loss" if best["by_loss"] else "val_roc_auc"}
     auc = record["val_roc_auc"] if record["val_roc_auc"] is not None else -math.inf
@@ -356,13 +430,13 @@ def write_epoch(args, diffusion, history, result, best, optimizer, lr_schedule, 
     if record["val_loss"] < best["loss"]:
         best["loss"] = record["val_loss"]
         models.save_checkpoint(os.path.join(out, "best_model_loss.pt"), diffusion, **extra)
-    runfiles.write_json(os.path.join(out, "training_history.json"), history)
-    compare.plot_runs([history], [args.run_label], os.path.join(out, "training_curves.png"))
+    runfiles.write_json(os.path.join(out, "training_history.json"), state.history)
+    plots.plot_runs([state.history], [args.run_label], os.path.join(out, "training_curves.png"))
     if result is not None:
-        evaluate.plot_scores(os.path.join(out, f"eval_scores_epoch_{record['epoch']}.png"), result["labels"],
-                             result["scores"][args.score], title=f"validation, epoch {record['epoch']}, score {args.score}")
-    models.save_checkpoint(os.path.join(out, "last.pt"), diffusion, **extra,
-                           optimizer=optimizer.state_dict(), lr_schedule=lr_schedule.state_dict(), history=history)
+        plots.plot_scores(os.path.join(out, f"eval_scores_epoch_{record['epoch']}.png"), result["labels"],
+                          result["scores"][args.score], title=f"validation, epoch {record['epoch']}, score {args.score}")
+    models.save_checkpoint(os.path.join(out, "last.pt"), diffusion, **extra, optimizer=state.optimizer.state_dict(),
+                           lr_schedule=state.lr_schedule.state_dict(), history=state.history)
     ci = record["val_roc_auc_ci"]
     auc_text = "n/a" if record["val_roc_auc"] is None else f"{record['val_roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     print(f"epoch {record['epoch']:3d} | train loss {record['train_loss']:.4f} | val loss {record['val_loss']:.4f} | "
@@ -370,44 +444,19 @@ def write_epoch(args, diffusion, history, result, best, optimizer, lr_schedule, 
           flush=True)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)  # before an output dir is made
-    # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
-    rank, world, device = models.setup_distributed(args.device)
-    if args.folds:
-        train_cv(args, rank, world, device)
-    else:
-        train_one(args, rank, world, device)
-    models.teardown_distributed(world)
-
-
-def train_one(args, rank, world, device, splits=None):
-    """One run in args.output_dir (a CV fold: with that fold's splits record), under the folder's lock."""
-    lock = check_output_dir(args) if rank == 0 else None
-    try:
-        run(args, rank, world, device, splits)
-    except KeyboardInterrupt:
-        if rank == 0:
-            resumable = os.path.exists(os.path.join(args.output_dir, "last.pt"))
-            print("interrupted: continue with --resume" if resumable else
-                  "interrupted before the first epoch finished: nothing to resume; start again with --overwrite",
-                  file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        if lock:
-            runfiles.release_output_dir(lock)
-
+# ---------------------------------------------------------------------------------------------
+# a cross-validation run
 
 def train_cv(args, rank, world, device):
     """--folds K: the CV run in --output_dir. folds.json is drawn from --seed when the run starts (an earlier one
     found there is kept and only extended with new patients) and read back as it is on --resume; then each fold
     (--fold k, or all in turn) is an ordinary run in RUN/fold_<k>/: resumed where it has a last.pt, started where
-    it has none, skipped where its last.pt has reached --epochs."""
-    lock = check_cv_dir(args) if rank == 0 else None
+    it has none."""
+    lock = runfiles.claim_output_dir(args.output_dir, "train.py", overwrite=args.overwrite or args.resume,
+                                     resumable=True) if rank == 0 else None
     try:
-        index = cohort.load_index(args.data_dir, dataset=None if args.dataset == "auto" else args.dataset,
-                                  cache_dir=args.cache_dir, num_workers=max(args.num_workers, 1))
+        index = cohort.load_index(args.data_dir, dataset=args.dataset, cache_dir=args.cache_dir,
+                                  num_workers=max(args.num_workers, 1))
         saved = cv.load_folds(args.output_dir)
         if saved is None and args.resume:
             raise SystemExit(f"error: {args.output_dir}: nothing to resume (no {cv.FOLDS_FILE})")
@@ -416,7 +465,6 @@ def train_cv(args, rank, world, device):
         record = saved if args.resume else cv.assign_folds(index, args.folds, args.seed, saved)
         if rank == 0 and not args.resume:
             cv.write_folds(args.output_dir, record)
-        layout = cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)
         for fold in [args.fold] if args.fold is not None else range(args.folds):
             folder = cv.fold_dir(args.output_dir, fold)
             # the fold's own files were checked with the run folder's: a fold without last.pt (never started, or
@@ -424,7 +472,7 @@ def train_cv(args, rank, world, device):
             resume = args.resume and os.path.exists(os.path.join(folder, "last.pt"))
             fold_args = argparse.Namespace(**vars(args) | {"output_dir": folder, "fold": fold, "resume": resume,
                                                            "overwrite": True})
-            splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=layout)
+            splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=args.dataset)
             if rank == 0:
                 print(f"fold {fold} of {args.folds}: test {len(splits['patients']['test'])} patients, val "
                       f"{len(splits['patients']['val'])}, train {len(splits['patients']['train'])} -> {fold_args.output_dir}")
@@ -432,106 +480,6 @@ def train_cv(args, rank, world, device):
     finally:
         if lock:
             runfiles.release_output_dir(lock)
-
-
-def open_run(args, run_config, settings, amp_dtype, device, rank, world, fold_splits=None):
-    """The checkpoint to resume (or None), the run's frozen splits and its data sets: saved splits when resuming,
-    else fold_splits (a CV fold's) or drawn from --seed, and written to splits.json, which evaluate.py and sweep.py
-    then score exactly.
-    -> (ckpt, splits record, (train, val-loss, val-eval) data sets, whether best_model.pt goes by val loss)."""
-    is_main = rank == 0
-    ckpt = check_resume(args, run_config, world) if args.resume else None
-    saved_splits = ckpt.get("splits") if ckpt else None
-    if ckpt and saved_splits is None:
-        saved_splits = cohort.load_splits_record({}, os.path.join(args.output_dir, "last.pt"))
-        if saved_splits is None and is_main:
-            print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
-                  "drawn from --seed again")
-    saved_splits = saved_splits or fold_splits
-    rd, *datasets = open_datasets(args, rank, world, saved_splits, run_config["input_hu"])
-    splits = saved_splits or cohort.splits_record(rd.patients, seed=args.seed, data_dir=args.data_dir,
-                                                dataset=cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset))
-    train_set, val_eval_set = datasets[0], datasets[2]
-    by_loss = not val_eval_set.labels.any()
-    if is_main:
-        if not args.resume:  # fixed now: evaluate.py and sweep.py score exactly these patients
-            runfiles.write_json(os.path.join(args.output_dir, "splits.json"), splits)
-        print(f"train: {len(train_set)} healthy slices | val: {len(val_eval_set)} slices "
-              f"({int(val_eval_set.labels.sum())} hemorrhage) | device {device} x{world} | "
-              f"precision {'bf16' if amp_dtype else 'fp32'}")
-        if by_loss:
-            print("warning: the validation split has no hemorrhage slice, so no ROC-AUC can be computed; best_model.pt "
-                  "is chosen by validation loss (as best_model_loss.pt)", file=sys.stderr)
-        if scoring.smoothing_note(settings.smooth_slices, args.eval_samples):
-            print(scoring.smoothing_note(settings.smooth_slices, args.eval_samples))
-    return ckpt, splits, datasets, by_loss
-
-
-def run(args, rank, world, device, splits=None):
-    """Train one model into args.output_dir; splits: a CV fold's splits record (else drawn from --seed, see open_run)."""
-    is_main = rank == 0
-    amp_dtype = models.autocast_dtype(args.precision, device)
-    settings = scoring.ScoringSettings.from_flags(args)
-    # the input representation is the training data's (its layout's windows), saved with the model
-    layout = cohort.check_dataset(args.data_dir, None if args.dataset == "auto" else args.dataset)
-    run_config = models.diffusion_config(
-        models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
-                            base_channels=args.base_channels, channel_mults=args.channel_mults, dropout=args.dropout,
-                            hf_model=args.hf_model),
-        patch_size=args.patch_size, input_hu=inputs.native_input_hu(layout, args.channels), precision=args.precision,
-        train_noise=args.train_noise)
-    ckpt, splits, (train_set, val_loss_set, val_eval_set), by_loss = open_run(args, run_config, settings, amp_dtype, device,
-                                                                              rank, world, splits)
-
-    torch.manual_seed(args.seed)
-    diffusion = models.build_diffusion(run_config, device)
-    model = diffusion.network
-    models.check_flag(args.image_size % model.size_multiple == 0, "image_size", args.image_size,
-                      f"must be a multiple of {model.size_multiple} for this model")
-    if is_main:
-        print(f"model: {args.run_label}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    # Each process trains on its own 1/world of the slices (reshuffled every epoch by set_epoch), so one optimiser
-    # step sees world x batch_size slices; the learning rate is not scaled for that.
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed, drop_last=True) if world > 1 else None
-    steps_per_epoch = min(len(train_set) // (args.batch_size * world) or 1, args.max_steps or math.inf)
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
-    history, start_epoch = [], 1
-    if ckpt:
-        history, start_epoch, lr_schedule = restore(args, ckpt, model, optimizer, lr_schedule)
-    best = {"auc": max([h["val_roc_auc"] for h in history if h["val_roc_auc"] is not None], default=-math.inf),
-            "loss": min([h["val_loss"] for h in history], default=math.inf), "by_loss": by_loss}
-    if args.resume and is_main:
-        print(f"resuming {args.output_dir} after epoch {start_epoch - 1}")
-    train_model = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    if is_main:
-        runfiles.write_json(os.path.join(args.output_dir, "args.json"),
-                        vars(args) | {"world_size": world, "global_batch_size": args.batch_size * world})
-
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        losses = train_epoch(train_model, diffusion, train_set, sampler, optimizer, lr_schedule, args, device, epoch, rank,
-                             steps_per_epoch)
-        train_time = time.time() - t0
-        train_loss = float(np.mean(losses))
-        if world > 1:  # the mean over all processes' steps, not rank 0's alone
-            total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device)
-            dist.all_reduce(total)
-            train_loss = (total[0] / total[1]).item()
-        t1 = time.time()
-        val_loss, result = validate(diffusion, val_loss_set, val_eval_set, args, settings, device, epoch, rank, world)
-        if not is_main:
-            continue
-        history.append(epoch_record(epoch, train_loss, val_loss, result, args.score, lr_schedule.get_last_lr()[0],
-                                    train_time, time.time() - t1, len(losses) * args.batch_size * world, args.seed))
-        if result is not None:
-            save_diagnostics(os.path.join(args.output_dir, f"diagnostics_epoch_{epoch}.png"), diffusion, val_eval_set,
-                             args, settings, device, epoch)
-        write_epoch(args, diffusion, history, result, best, optimizer, lr_schedule, world, splits)
-    if is_main:
-        chosen = f"val ROC-AUC {best['auc']:.3f}" if not by_loss else f"val loss {best['loss']:.4f} (no bleed in val)"
-        print(f"done: best {chosen}; outputs in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ $PY train.py "${COMMON[@]}" --output_dir "$OUT/scratch" --base_channels 16 --epo
 
 echo "== 3/6 build a small randomly initialised diffusers UNet2DModel as a STAND-IN for the pretrained"
 echo "       model (the hub is unreachable here; users pass --hf_model google/ddpm-ema-celebahq-256)"
-$PY models.py --save_standin "$OUT/standin_unet2d"
+$PY scripts/model_size.py --save_standin "$OUT/standin_unet2d"
 
 echo "== 4/6 fine-tune the stand-in through the --pretrained code path"
 $PY train.py "${COMMON[@]}" --output_dir "$OUT/standin" --pretrained --hf_model "$OUT/standin_unet2d" \
