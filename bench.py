@@ -310,10 +310,10 @@ def forwards_per_slice(masks, settings, args):
     return len(jobs) / len(masks)
 
 
-def time_modes(diffusion, modes, cache, index, positions, base, seed, repeats, device):
+def time_modes(diffusion, modes, slices, base, seed, repeats, device):
     """-> (score_split result per mode, seconds per round per mode): a warm-up run of every mode, then `repeats`
-    rounds in which every mode scores all slices once, in turn, by the one scoring path (scoring.score_split)."""
-    slices = {"all": data.SliceDataset(cache, index, positions), "warm-up": data.SliceDataset(cache, index, positions[:2])}
+    rounds in which every mode scores all slices once, in turn, by the one scoring path (scoring.score_split).
+    slices: {"all": the scored slices, "warm-up": two of them} (data.SliceDataset)."""
     scorer = {}
     for name, options in modes.items():
         # a copy per mode: no mode can leave something behind (weight layout, compiled state) for the next
@@ -468,7 +468,9 @@ def main(argv=None):
         print("loader alone (SliceDataset over the slice cache): " + ", ".join(f"{k} {v:.0f} images/s" for k, v in loader.items()))
 
     modes = pick_modes(args, default)
-    scored, times = time_modes(trained or fresh, modes, cache, index, score_positions, base, args.seed, args.repeats, device)
+    slices = {"all": data.SliceDataset(cache, index, score_positions),
+              "warm-up": data.SliceDataset(cache, index, score_positions[:2])}
+    scored, times = time_modes(trained or fresh, modes, slices, base, args.seed, args.repeats, device)
     results = mode_results(modes, scored, times, masks, base, gflops, args)
     train["tflops_achieved"] = 3 * gflops * train["images_per_s"] / 1e3  # forward + backward ~ 3 forwards
     if args.peak_tflops:

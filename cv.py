@@ -289,7 +289,8 @@ def compute_reference(fold, rd):
     positions = reference_positions(rd, fold.run)
     print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
     val = scoring.score_split(fold.diffusion, data.SliceDataset(rd.cache, rd.index, positions), fold.settings,
-                              seed=fold.seed, num_workers=fold.run.num_workers, keep_examples=0)
+                              seed=fold.seed, keep_examples=0,
+                              workers=scoring.Workers(fold.run.num_workers))
     statistics = reference_statistics(val["scores"], val["labels"], val["levels"], level_bins(fold.settings))
     write_reference(reference_path(fold.path), reference_key(fold.settings, fold.seed, fold.run), statistics)
     return statistics

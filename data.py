@@ -191,7 +191,7 @@ def _rows_to_decode(prefix, data_dir, index, positions, verify_cache, num_worker
     return identities, gone, changed, np.union1d(todo, changed).astype(np.int64)
 
 
-def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=None, num_workers=DEFAULT_WORKERS, dataset=None,
+def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=None, num_workers=DEFAULT_WORKERS,
                    verify_cache=False):
     """Decode the given index rows once into the memory-mapped SliceCache, as model inputs in the representation
     input_hu (inputs.native_input_hu; a model's is in its checkpoint). A row decoded before (by an earlier
@@ -200,17 +200,18 @@ def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=N
     decodes is a counted skip. Two runs on the same cache fill it one after the other (runfiles.cache_lock).
     Prints slices/s and a summary."""
     data_dir = os.fspath(data_dir)
-    dataset = check_dataset(data_dir, dataset)
+    dataset = check_dataset(data_dir, None)
     check_input_hu(input_hu, dataset, data_dir)
     cache_dir = check_cache_dir(cache_dir) if cache_dir else default_cache_dir(data_dir)
     prefix = slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir)
     with cache_lock(f"{prefix}.lock", "the slice cache"):
-        _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache)
+        _fill_cache(prefix, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache)
     return SliceCache(prefix)
 
 
-def _fill_cache(prefix, cache_dir, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache):
-    """prepare_slices' work, under the cache's lock."""
+def _fill_cache(prefix, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache):
+    """prepare_slices' work, under the cache's lock (prefix: in the cache folder)."""
+    cache_dir = os.path.dirname(prefix)
     try:
         _create_cache_files(prefix, len(index["id"]), len(input_hu), image_size)
     except OSError as error:
@@ -384,10 +385,10 @@ def _show_pixels(data_dir, index, position, dataset, rows):
     return {name: window_hu(hu, *hu_range(name)) for name in rows}, hu
 
 
-def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, bone_margin=2,
-              scored_region="no_bone_3d"):
+def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by_level=False, region=("no_bone_3d", 2)):
     """PNG grid: one column per slice, one row per window; intracranial mask outlined green, the scored region
-    (--scored_region, at bone_margin) cyan, GT bleed mask red. by_level: four levels of each scan."""
+    (region: --scored_region and --bone_margin) cyan, GT bleed mask red. by_level: four levels of each scan."""
+    scored_region, bone_margin = region
     plt = pyplot()
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, dataset)
@@ -457,8 +458,8 @@ def main(argv=None):
         check_figure_format(args.out, "--out")
         if args.columns < 1:
             raise SystemExit(f"error: --columns {args.columns}: must be at least 1")
-        show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir, args.by_level, args.bone_margin,
-                  args.scored_region)
+        show_grid(args.data_dir, args.out, args.dataset, args.columns, args.seed, args.cache_dir, args.by_level,
+                  (args.scored_region, args.bone_margin))
     else:
         start = time.time()
         index = load_index(args.data_dir, args.dataset, args.cache_dir, args.num_workers)

@@ -10,6 +10,7 @@ scalp, a scanner table and field-of-view edge); hemorrhage patients get one or t
 five RSNA subtypes, extending over several slices. Values are Hounsfield units.
 """
 import argparse
+import collections
 import os
 import time
 
@@ -92,6 +93,10 @@ def random_bleed(rng, kind, levels):
     return bleed
 
 
+# pixel coordinates of a slice in the head's frame (_head_frame)
+Frame = collections.namedtuple("Frame", "u xn yn theta rho pixel")
+
+
 def _head_frame(head, level, size):
     """Pixel coordinates in the head's frame: u (px, left-right), xn/yn normalised to the skull,
     theta around it, rho (1 at the outer surface of the skull) and one pixel in units of rho."""
@@ -107,7 +112,7 @@ def _head_frame(head, level, size):
     outline = 1 + sum(w * np.cos((k + 3) * theta + p) for k, (w, p) in enumerate(zip(head["wobble"], head["wobble_phase"])))
     rho = np.hypot(xn, yn) / outline  # 1 at the outer surface of the skull
     pixel = 1.0 / a  # one pixel in units of rho (at most)
-    return u, xn, yn, theta, rho, pixel
+    return Frame(u, xn, yn, theta, rho, pixel)
 
 
 def _scalp_and_skull(head, level, theta, rho, pixel, size):
@@ -127,9 +132,10 @@ def _scalp_and_skull(head, level, theta, rho, pixel, size):
     return hu, inner, in_bone
 
 
-def _grey_and_white_matter(rng, head, level, xn, yn, theta, q, pixel, size):
+def _grey_and_white_matter(rng, head, level, f, q, size):
     """White matter, a grey cortex that folds around sulci, and the deep grey nuclei; also the sulcus
     mask and the sulcus geometry (the subarachnoid bleeds fill it). Draws one noise field from rng."""
+    xn, yn, theta, pixel = f.xn, f.yn, f.theta, f.pixel
     scale = size / 256  # structure widths below are in pixels at 256^2 (about 0.94 mm)
     phase = head["gyri_phase"]
     psi = head["gyri"] * theta + phase[0] + 0.8 * np.sin(2 * theta + phase[1])
@@ -154,8 +160,9 @@ def _grey_and_white_matter(rng, head, level, xn, yn, theta, q, pixel, size):
     return brain, in_sulcus, sulci
 
 
-def _csf_spaces(head, level, u, xn, yn, q, pixel, size, in_sulcus, rim):
+def _csf_spaces(head, level, f, q, size, in_sulcus, rim):
     """CSF outside the ventricles (the rim, sulci, interhemispheric and sylvian fissures, cisterns) and the falx."""
+    u, xn, yn, pixel = f.u, f.xn, f.yn, f.pixel
     scale = size / 256  # widths in pixels at 256^2, as in _grey_and_white_matter
     corpus_callosum = 0.42 * _bump(level, 0.42, 0.25)  # the interhemispheric fissure stops where the hemispheres join
     fissure = (np.abs(u) < max(1.0, 1.2 * scale)) & (np.abs(yn) > corpus_callosum)
@@ -173,8 +180,9 @@ def _csf_spaces(head, level, u, xn, yn, q, pixel, size, in_sulcus, rim):
     return csf, falx
 
 
-def _ventricles(head, level, xn, yn, q, pixel, size):
+def _ventricles(head, level, f, q, size):
     """Ventricle mask and how large the lateral ventricles are at this level (0 .. 1)."""
+    xn, yn, pixel = f.xn, f.yn, f.pixel
     # lateral ventricles: two bananas concave outwards ")(" with a thin septum between them,
     # wider at the frontal horns and atria; the third ventricle is a midline slit lower down
     widen = 1 + 0.9 * head["atrophy"]
@@ -194,13 +202,14 @@ def _ventricles(head, level, xn, yn, q, pixel, size):
     return ventricles, size_v
 
 
-def _brain(rng, head, level, u, xn, yn, theta, q, pixel, size):
+def _brain(rng, head, level, f, q, size):
     """Brain HU (valid inside the skull), the ventricle mask and the sulcus geometry."""
-    brain, in_sulcus, sulci = _grey_and_white_matter(rng, head, level, xn, yn, theta, q, pixel, size)
-    csf, falx = _csf_spaces(head, level, u, xn, yn, q, pixel, size, in_sulcus, sulci["rim"])
+    xn, yn, pixel = f.xn, f.yn, f.pixel
+    brain, in_sulcus, sulci = _grey_and_white_matter(rng, head, level, f, q, size)
+    csf, falx = _csf_spaces(head, level, f, q, size, in_sulcus, sulci["rim"])
     brain[csf] = head["csf"]
     brain[falx] = 48.0  # the falx, slightly dense
-    ventricles, size_v = _ventricles(head, level, xn, yn, q, pixel, size)
+    ventricles, size_v = _ventricles(head, level, f, q, size)
     brain[ventricles] = head["csf"]
     if head["plexus_calcified"] and size_v > 0.6 and level > 0.36:
         for side in (-1, 1):  # in the atria
@@ -208,8 +217,11 @@ def _brain(rng, head, level, u, xn, yn, theta, q, pixel, size):
     return brain, ventricles, sulci
 
 
-def _draw_bleeds(hu, head, bleeds, slice_number, xn, yn, theta, q, inside, ventricles, sulci, pixel):
-    """Paints the bleeds that reach this slice into hu (in place); returns {subtype: bleed mask}."""
+def _draw_bleeds(hu, head, bleeds, slice_number, f, q, regions):
+    """Paints the bleeds that reach this slice into hu (in place); returns {subtype: bleed mask}. regions: the slice's
+    inside (of the skull), ventricles and sulci."""
+    xn, yn, theta, pixel = f.xn, f.yn, f.theta, f.pixel
+    inside, ventricles, sulci = regions["inside"], regions["ventricles"], regions["sulci"]
     size = hu.shape[0]
     # bleeds: each is largest on its centre slice and tapers off over `reach` slices either side
     masks = {}
@@ -266,13 +278,13 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
 
     The order of the rng draws is part of the output (a seed gives the same phantom): the sulcus
     field in _brain first, then the three texture/noise fields in _scanner_effects."""
-    u, xn, yn, theta, rho, pixel = _head_frame(head, level, size)
-    hu, inner, in_bone = _scalp_and_skull(head, level, theta, rho, pixel, size)
-    inside = rho <= inner
-    q = rho / inner  # 0 at the centre, 1 at the inner table
-    brain, ventricles, sulci = _brain(rng, head, level, u, xn, yn, theta, q, pixel, size)
+    f = _head_frame(head, level, size)
+    hu, inner, in_bone = _scalp_and_skull(head, level, f.theta, f.rho, f.pixel, size)
+    inside = f.rho <= inner
+    q = f.rho / inner  # 0 at the centre, 1 at the inner table
+    brain, ventricles, sulci = _brain(rng, head, level, f, q, size)
     hu[inside] = brain[inside]
-    masks = _draw_bleeds(hu, head, bleeds, slice_number, xn, yn, theta, q, inside, ventricles, sulci, pixel)
+    masks = _draw_bleeds(hu, head, bleeds, slice_number, f, q, {"inside": inside, "ventricles": ventricles, "sulci": sulci})
     hu = _scanner_effects(rng, hu, head, inside, in_bone, size)
     return hu, masks
 

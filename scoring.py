@@ -578,16 +578,20 @@ def _record_batch(acc, batch, maps, masks, scores, settings, keep_examples, gt_m
             _keep(heaps["false positive"], keep_examples, score, lambda: example("false positive"), int(pos))
 
 
-def split_loader(dataset, settings, num_workers=0, rank=0, world=1):
+# Who scores: DataLoader worker processes reading the slices, and under torchrun this process's rank of `world`.
+Workers = collections.namedtuple("Workers", "loader rank world", defaults=(0, 0, 1))
+
+
+def split_loader(dataset, settings, workers=Workers()):
     """This process's share of the slices (every world-th), in batches that fill a few forward passes."""
     passes = passes_per_slice(settings, dataset[0]["image"].shape[-1]) if len(dataset) else 1
     slices_per_batch = max(8, -(-4 * settings.eval_batch_size // passes))
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    return torch.utils.data.DataLoader(shard, batch_size=slices_per_batch, shuffle=False, num_workers=num_workers)
+    shard = torch.utils.data.Subset(dataset, range(workers.rank, len(dataset), workers.world))
+    return torch.utils.data.DataLoader(shard, batch_size=slices_per_batch, shuffle=False, num_workers=workers.loader)
 
 
-def score_split(diffusion, dataset, settings, *, seed, num_workers=0, keep_examples=8, keep_maps=False,
-                gt_masks_fn=None, rank=0, world=1):
+def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_maps=False, gt_masks_fn=None,
+                workers=Workers()):
     """Score every slice of `dataset` with the sliding-window anomaly map of `settings`: the one scoring path of
     train.py (validation), evaluate.py, sweep.py, bench.py and predict.py. dataset: items dict(image, mask, label,
     position) with aligned arrays .positions, .patients, .scans (data.SliceDataset, data.ArrayDataset).
@@ -595,17 +599,19 @@ def score_split(diffusion, dataset, settings, *, seed, num_workers=0, keep_examp
     Keeps the keep_examples highest- and lowest-scoring slices of each EXAMPLE_KINDS (ranked by settings.score,
     unsmoothed) for the overlays; keep_maps: also every slice's map as scored (median-filtered), in position order
     (predict.py, sweep.py: a scan's or a validation split's worth). gt_masks_fn(position) -> bool [S, S] bleed mask
-    or None; when given, pixel histograms are accumulated. With world > 1 (torch.distributed initialised) each rank scores every world-th slice
-    and all ranks return the merged result (keep_maps: one process only). Returns a dict: positions, labels,
+    or None; when given, pixel histograms are accumulated. workers (Workers): DataLoader worker processes, and with
+    world > 1 (torch.distributed initialised) each rank scores every world-th slice and all ranks return the merged
+    result (keep_maps: one process only). Returns a dict: positions, labels,
     patients, scans (sorted by position), scores {name: float64 [N]} (finish_scores applied), examples {kind:
     [example dicts]}, pixel (accumulator or None), maps (float32 [N, S, S] or None), seconds."""
+    rank, world = workers.rank, workers.world
     if keep_maps and world > 1:
         raise ValueError("score_split: keep_maps runs in one process")
     acc = {"positions": [], "labels": [], "levels": [], "scores": {}, "heaps": {kind: [] for kind in EXAMPLE_KINDS},
            "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None, "maps": [] if keep_maps else None}
     diffusion.network.eval()
     t0 = time.time()
-    for batch in tqdm(split_loader(dataset, settings, num_workers, rank, world), desc="scoring slices", unit="batch",
+    for batch in tqdm(split_loader(dataset, settings, workers), desc="scoring slices", unit="batch",
                       leave=False, disable=rank != 0):
         images, anatomy = batch["image"].to(diffusion.device), batch.get("anatomy")
         region = scored_masks(batch["mask"], anatomy, settings)

@@ -399,7 +399,8 @@ def validate(diffusion, datasets, args, settings, epoch, rank, world):
     # Sliding-window scoring costs far more than an epoch of training on small sets; --eval_every thins it out.
     if epoch % args.eval_every and epoch != args.epochs:
         return val_loss, None
-    return val_loss, scoring.score_split(diffusion, datasets.val_eval, settings, seed=args.seed, rank=rank, world=world)
+    return val_loss, scoring.score_split(diffusion, datasets.val_eval, settings, seed=args.seed,
+                                            workers=scoring.Workers(0, rank, world))
 
 
 def epoch_record(args, epoch, losses, result, lr, seconds, images):

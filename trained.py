@@ -155,7 +155,7 @@ def score_split(fold, rd, split, keep_examples, rank, world, with_val):
             return None
     # Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none.
     has_masks = any(gt_masks_fn(p) is not None for p in positions[rd.index["any"][positions] == 1])
-    common = dict(seed=fold.seed, num_workers=run.num_workers, rank=rank, world=world,
+    common = dict(seed=fold.seed, workers=scoring.Workers(run.num_workers, rank, world),
                   gt_masks_fn=gt_masks_fn if has_masks else None)
     if rank == 0:
         print(f"scoring the {split} split: {len(positions)} slices on {fold.diffusion.device}" + (f" x{world} processes" if world > 1 else ""))
