@@ -117,11 +117,6 @@ def fold_checkpoints(run_dir, name):
     return paths
 
 
-def add_cv_flags(p):
-    p.add_argument("--fold_checkpoint", default="best_model.pt",
-                   help="with --checkpoint a CV run folder (train.py --folds): which checkpoint of each fold to use")
-
-
 # ---------------------------------------------------------------------------------------------
 # putting fold models on one scale
 

@@ -36,9 +36,8 @@ import trained
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a .pt written by train.py (best_model.pt, ...), or a CV run folder (train.py --folds): its "
-                        "out-of-fold scores (--split test), or its fold models as one (--split all)")
+    trained.add_run_flags(p, "a .pt written by train.py (best_model.pt, ...), or a CV run folder (train.py --folds): its "
+                             "out-of-fold scores (--split test), or its fold models as one (--split all)")
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
     p.add_argument("--output_dir", default=None,
                    help="default: <checkpoint dir>/eval_<checkpoint name>_<split>, e.g. eval_best_model_test")
@@ -48,16 +47,9 @@ def get_args(argv=None):
     p.add_argument("--eval_samples", type=cohort.parse_eval_samples, default=None,
                    help="slices per class, or 'all' (default: the training run's value)")
     p.add_argument("--num_workers", type=int, default=None, help="default: the training run's value")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the scoring noise (default: the training seed). The splits always use the training "
-                        "seed, so that no training patient can land in the test split")
-    p.add_argument("--min_brain_fraction", type=float, default=None,
-                   help="score only slices with at least this much intracranial area (default: the training run's value)")
     config.add_verify_cache_flag(p, from_checkpoint=True)
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap samples for the confidence intervals")
     p.add_argument("--keep_examples", type=int, default=6, help="overlay panels per kind")
-    cv.add_cv_flags(p)
-    config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
     args = p.parse_args(argv)
     models.check_flag(args.n_boot >= 0, "n_boot", args.n_boot, "must be 0 (no confidence intervals) or more")

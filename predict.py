@@ -40,8 +40,6 @@ import nibabel
 import numpy as np
 
 import cohort
-import config
-import cv
 import data
 import inputs
 import models
@@ -56,19 +54,13 @@ NOT_DICOM = (".csv", ".json", ".txt", ".md", ".png", ".jpg", ".jpeg", ".npy", ".
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a .pt written by train.py (best_model.pt, ...), or a CV run folder (train.py --folds): its fold "
-                        "models as one (the mean of their z-scored slice scores)")
+    trained.add_run_flags(p, "a .pt written by train.py (best_model.pt, ...), or a CV run folder (train.py --folds): its "
+                             "fold models as one (the mean of their z-scored slice scores)")
     p.add_argument("--data_dir", required=True, help="DICOM series and/or NIfTI volumes, no labels needed")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="write into an --output_dir that already holds files")
     p.add_argument("--top", type=int, default=4, help="highest-scoring slices shown per scan in overlays/")
     p.add_argument("--num_workers", type=int, default=readers.DEFAULT_WORKERS, help="processes reading DICOM headers and slices")
-    p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
-    p.add_argument("--min_brain_fraction", type=float, default=None,
-                   help="leave slices with less intracranial area unscored (default: the training run's value)")
-    cv.add_cv_flags(p)
-    config.add_device_flags(p, from_checkpoint=True)
     scoring.add_scoring_flags(p.add_argument_group("anomaly scoring (default: the training run's values)"), from_checkpoint=True)
     args = p.parse_args(argv)
     if args.top < 0:

@@ -40,13 +40,11 @@ GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_sli
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a .pt written by train.py (its validation split), or a CV run folder (train.py --folds): the "
-                        "out-of-fold scores of every patient, as evaluate.py pools them")
+    trained.add_run_flags(p, "a .pt written by train.py (its validation split), or a CV run folder (train.py --folds): "
+                             "the out-of-fold scores of every patient, as evaluate.py pools them")
     p.add_argument("--data_dir", default=None, help="default: the training run's --data_dir")
     p.add_argument("--eval_samples", type=cohort.parse_eval_samples, default="all",
                    help="validation slices per class, or 'all'")
-    p.add_argument("--min_brain_fraction", type=float, default=None, help="default: the training run's value")
     p.add_argument("--eval_t", type=int, nargs="+", default=sorted({100, 150, 250, 400, 500} | set(D.eval_t)))
     p.add_argument("--multi_t", type=int, nargs="*", default=[150, 250, 400],
                    help="also score the average map over these t (each must be in --eval_t)")
@@ -65,8 +63,6 @@ def get_args(argv=None):
                    help="slice-score normalisations to try (evaluate.py --level_norm); default: the run's")
     p.add_argument("--anomaly_maps", nargs="+", default=None, choices=list(scoring.ANOMALY_MAPS),
                    help="maps to try: the model's, and/or the no-learning blood_band baseline; default: the run's")
-    p.add_argument("--seed", type=int, default=None, help="seed of the scoring noise (default: the training seed)")
-    config.add_device_flags(p, from_checkpoint=True)
     # every other scoring flag, as evaluate.py has it: the training run's value unless given (every row uses it)
     scoring.add_scoring_flags(p.add_argument_group("scoring of every row (default: the training run's values)"),
                               from_checkpoint=True, leave_out=GRID)
@@ -74,7 +70,6 @@ def get_args(argv=None):
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/sweep_<checkpoint name>_val")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in the output dir")
-    cv.add_cv_flags(p)
     return p.parse_args(argv)
 
 

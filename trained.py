@@ -121,6 +121,20 @@ class TrainedRun:
         return results, rd.index, counts
 
 
+def add_run_flags(p, checkpoint_help):
+    """The flags of every script that opens a trained run (evaluate.py, predict.py, sweep.py): which run, and what may
+    be set now on top of the run's own values (config.READ_BACK_FLAGS, the scoring noise seed, the device)."""
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    p.add_argument("--fold_checkpoint", default="best_model.pt",
+                   help="with --checkpoint a CV run folder (train.py --folds): which checkpoint of each fold to use")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the scoring noise (default: the training seed); patient splits always use the "
+                        "training seed, so that no training patient can land in a test split")
+    p.add_argument("--min_brain_fraction", type=float, default=None,
+                   help="score only slices with at least this much intracranial area (default: the training run's value)")
+    config.add_device_flags(p, from_checkpoint=True)
+
+
 def open_run(path, flags, fold_checkpoint="best_model.pt", device="cpu", precision=None):
     """A checkpoint, or a CV run folder (its folds' `fold_checkpoint`), with the run's saved configuration and scoring
     and the flags given now on top (config.read_back). -> TrainedRun."""
