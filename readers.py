@@ -240,9 +240,7 @@ def hu_from_dicom(path):
     problem = decoder_problem(ds)
     if problem:
         raise BadFile(problem)
-    if "PhotometricInterpretation" not in ds and header_number(ds, "SamplesPerPixel", 1) == 1:
-        # ACR-NEMA-era files may omit it; single-sample CT is MONOCHROME2 by definition (pydicom needs it to decode)
-        ds.PhotometricInterpretation = "MONOCHROME2"
+    complete_pixel_module(ds)
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as error:
@@ -267,6 +265,42 @@ def hu_from_dicom(path):
         raise BadFile("non-finite HU values (check RescaleSlope/RescaleIntercept)")
     check_plausible_hu(hu, "RescaleIntercept" in ds and intercept != 0)
     return hu
+
+
+def complete_pixel_module(ds):
+    """Fill in the Image Pixel elements an ACR-NEMA-era file may lack (the old standard did not require them, and
+    pydicom needs every one to decode), from what the file itself implies; BadFile where it implies nothing certain.
+    - BitsAllocated and SamplesPerPixel: from the length of uncompressed pixel data over Rows x Columns (2 bytes a
+      pixel: one 16-bit sample, 1 byte: one 8-bit sample; anything else is no CT slice);
+    - PhotometricInterpretation: MONOCHROME2 for one sample (CT is grey by definition);
+    - BitsStored: BitsAllocated; HighBit: BitsStored - 1;
+    - PixelRepresentation: unsigned (ACR-NEMA's default), unless 16-bit values with the sign bit set are common
+      (over 0.5 % of pixels): unsigned they would be above 31,000 HU, signed they are the padding of negative HU."""
+    rows, columns = int(header_number(ds, "Rows", 0)), int(header_number(ds, "Columns", 0))
+    missing = [name for name in ("BitsAllocated", "SamplesPerPixel") if name not in ds]
+    if missing:
+        if _is_encapsulated(ds):
+            raise BadFile(f"compressed pixel data without {' and '.join(missing)}: cannot tell how to decode it")
+        n = rows * columns
+        per_pixel = {n: 1, n + n % 2: 1, 2 * n: 2}.get(len(ds.PixelData)) if n else None  # odd lengths are padded
+        samples = int(header_number(ds, "SamplesPerPixel", 1))
+        bits = int(header_number(ds, "BitsAllocated", 8 * (per_pixel or 2)))
+        if per_pixel is None or samples != 1 or per_pixel * 8 != bits:
+            raise BadFile(f"no {' or '.join(missing)}, and {len(ds.PixelData)} bytes of pixel data for {rows} x {columns} "
+                          "pixels fit no single-sample slice")
+        ds.BitsAllocated, ds.SamplesPerPixel = bits, samples
+    if "PhotometricInterpretation" not in ds and int(ds.SamplesPerPixel) == 1:
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    if "BitsStored" not in ds:
+        ds.BitsStored = int(ds.BitsAllocated)
+    if "HighBit" not in ds:
+        ds.HighBit = int(ds.BitsStored) - 1
+    if "PixelRepresentation" not in ds:
+        ds.PixelRepresentation = 0
+        if int(ds.BitsAllocated) == 16 and int(ds.BitsStored) == 16 and not _is_encapsulated(ds):
+            little = ds.file_meta.TransferSyntaxUID.is_little_endian
+            raw = np.frombuffer(bytes(ds.PixelData)[:2 * rows * columns], "<u2" if little else ">u2")
+            ds.PixelRepresentation = int(np.mean(raw >= 32768) > 0.005)
 
 
 def check_size(shape):
