@@ -106,6 +106,35 @@ def is_cv_run(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, FOLDS_FILE))
 
 
+def check_fold(record, fold, checkpoint, path):
+    """A one-line SystemExit unless the checkpoint at `path` was trained as fold `fold` of the CV run whose assignment
+    is `record` (folds.json): every checkpoint of a fold carries the assignment it was trained under (its splits
+    record's "cv"). A fold folder copied from another CV run (another --seed: other folds), or from a run on other
+    data, would score patients it trained on as if out of fold. A fold trained before patients were added to the run
+    (its assignment a part of folds.json's) is its own."""
+    own = (checkpoint.get("splits") or {}).get("cv")
+    where = f"error: {path}: fold {fold} of the CV run {os.path.dirname(os.path.dirname(os.path.abspath(path)))}"
+    if not isinstance(own, dict) or not isinstance(own.get("folds"), dict):
+        raise SystemExit(f"{where} holds a checkpoint that records no fold assignment (not trained by train.py --folds); "
+                         "train that fold again with train.py --folds K --fold k")
+    if own.get("fold") != fold:
+        raise SystemExit(f"{where} holds the model of fold {own.get('fold')} (folders swapped?)")
+    theirs, ours = own["folds"], record
+    foreign = (theirs.get("k"), theirs.get("seed")) != (ours["k"], ours["seed"]) or any(
+        ours["folds"].get(p) != f for p, f in (theirs.get("folds") or {}).items())
+    if foreign:
+        raise SystemExit(f"{where} was trained in another CV run (fold assignment {fingerprint(theirs)}, this run's "
+                         f"{FOLDS_FILE} {fingerprint(ours)}: k {theirs.get('k')}/{ours['k']}, seed {theirs.get('seed')}/"
+                         f"{ours['seed']}); its out-of-fold scores would include patients it trained on. Train that fold "
+                         "again in this run, or copy the whole run folder")
+
+
+def fingerprint(record):
+    """A short name of a fold assignment (k, seed and every patient's fold), for messages."""
+    text = json.dumps({"k": record.get("k"), "seed": record.get("seed"), "folds": record.get("folds")}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def fold_checkpoints(run_dir, name):
     """[(fold, checkpoint path)] of every fold of the CV run; a fold without its checkpoint is a one-line error."""
     record = load_folds(run_dir)

@@ -271,6 +271,9 @@ def open_data(args, ckpt, fold_splits, input_hu, rank, world):
         if saved is None and rank == 0:
             print(f"note: {args.output_dir} holds no saved splits (a run from before they were saved); the splits are "
                   "drawn from --seed again")
+    if saved is not None and fold_splits is not None:  # --resume of a CV fold: last.pt must be this run's fold
+        cv.check_fold(fold_splits["cv"]["folds"], fold_splits["cv"]["fold"], {"splits": saved},
+                      os.path.join(args.output_dir, "last.pt"))
     saved = saved or fold_splits
     rd = data.open_run_data(args, input_hu, ("train", "val"), saved_splits=saved, rank=rank, world=world)
     train_pos = rd.cache.ok(rd.splits["train"], args.min_brain_fraction)

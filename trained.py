@@ -142,9 +142,12 @@ def open_run(path, flags, fold_checkpoint="best_model.pt", device="cpu", precisi
     if not is_cv and not os.path.isfile(path):
         raise SystemExit(f"error: {path}: checkpoint not found (nor a CV run folder with {cv.FOLDS_FILE})")
     paths = cv.fold_checkpoints(path, fold_checkpoint) if is_cv else [(0, path)]
+    record = cv.load_folds(path) if is_cv else None
     folds = []
     for number, fold_path in paths:
         diffusion, checkpoint = models.load_checkpoint(fold_path, device, precision)
+        if is_cv:  # the run knows its own parts: a fold from another CV run is refused before anything is scored
+            cv.check_fold(record, number, checkpoint, fold_path)
         run, settings, seed = config.read_back(checkpoint, flags, fold_path, diffusion.config["image_size"])
         folds.append(Fold(number, fold_path, diffusion, checkpoint, run, settings, seed))
     return TrainedRun(path, folds, is_cv)
