@@ -22,7 +22,6 @@ import io
 import json
 import os
 import time
-import warnings
 
 import nibabel
 import numpy as np
@@ -30,7 +29,7 @@ from nibabel.orientations import io_orientation
 
 from readers import (DEFAULT_WORKERS, BadFile, axial_slices, check_jpg, installed_decoders, is_nifti, load_nifti,
                      nifti_name, one_line, parallel_map, read_header, report_skips, source_identity)
-from runfiles import check_cache_dir, default_cache_dir, write_atomically
+from runfiles import check_cache_dir, default_cache_dir, note, write_atomically
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABELS = ("any",) + SUBTYPES
@@ -628,10 +627,10 @@ def apply_saved_splits(index, record):
 
 def draw_slices(rng, positions, n, what):
     """n of the positions, drawn without replacement and sorted; all of them when n is None or "all" or when there
-    are no more than n (fewer: with a warning that names `what`)."""
+    are no more than n (fewer: with a note that names `what`)."""
     if n is None or n == "all" or len(positions) <= int(n):
         if n not in (None, "all") and len(positions) < int(n):
-            warnings.warn(f"{what}: only {len(positions)} slices available, {n} asked for; using all")
+            note(f"{what}: only {len(positions)} slices available, {n} asked for; using all")
         return positions
     return np.sort(rng.choice(positions, int(n), replace=False))
 

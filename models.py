@@ -341,7 +341,10 @@ def run_script(main):
     its peers in a collective (another rank failed first) says so in one line instead of a gloo/NCCL traceback.
     torchrun's own report after them (its ChildFailedError traceback) is the launcher's and cannot be silenced here."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return main()
+        result = main()
+        if runfiles.repeated_notes():
+            print(runfiles.repeated_notes())
+        return result
     rank = os.environ.get("RANK", "?")
     try:
         return main()

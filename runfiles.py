@@ -1,6 +1,7 @@
 """What a run writes, and where: every result file written atomically (write_atomically, write_json), one run per
 output folder (lock_output_dir), figures (pyplot, the one matplotlib set-up; save_figure) and the cache folders.
 No project imports: every other module may use it."""
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -9,6 +10,30 @@ import os
 import socket
 import tempfile
 import time
+
+
+# ---------------------------------------------------------------------------------------------
+# messages to the user
+
+_NOTES = collections.Counter()
+
+
+def note(text):
+    """A message for the user of a script: one line on stdout in the project's voice ("note: ..."), not a Python
+    warning with our file and line. The same line again (a CV run opens its data once per fold) is counted, not
+    printed again; repeated_notes() says how often."""
+    _NOTES[text] += 1
+    if _NOTES[text] == 1:
+        print(f"note: {text}", flush=True)
+
+
+def repeated_notes():
+    """One line on the notes that were given more than once (None if none was), for the end of a script."""
+    repeated = {text: n for text, n in _NOTES.items() if n > 1}
+    if not repeated:
+        return None
+    return "note: " + "; ".join(f"'{text[:60]}...' {n} times" if len(text) > 60 else f"'{text}' {n} times"
+                                for text, n in repeated.items())
 
 
 # ---------------------------------------------------------------------------------------------
