@@ -115,9 +115,9 @@ class TrainedRun:
         -> ([each fold's result], the index, counts of training patients left out); TrainedRun.combine joins them."""
         results = []
         for fold in self.folds:
-            fold.run = dataclasses.replace(fold.run, eval_samples=eval_samples or "all")
-            rd, counts = data.in_turn(lambda: external_data(fold, data_dir, eval_samples), rank, world)
-            results.append(self.score(fold, rd, "all", keep_examples, rank, world)[0])
+            sampled = dataclasses.replace(fold, run=dataclasses.replace(fold.run, eval_samples=eval_samples or "all"))
+            rd, counts = data.in_turn(lambda: external_data(sampled, data_dir, eval_samples), rank, world)
+            results.append(self.score(sampled, rd, "all", keep_examples, rank, world)[0])
         return results, rd.index, counts
 
 
