@@ -205,17 +205,25 @@ def level_bins(settings):
 
 
 def read_reference(path, key):
-    """The statistics saved at path for this key (settings, seed, ...), or None (none saved, or for another key)."""
+    """The statistics saved at path for this key (settings, seed, ...), or None (none saved for it). The file holds
+    one entry per key, so scorings with other settings never replace each other's statistics."""
+    return next((entry["statistics"] for entry in _reference_entries(path) if entry.get("key") == key), None)
+
+
+def write_reference(path, key, statistics):
+    entries = [entry for entry in _reference_entries(path) if entry.get("key") != key]
+    runfiles.write_json(path, {"entries": entries + [{"key": key, "statistics": statistics}]})
+
+
+def _reference_entries(path):
     try:
         with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        return None
-    return saved.get("statistics") if saved.get("key") == key else None
-
-
-def write_reference(path, key, statistics):
-    runfiles.write_json(path, {"key": key, "statistics": statistics})
+        return []
+    if isinstance(saved, dict) and "key" in saved:  # a file of one entry, as written before
+        return [saved]
+    return saved.get("entries", []) if isinstance(saved, dict) else []
 
 
 def reference_path(checkpoint_path):
@@ -300,6 +308,14 @@ def reference_positions(rd, run):
     return positions
 
 
+def reference_slices(fold, data_dir=None):
+    """(the fold's data with its whole validation split decoded, its reference positions): the same slices whatever
+    --eval_samples the caller samples its splits with. fold: trained.Fold; data_dir: default the fold run's."""
+    run = dataclasses.replace(fold.run, data_dir=data_dir or fold.run.data_dir, eval_samples="all")
+    rd = data.open_run_data(run, fold.diffusion.input_hu, ("val",), saved_splits=cohort.saved_splits(fold.checkpoint, fold.path))
+    return rd, reference_positions(rd, run)
+
+
 def reference_key(settings, seed, run):
     """What a model's reference statistics depend on: they are used again only for the same (the batch size is left
     out: a map does not depend on it; the cache version is in: it changes when decoding or the masks do)."""
@@ -307,33 +323,28 @@ def reference_key(settings, seed, run):
             "min_brain_fraction": run.min_brain_fraction, "cache_version": cohort.CACHE_VERSION}
 
 
-def compute_reference(fold, rd):
-    """Score the fold model's reference slices of rd (the fold's own data: reference_positions), and save their
-    statistics next to its checkpoint (reference_path). fold: trained.Fold. -> the statistics."""
-    positions = reference_positions(rd, fold.run)
-    print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
-    val = scoring.score_split(fold.diffusion, data.SliceDataset(rd.cache, rd.index, positions), fold.settings,
-                              seed=fold.seed, keep_examples=0,
-                              workers=scoring.Workers(fold.run.num_workers))
-    statistics = reference_statistics(val["scores"], val["labels"], val["levels"], level_bins(fold.settings))
-    write_reference(reference_path(fold.path), reference_key(fold.settings, fold.seed, fold.run), statistics)
-    return statistics
-
-
-def fold_reference(fold):
+def fold_reference(fold, data_dir=None):
     """A model's reference statistics (a fold model of a CV run, or a checkpoint scored with --level_norm): the saved
-    ones for these settings, else scored now on its reference slices of the training data (which must then be at
-    hand), and saved. fold: trained.Fold."""
-    statistics = read_reference(reference_path(fold.path), reference_key(fold.settings, fold.seed, fold.run))
+    ones for these scoring settings, else scored now on its reference slices (reference_positions: every slice of the
+    healthy patients of its validation split, whatever the caller samples) and saved next to its checkpoint. So
+    evaluate.py, predict.py and sweep.py put a model on the same scale for the same settings. data_dir: where the
+    model's training data is (default: where its checkpoint says it trained; it must then be at hand).
+    fold: trained.Fold."""
+    key = reference_key(fold.settings, fold.seed, fold.run)
+    statistics = read_reference(reference_path(fold.path), key)
     if statistics is not None:
         return statistics
-    train_dir = (fold.checkpoint.get("splits") or {}).get("data_dir") or (fold.checkpoint.get("args") or {}).get("data_dir")
-    if not train_dir or not os.path.isdir(train_dir):
+    trained_on = (fold.checkpoint.get("splits") or {}).get("data_dir") or (fold.checkpoint.get("args") or {}).get("data_dir")
+    data_dir = data_dir or trained_on
+    if not data_dir or not os.path.isdir(data_dir):
         raise SystemExit(f"error: {fold.path}: no reference statistics (healthy validation slices) for these scoring "
-                         f"settings in {reference_path(fold.path)}, and the training data {train_dir!r} is not at hand to "
+                         f"settings in {reference_path(fold.path)}, and the training data {data_dir!r} is not at hand to "
                          f"score them: run python evaluate.py --checkpoint {fold.path} with the same scoring flags where "
                          "the training data is")
-    own = dataclasses.replace(fold.run, data_dir=train_dir)
-    rd = data.open_run_data(own, fold.diffusion.input_hu, ("val",),
-                            saved_splits=cohort.saved_splits(fold.checkpoint, fold.path))
-    return compute_reference(dataclasses.replace(fold, run=own), rd)
+    rd, positions = reference_slices(fold, data_dir)
+    print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
+    val = scoring.score_split(fold.diffusion, data.SliceDataset(rd.cache, rd.index, positions), fold.settings,
+                              seed=fold.seed, keep_examples=0, workers=scoring.Workers(fold.run.num_workers))
+    statistics = reference_statistics(val["scores"], val["labels"], val["levels"], level_bins(fold.settings))
+    write_reference(reference_path(fold.path), key, statistics)
+    return statistics

@@ -103,9 +103,10 @@ def open_parts(run):
                              healthy_positions=cv.reference_positions(rd, fold.run))]
     parts = []
     for fold in run.folds:
-        rd = run.fold_data(fold, ("val", "test"))
-        parts.append(dataset_part(fold.diffusion, rd, rd.cache.ok(rd.splits["test"], fold.run.min_brain_fraction),
-                                  cv.reference_positions(rd, fold.run)))
+        test = run.fold_data(fold, ("test",))
+        rd, reference = cv.reference_slices(fold)  # the fold's whole healthy validation, as evaluate.py's reference
+        parts.append(dataset_part(fold.diffusion, rd, test.cache.ok(test.splits["test"], fold.run.min_brain_fraction),
+                                  reference))
     return parts
 
 

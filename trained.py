@@ -98,14 +98,14 @@ class TrainedRun:
                                                  keep_maps=True) for f in self.folds])
 
     def out_of_fold(self, keep_examples):
-        """A CV run's out-of-fold scores: fold k's model on fold k's patients (its test split) and on its reference
-        slices, whose statistics (scored again and saved next to the checkpoint) put its scores on the pooled scale.
+        """A CV run's out-of-fold scores: fold k's model on fold k's patients (its test split); its reference
+        statistics (cv.fold_reference: saved, or scored on its reference slices) put its scores on the pooled scale.
         -> (pooled result, [each fold's result], [each fold's statistics], the index)."""
         results, statistics = [], []
         for fold in self.folds:
             rd = self.fold_data(fold, ("val", "test"))
             results.append(self.score(fold, rd, "test", keep_examples, with_val=False)[0])
-            statistics.append(cv.compute_reference(fold, rd))
+            statistics.append(cv.fold_reference(fold, fold.run.data_dir))
         self._references = statistics
         pooled = cv.pool_out_of_fold(results, statistics, self.settings.score, keep_examples)
         return pooled, results, statistics, rd.index
