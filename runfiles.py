@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 
 
@@ -193,7 +194,7 @@ def lock_output_dir(output_dir, what):
     path = os.path.join(os.fspath(output_dir), LOCK_NAME)
     mine = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')} {what} {process_identity(os.getpid())}\n"
     for attempt in range(2):
-        temporary = f"{path}.{os.getpid()}.tmp"
+        temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # one per thread, too
         try:
             with open(temporary, "w") as f:
                 f.write(mine)
