@@ -1,27 +1,56 @@
+"""Fixtures shared by the test modules: the phantom and a tiny trained run, each made once per session (helpers.py holds
+the shared functions)."""
 import os
 import sys
 
-import pydicom
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import data, models, ... from the repo root
 
 import phantom  # noqa: E402
+from helpers import edit_dicom, quiet, tiny_train_args, tree  # noqa: E402,F401  (edit_dicom: old imports, until moved)
+
+
+@pytest.fixture(autouse=True)
+def fresh_notes():
+    """Each test starts with no note given yet: runfiles.note prints a line once per process (a script's run) and
+    only counts it after that, and the tests run many scripts in one process."""
+    import runfiles
+    runfiles._NOTES.clear()
+
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
-    """Path (str) of a tiny phantom in the RSNA layout, made once per session: 8 patients (4 with
-    hemorrhage, 4 healthy) x 6 slices at 64 px, seed 0, including the quirk files (12-bit storage on
-    the first hemorrhage patient, one truncated file of the first healthy patient). Shared: do not
-    modify it; its index/slice caches go to <phantom_dir>/.ctpddpm_cache unless cache_dir is given."""
+    """Path (str) of a tiny phantom in the RSNA layout, made once per session: 8 patients (4 with hemorrhage, 4
+    healthy) x 6 slices at 64 px, seed 0, including the quirk files (12-bit storage on the first hemorrhage patient,
+    one truncated file of the first healthy patient). Shared: do not modify it; its index/slice caches go to
+    <phantom_dir>/.ctpddpm_cache unless cache_dir is given."""
     return phantom.write_phantom(str(tmp_path_factory.mktemp("phantom")), patients=8, slices=6, size=64, seed=0)
 
-def edit_dicom(path, **changes):
-    """Set header fields of a DICOM file in place; a value of None deletes the field."""
-    ds = pydicom.dcmread(str(path))
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    ds.save_as(str(path))
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_dir, tmp_path_factory):
+    """A finished 1-epoch run on the phantom (train.py with helpers.tiny_train_args, in this process): best_model.pt,
+    best_model_loss.pt, last.pt, splits.json, history, figures. Shared by every module: copy it before changing it, and
+    give evaluate.py / sweep.py an --output_dir elsewhere. Checked at the end of the session: a test that wrote into
+    it fails the session."""
+    import train
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    quiet(train.main, tiny_train_args(phantom_dir, out))
+    before = tree(out)
+    yield out
+    assert tree(out) == before, "a test wrote into the shared tiny_run: copy it first (helpers.copy_run)"
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Figures built but not drawn: runfiles.save_figure writes an empty file in their place (drawing one costs ~0.4 s
+    here; a test of what the figures hold, or that they are PNGs, must not use this). -> the paths asked for."""
+    import runfiles
+    asked = []
+
+    def save_figure(fig, path, **savefig_kwargs):
+        asked.append(str(path))
+        runfiles.write_atomically(path, lambda f: None)
+    monkeypatch.setattr(runfiles, "save_figure", save_figure)
+    return asked

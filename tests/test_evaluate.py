@@ -1,243 +1,53 @@
-"""The evaluation protocol: metrics on synthetic scores, the pixel accumulator, plots, score_split, compare.py."""
+"""evaluate.py end to end on an untrained checkpoint of the phantom (its metrics recomputed from its scores.csv), the
+plots, and compare.py (training curves; paired differences of scorings of the same slices)."""
 import json
-import os
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
+import cohort
+import compare
+import config
 import evaluate
+import metrics
 import models
+import phantom
+import plots
 import scoring
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-# ---- slice metrics ---------------------------------------------------------------------------
-
-def test_perfect_separation_gives_auc_one_with_ci_one():
-    labels = np.array([0] * 20 + [1] * 20)
-    scores = np.concatenate([np.linspace(0, 1, 20), np.linspace(2, 3, 20)])
-    patients = np.repeat(np.arange(10), 4)
-    m = evaluate.slice_metrics(labels, scores, patients, n_boot=200)
-    assert m["roc_auc"] == 1.0 and m["auprc"] == 1.0
-    assert m["roc_auc_ci"] == pytest.approx([1, 1]) and m["auprc_ci"] == pytest.approx([1, 1])
-    assert m["sens_at_90spec"] == 1.0 and m["sens_at_95spec"] == 1.0
-    assert (m["n_pos"], m["n_neg"], m["n_patients"]) == (20, 20, 10)
-
-
-def test_random_scores_give_auc_near_half():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 4000)
-    m = evaluate.slice_metrics(labels, rng.random(4000), np.arange(4000) // 10, n_boot=100)
-    assert abs(m["roc_auc"] - 0.5) < 0.03
-    assert m["roc_auc_ci"][0] < 0.5 < m["roc_auc_ci"][1]
-    assert abs(m["auprc"] - m["auprc_chance"]) < 0.03
-
-
-def test_patient_bootstrap_resamples_whole_patients():
-    # 12 patients, each all healthy or all bleed, 40 slices with the patient's score: a patient
-    # drawn k times must weigh exactly like one slice per patient drawn k times.
-    rng = np.random.default_rng(1)
-    patient_label = np.array([0, 1] * 6)
-    patient_score = patient_label * 0.8 + rng.normal(0, 0.6, 12)
-    m_one = evaluate.slice_metrics(patient_label, patient_score, np.arange(12), n_boot=300, seed=3)
-    m_all = evaluate.slice_metrics(np.repeat(patient_label, 40), np.repeat(patient_score, 40),
-                                   np.repeat(np.arange(12), 40), n_boot=300, seed=3)
-    assert m_all["roc_auc"] == pytest.approx(m_one["roc_auc"])
-    assert m_all["roc_auc_ci"] == pytest.approx(m_one["roc_auc_ci"])
-    assert m_all["n_boot_skipped"] == m_one["n_boot_skipped"]
-
-
-def test_patient_ci_is_wider_than_slice_ci_when_slices_cluster():
-    # Scores vary mostly between patients, barely within: 10 patients carry the evidence, not 400 slices.
-    rng = np.random.default_rng(2)
-    patient_label = np.array([0, 1] * 5)
-    patient_offset = patient_label * 0.7 + rng.normal(0, 0.7, 10)
-    patients = np.repeat(np.arange(10), 40)
-    labels = patient_label[patients]
-    scores = patient_offset[patients] + rng.normal(0, 0.05, 400)
-    by_patient = evaluate.slice_metrics(labels, scores, patients, n_boot=300)
-    by_slice = evaluate.slice_metrics(labels, scores, np.arange(400), n_boot=300)  # every slice its own patient
-    assert by_patient["roc_auc"] == by_slice["roc_auc"]
-    width = lambda m: m["roc_auc_ci"][1] - m["roc_auc_ci"][0]
-    assert width(by_patient) > 3 * width(by_slice)
-
-
-def test_single_class_input_and_single_class_resamples():
-    m = evaluate.slice_metrics([0, 0, 0], [0.1, 0.2, 0.3], ["a", "b", "c"], n_boot=10)
-    assert m["roc_auc"] is None and m["roc_auc_ci"] is None and "one class" in m["note"]
-    assert evaluate.roc_auc([1, 1], [0.3, 0.4]) is None
-    # 3 patients, only one has a bleed: many resamples miss it and must be skipped, not crash
-    m = evaluate.slice_metrics([0, 0, 1, 1, 0, 0], [0.1, 0.2, 0.9, 0.8, 0.3, 0.2], ["a", "a", "b", "b", "c", "c"], n_boot=200)
-    assert m["roc_auc"] == 1.0 and 0 < m["n_boot_skipped"] < 200 and m["roc_auc_ci"] == pytest.approx([1, 1])
-
-
-def test_sensitivity_at_fixed_specificity():
-    negatives = np.arange(100.0)  # thresholds at 90 / 95 let exactly 10 / 5 negatives through
-    positives = np.array([99.5, 92.5, 50.0, 10.0])
-    labels = np.array([0] * 100 + [1] * 4)
-    m = evaluate.slice_metrics(labels, np.concatenate([negatives, positives]), np.arange(104), n_boot=0)
-    assert m["sens_at_90spec"] == 0.5
-    assert m["sens_at_95spec"] == 0.25
-    assert m["roc_auc_ci"] is None  # no bootstrap asked for
-
-
-def test_scan_metrics_max_and_top3():
-    scans = np.array(["s1"] * 4 + ["s2"] * 4 + ["s3"] * 4)
-    labels = np.array([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
-    scores = np.array([0.1, 0.1, 0.1, 0.9, 0.5, 0.2, 0.2, 0.2, 0.95, 0.0, 0.0, 0.0])
-    m = evaluate.scan_metrics(scans, labels, scores, reduce="max", n_boot=0)
-    # scan scores: s1 0.9 (bleed), s2 0.5, s3 0.95 -> the bleed scan beats one of two healthy scans
-    assert (m["n_scans"], m["n_pos"], m["n_neg"]) == (3, 1, 2)
-    assert m["roc_auc"] == 0.5
-    m = evaluate.scan_metrics(scans, labels, scores, reduce="top3", n_boot=0)
-    # top-3 means: s1 (0.9+0.1+0.1)/3 = 0.367, s2 0.3, s3 0.317 -> the bleed scan is highest
-    assert m["roc_auc"] == 1.0 and m["reduce"] == "top3"
-    with pytest.raises(ValueError):
-        evaluate.scan_metrics(scans, labels, scores, reduce="median")
-
-
-def test_scan_bootstrap_groups_scans_by_patient():
-    scans = np.array(["a1", "a2", "b1", "b2", "c1", "d1"])
-    patients = np.array(["A", "A", "B", "B", "C", "D"])
-    labels = np.array([1, 0, 0, 0, 1, 0])
-    m = evaluate.scan_metrics(scans, labels, np.array([0.9, 0.1, 0.2, 0.3, 0.8, 0.4]), patients=patients, n_boot=50)
-    assert m["n_patients"] == 4 and m["n_scans"] == 6
-
-
-def test_paired_difference_of_identical_scores_is_zero_with_zero_width_ci():
-    rng = np.random.default_rng(1)
-    labels, patients = rng.integers(0, 2, 200), np.arange(200) // 10
-    scores = rng.random(200) + labels * 0.3
-    d = evaluate.paired_auc_difference(labels, scores, scores.copy(), patients, n_boot=200)
-    assert d["delta"] == 0 and d["ci"] == [0, 0] and not d["excludes_zero"]
-    scans = np.arange(200) // 5  # 4 scans per patient, every other one healthy
-    labels = np.where(scans % 2 == 0, 0, labels)
-    d = evaluate.paired_scan_auc_difference(scans, labels, scores, scores.copy(), patients, n_boot=200)
-    assert d["delta"] == 0 and d["ci"] == [0, 0]
-
-
-def test_paired_difference_of_a_clearly_better_score_lies_above_zero():
-    rng = np.random.default_rng(2)
-    labels, patients = np.tile([0, 1], 150), np.arange(300) // 10  # 30 patients, both classes each
-    weak = rng.random(300) + 0.2 * labels
-    strong = weak + 0.8 * labels  # same noise (paired), far more separation
-    d = evaluate.paired_auc_difference(labels, weak, strong, patients, n_boot=300)
-    assert d["delta"] > 0.2 and d["ci"][0] > 0 and d["excludes_zero"]
-    assert d["delta"] == pytest.approx(d["auc_b"] - d["auc_a"])
-    # swapped: the same difference, negative, CI below 0
-    r = evaluate.paired_auc_difference(labels, strong, weak, patients, n_boot=300)
-    assert r["delta"] == pytest.approx(-d["delta"]) and r["ci"][1] < 0 and r["excludes_zero"]
-    # the paired CI is narrower than the unpaired CI of either AUC
-    single = evaluate.slice_metrics(labels, weak, patients, n_boot=300)
-    assert d["ci"][1] - d["ci"][0] < single["roc_auc_ci"][1] - single["roc_auc_ci"][0] + 0.05
-    # healthy slices in scans of their own, so that half the scans have no bleed
-    scans = np.where(labels == 0, 1000 + np.arange(300) // 6, np.arange(300) // 6)
-    s = evaluate.paired_scan_auc_difference(scans, labels, weak, strong, patients, n_boot=300)
-    assert s["delta"] > 0 and s["ci"][0] > 0
-
-
-def test_subtype_metrics_compare_one_subtype_with_all_healthy():
-    labels = np.array([0, 0, 0, 1, 1, 1])
-    scores = np.array([0.1, 0.2, 0.3, 0.9, 0.25, 0.15])
-    subtypes = {"epidural": np.array([0, 0, 0, 1, 0, 0]), "subdural": np.array([0, 0, 0, 0, 1, 1]),
-                "subarachnoid": np.zeros(6, int)}
-    m = evaluate.subtype_metrics(subtypes, labels, scores, np.arange(6), n_boot=0)
-    assert m["epidural"]["roc_auc"] == 1.0 and m["epidural"]["n_neg"] == 3
-    assert m["subdural"]["roc_auc"] == pytest.approx((2 / 3 + 1 / 3) / 2)  # 0.25 beats 2 of 3 healthy, 0.15 beats 1
-    assert m["subarachnoid"]["roc_auc"] is None and m["subarachnoid"]["n_pos"] == 0
-
-
-# ---- pixel metrics from the bounded accumulator --------------------------------------------
-
-def synthetic_pixels(seed, n=6, size=32):
-    rng = np.random.default_rng(seed)
-    maps = rng.gamma(2.0, 0.02, (n, size, size))
-    yy, xx = np.mgrid[:size, :size]
-    brain = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.42 * size) ** 2
-    gts = np.zeros((n, size, size), bool)
-    for i in range(n // 2):  # half the slices carry a round bleed with higher error
-        cy, cx = rng.integers(10, size - 10, 2)
-        gts[i] = ((yy - cy) ** 2 + (xx - cx) ** 2) < 16
-        maps[i][gts[i]] += rng.gamma(2.0, 0.03, gts[i].sum())
-    return maps, np.broadcast_to(brain, maps.shape), gts
-
-
-def accumulate(maps, brains, gts):
-    acc = scoring.new_pixel_accumulator()
-    for m, b, g in zip(maps, brains, gts):
-        scoring.accumulate_pixels(acc, m, b, g)
-    return acc
-
-
-def test_pixel_metrics_from_histograms_match_sklearn_on_all_pixels():
-    maps, brains, gts = synthetic_pixels(0)
-    acc = accumulate(maps, brains, gts)
-    y, v = gts[brains], maps[brains]
-    m = evaluate.pixel_metrics(acc)
-    assert m["n_pixels_bleed"] == y.sum() and m["n_pixels_no_bleed"] == (~y).sum() and m["n_slices"] == 6
-    assert m["pixel_roc_auc"] == pytest.approx(roc_auc_score(y, v), abs=2e-3)
-    assert m["pixel_auprc"] == pytest.approx(average_precision_score(y, v), abs=5e-3)
-    # bleed pixels outside the brain mask are not scored
-    gts_outside = gts.copy()
-    gts_outside[:, 0, 0] = True
-    assert evaluate.pixel_metrics(accumulate(maps, brains, gts_outside))["n_pixels_bleed"] == y.sum()
-
-
-def test_dice_threshold_chosen_on_one_split_applied_to_another():
-    val_maps, brains, val_gts = synthetic_pixels(1)
-    test_maps, _, test_gts = synthetic_pixels(2)
-    threshold = evaluate.choose_dice_threshold(accumulate(val_maps, brains, val_gts))
-    val = evaluate.pixel_metrics(accumulate(val_maps, brains, val_gts), threshold)
-    test = evaluate.pixel_metrics(accumulate(test_maps, brains, test_gts), threshold)
-
-    def exact_dice(maps, gts, t):
-        pred, y = maps[brains] >= t, gts[brains]
-        return 2 * (pred & y).sum() / (pred.sum() + y.sum())
-    assert val["dice"] == pytest.approx(exact_dice(val_maps, val_gts, threshold), abs=1e-9)
-    assert test["dice"] == pytest.approx(exact_dice(test_maps, test_gts, threshold), abs=1e-9)
-    # on its own split the chosen threshold is the oracle; no threshold on a grid does better
-    assert val["dice"] == pytest.approx(val["oracle_best_dice"])
-    grid = np.quantile(val_maps[brains], np.linspace(0.5, 0.999, 200))
-    assert val["oracle_best_dice"] >= max(exact_dice(val_maps, val_gts, t) for t in grid) - 2e-3
-    assert test["oracle_best_dice"] >= test["dice"]
-
-
-def test_dice_is_one_for_separable_maps():
-    maps, brains, gts = synthetic_pixels(3)
-    maps = np.where(gts, 0.5, 0.1)
-    acc = accumulate(maps, brains, gts)
-    threshold = evaluate.choose_dice_threshold(acc)
-    assert 0.1 < threshold <= 0.5
-    m = evaluate.pixel_metrics(acc, threshold)
-    assert m["dice"] == 1.0 and m["pixel_roc_auc"] == 1.0 and m["pixel_auprc"] == 1.0
+from helpers import PNG, read_csv, write_ctich_with_masks
 
 
 # ---- plots ---------------------------------------------------------------------------------------
 
 def fake_examples(size=32, with_gt=True):
-    maps, brains, gts = synthetic_pixels(4, n=6, size=size)
+    """score_split-like overlay examples: two of each kind, a disc of brain with a brighter blob in the map."""
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:size, :size]
+    brain = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.42 * size) ** 2
     out = {}
     for k, kind in enumerate(scoring.EXAMPLE_KINDS):
-        out[kind] = [{"kind": kind, "position": 10 * k + j, "id": f"ID_{k}{j}", "label": int(kind != "false positive"),
-                      "score": float(maps[2 * k + j].mean()), "image": np.where(brains[0], 0.2, -1.0).astype(np.float32),
-                      "map": maps[2 * k + j].astype(np.float32), "brain_mask": brains[0],
-                      "gt_mask": gts[2 * k + j] if with_gt else None} for j in range(2)]
+        out[kind] = []
+        for j in range(2):
+            gt = ((yy - 12 - j) ** 2 + (xx - 14 - k) ** 2) < 16
+            error = (rng.gamma(2.0, 0.02, (size, size)) + 0.1 * gt).astype(np.float32)
+            out[kind].append({"kind": kind, "position": 10 * k + j, "id": f"ID_{k}{j}", "label": int(kind != "false positive"),
+                              "score": float(error.mean()), "image": np.where(brain, 0.2, -1.0).astype(np.float32),
+                              "map": error, "brain_mask": brain, "gt_mask": gt if with_gt else None})
     return out
 
 
 def test_plots_write_pngs(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.array([0] * 50 + [1] * 30)
-    evaluate.plot_scores(tmp_path / "scores.png", labels, rng.random(80) + labels * 0.5, title="test split, score 'mean'")
-    evaluate.plot_scores(tmp_path / "one_class.png", np.zeros(5), rng.random(5), title="one class only")
-    evaluate.plot_overlays(tmp_path / "overlays.png", fake_examples())
-    evaluate.plot_overlays(tmp_path / "overlays_no_gt.png", fake_examples(with_gt=False))
+    plots.plot_scores(tmp_path / "scores.png", labels, rng.random(80) + labels * 0.5, title="test split, score 'mean'")
+    plots.plot_scores(tmp_path / "one_class.png", np.zeros(5), rng.random(5), title="one class only")
+    assert plots.plot_overlays(tmp_path / "overlays.png", fake_examples()) is True
+    assert plots.plot_overlays(tmp_path / "overlays_no_gt.png", fake_examples(with_gt=False)) is True
+    assert plots.plot_overlays(tmp_path / "none.png", {kind: [] for kind in scoring.EXAMPLE_KINDS}) is False
+    assert not (tmp_path / "none.png").exists()  # no examples: no figure, and the caller lists no file
     for name in ["scores.png", "one_class.png", "overlays.png", "overlays_no_gt.png"]:
         assert (tmp_path / name).read_bytes()[:8] == PNG, name
 
@@ -251,85 +61,112 @@ def write_run(run_dir, label_args, aucs):
     history[1].pop("val_loss")  # missing keys are tolerated
     (run_dir / "training_history.json").write_text(json.dumps(history))
     (run_dir / "args.json").write_text(json.dumps(label_args))
+    return history
 
 
-def test_compare_two_runs_writes_png(tmp_path):
-    write_run(tmp_path / "scratch", {"pretrained": False, "channels": 1, "base_channels": 16}, [0.6, 0.8, 0.75])
+def test_compare_two_runs_writes_png(tmp_path, capsys):
+    history = write_run(tmp_path / "scratch", {"pretrained": False, "channels": 1, "base_channels": 16}, [0.6, 0.8, 0.75])
     write_run(tmp_path / "standin", {"pretrained": True, "channels": 3, "hf_model": "x/standin_unet2d",
                                      "run_label": "stand-in UNet2DModel (random init)"}, [0.55, 0.6, 0.7])
+    assert plots.best_epoch(history, "val_roc_auc", "max") == (2, 0.8)
+    assert plots.best_epoch(history, "val_loss", "min") == (3, pytest.approx(0.2))  # epoch 2 has no val_loss
+    assert plots.best_epoch([{"epoch": 1, "val_roc_auc": None}], "val_roc_auc", "max") == (None, None)
     out = tmp_path / "cmp.png"
-    proc = subprocess.run([sys.executable, "compare.py", "--scratch_dir", str(tmp_path / "scratch"),
-                           "--pretrained_dir", str(tmp_path / "standin"), "--output", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    compare.main(["--scratch_dir", str(tmp_path / "scratch"), "--pretrained_dir", str(tmp_path / "standin"), "--output", str(out)])
     assert out.read_bytes()[:8] == PNG
-    assert "scratch bc16 1ch" in proc.stdout and "best val ROC-AUC 0.800 at epoch 2" in proc.stdout
-    assert "stand-in UNet2DModel (random init)" in proc.stdout and "0.700 at epoch 3" in proc.stdout
+    printed = capsys.readouterr().out
+    assert "scratch bc16 1ch" in printed and "best val ROC-AUC 0.800 at epoch 2" in printed
+    assert "stand-in UNet2DModel (random init)" in printed and "0.700 at epoch 3" in printed
 
-    proc = subprocess.run([sys.executable, "compare.py", str(tmp_path / "scratch"), str(tmp_path / "nothing"),
-                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "training_history.json" in proc.stderr
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tmp_path / "scratch"), str(tmp_path / "nothing"), "--output", str(out)])
+    assert str(e.value) == (f"error: {tmp_path / 'nothing'}: no training_history.json (not a train.py output dir, or no "
+                            "epoch finished yet)")
 
 
 # ---- evaluate.py end to end on the phantom ---------------------------------------------------------
 
 def tiny_checkpoint(path, data_dir, **overrides):
-    config = {"kind": "scratch", "in_channels": 1, "base_channels": 8, "image_size": 32}
+    """An untrained 8-channel model saved as a train.py checkpoint of a run on data_dir (16 px windows, brain_mean)."""
+    d = config.DEFAULTS
+    network = models.model_config(pretrained=False, in_channels=1, image_size=32, base_channels=8,
+                                  channel_mults=d.channel_mults, dropout=d.dropout, hf_model=d.hf_model)
     torch.manual_seed(0)
     train_args = {"data_dir": str(data_dir), "image_size": 32, "channels": 1, "seed": 1, "num_samples": 12,
                   "eval_samples": "all", "patch_size": 16, "stride": 16, "eval_t": [150], "score": "brain_mean",
                   "median_size": 0, "eval_batch_size": 64, "num_workers": 0, "precision": "fp32"} | overrides
-    config = models.diffusion_config(config, patch_size=16, input_hu=[[0.0, 80.0]], precision="fp32")
-    models.save_checkpoint(str(path), models.build_diffusion(config), args=train_args, epoch=1)
+    diffusion_config = models.diffusion_config(network, patch_size=16, input_hu=[[0.0, 80.0]], precision="fp32")
+    models.save_checkpoint(str(path), models.build_diffusion(diffusion_config), args=train_args, epoch=1)
     return path
 
 
+def scores_table(folder):
+    """scores.csv of an evaluate.py output folder as arrays: labels, patients, scans and every score column."""
+    rows = read_csv(folder / "scores.csv")
+    table = {name: np.array([row[name] for row in rows]) for name in ("id", "patient", "scan")}
+    table["any"] = np.array([int(row["any"]) for row in rows])
+    for name in scoring.SCORES:
+        table[name] = np.array([float(row[name]) for row in rows])
+    return table
+
+
 def test_main_writes_metrics_scores_and_plots(phantom_dir, tmp_path, capsys):
-    import cohort
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
     evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "50", "--keep_examples", "3"])
     out = tmp_path / "run" / "eval_best_model_test"  # named after the checkpoint and the split
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) >= {"split", "score", "counts", "slice", "scan", "subtype", "pixel", "settings"}
-    assert metrics["split"] == "test" and metrics["score"] == "brain_mean"
-    assert set(metrics["slice"]) == set(scoring.SCORES) and set(metrics["scan"]) == {"max", "top3"}
-    assert set(metrics["subtype"]) == set(cohort.SUBTYPES)
-    c = metrics["counts"]
-    assert c["hemorrhage_slices"] > 0 and c["healthy_slices"] > 0 and c["slices"] == c["hemorrhage_slices"] + c["healthy_slices"]
-    m = metrics["slice"]["brain_mean"]
-    assert 0 <= m["roc_auc"] <= 1 and m["roc_auc_ci"][0] <= m["roc_auc_ci"][1] and m["n_patients"] == c["patients"]
-    pixel = metrics["pixel"]  # the phantom has bleed masks
-    assert pixel["dice_threshold_chosen_on"] == "val" and 0 <= pixel["dice"] <= pixel["oracle_best_dice"] + 1e-9
-    assert 0 <= pixel["pixel_roc_auc"] <= 1 and pixel["n_pixels_bleed"] > 0
-    rows = (out / "scores.csv").read_text().splitlines()
-    assert rows[0].split(",")[:4] == ["id", "patient", "scan", "any"] and "brain_p99" in rows[0]
-    assert len(rows) == 1 + c["slices"]
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report) >= {"split", "score", "counts", "slice", "scan", "subtype", "pixel", "settings"}
+    assert report["split"] == "test" and report["score"] == "brain_mean"
+    assert set(report["slice"]) == set(scoring.SCORES) and set(report["scan"]) == {"max", "top3"}
+    assert set(report["subtype"]) == set(cohort.SUBTYPES)
+    # the figures are those of the slices in scores.csv: counts, and every ROC-AUC recomputed from the file
+    table = scores_table(out)
+    c = report["counts"]
+    assert (c["slices"], c["hemorrhage_slices"], c["patients"], c["scans"]) == (
+        len(table["id"]), int(table["any"].sum()), len(set(table["patient"])), len(set(table["scan"])))
+    assert 0 < c["hemorrhage_slices"] < c["slices"] and c["healthy_slices"] == c["slices"] - c["hemorrhage_slices"]
+    test_patients = set(json.loads(json.dumps(torch.load(ckpt, weights_only=True).get("splits") or {})).get("patients", {}).get("test", []))
+    assert not test_patients or set(table["patient"]) <= test_patients
+    for name in scoring.SCORES:
+        m = report["slice"][name]
+        assert m["roc_auc"] == pytest.approx(roc_auc_score(table["any"], table[name]), abs=1e-6), name
+        assert m["n_patients"] == c["patients"] and m["n_boot"] == 50 and len(m["roc_auc_ci"]) == 2
+    scan_labels, scan_scores, _ = metrics.scan_scores(table["scan"], table["any"], table["brain_mean"], "max")
+    assert report["scan"]["max"]["roc_auc"] == pytest.approx(metrics.roc_auc(scan_labels, scan_scores), abs=1e-6)
+    pixel = report["pixel"]  # the phantom has bleed masks: every test slice with one (healthy: none) is in the pixels
+    assert pixel["dice_threshold_chosen_on"] == "val" and pixel["dice_threshold"] is not None
+    assert pixel["n_slices"] == c["slices"] - pixel["positive_slices_without_mask"] and pixel["n_pixels_bleed"] > 0
+    assert pixel["dice"] <= pixel["oracle_best_dice"] + 1e-12  # the oracle picks its threshold on these very pixels
+    assert pixel["pixel_roc_auc"] is not None and pixel["pixel_auprc"] is not None
     for name in ["overlays.png"] + [f"scores_{s}.png" for s in scoring.SCORES]:
         assert (out / name).read_bytes()[:8] == PNG, name
     printed = capsys.readouterr().out
-    assert "ROC-AUC" in printed and "scan (max" in printed and "pixel" in printed
+    assert f"brain_mean *{' ' * 2}" in printed and f"{report['slice']['brain_mean']['roc_auc']:.3f} [" in printed
+    assert "scan (max of 'brain_mean')" in printed and "pixel (inside brain mask)" in printed
 
-    # The split comes from the training seed whatever --seed says: no training patient in the test split.
+    # The split comes from the training seed whatever --seed says: no training patient in the test split; the seed
+    # of the scoring noise is the one given.
     evaluate.main(["--checkpoint", str(ckpt), "--n_boot", "0", "--seed", "7", "--output_dir", str(tmp_path / "other_seed")])
-    ids = lambda d: sorted(r.split(",")[0] for r in (d / "scores.csv").read_text().splitlines()[1:])
-    assert ids(tmp_path / "other_seed") == ids(out)
+    other = scores_table(tmp_path / "other_seed")
+    assert list(other["id"]) == list(table["id"])
+    assert not np.allclose(other["brain_mean"], table["brain_mean"])
+    assert json.loads((tmp_path / "other_seed" / "metrics.json").read_text())["settings"]["noise_seed"] == 7
 
 
 def test_split_all_scores_every_patient_of_another_data_set(phantom_dir, tmp_path, capsys):
-    import shutil
-    import cohort
-    import phantom
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
     other = phantom.write_phantom(str(tmp_path / "other"), patients=4, slices=4, size=32, seed=5)
     evaluate.main(["--checkpoint", str(ckpt), "--split", "all", "--data_dir", other, "--n_boot", "20",
                    "--output_dir", str(tmp_path / "ext")])
-    metrics = json.loads((tmp_path / "ext" / "metrics.json").read_text())
-    assert metrics["split"] == "all" and metrics["counts"]["patients"] == 4 and metrics["counts"]["slices"] >= 15
-    assert metrics["counts"]["training_patients_left_out"] == 0 and metrics["counts"]["checked_against_training_patients"]
-    assert metrics["pixel"]["dice"] is None and metrics["pixel"]["oracle_best_dice"] is not None  # no val split there
+    report = json.loads((tmp_path / "ext" / "metrics.json").read_text())
+    counts = report["counts"]  # 4 patients x 4 slices, one of them the phantom's truncated file
+    assert report["split"] == "all" and (counts["patients"], counts["slices"], counts["skipped_slices"]) == (4, 15, 1)
+    assert counts["training_patients_left_out"] == 0 and counts["checked_against_training_patients"]
+    assert report["pixel"]["dice"] is None and report["pixel"]["oracle_best_dice"] is not None  # no val split there
+    table = scores_table(tmp_path / "ext")
+    assert report["slice"]["brain_mean"]["roc_auc"] == pytest.approx(roc_auc_score(table["any"], table["brain_mean"]), abs=1e-6)
     assert (tmp_path / "ext" / "overlays.png").read_bytes()[:8] == PNG
     # the run's own data dir is refused; a copy of it holds the training patients, which are left out and counted
     with pytest.raises(SystemExit, match="training run's own data dir"):
@@ -340,14 +177,13 @@ def test_split_all_scores_every_patient_of_another_data_set(phantom_dir, tmp_pat
                    "--output_dir", str(tmp_path / "copy_eval")])
     train = cohort.split_patients(cohort.load_index(phantom_dir, num_workers=1), seed=1)["train"]
     assert f"WARNING: {len(train)} patient(s)" in capsys.readouterr().out
-    metrics = json.loads((tmp_path / "copy_eval" / "metrics.json").read_text())
-    assert metrics["counts"]["training_patients_left_out"] == len(train) > 0
+    report = json.loads((tmp_path / "copy_eval" / "metrics.json").read_text())
+    assert report["counts"]["training_patients_left_out"] == len(train) > 0
     scored = {r.split(",")[1] for r in (tmp_path / "copy_eval" / "scores.csv").read_text().splitlines()[1:]}
     assert scored and not scored & set(map(str, train))
 
 
 def test_split_all_on_ctich_reads_its_masks_and_counts_the_unusable(phantom_dir, tmp_path, capsys):
-    from test_data import write_ctich_with_masks
     (tmp_path / "run").mkdir()
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
     root = str(tmp_path / "ctich")
@@ -366,11 +202,15 @@ def test_score_with_the_issue13_options(phantom_dir, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "run" / "best_model.pt", phantom_dir)
     evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--n_boot", "10", "--output_dir", str(tmp_path / "ev"),
                    "--hyperdensity_prior", "--noise", "simplex"])
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    s = metrics["settings"]
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    s = report["settings"]
     assert (s["hyperdensity_prior"], s["noise"]) == (True, "simplex")
     assert s["input_hu"] == [[0.0, 80.0]]  # the model's input: the brain window of DICOM
-    assert metrics["slice"]["brain_mean"]["roc_auc"] is not None
+    table = scores_table(tmp_path / "ev")
+    assert report["slice"]["brain_mean"]["roc_auc"] == pytest.approx(roc_auc_score(table["any"], table["brain_mean"]), abs=1e-6)
+    # the options change the scores: the same split scored without them gives other numbers
+    evaluate.main(["--checkpoint", str(ckpt), "--split", "val", "--n_boot", "0", "--output_dir", str(tmp_path / "plain")])
+    assert not np.allclose(scores_table(tmp_path / "plain")["brain_mean"], table["brain_mean"])
 
 
 def test_a_run_that_used_a_removed_option_is_read_back_or_refused_in_one_line(phantom_dir, tmp_path, capsys):
@@ -406,7 +246,6 @@ def test_main_user_errors_are_one_line(tmp_path):
 
 
 def test_compare_scores_pairs_two_scorings_of_the_same_slices(tmp_path, capsys):
-    import compare
     rng = np.random.default_rng(0)
     rows = [(f"s{p}_{k}", f"p{p}", f"scan{p}", int(p < 6 and k in (2, 3))) for p in range(12) for k in range(6)]
     labels = np.array([r[3] for r in rows])
@@ -415,9 +254,12 @@ def test_compare_scores_pairs_two_scorings_of_the_same_slices(tmp_path, capsys):
         (tmp_path / name).mkdir()
         with open(tmp_path / name / "scores.csv", "w") as f:
             f.write("id,patient,scan,any,brain_p99\n" + "".join(f"{i},{p},{s},{y},{v:.6g}\n" for (i, p, s, y), v in zip(rows, values)))
-    out = compare.main(["--scores", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "same"), "--n_boot", "200"])
-    assert out[0]["delta"]["delta"] == 0 and out[2]["delta"]["delta"] == pytest.approx(0)
-    assert out[1]["delta"]["delta"] > 0.1 and out[1]["delta"]["excludes_zero"]
+    out = compare.main(["--scores", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "same"), "--n_boot", "100"])
+    a, b = (np.array([float(row["brain_p99"]) for row in read_csv(tmp_path / name / "scores.csv")]) for name in "ab")
+    assert out[0]["slice"] == pytest.approx(roc_auc_score(labels, a)) and out[1]["slice"] == pytest.approx(roc_auc_score(labels, b))
+    assert out[0]["delta"]["delta"] == 0 and out[0]["delta"]["ci"] == [0, 0] and out[2]["delta"]["delta"] == pytest.approx(0)
+    assert out[1]["delta"]["delta"] == pytest.approx(out[1]["slice"] - out[0]["slice"]) and out[1]["delta"]["delta"] > 0.1
+    assert out[1]["delta"]["excludes_zero"] and out[1]["delta"]["ci"][0] > 0
     assert "Δ slice" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no scores.csv"):
         compare.main(["--scores", str(tmp_path)])

@@ -1,59 +1,23 @@
 """models.py: the networks, patched noising, the loss, the Diffusion object, model configs and checkpoints."""
 import os
-import sys
 
 import numpy as np
 
 import pytest
 import torch
 import torch.nn as nn
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
+import config
+import models
+from helpers import as_diffusion, make_scheduler, tiny_unet
 
 # the spec model (literal reading of its level list) and the ~14M reading; see models.py docstring
 SPEC_PARAMS = 30_281_793
 DEEPEST_256_PARAMS = 14_805_569
 CELEBAHQ_PARAMS = 113_673_219
-
-def tiny_unet(in_channels=1, seed=0):
-    torch.manual_seed(seed)
-    return models.UNet(in_channels=in_channels, base_channels=8).eval()
-
-def make_scheduler():
-    return DDPMScheduler(**models.SCHEDULE)
-
-def as_diffusion(network, patch_size=8, precision="fp32", channels=1):
-    """A Diffusion around a test network (DICOM brain window input)."""
-    return models.Diffusion(network, {"patch_size": patch_size, "input_hu": [[0.0, 80.0]] * channels,
-                                      "schedule": models.SCHEDULE}, precision)
-
-def phantom(size=32, blob=False, seed=0):
-    """One slice [1, 1, S, S]: air (-1) around a disc of healthy tissue (0.2 + noise), optionally
-    with a bright bleed-like blob inside, and its brain mask [1, S, S]."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    centre = (size - 1) / 2
-    brain = (yy - centre) ** 2 + (xx - centre) ** 2 < (0.4 * size) ** 2
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.where(brain, 0.2 + 0.02 * torch.randn(size, size, generator=gen), torch.tensor(-1.0))
-    if blob:
-        image[(yy - centre - 3) ** 2 + (xx - centre + 2) ** 2 < (size / 10) ** 2] = 0.9
-    return image[None, None], brain[None]
-
-class HealthyTissue(nn.Module):
-    """Test double for an x0 predictor that always answers 'healthy tissue'; records what it saw."""
-
-    def __init__(self, value=0.2):
-        super().__init__()
-        self.value = value
-        self.input_shapes = []
-
-    def forward(self, x_t, t):
-        self.input_shapes.append(tuple(x_t.shape))
-        return torch.full_like(x_t, self.value)
 
 def test_scheduler_settings():
     s = as_diffusion(tiny_unet()).scheduler
@@ -71,9 +35,11 @@ def test_unet_output_shape(in_channels):
         model(torch.randn(1, in_channels, 36, 36), 0)
 
 def test_spec_model_parameter_count():
-    spec = models.UNet()  # in_channels=1, base_channels=64, channel_mults=(1, 2, 4, 8)
+    d = config.DEFAULTS  # the model's defaults live in the run's configuration: 64 channels, levels 1 2 4 8
+    spec = models.UNet(in_channels=1, base_channels=d.base_channels, channel_mults=d.channel_mults, dropout=d.dropout)
     n_spec = sum(p.numel() for p in spec.parameters())
-    n_deep256 = sum(p.numel() for p in models.UNet(channel_mults=(1, 2, 4, 4)).parameters())
+    n_deep256 = sum(p.numel() for p in models.UNet(in_channels=1, base_channels=d.base_channels, channel_mults=(1, 2, 4, 4),
+                                                   dropout=d.dropout).parameters())
     print(f"spec UNet (literal, 64-128-256-512): {n_spec:,} parameters; deepest level 256: {n_deep256:,}")
     assert n_spec == SPEC_PARAMS
     assert n_deep256 == DEEPEST_256_PARAMS
@@ -168,16 +134,17 @@ def diffusion_config(network_config, patch_size=8):
     return models.diffusion_config(network_config, patch_size=patch_size, input_hu=[[0.0, 80.0]] * channels)
 
 def scratch_config(base_channels=8):
-    return diffusion_config({"kind": "scratch", "in_channels": 1, "base_channels": base_channels, "image_size": 32,
-                             "hf_model": "google/ddpm-ema-celebahq-256"})
+    d = config.DEFAULTS
+    return diffusion_config(models.model_config(pretrained=False, in_channels=1, image_size=32, base_channels=base_channels,
+                                                channel_mults=d.channel_mults, dropout=d.dropout, hf_model=d.hf_model))
 
 def test_checkpoint_round_trip(tmp_path):
     model, path = tiny_unet(seed=3), tmp_path / "model.pt"
     models.save_checkpoint(path, models.Diffusion(model, scratch_config()), epoch=4, history=[{"val_roc_auc": 0.7}])
     assert os.listdir(tmp_path) == ["model.pt"]  # no temporary file left behind
     diffusion, checkpoint = models.load_checkpoint(path)
-    loaded, config = diffusion.network, diffusion.config
-    assert config == scratch_config() and checkpoint["epoch"] == 4
+    loaded = diffusion.network
+    assert diffusion.config == scratch_config() and checkpoint["epoch"] == 4
     assert diffusion.patch_size == 8 and diffusion.input_hu == [[0.0, 80.0]] and diffusion.scheduler.config.clip_sample is False
     assert checkpoint["history"] == [{"val_roc_auc": 0.7}] and not loaded.training
     x = torch.randn(1, 1, 32, 32)
@@ -232,12 +199,14 @@ def test_diffusion_loss_draws_boxes_then_timesteps_then_noise():
 
 
 def test_model_config_channel_mults_and_dropout_reach_the_model():
-    config = models.model_config(pretrained=False, in_channels=1, image_size=64, base_channels=8, channel_mults=[1, 2, 4, 4],
-                                 dropout=0.0)
-    model = models.build_model(config)
-    assert config["channel_mults"] == [1, 2, 4, 4] and model.size_multiple == 8
+    d = config.DEFAULTS
+    network = models.model_config(pretrained=False, in_channels=1, image_size=64, base_channels=8, channel_mults=[1, 2, 4, 4],
+                                  dropout=0.0, hf_model=d.hf_model)
+    model = models.build_model(network)
+    assert network["channel_mults"] == [1, 2, 4, 4] and model.size_multiple == 8
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
-    spec_14m = models.build_model(models.model_config(pretrained=False, in_channels=1, image_size=256, channel_mults=[1, 2, 4, 4]))
+    spec_14m = models.build_model(models.model_config(pretrained=False, in_channels=1, image_size=256, channel_mults=[1, 2, 4, 4],
+                                                      base_channels=d.base_channels, dropout=d.dropout, hf_model=d.hf_model))
     assert sum(p.numel() for p in spec_14m.parameters()) == DEEPEST_256_PARAMS
 
 

@@ -7,24 +7,14 @@ checked against evaluate.py in test_training_validation_scores_like_evaluate.
 """
 import csv
 import json
-import os
-import shutil
-import sys
 
-import pydicom
 import pytest
 
 import evaluate
 import predict
 import sweep
 import train
-from test_scripts import tiny_train_args
-
-
-def run(cmd):
-    """One script run in this process (its main() with the command's flags): the imports are paid once, not per run."""
-    script, argv = cmd[1], [str(a) for a in cmd[2:]]
-    {"train.py": train.main, "evaluate.py": evaluate.main, "predict.py": predict.main, "sweep.py": sweep.main}[script](argv)
+from helpers import one_scan_folder, quiet, tiny_train_args
 
 OPTIONS = {  # every scoring flag appears in at least one of them
     "default": [],
@@ -35,33 +25,6 @@ OPTIONS = {  # every scoring flag appears in at least one of them
     "prior": ["--hyperdensity_prior"],
 }
 SCORES = ("mean", "brain_mean", "brain_p99")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(phantom_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_path") / "run"
-    run(tiny_train_args(phantom_dir, out))
-    return out
-
-
-def one_scan_folder(phantom_dir, folder):
-    """The files and label rows of one hemorrhage patient (never a training patient) as an RSNA-layout folder,
-    choosing a patient without the phantom's quirk files (the second hemorrhage patient)."""
-    labels = list(csv.reader(open(os.path.join(phantom_dir, "stage_2_train.csv"))))
-    positive = {row[0].rsplit("_", 1)[0] for row in labels[1:] if row[0].endswith("_any") and row[1] == "1"}
-    by_patient = {}
-    for name in sorted(os.listdir(os.path.join(phantom_dir, "stage_2_train"))):
-        ds = pydicom.dcmread(os.path.join(phantom_dir, "stage_2_train", name), stop_before_pixels=True)
-        by_patient.setdefault(ds.PatientID, []).append(name)
-    sick = [p for p, names in sorted(by_patient.items()) if any(n[:-4] in positive for n in names)]
-    names = by_patient[sick[1]]
-    os.makedirs(folder / "stage_2_train")
-    for name in names:
-        shutil.copy(os.path.join(phantom_dir, "stage_2_train", name), folder / "stage_2_train" / name)
-    keep = {n[:-4] for n in names}
-    with open(folder / "stage_2_train.csv", "w", newline="") as f:
-        csv.writer(f).writerows([labels[0]] + [row for row in labels[1:] if row[0].rsplit("_", 1)[0] in keep])
-    return folder
 
 
 def evaluate_scores(path):
@@ -75,14 +38,14 @@ def predict_scores(path):
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phantom_dir, tmp_path):
+def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phantom_dir, tmp_path, no_figures):
     flags = OPTIONS[option]
     checkpoint = str(tiny_run / "best_model.pt")
     scan = one_scan_folder(phantom_dir, tmp_path / "scan")
-    run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--split", "all", "--data_dir", str(scan),
-         "--n_boot", "0", "--output_dir", str(tmp_path / "ev"), *flags])
-    run([sys.executable, "predict.py", "--checkpoint", checkpoint, "--data_dir", str(scan / "stage_2_train"),
-         "--output_dir", str(tmp_path / "pr"), *flags])
+    quiet(evaluate.main, ["--checkpoint", checkpoint, "--split", "all", "--data_dir", str(scan), "--n_boot", "0",
+                          "--output_dir", str(tmp_path / "ev"), *flags])
+    quiet(predict.main, ["--checkpoint", checkpoint, "--data_dir", str(scan / "stage_2_train"), "--output_dir",
+                         str(tmp_path / "pr"), *flags])
     evaluated, predicted = evaluate_scores(tmp_path / "ev" / "scores.csv"), predict_scores(tmp_path / "pr" / "slices.csv")
     assert len(evaluated["brain_p99"]) >= 4
     for name in SCORES:
@@ -96,10 +59,10 @@ def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phant
     grid = ["--eval_t", *t, "--multi_t", *(t if len(t) > 1 else []), "--windows", f"{settings['patch_size']}:{settings['stride']}",
             "--median_sizes", str(settings["median_size"]), "--smooth_slices", str(settings["smooth_slices"]),
             "--residuals", settings["residual"]]
-    run([sys.executable, "sweep.py", "--checkpoint", checkpoint, "--n_boot", "0", "--output_dir",
-                str(tmp_path / "sw"), *grid, *strip_grid_flags(flags)])
-    run([sys.executable, "evaluate.py", "--checkpoint", checkpoint, "--split", "val", "--eval_samples", "all",
-                "--n_boot", "0", "--output_dir", str(tmp_path / "val"), *flags])
+    quiet(sweep.main, ["--checkpoint", checkpoint, "--n_boot", "0", "--output_dir", str(tmp_path / "sw"), *grid,
+                       *strip_grid_flags(flags)])
+    quiet(evaluate.main, ["--checkpoint", checkpoint, "--split", "val", "--eval_samples", "all", "--n_boot", "0",
+                          "--output_dir", str(tmp_path / "val"), *flags])
     val = json.loads((tmp_path / "val" / "metrics.json").read_text())["slice"]
     rows = [row for row in json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"] if row["t"] == "+".join(t)]
     assert rows
@@ -121,15 +84,15 @@ def strip_grid_flags(flags):
     return out
 
 
-def test_training_validation_scores_like_evaluate(phantom_dir, tmp_path):
+def test_training_validation_scores_like_evaluate(phantom_dir, tmp_path, no_figures):
     """train.py's per-epoch validation ROC-AUC (every score) is evaluate.py's on the same split and checkpoint, with a
     non-default scoring setting that training can honour."""
     out = tmp_path / "run"
     flags = ["--residual", "abs", "--median_size", "3", "--noise", "simplex", "--smooth_slices", "1"]
-    run(tiny_train_args(phantom_dir, out, extra=flags))
+    quiet(train.main, tiny_train_args(phantom_dir, out, *flags))
     history = json.loads((out / "training_history.json").read_text())
-    run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best_model.pt"), "--split", "val",
-                "--n_boot", "0", "--output_dir", str(tmp_path / "val")])
+    quiet(evaluate.main, ["--checkpoint", str(out / "best_model.pt"), "--split", "val", "--n_boot", "0",
+                          "--output_dir", str(tmp_path / "val")])
     val = json.loads((tmp_path / "val" / "metrics.json").read_text())["slice"]
     for name, auc in history[0]["val_roc_auc_by_score"].items():
         assert auc == pytest.approx(val[name]["roc_auc"], abs=1e-9), name
@@ -138,6 +101,6 @@ def test_training_validation_scores_like_evaluate(phantom_dir, tmp_path):
 def test_training_refuses_evaluation_only_options(phantom_dir, tmp_path):
     for flag in (["--level_norm", "z"],):
         with pytest.raises(SystemExit) as stop:
-            run(tiny_train_args(phantom_dir, tmp_path / "run", extra=flag))
+            train.main(tiny_train_args(phantom_dir, tmp_path / "run", *flag))
         assert str(stop.value).startswith(f"error: {flag[0]} {flag[1]}: evaluation only") and "\n" not in str(stop.value)
         assert not (tmp_path / "run").exists()  # refused when parsed, before any folder is made

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import config
-import models
 import scoring
-from test_models import HealthyTissue, as_diffusion, make_scheduler, phantom, tiny_unet
+from helpers import HealthyTissue, as_diffusion, disc_slice as phantom, make_scheduler, tiny_unet
 
 # what anomaly_maps computes with every speed option off: the reference the options are compared with
 PLAIN = scoring.ScoringSettings(eval_t=(150,), eval_batch_size=16, residual="abs", pack_windows=False, channels_last=False,
@@ -175,8 +174,8 @@ def test_slice_scores_values():
 
 
 def _tiny_setup():
+    model = tiny_unet(seed=0)
     torch.manual_seed(0)
-    model = models.UNet(in_channels=1, base_channels=8).eval()
     images = torch.rand(2, 1, 32, 32) * 2 - 1
     return model, make_scheduler(), images
 
@@ -264,8 +263,7 @@ class TinySlices(torch.utils.data.Dataset):
 
 
 def test_score_split_streams_scores_keeps_few_examples_and_pixels():
-    torch.manual_seed(0)
-    model = models.build_model(models.model_config(pretrained=False, in_channels=1, image_size=32, base_channels=8))
+    model = tiny_unet(seed=0)
     dataset = TinySlices()
     settings = dataclasses.replace(PLAIN, patch_size=16, stride=8, score="brain_mean")
     gt_of = {int(p): dataset.gts[i] for i, p in enumerate(dataset.positions)}
@@ -341,13 +339,13 @@ def scoring_fields(namespace):
     return {name: getattr(namespace, name) for name in scoring.FIELDS}
 
 
-def test_every_script_takes_its_scoring_defaults_from_the_settings_object():
+def test_every_script_takes_its_scoring_defaults_from_the_settings_object(phantom_dir):
     import bench
     import evaluate
     import sweep
     import train
     expected = scoring.DEFAULTS.for_image(256).as_dict()
-    assert scoring_fields(train.get_args(["--data_dir", "d"])) == expected
+    assert scoring_fields(train.get_args(["--data_dir", phantom_dir])) == expected
     assert scoring_fields(bench.get_args([])) | {"patch_size": None, "stride": None} == scoring.DEFAULTS.as_dict()
     flags = evaluate.get_args(["--checkpoint", "c.pt"])
     assert all(value is None for value in scoring_fields(flags).values())  # None: the run's value
