@@ -218,6 +218,8 @@ def lock_output_dir(output_dir, what):
             with open(path) as f:
                 pid, host, started, _, identity, *_ = f.read().split() + ["?"] * 5
             pid = int(pid)
+        except FileNotFoundError:  # released between our attempt and this read: try again
+            continue
         except (OSError, ValueError):
             raise SystemExit(f"error: {output_dir}: holds a lock file {path} that is not ours; delete it if no run "
                              "is using this folder")
@@ -265,7 +267,8 @@ def claim_output_dir(output_dir, what, *, overwrite=False, finished=None, resuma
             if os.path.exists(os.path.join(output_dir, finished)) and not overwrite:
                 raise SystemExit(f"error: {output_dir}: holds the results of an earlier run ({finished}); use --overwrite "
                                  "to replace them, or --output_dir to write elsewhere")
-        elif [name for name in os.listdir(output_dir) if name != LOCK_NAME] and not overwrite:
+        elif [name for name in os.listdir(output_dir) if not name.startswith(LOCK_NAME)] and not overwrite:
+            # (another run's lock, or its temporary .run.lock.<pid>.tmp while it tries to lock, is no content)
             offer = "use --resume to continue that run or --overwrite to replace it" if resumable else \
                 "use --overwrite to replace its files"
             raise SystemExit(f"error: {output_dir}: output dir is not empty; {offer}")

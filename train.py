@@ -243,7 +243,7 @@ def claim_run_dir(args):
         raise SystemExit(f"error: {args.output_dir}: nothing to resume (no last.pt)")
     lock = runfiles.claim_output_dir(args.output_dir, "train.py", overwrite=args.overwrite or args.resume, resumable=True)
     try:
-        names = [name for name in os.listdir(args.output_dir) if name != runfiles.LOCK_NAME]
+        names = [name for name in os.listdir(args.output_dir) if not name.startswith(runfiles.LOCK_NAME)]
         if args.resume:
             for name in names:
                 if name.endswith(".tmp"):  # half-written by the run that was killed (writes go to *.tmp, then a rename)
