@@ -289,8 +289,15 @@ def draw_slice(rng, head, level, slice_number, bleeds, size):
     return hu, masks
 
 
-def write_ct_dicom(path, hu, *, patient_id, study_uid, series_uid, instance, z, spacing, slope, intercept, quirk12=False):
-    """A real CT DICOM file: int16 pixels with slope/intercept, or the RSNA 12-bit quirk when quirk12."""
+SERIES_HEADER = ("patient_id", "study_uid", "series_uid", "spacing", "slope", "intercept")  # write_ct_dicom's **series
+
+
+def write_ct_dicom(path, hu, *, instance, z, quirk12=False, **series):
+    """A real CT DICOM file of one slice: int16 pixels with slope/intercept, or the RSNA 12-bit quirk when quirk12.
+    series: what every slice of its series shares, SERIES_HEADER (the ids, pixel spacing in mm, slope, intercept)."""
+    if sorted(series) != sorted(SERIES_HEADER):
+        raise TypeError(f"write_ct_dicom needs the series header {', '.join(SERIES_HEADER)}, got {', '.join(series)}")
+    patient_id, study_uid, series_uid, spacing, slope, intercept = (series[name] for name in SERIES_HEADER)
     sop_uid = generate_uid(entropy_srcs=[os.path.basename(path)])
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
