@@ -296,14 +296,15 @@ def main(argv=None):
     args = get_args(argv)
     if not os.path.isdir(args.data_dir):
         raise SystemExit(f"error: {args.data_dir}: no such folder")
-    lock = runfiles.claim_output_dir(args.output_dir, "predict.py", overwrite=args.overwrite)
     start = time.time()
+    # the run's configuration and scoring, the flags given here on top (--data_dir here is the new data); opened before
+    # the output folder is claimed, so a run that cannot be used leaves no folder that would refuse the next command
+    run = trained.open_run(args.checkpoint, vars(args) | {"data_dir": None}, args.fold_checkpoint,
+                           models.pick_device(args.device), args.precision)
+    lock = runfiles.claim_output_dir(args.output_dir, "predict.py", overwrite=args.overwrite)
     try:
         for folder in ("maps", "overlays"):
             runfiles.make_dir(os.path.join(args.output_dir, folder))
-        # the run's configuration and scoring, the flags given here on top (--data_dir here is the new data)
-        run = trained.open_run(args.checkpoint, vars(args) | {"data_dir": None}, args.fold_checkpoint,
-                               models.pick_device(args.device), args.precision)
         run.references()  # a CV run (or --level_norm): each model's reference statistics, before any scan
         scan_rows = predict(run, args)
     finally:
