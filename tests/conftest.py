@@ -44,13 +44,25 @@ def tiny_run(phantom_dir, tmp_path_factory):
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    """Figures built but not drawn: runfiles.save_figure writes an empty file in their place (drawing one costs ~0.4 s
-    here; a test of what the figures hold, or that they are PNGs, must not use this). -> the paths asked for."""
+    """The figures of plots.py neither built nor drawn: each writes an empty file where its figure would go (a figure
+    costs 0.2-1 s of matplotlib here). For tests of what the scripts compute; the figures themselves are drawn by the
+    shared tiny_run, test_evaluate.py, test_scripts.py and the processes started by test_resume.py and
+    test_distributed.py. -> the paths asked for, in order."""
+    import plots
     import runfiles
     asked = []
 
-    def save_figure(fig, path, **savefig_kwargs):
+    def empty_file(path):
         asked.append(str(path))
         runfiles.write_atomically(path, lambda f: None)
-    monkeypatch.setattr(runfiles, "save_figure", save_figure)
+
+    def plot_overlays(path, examples, *args, **kwargs):  # as plots.plot_overlays: no file, and False, without examples
+        if not any(examples.values()):
+            return False
+        empty_file(path)
+        return True
+    monkeypatch.setattr(plots, "plot_scores", lambda path, *args, **kwargs: empty_file(path))
+    monkeypatch.setattr(plots, "plot_runs", lambda histories, labels, path: empty_file(path))
+    monkeypatch.setattr(plots, "save_diagnostics", lambda path, *args, **kwargs: empty_file(path))
+    monkeypatch.setattr(plots, "plot_overlays", plot_overlays)
     return asked

@@ -3,12 +3,10 @@ decoder reads, NIfTI volumes with masks (any orientation) through index, splits,
 pixel metrics, and predict.py on unlabelled DICOM series and NIfTI volumes. Every file is written here (the one
 JPEG Lossless slice pydicom cannot encode is committed: tests/fixtures/make_jpeg_lossless.py made it)."""
 import contextlib
-import csv
 import io
 import json
 import os
 import shutil
-import sys
 
 import nibabel
 import numpy as np
@@ -20,12 +18,13 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 import cohort
 import data
+import evaluate
 import inputs
-import readers
 import phantom
 import predict
-from conftest import edit_dicom
-from test_scripts import run, tiny_train_args
+import readers
+import train
+from helpers import ct_file, edit_dicom, quiet, read_csv, tiny_train_args
 
 DICOM_1 = inputs.native_input_hu("rsna", 1)  # the brain window, as a DICOM-trained model has it
 
@@ -294,35 +293,34 @@ def test_nifti_masks_binary_classes_patient_table_and_skips(tmp_path):
 
 @pytest.fixture(scope="module")
 def nifti_run(nifti_set, tmp_path_factory):
-    """A tiny model trained on the NIfTI set (its healthy volumes)."""
+    """A tiny model trained on the NIfTI set (its healthy volumes), in this process."""
     root, _ = nifti_set
     out = tmp_path_factory.mktemp("nifti_run") / "run"
-    proc = run(tiny_train_args(root, out, extra=["--dataset", "nifti"]))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    quiet(train.main, tiny_train_args(root, out, "--dataset", "nifti"))
     return out
 
 
-def test_nifti_trains_and_evaluates_with_pixel_metrics(nifti_run, nifti_set, tmp_path):
-    proc = run([sys.executable, "evaluate.py", "--checkpoint", str(nifti_run / "best_model.pt"),
-                "--output_dir", str(tmp_path / "ev"), "--n_boot", "20"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["pixel"] is not None and metrics["pixel"]["n_pixels_bleed"] > 0
-    assert 0.0 <= metrics["pixel"]["pixel_roc_auc"] <= 1.0
-    assert "pixel (inside brain mask)" in proc.stdout
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def test_nifti_trains_and_evaluates_with_pixel_metrics(nifti_run, nifti_set, tmp_path, no_figures):
+    root, written = nifti_set
+    _, printed = quiet(evaluate.main, ["--checkpoint", str(nifti_run / "best_model.pt"), "--output_dir", str(tmp_path / "ev"),
+                                       "--n_boot", "0"])
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    pixel = report["pixel"]
+    # every scored bleed slice has its mask from labels/: the bleed pixels are those of the written masks inside the
+    # brain mask, so at most all of them, and most of them
+    rows = read_csv(tmp_path / "ev" / "scores.csv")
+    assert pixel is not None and pixel["positive_slices_without_mask"] == 0 and pixel["n_slices"] == len(rows)
+    assert pixel["pixel_roc_auc"] is not None and pixel["dice_threshold_chosen_on"] == "val"
+    assert report["counts"]["hemorrhage_slices"] == sum(int(row["any"]) for row in rows) > 0
+    assert {row["scan"] for row in rows} <= {name for name, *_ in VOLUMES}
+    assert "pixel (inside brain mask)" in printed
 
 
 def test_predict_on_nifti_volumes_writes_aligned_maps(nifti_run, nifti_set, tmp_path):
     root, written = nifti_set
     out = tmp_path / "pred"
-    proc = run([sys.executable, "predict.py", "--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", root,
-                "--output_dir", str(out), "--num_workers", "1", "--top", "2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    quiet(predict.main, ["--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", root, "--output_dir", str(out),
+                         "--num_workers", "1", "--top", "2"])
     scans = read_csv(out / "scans.csv")
     assert sorted(row["scan"] for row in scans) == sorted(name for name, *_ in VOLUMES)  # labels/ is not read as scans
     slices = read_csv(out / "slices.csv")
@@ -342,7 +340,7 @@ def test_predict_on_nifti_volumes_writes_aligned_maps(nifti_run, nifti_set, tmp_
     assert str(e.value) == f"error: {out}: output dir is not empty; use --overwrite to replace its files"
 
 
-def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path):
+def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path, no_figures):
     """The phantom's slices with no CSV, in nested folders, one without its preamble, one without a PatientID."""
     scans_dir = tmp_path / "scans"
     shutil.copytree(os.path.join(phantom_dir, "stage_2_train"), scans_dir / "export" / "a")
@@ -361,9 +359,8 @@ def test_predict_on_an_unlabelled_dicom_folder(nifti_run, phantom_dir, tmp_path)
             headers[str(path)] = readers.read_header(str(path), need_patient=False)
     n_series = len({h[2] for h in headers.values()})
     out = tmp_path / "pred"
-    proc = run([sys.executable, "predict.py", "--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", str(scans_dir),
-                "--output_dir", str(out), "--num_workers", "1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    quiet(predict.main, ["--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", str(scans_dir), "--output_dir",
+                         str(out), "--num_workers", "1"])
     scans = read_csv(out / "scans.csv")
     assert len(scans) == n_series == 8  # grouped by SeriesInstanceUID, wherever the files are
     slices = read_csv(out / "slices.csv")
@@ -410,3 +407,28 @@ def test_predict_maps_of_a_dicom_series_and_of_the_same_volume_as_nifti_share_th
     assert maps["dicom"].shape == maps["nifti"].shape == (size, size, n)
     np.testing.assert_allclose(maps["dicom"].get_fdata(), maps["nifti"].get_fdata(), atol=1e-6)
     assert maps["dicom"].get_fdata().max() > 0
+
+
+def write_series(folder, positions):
+    """A series of one patient's slices (helpers.ct_file) at these ImagePositionPatient values."""
+    folder.mkdir()
+    for k, position in enumerate(positions):
+        ct_file(folder / f"s{k}.dcm", instance=k + 1, ImagePositionPatient=[float(v) for v in position])
+    return [str(folder / f"s{k}.dcm") for k in range(len(positions))]
+
+
+@pytest.mark.parametrize("positions,note", [
+    ([(-12, -12 + 5 * k * np.tan(np.radians(8.5)), 5 * k) for k in range(4)], "gantry tilt of 8.5 degrees"),
+    ([(-12, -12, z) for z in (0, 5, 15, 20)], "uneven slice spacing (5 to 10 mm: a missing or stray slice?)"),
+    ([(-12, -12, z) for z in (0, 5, 5, 10)], "its slice positions are not in one order along the slice normal"),
+], ids=["tilted", "slice_missing", "repeated"])
+def test_a_series_without_one_affine_gets_a_note_and_only_the_npy(tiny_run, tmp_path, positions, note):
+    paths = write_series(tmp_path / "series", positions)
+    affine, why_not = readers.series_affine([readers.read_geometry(path) for path in paths])
+    assert affine is None and why_not.startswith(note)
+    out = tmp_path / "pred"
+    _, printed = quiet(predict.main, ["--checkpoint", str(tiny_run / "best_model.pt"), "--data_dir", str(tmp_path / "series"),
+                                      "--output_dir", str(out), "--num_workers", "1", "--top", "0"])
+    (scan,) = read_csv(out / "scans.csv")
+    assert scan["note"].startswith(f"no NIfTI map: {note}") and f"note: {scan['scan']}: no NIfTI map: {note}" in printed
+    assert sorted(os.listdir(out / "maps")) == [f"{scan['scan']}.npy"]

@@ -102,7 +102,8 @@ def test_resume_with_a_changed_schedule_needs_new_schedule(tiny_run, phantom_dir
 def test_resume_with_new_schedule_follows_the_new_cosine(tiny_run, phantom_dir, tmp_path, no_figures):
     run = copy_run(tiny_run, tmp_path)
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        train.main(tiny_train_args(phantom_dir, run, "--resume", "--epochs", "3", "--lr", "0.001", "--new_schedule"))
+        train.main(tiny_train_args(phantom_dir, run, "--resume", "--epochs", "3", "--lr", "0.001", "--new_schedule",
+                                   "--eval_every", "3"))
     last = torch.load(run / "last.pt", weights_only=True)
     steps = last["lr_schedule"]["last_epoch"] // 3
     assert last["epoch"] == 3 and last["lr_schedule"]["T_max"] == 3 * steps
@@ -177,7 +178,7 @@ def test_a_stopped_run_resumed_matches_one_never_stopped(phantom_dir, tmp_path, 
     """2 epochs of 3 steps with random flips (the flips are draws too: a resumed epoch must repeat them), straight;
     and stopped in epoch 2 as a killed process leaves it (last.pt of epoch 1, a half-written *.tmp, the lock of a
     process that is gone), then resumed: the same history, and the same weights in every checkpoint."""
-    extra = ["--epochs", "2", "--batch_size", "4", "--hflip"]
+    extra = ["--epochs", "2", "--batch_size", "4", "--hflip", "--eval_every", "2"]  # validation scoring after epoch 2
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     quiet(train.main, tiny_train_args(phantom_dir, straight, *extra))
 
@@ -202,10 +203,11 @@ def test_a_stopped_run_resumed_matches_one_never_stopped(phantom_dir, tmp_path, 
     a = json.loads((straight / "training_history.json").read_text())
     b = json.loads((stopped / "training_history.json").read_text())
     assert [h["epoch"] for h in b] == [1, 2]
+    assert a[0]["val_roc_auc"] is None and a[1]["val_roc_auc"] is not None
     for ha, hb in zip(a, b):
         for key in ["train_loss", "val_loss", "val_roc_auc", "val_auprc", "lr"]:
-            assert ha[key] == pytest.approx(hb[key], abs=1e-6), key
-        assert ha["val_roc_auc_by_score"] == pytest.approx(hb["val_roc_auc_by_score"], abs=1e-6)
+            assert ha[key] == (None if hb[key] is None else pytest.approx(hb[key], abs=1e-6)), key
+        assert ha["val_roc_auc_by_score"] == (hb["val_roc_auc_by_score"] and pytest.approx(hb["val_roc_auc_by_score"], abs=1e-6))
     for name in ["last.pt", "best_model.pt", "best_model_loss.pt"]:
         ca, cb = (torch.load(d / name, weights_only=True) for d in (straight, stopped))
         assert ca["epoch"] == cb["epoch"], name
