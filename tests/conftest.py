@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import data, models, ... from the repo root
 
 import phantom  # noqa: E402
-from helpers import edit_dicom, quiet, tiny_train_args, tree  # noqa: E402,F401  (edit_dicom: old imports, until moved)
+from helpers import edit_dicom, quiet, stand_in_figures, tiny_train_args, tree  # noqa: E402,F401  (edit_dicom: old imports, until moved)
 
 
 @pytest.fixture(autouse=True)
@@ -44,25 +44,7 @@ def tiny_run(phantom_dir, tmp_path_factory):
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    """The figures of plots.py neither built nor drawn: each writes an empty file where its figure would go (a figure
-    costs 0.2-1 s of matplotlib here). For tests of what the scripts compute; the figures themselves are drawn by the
-    shared tiny_run, test_evaluate.py, test_scripts.py and the processes started by test_resume.py and
-    test_distributed.py. -> the paths asked for, in order."""
-    import plots
-    import runfiles
-    asked = []
-
-    def empty_file(path):
-        asked.append(str(path))
-        runfiles.write_atomically(path, lambda f: None)
-
-    def plot_overlays(path, examples, *args, **kwargs):  # as plots.plot_overlays: no file, and False, without examples
-        if not any(examples.values()):
-            return False
-        empty_file(path)
-        return True
-    monkeypatch.setattr(plots, "plot_scores", lambda path, *args, **kwargs: empty_file(path))
-    monkeypatch.setattr(plots, "plot_runs", lambda histories, labels, path: empty_file(path))
-    monkeypatch.setattr(plots, "save_diagnostics", lambda path, *args, **kwargs: empty_file(path))
-    monkeypatch.setattr(plots, "plot_overlays", plot_overlays)
-    return asked
+    """For tests of what the scripts compute, not of their figures: plots.py's figures stood in for by empty files
+    (helpers.stand_in_figures). The figures themselves are drawn by the shared tiny_run, test_evaluate.py,
+    test_scripts.py and the processes that test_resume.py and test_distributed.py start. -> the paths asked for."""
+    return stand_in_figures(monkeypatch)

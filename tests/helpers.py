@@ -240,3 +240,27 @@ def copy_run(run, tmp_path, name="run"):
     out = tmp_path / name
     shutil.copytree(run, out)
     return out
+
+
+def stand_in_figures(monkeypatch):
+    """plots.py's figures neither built nor drawn: each writes an empty file where its figure would go (a figure costs
+    0.2-1 s of matplotlib here); conftest's no_figures fixture, or a module fixture's MonkeyPatch.context().
+    -> the paths asked for, in order."""
+    import plots
+    import runfiles
+    asked = []
+
+    def empty_file(path):
+        asked.append(str(path))
+        runfiles.write_atomically(path, lambda f: None)
+
+    def plot_overlays(path, examples, *args, **kwargs):  # as plots.plot_overlays: no file, and False, without examples
+        if not any(examples.values()):
+            return False
+        empty_file(path)
+        return True
+    monkeypatch.setattr(plots, "plot_scores", lambda path, *args, **kwargs: empty_file(path))
+    monkeypatch.setattr(plots, "plot_runs", lambda histories, labels, path: empty_file(path))
+    monkeypatch.setattr(plots, "save_diagnostics", lambda path, *args, **kwargs: empty_file(path))
+    monkeypatch.setattr(plots, "plot_overlays", plot_overlays)
+    return asked

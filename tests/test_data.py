@@ -16,7 +16,7 @@ import data
 import inputs
 import readers
 import phantom
-from conftest import edit_dicom
+from helpers import edit_dicom, head_and_radius, write_ctich, write_ctich_with_masks
 
 DICOM_1, DICOM_3 = inputs.native_input_hu("rsna", 1), inputs.native_input_hu("rsna", 3)
 CTICH_1, CTICH_3 = inputs.native_input_hu("ctich", 1), inputs.native_input_hu("ctich", 3)
@@ -45,21 +45,6 @@ def write_test_dicom(path, hu, **changes):
     if changes:
         edit_dicom(path, **changes)
     return str(path)
-
-
-def head_hu(size=96, gap_degrees=0):
-    """A disc of brain (30 HU) in a 1000 HU skull ring and a 40 HU scalp, in air; optionally a gap in the skull.
-    At 96 px the brain ends at radius 35, the skull at 40, the scalp at 44."""
-    row, col = np.mgrid[0:size, 0:size] - (size - 1) / 2
-    radius = np.hypot(row, col) * 96 / size
-    hu = np.full((size, size), -1000.0, np.float32)
-    hu[radius < 44] = 40.0
-    hu[radius < 40] = 1000.0
-    hu[radius < 35] = 30.0
-    if gap_degrees:
-        gap = (np.abs(np.degrees(np.arctan2(row, col))) < gap_degrees / 2) & (radius >= 35) & (radius < 40)
-        hu[gap] = 40.0
-    return hu, radius
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +150,7 @@ def test_bad_dicom_files_raise_badfile_with_a_reason(phantom_dir, tmp_path):
             reasons.append(str(error))
             assert readers.read_header(path)[0].startswith("ID_")  # the header of the truncated file still reads
     assert len(reasons) == 1 and reasons[0].startswith("truncated or undecodable pixel data")
-    hu, _ = head_hu(32)
+    hu, _ = head_and_radius(32)
     no_pixels = write_test_dicom(tmp_path / "nopix.dcm", hu, PixelData=None)
     mr = write_test_dicom(tmp_path / "mr.dcm", hu, Modality="MR")
     text = tmp_path / "text.dcm"
@@ -187,7 +172,7 @@ def test_windows_and_channels():
     assert inputs.hu_range("brain") == [0.0, 80.0] and inputs.hu_range("subdural") == [-20.0, 180.0]
     assert np.allclose(inputs.window_hu(np.array([-1000, 0, 40, 80, 3000]), 0, 80), [-1, -1, 0, 1, 1])
     assert np.allclose(inputs.window_hu(np.array([-20, 80, 180]), -20, 180), [-1, 0, 1])
-    hu, _ = head_hu(64)
+    hu, _ = head_and_radius(64)
     one, three = inputs.make_input(hu, DICOM_1, 64), inputs.make_input(hu, DICOM_3, 64)
     assert one.shape == (1, 64, 64) and three.shape == (3, 64, 64) and one.dtype == np.float32
     assert np.allclose(three[0], one[0]) and np.allclose(three[0], inputs.window_hu(hu, 0, 80))
@@ -204,14 +189,14 @@ def test_resize_is_antialiased():
 
 
 def test_brain_mask_from_hu_on_a_synthetic_head():
-    hu, radius = head_hu(96)
+    hu, radius = head_and_radius(96)
     hu[(radius < 6)] = 70.0  # a bleed in the middle
     hu[np.hypot(*(np.mgrid[0:96, 0:96] - np.array([30, 48])[:, None, None])) < 2] = 400.0  # a calcification
     mask = inputs.brain_mask_from_hu(hu)
     assert mask[48, 48] and mask[30, 48]  # bright islands inside are brain, not skull
     assert not mask[radius >= 35].any()  # no skull, scalp or air
     assert 0.75 < mask.sum() / (radius < 35).sum() < 1.0  # eroded a little
-    broken, radius = head_hu(96, gap_degrees=40)  # skull not closed: the fallback must not leak into the scalp
+    broken, radius = head_and_radius(96, gap_degrees=40)  # skull not closed: the fallback must not leak into the scalp
     mask = inputs.brain_mask_from_hu(broken)
     row, col = np.mgrid[0:96, 0:96] - 47.5
     away_from_gap = np.abs(np.degrees(np.arctan2(row, col))) > 40
@@ -219,7 +204,7 @@ def test_brain_mask_from_hu_on_a_synthetic_head():
 
 
 def test_brain_mask_from_windowed_image_like_ctich():
-    hu, radius = head_hu(96)
+    hu, radius = head_and_radius(96)
     brain = np.round((np.clip(hu, -20, 100) + 20) / 120 * 255) / 127.5 - 1  # the 8-bit L40/W120 JPG, in [-1, 1]
     mask = inputs.brain_mask_from_windowed(brain)
     assert mask[48, 48] and not mask[radius >= 35].any() and mask.sum() > 0.75 * (radius < 35).sum()
@@ -324,7 +309,7 @@ def test_index_skips_are_counted_and_reported_once(tmp_path, capsys):
     out = phantom.write_phantom(str(tmp_path / "p"), patients=2, slices=3, size=32, seed=2)
     image_dir = os.path.join(out, "stage_2_train")
     good = dicom_files(out)[0]
-    hu, _ = head_hu(32)
+    hu, _ = head_and_radius(32)
     write_test_dicom(os.path.join(image_dir, "ID_00000000m.dcm"), hu, Modality="MR")
     open(os.path.join(image_dir, "ID_00000000t.dcm"), "w").write("not dicom")
     open(os.path.join(image_dir, "ID_00000000n.dcm"), "wb").write(open(good, "rb").read())  # no CSV rows
@@ -343,7 +328,7 @@ def test_index_skips_are_counted_and_reported_once(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # splits
 
-def test_patient_level_splits(index):
+def test_patient_level_splits(index, capsys):
     splits = cohort.make_splits(index, seed=3, num_samples=10, eval_samples="all")
     assert set(splits) == {"train", "val", "test"}
     patients = {name: set(index["patient"][rows]) for name, rows in splits.items()}
@@ -366,9 +351,10 @@ def test_patient_level_splits(index):
     for name in ("val", "test"):
         assert np.bincount(index["any"][capped[name]], minlength=2).tolist() == [2, 2]
         assert set(capped[name]) <= set(splits[name])
-    with pytest.warns(UserWarning, match="train healthy slices: only"):
-        everything = cohort.make_splits(index, seed=3, num_samples=10_000, eval_samples=2)
+    everything = cohort.make_splits(index, seed=3, num_samples=10_000, eval_samples=2)
     assert len(everything["train"]) == 6 * len(patients["train"])
+    assert (f"note: train healthy slices: only {6 * len(patients['train'])} slices available, 10000 asked for; using all"
+            in capsys.readouterr().out.splitlines())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,26 +416,6 @@ def test_slice_cache_three_channels_and_parallel_decode(phantom_dir, tmp_path, i
 
 # ---------------------------------------------------------------------------------------------
 # CT-ICH
-
-def write_ctich(root, slices_per_patient=(3, 3, 2)):
-    """A tiny CT-ICH folder: 64 px brain/bone JPGs and a hemorrhage_diagnosis.csv with a BOM."""
-    hu, radius = head_hu(64)
-    header = "PatientNumber,SliceNumber,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,No_Hemorrhage,Fracture_Yes_No"
-    rows = [header]
-    for k, count in enumerate(slices_per_patient):
-        pid = 50 + k
-        for folder in ("brain", "bone"):
-            os.makedirs(os.path.join(root, "Patients_CT", f"{pid:03d}", folder), exist_ok=True)
-        for n in range(1, count + 1):
-            bleed = pid == 51 and n == 2
-            slice_hu = np.where(radius < 6, 75.0, hu) if bleed else hu
-            brain = np.round((np.clip(slice_hu, -20, 100) + 20) / 120 * 255).astype(np.uint8)
-            bone = np.round((np.clip(slice_hu, -450, 1550) + 450) / 2000 * 255).astype(np.uint8)
-            Image.fromarray(brain).save(os.path.join(root, "Patients_CT", f"{pid:03d}", "brain", f"{n}.jpg"), quality=95)
-            Image.fromarray(bone).save(os.path.join(root, "Patients_CT", f"{pid:03d}", "bone", f"{n}.jpg"), quality=95)
-            rows.append(f"{pid},{n},0,{int(bleed)},0,0,0,{int(not bleed)},0")
-    return rows
-
 
 def test_ctich_reader(tmp_path, capsys):
     root = str(tmp_path / "ctich")
@@ -513,27 +479,13 @@ def test_splits_of_a_run_trained_with_bleed_train_fraction_are_refused_in_one_li
     assert cohort.load_splits_record({"splits": dict(record, bleed_train_fraction=0.0)}, "run/best_model.pt") is not None
 
 
-def write_ctich_with_masks(root):
-    """write_ctich with three hemorrhage slices: 051/2 with a good *_HGE_Seg.jpg mask, 050/2 without one, 052/1
-    with a mask of the wrong size. -> the CSV rows."""
-    rows = write_ctich(root)
-    rows = [r.replace("50,2,0,0,0,0,0,1,0", "50,2,0,0,0,1,0,0,0").replace("52,1,0,0,0,0,0,1,0", "52,1,0,0,0,1,0,0,0") for r in rows]
-    with open(os.path.join(root, "hemorrhage_diagnosis.csv"), "w", encoding="utf-8-sig", newline="") as f:
-        f.write("\r\n".join(rows) + "\r\n")
-    _, radius = head_hu(64)
-    brain = os.path.join(root, "Patients_CT", "{}", "brain", "{}_HGE_Seg.jpg")
-    Image.fromarray(np.where(radius < 6, 255, 0).astype(np.uint8)).save(brain.format("051", 2), quality=90)
-    Image.fromarray(np.zeros((40, 64), np.uint8)).save(brain.format("052", 1))
-    return rows
-
-
 def test_ctich_bleed_masks_read_when_present(tmp_path):
     root = str(tmp_path / "ctich")
     write_ctich_with_masks(root)
     index = cohort.load_index(root, cache_dir=str(tmp_path / "cache"), num_workers=1)
     assert not any("HGE" in str(p) for p in index["path"]) and len(index["id"]) == 8  # masks are not slices
     mask = inputs.load_gt_mask(root, "ctich_051_2", 32)
-    _, radius = head_hu(32)
+    _, radius = head_and_radius(32)
     assert mask.shape == (32, 32) and mask.dtype == bool
     assert mask[radius < 2].all() and not mask[radius > 9].any()  # JPEG ringing is cut at mid-grey
     assert inputs.load_gt_mask(root, "ctich_050_2", 32) is None  # no mask file: None, as for the phantom
@@ -562,7 +514,7 @@ def test_cli_index_and_show(phantom_dir, tmp_path, capsys):
 def test_one_slice_as_dicom_and_as_ctich_jpgs_gives_the_same_model_input(tmp_path):
     """The input representation belongs to the model: the same head written once as DICOM and once as CT-ICH's two
     8-bit JPG windows gives the same input, within JPEG rounding, whichever layout the model was trained on."""
-    hu, radius = head_hu(128)
+    hu, radius = head_and_radius(128)
     row, col = np.mgrid[0:128, 0:128]
     brain = radius < 35
     hu[brain] = 30 + 25 * np.sin(row[brain] / 6.0) * np.cos(col[brain] / 9.0)  # grey/white-matter-like texture, 5-55 HU
