@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # import data, models, ... from the repo root
 
 import phantom  # noqa: E402
-from helpers import edit_dicom, quiet, stand_in_figures, tiny_train_args, tree  # noqa: E402,F401  (edit_dicom: old imports, until moved)
+from helpers import quiet, stand_in_figures, tiny_train_args, tree  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
