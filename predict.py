@@ -24,6 +24,11 @@ Writes into --output_dir (refused if it holds files, unless --overwrite):
                         voxel grid, with the affine from its headers (as dcm2niix builds it), so they open over the
                         series in 3D Slicer / ITK-SNAP; a gantry-tilted or unevenly spaced series gets a note in
                         scans.csv and on stdout instead, never a wrong affine
+  maps/<scan>_map.dcm   DICOM input: a DICOM Parametric Map of the same maps (float), one frame per decoded source
+                        slice at its position, referencing the source series (highdicom): opens over the series in
+                        3D Slicer's DICOM module, OHIF or a PACS, tilted series included
+  maps/<scan>_seg.dcm   DICOM input: a DICOM Segmentation of the map above the run's threshold (TrainedRun.map_threshold:
+                        the reference's brain_p99 mean + 2 std); none where the run has no reference at hand
 The maps are the ones the slice scores saw (median-filtered with --median_size), 0 where a slice was not scored.
 """
 import argparse
@@ -41,6 +46,7 @@ import numpy as np
 
 import cohort
 import data
+import dicom_outputs
 import inputs
 import models
 import plots
@@ -191,6 +197,25 @@ def save_maps(path_stem, scan, slice_maps):
     return [write_nifti(path_stem, np.stack(slice_maps).transpose(2, 1, 0), affine), path_stem + ".npy"], ""
 
 
+def save_dicom_maps(path_stem, scan, rows, slice_maps, threshold):
+    """DICOM input: the maps as a Parametric Map and (with a threshold) a Segmentation referencing the source series
+    (dicom_outputs), over the slices that decoded. -> (paths written, a note on what was not written, or "")."""
+    kept = [k for k, row in enumerate(rows) if "shape" in row]
+    if scan["kind"] != "dicom" or not kept or len({slice_maps[k].shape for k in kept}) > 1:
+        return [], "" if scan["kind"] != "dicom" else "no DICOM maps: its slices differ in size or none decoded"
+    try:
+        objects = dicom_outputs.map_and_seg([scan["files"][k][1] for k in kept], np.stack([slice_maps[k] for k in kept]),
+                                            threshold, "pDDPM anomaly map (ct-pddpm)")
+    except (ValueError, TypeError, AttributeError) as error:  # a header highdicom cannot derive from
+        return [], f"no DICOM maps: {readers.one_line(error)}"
+    written = []
+    for kind, dataset in objects.items():
+        if dataset is not None:
+            written.append(f"{path_stem}_{kind}.dcm")
+            runfiles.write_atomically(written[-1], lambda f, ds=dataset: ds.save_as(f))
+    return written, "" if threshold is not None else "no DICOM SEG: no reference to threshold the map against"
+
+
 def write_nifti(path_stem, volume, affine):
     """A float32 NIfTI volume, gzipped, written atomically. -> its path."""
     out = nibabel.Nifti1Image(np.asarray(volume, np.float32), affine)
@@ -246,18 +271,45 @@ def predict_scan(trained_run, scan, offset):
     return rows, full
 
 
-def predict(trained_run, args):
-    """Every scan under --data_dir -> slices.csv, scans.csv, overlays/, maps/. -> the scan rows."""
-    volumes, others = find_files(args.data_dir)
-    run, settings = trained_run.run, trained_run.settings
-    series, skips = dicom_series(others, run.num_workers) if others else ({}, [])
+def find_scans(data_dir, num_workers):
+    """The scans under data_dir: NIfTI volumes, and DICOM series (grouped by SeriesInstanceUID, slices by position),
+    each with a unique file-name-safe name. -> (scans, skipped files)."""
+    volumes, others = find_files(data_dir)
+    series, skips = dicom_series(others, num_workers) if others else ({}, [])
     used = set()
     scans = [{"kind": "nifti", "path": path, "name": scan_name(readers.nifti_name(os.path.basename(path)), used)}
              for path in volumes]
     scans += [{"kind": "dicom", "files": files, "name": scan_name(uid, used)} for uid, files in sorted(series.items())]
     if not scans:
-        raise SystemExit(cohort.nothing_usable(args.data_dir, skips) if skips else
-                         f"error: {args.data_dir}: no DICOM or NIfTI files found")
+        raise SystemExit(cohort.nothing_usable(data_dir, skips) if skips else f"error: {data_dir}: no DICOM or NIfTI files found")
+    return scans, skips
+
+
+def write_scan(trained_run, args, scan, rows, full, threshold):
+    """One scored scan's maps (maps/), overlay (overlays/), and its rows of scans.csv and slices.csv."""
+    stem = os.path.join(args.output_dir, "maps", scan["name"])
+    maps, map_note = save_maps(stem, scan, full)
+    dicom_maps, dicom_note = save_dicom_maps(stem, scan, rows, full, threshold)
+    maps, map_note = maps + dicom_maps, "; ".join(note for note in (map_note, dicom_note) if note)
+    if map_note:
+        print(f"note: {scan['name']}: {map_note}")
+    scored = [row for row in rows if row["scores"]]
+    overlay(os.path.join(args.output_dir, "overlays", f"{scan['name']}.png"), scan, scored, args.top, trained_run.settings)
+    top = max(scored, key=lambda row: row["score"]) if scored else None
+    source = scan["path"] if scan["kind"] == "nifti" else os.path.dirname(scan["files"][0][1])
+    scan_row = [scan["name"], scan["kind"], len(rows), len(scored), f"{top['score']:.6g}" if top else "",
+                top["slice"] if top else "", f"{top['z']:.6g}" if top else "", source, ";".join(maps), map_note]
+    slice_rows = [[scan["name"], row["slice"], f"{row['z']:.6g}", row["source"],
+                   "" if row["brain_fraction"] is None else f"{row['brain_fraction']:.4f}",
+                   *[f"{row['scores'][name]:.6g}" if row["scores"] else "" for name in scoring.SCORES], row["note"]]
+                  for row in rows]
+    return scan_row, slice_rows
+
+
+def predict(trained_run, args):
+    """Every scan under --data_dir -> slices.csv, scans.csv, overlays/, maps/. -> the scan rows."""
+    scans, skips = find_scans(args.data_dir, trained_run.run.num_workers)
+    threshold = trained_run.map_threshold() if any(scan["kind"] == "dicom" for scan in scans) else None
     slice_rows, scan_rows, offset = [], [], 0
     for scan in scans:
         try:
@@ -266,20 +318,9 @@ def predict(trained_run, args):
             skips.append((scan["path"], str(error)))
             continue
         offset += len(rows)
-        maps, map_note = save_maps(os.path.join(args.output_dir, "maps", scan["name"]), scan, full)
-        if map_note:
-            print(f"note: {scan['name']}: {map_note}; its map is in {maps[0]} only (on each slice's pixels)")
-        overlay(os.path.join(args.output_dir, "overlays", f"{scan['name']}.png"), scan,
-                [row for row in rows if row["scores"]], args.top, settings)
-        scored = [row for row in rows if row["scores"]]
-        top = max(scored, key=lambda row: row["score"]) if scored else None
-        source = scan["path"] if scan["kind"] == "nifti" else os.path.dirname(scan["files"][0][1])
-        scan_rows.append([scan["name"], scan["kind"], len(rows), len(scored), f"{top['score']:.6g}" if top else "",
-                          top["slice"] if top else "", f"{top['z']:.6g}" if top else "", source, ";".join(maps), map_note])
-        slice_rows += [[scan["name"], row["slice"], f"{row['z']:.6g}", row["source"],
-                        "" if row["brain_fraction"] is None else f"{row['brain_fraction']:.4f}",
-                        *[f"{row['scores'][name]:.6g}" if row["scores"] else "" for name in scoring.SCORES], row["note"]]
-                       for row in rows]
+        scan_row, rows_of_slices = write_scan(trained_run, args, scan, rows, full, threshold)
+        scan_rows.append(scan_row)
+        slice_rows += rows_of_slices
     readers.report_skips("predict", skips)
     if not scan_rows:
         raise SystemExit(cohort.nothing_usable(args.data_dir, skips))
@@ -287,8 +328,8 @@ def predict(trained_run, args):
     write_csv(os.path.join(args.output_dir, "slices.csv"),
               ["scan", "slice", "z", "source", "brain_fraction", *scoring.SCORES, "note"], slice_rows)
     write_csv(os.path.join(args.output_dir, "scans.csv"),
-              ["scan", "kind", "slices", "scored_slices", f"score_max_{settings.score}", "top_slice", "top_z", "source",
-               "maps", "note"], scan_rows)
+              ["scan", "kind", "slices", "scored_slices", f"score_max_{trained_run.settings.score}", "top_slice", "top_z",
+               "source", "maps", "note"], scan_rows)
     return scan_rows
 
 

@@ -91,6 +91,23 @@ class TrainedRun:
             return results[0]
         return cv.ensemble_results(results, self.references(), self.settings.score)
 
+    def map_threshold(self):
+        """The map value above which predict.py's DICOM Segmentation marks a pixel: the brightest 1 % of a healthy
+        slice's brain (the brain_p99 score) of the run's reference slices, mean + 2 standard deviations, so that
+        about one healthy slice in 40 reaches it at all; in the units of the combined map (a CV run's: each fold's map
+        over its spread, as TrainedRun.combine averages them). None, with a note, where no reference can be had (not
+        saved, and the training data not at hand)."""
+        try:
+            statistics = self.references() or [cv.fold_reference(f) for f in self.folds]
+        except SystemExit as refused:
+            print(f"note: no DICOM Segmentation: {str(refused.code).removeprefix('error: ')}")
+            return None
+        bounds = []
+        for stats in statistics:
+            mean, std = np.asarray(stats["brain_p99"], np.float64).reshape(-1, 2).mean(axis=0)
+            bounds.append((mean + 2 * std) / (cv.spread(stats, self.settings.score) if self.needs_reference else 1.0))
+        return float(np.mean(bounds))
+
     def score_dataset(self, dataset):
         """Every fold model on one in-memory dataset (data.ArrayDataset: predict.py's scan), maps kept, combined.
         -> a score_split-like result (maps and scores in position order)."""
