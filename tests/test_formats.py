@@ -417,18 +417,21 @@ def write_series(folder, positions):
     return [str(folder / f"s{k}.dcm") for k in range(len(positions))]
 
 
-@pytest.mark.parametrize("positions,note", [
-    ([(-12, -12 + 5 * k * np.tan(np.radians(8.5)), 5 * k) for k in range(4)], "gantry tilt of 8.5 degrees"),
-    ([(-12, -12, z) for z in (0, 5, 15, 20)], "uneven slice spacing (5 to 10 mm: a missing or stray slice?)"),
-    ([(-12, -12, z) for z in (0, 5, 5, 10)], "its slice positions are not in one order along the slice normal"),
+@pytest.mark.parametrize("positions,note,dicom_maps", [
+    ([(-12, -12 + 5 * k * np.tan(np.radians(8.5)), 5 * k) for k in range(4)], "gantry tilt of 8.5 degrees", True),
+    ([(-12, -12, z) for z in (0, 5, 15, 20)], "uneven slice spacing (5 to 10 mm: a missing or stray slice?)", True),
+    ([(-12, -12, z) for z in (0, 5, 5, 10)], "its slice positions are not in one order along the slice normal", False),
 ], ids=["tilted", "slice_missing", "repeated"])
-def test_a_series_without_one_affine_gets_a_note_and_only_the_npy(tiny_run, tmp_path, positions, note):
+def test_a_series_without_one_affine_gets_a_note_and_no_nifti(nifti_run, tmp_path, positions, note, dicom_maps):
     paths = write_series(tmp_path / "series", positions)
     affine, why_not = readers.series_affine([readers.read_geometry(path) for path in paths])
     assert affine is None and why_not.startswith(note)
     out = tmp_path / "pred"
-    _, printed = quiet(predict.main, ["--checkpoint", str(tiny_run / "best_model.pt"), "--data_dir", str(tmp_path / "series"),
+    _, printed = quiet(predict.main, ["--checkpoint", str(nifti_run / "best_model.pt"), "--data_dir", str(tmp_path / "series"),
                                       "--output_dir", str(out), "--num_workers", "1", "--top", "0"])
     (scan,) = read_csv(out / "scans.csv")
     assert scan["note"].startswith(f"no NIfTI map: {note}") and f"note: {scan['scan']}: no NIfTI map: {note}" in printed
-    assert sorted(os.listdir(out / "maps")) == [f"{scan['scan']}.npy"]
+    # the maps on each slice's own pixels, and as DICOM objects that carry each frame's own position (not where two
+    # slices share one); no NIfTI
+    ends = (".npy", "_map.dcm", "_seg.dcm") if dicom_maps else (".npy",)
+    assert sorted(os.listdir(out / "maps")) == [f"{scan['scan']}{end}" for end in ends]
