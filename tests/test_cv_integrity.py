@@ -73,3 +73,17 @@ def test_a_fold_trained_before_patients_were_added_is_its_own(two_runs, tmp_path
     cv.write_folds(grown, record)
     with pytest.raises(SystemExit, match="trained in another CV run"):
         trained.open_run(grown, FLAGS)
+
+
+def test_resume_refuses_a_fold_from_another_cv_run(two_runs, phantom_dir):
+    """train.py --folds K --resume: a fold folder whose last.pt holds another CV run's fold is refused before its data
+    is opened (train.open_data, the check shared with trained.open_run)."""
+    import argparse
+    import train
+    ours, theirs = (cv.load_folds(run) for run in two_runs)
+    index = cohort.load_index(phantom_dir, num_workers=1)
+    fold_splits = cv.fold_splits_record(index, ours, 1, data_dir=phantom_dir, dataset="rsna")
+    foreign = cv.fold_splits_record(index, theirs, 1, data_dir=phantom_dir, dataset="rsna")
+    args = argparse.Namespace(output_dir=os.path.join(two_runs[0], "fold_1"))
+    with pytest.raises(SystemExit, match=r"fold_1/last.pt: fold 1 of the CV run .* was trained in another CV run"):
+        train.open_data(args, {"splits": foreign}, fold_splits, None, 0, 1)
