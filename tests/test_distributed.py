@@ -20,7 +20,7 @@ def read_scores(path):
     return [r["id"] for r in rows], np.array([[float(r[n]) for n in names] for r in rows])
 
 
-def test_torchrun_two_processes_match_one(phantom_dir, tmp_path):
+def test_torchrun_two_processes_match_one(phantom_dir, tmp_path, no_figures):
     run_dir = tmp_path / "run"
     # fp32, not the bf16 autocast --precision auto picks on this CPU: with two processes other windows share a forward
     # pass, and a kernel that sums in another order for another batch shape moves a bf16 result by whole bf16 steps
@@ -42,7 +42,7 @@ def test_torchrun_two_processes_match_one(phantom_dir, tmp_path):
     assert [h["epoch"] for h in history] == [1]
     assert proc.stdout.count("epoch   1 |") == 1  # rank 0 alone reports
 
-    # the same checkpoint evaluated by 1 process (this one) and by 2
+    # the same checkpoint evaluated by 1 process (this one, its figures stood in for) and by 2
     evaluate_args = ["--checkpoint", str(run_dir / "best_model.pt"), "--n_boot", "20"]
     quiet(evaluate.main, [*evaluate_args, "--output_dir", str(tmp_path / "ev1")])
     two = run_cli(TORCHRUN + ["evaluate.py", *evaluate_args, "--output_dir", tmp_path / "ev2"])

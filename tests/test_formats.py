@@ -24,7 +24,7 @@ import phantom
 import predict
 import readers
 import train
-from helpers import ct_file, edit_dicom, quiet, read_csv, tiny_train_args
+from helpers import ct_file, edit_dicom, quiet, read_csv, stand_in_figures, tiny_train_args
 
 DICOM_1 = inputs.native_input_hu("rsna", 1)  # the brain window, as a DICOM-trained model has it
 
@@ -293,10 +293,12 @@ def test_nifti_masks_binary_classes_patient_table_and_skips(tmp_path):
 
 @pytest.fixture(scope="module")
 def nifti_run(nifti_set, tmp_path_factory):
-    """A tiny model trained on the NIfTI set (its healthy volumes), in this process."""
+    """A tiny model trained on the NIfTI set (its healthy volumes), in this process (figures stood in for)."""
     root, _ = nifti_set
     out = tmp_path_factory.mktemp("nifti_run") / "run"
-    quiet(train.main, tiny_train_args(root, out, "--dataset", "nifti"))
+    with pytest.MonkeyPatch.context() as patch:
+        stand_in_figures(patch)
+        quiet(train.main, tiny_train_args(root, out, "--dataset", "nifti"))
     return out
 
 
@@ -422,7 +424,7 @@ def write_series(folder, positions):
     ([(-12, -12, z) for z in (0, 5, 15, 20)], "uneven slice spacing (5 to 10 mm: a missing or stray slice?)", True),
     ([(-12, -12, z) for z in (0, 5, 5, 10)], "its slice positions are not in one order along the slice normal", False),
 ], ids=["tilted", "slice_missing", "repeated"])
-def test_a_series_without_one_affine_gets_a_note_and_no_nifti(nifti_run, tmp_path, positions, note, dicom_maps):
+def test_a_series_without_one_affine_gets_a_note_and_no_nifti(nifti_run, tmp_path, positions, note, dicom_maps, no_figures):
     paths = write_series(tmp_path / "series", positions)
     affine, why_not = readers.series_affine([readers.read_geometry(path) for path in paths])
     assert affine is None and why_not.startswith(note)
