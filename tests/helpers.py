@@ -124,9 +124,9 @@ def cut(path, keep):
     open(path, "wb").write(content[:keep])
 
 
-def one_scan_folder(phantom_dir, folder):
-    """The files and label rows of one hemorrhage patient of the phantom (never a training patient) as an RSNA-layout
-    folder, choosing a patient without the phantom's quirk files (the second hemorrhage patient). -> folder."""
+def one_scan_folder(phantom_dir, folder, hemorrhage=True):
+    """The files and label rows of one patient of the phantom as an RSNA-layout folder: a hemorrhage patient (never a
+    training patient), or a healthy one; the second of them, which has none of the phantom's quirk files. -> folder."""
     import shutil
     labels = list(csv.reader(open(os.path.join(phantom_dir, "stage_2_train.csv"))))
     positive = {row[0].rsplit("_", 1)[0] for row in labels[1:] if row[0].endswith("_any") and row[1] == "1"}
@@ -134,8 +134,8 @@ def one_scan_folder(phantom_dir, folder):
     for name in sorted(os.listdir(os.path.join(phantom_dir, "stage_2_train"))):
         ds = pydicom.dcmread(os.path.join(phantom_dir, "stage_2_train", name), stop_before_pixels=True)
         by_patient.setdefault(ds.PatientID, []).append(name)
-    sick = [p for p, names in sorted(by_patient.items()) if any(n[:-4] in positive for n in names)]
-    names = by_patient[sick[1]]
+    chosen = [p for p, names in sorted(by_patient.items()) if any(n[:-4] in positive for n in names) == hemorrhage]
+    names = by_patient[chosen[1]]
     os.makedirs(folder / "stage_2_train")
     for name in names:
         shutil.copy(os.path.join(phantom_dir, "stage_2_train", name), folder / "stage_2_train" / name)

@@ -8,7 +8,7 @@ import torch
 
 import evaluate
 import predict
-from helpers import quiet, read_csv
+from helpers import one_scan_folder, quiet, read_csv
 
 
 def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tiny_run, tmp_path):
@@ -40,11 +40,12 @@ def test_a_pickled_checkpoint_is_refused_before_anything_runs(tiny_run, tmp_path
 def test_a_prediction_refused_for_its_checkpoint_leaves_its_folder_free(tiny_run, phantom_dir, tmp_path, no_figures):
     """The same command again with the right checkpoint is not refused for what the failed one left."""
     torch.save({"model": {}}, tmp_path / "bad.pt")
-    argv = ["--data_dir", phantom_dir, "--output_dir", str(tmp_path / "pred"), "--top", "0"]
+    scan = one_scan_folder(phantom_dir, tmp_path / "scan") / "stage_2_train"
+    argv = ["--data_dir", str(scan), "--output_dir", str(tmp_path / "pred"), "--top", "0"]
     with pytest.raises(SystemExit, match="not a ct-pddpm checkpoint"):
         predict.main(["--checkpoint", str(tmp_path / "bad.pt"), *argv])
     quiet(predict.main, ["--checkpoint", str(tiny_run / "best_model.pt"), *argv])
-    assert len(read_csv(tmp_path / "pred" / "slices.csv")) == 48  # the phantom's 8 x 6 slices
+    assert len(read_csv(tmp_path / "pred" / "slices.csv")) == len(os.listdir(scan))
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_when_loaded(tiny_run, tmp_path):

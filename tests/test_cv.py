@@ -358,6 +358,8 @@ def test_out_of_fold_scores_with_no_bone_3d_region_and_level_norm(cv_run, phanto
     assert same[0]["roc_auc"] == pytest.approx(report["slice"]["brain_p99"]["roc_auc"])
     # a single checkpoint with --level_norm: predict.py reads the reference evaluate.py saved, or scores it
     single = str(out / "fold_0" / "best_model.pt")
-    quiet(predict.main, ["--checkpoint", single, "--data_dir", phantom_dir, "--output_dir", str(tmp_path / "pred"), "--level_norm", "z"])
+    healthy = one_scan_folder(phantom_dir, tmp_path / "healthy", hemorrhage=False) / "stage_2_train"
+    quiet(predict.main, ["--checkpoint", single, "--data_dir", str(healthy), "--output_dir", str(tmp_path / "pred"),
+                         "--level_norm", "z", "--top", "0"])
     rows = list(csv.DictReader((tmp_path / "pred" / "slices.csv").open()))
     assert any(row["brain_p99"] and float(row["brain_p99"]) < 0 for row in rows)  # z-scores: healthy ones below 0

@@ -21,7 +21,7 @@ OPTIONS = {  # every scoring flag appears in at least one of them
     "spec": ["--eval_t", "150", "--residual", "abs", "--score", "mean", "--median_size", "0", "--smooth_slices", "0",
              "--no-pack_windows"],
     "two_t_skip_simplex": ["--eval_t", "100", "300", "--skip_outside_mask", "--median_size", "3", "--no-channels_last",
-                           "--stride", "4", "--eval_batch_size", "7", "--noise", "simplex"],
+                           "--stride", "6", "--eval_batch_size", "7", "--noise", "simplex"],
     "prior": ["--hyperdensity_prior"],
 }
 SCORES = ("mean", "brain_mean", "brain_p99")
