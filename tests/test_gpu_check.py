@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import gpu_check  # noqa: E402
 
 
-def test_the_gpu_check_dry_run(tmp_path, capsys):
+def test_the_gpu_check_dry_run(tmp_path, capsys, no_figures):
     lines = gpu_check.main(["--dry_run", "--out", str(tmp_path)])
     assert not [line for line in lines if "FAILED" in line], lines
     assert sorted(name for name in os.listdir(tmp_path) if os.path.isfile(tmp_path / name)) == sorted(

@@ -23,7 +23,7 @@ def cv_run(phantom_dir, tmp_path_factory):
     return str(root / "run"), other
 
 
-def test_the_wrote_line_lists_what_is_on_disk(cv_run, tmp_path):
+def test_the_wrote_line_lists_what_is_on_disk(cv_run, tmp_path, no_figures):
     run, other = cv_run
     out = tmp_path / "ext"
     printed = io.StringIO()
@@ -35,7 +35,7 @@ def test_the_wrote_line_lists_what_is_on_disk(cv_run, tmp_path):
     assert "overlays.png" not in claimed  # a CV run's external scores have no one model's maps to show
 
 
-def test_two_predictions_at_once_into_one_folder(cv_run, tmp_path):
+def test_two_predictions_at_once_into_one_folder(cv_run, tmp_path, no_figures):
     run, other = cv_run
     out = str(tmp_path / "pred")
     outcomes = []
@@ -60,7 +60,7 @@ def test_two_predictions_at_once_into_one_folder(cv_run, tmp_path):
     assert sorted(os.listdir(out)) == ["maps", "overlays", "scans.csv", "slices.csv"]
 
 
-def test_predict_and_evaluate_give_a_scan_the_same_ensemble_score(cv_run, tmp_path):
+def test_predict_and_evaluate_give_a_scan_the_same_ensemble_score(cv_run, tmp_path, no_figures):
     """A CV run's fold references belong to the run: predict.py and evaluate.py --split all put the folds on one scale
     with the same statistics, so one scan gets one score (a one-patient set: its slices' noise positions agree)."""
     run, _ = cv_run
