@@ -249,14 +249,14 @@ def bench_loader(cache, index, positions, args, device):
     return results
 
 
-def bench_bootstrap(labels, scores, patients, n_boot=1000):
+def bench_bootstrap(result, score, n_boot=1000):
     """The evaluation's patient bootstrap (metrics.slice_metrics, every sample's ROC-AUC and AP at once) against the
     same bootstrap calling sklearn once per sample and metric, as evaluate.py did before: seconds each, and the
-    largest difference of their 95 % CIs. The scores are repeated 10 times over as many patients, for an
-    evaluation's size."""
+    largest difference of their 95 % CIs, on a mode's score_split result (its `score`), repeated 10 times over as
+    many patients for an evaluation's size."""
     from sklearn.metrics import average_precision_score, roc_auc_score
-    labels, scores = np.tile(labels, 10), np.tile(scores, 10)
-    patients = np.concatenate([[f"{p}/{k}" for p in patients] for k in range(10)])
+    labels, scores = np.tile(result["labels"], 10), np.tile(result["scores"][score], 10)
+    patients = np.concatenate([[f"{p}/{k}" for p in result["patients"]] for k in range(10)])
     t0 = time.perf_counter()
     fast = metrics.slice_metrics(labels, scores, patients, n_boot=n_boot, seed=0)
     t1 = time.perf_counter()
@@ -271,8 +271,11 @@ def bench_bootstrap(labels, scores, patients, n_boot=1000):
     t2 = time.perf_counter()
     difference = max(np.abs(np.subtract(fast["roc_auc_ci"], np.percentile(aucs, [2.5, 97.5]))).max(),
                      np.abs(np.subtract(fast["auprc_ci"], np.percentile(aps, [2.5, 97.5]))).max())
-    return {"slices": len(labels), "n_boot": n_boot, "seconds": t1 - t0, "seconds_sklearn_loop": t2 - t1,
-            "speedup": (t2 - t1) / (t1 - t0), "max_ci_difference": float(difference)}
+    out = {"slices": len(labels), "n_boot": n_boot, "seconds": t1 - t0, "seconds_sklearn_loop": t2 - t1,
+           "speedup": (t2 - t1) / (t1 - t0), "max_ci_difference": float(difference)}
+    print(f"evaluation bootstrap ({out['slices']} slices, {n_boot} samples): {out['seconds']:.2f} s, {out['speedup']:.0f}x "
+          f"the sklearn loop ({out['seconds_sklearn_loop']:.1f} s); CIs differ by at most {out['max_ci_difference']:.1e}")
+    return out
 
 
 def mode_name(options, args):
@@ -500,13 +503,7 @@ def main(argv=None):
               "warm-up": data.SliceDataset(cache, index, score_positions[:2])}
     scored, times = time_modes(trained or fresh, modes, slices, base, args.seed, args.repeats, device)
     results = mode_results(modes, scored, times, masks, base, gflops, args)
-    default_scores, bootstrap = scored[mode_name(default, args)], None
-    if args.time_bootstrap:
-        bootstrap = bench_bootstrap(default_scores["labels"], default_scores["scores"][base.score], default_scores["patients"])
-    if bootstrap:
-        print(f"evaluation bootstrap ({bootstrap['slices']} slices, {bootstrap['n_boot']} samples): {bootstrap['seconds']:.2f} "
-              f"s, {bootstrap['speedup']:.0f}x the sklearn loop ({bootstrap['seconds_sklearn_loop']:.1f} s); CIs differ by at "
-              f"most {bootstrap['max_ci_difference']:.1e}")
+    bootstrap = bench_bootstrap(scored[mode_name(default, args)], base.score) if args.time_bootstrap else None
     train["tflops_achieved"] = 3 * gflops * train["images_per_s"] / 1e3  # forward + backward ~ 3 forwards
     if args.peak_tflops:
         train["fraction_of_peak"] = train["tflops_achieved"] / args.peak_tflops
