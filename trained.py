@@ -120,7 +120,7 @@ class TrainedRun:
         -> (pooled result, [each fold's result], [each fold's statistics], the index)."""
         results, statistics = [], []
         for fold in self.folds:
-            rd = self.fold_data(fold, ("val", "test"))
+            rd = self.fold_data(fold, ("test",))  # the reference reads (or decodes) its own, whole validation split
             results.append(self.score(fold, rd, "test", keep_examples, with_val=False)[0])
             statistics.append(cv.fold_reference(fold, fold.run.data_dir))
         self._references = statistics
