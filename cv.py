@@ -199,6 +199,31 @@ def spread(statistics, name):
     return float(np.mean(np.asarray(statistics[name], np.float64).reshape(-1, 2)[:, 1]))
 
 
+def map_scale(statistics, score):
+    """The mean of the models' spreads of `score` (spread): what turns a map in ensemble_results' units (each model's
+    map over its spread) back into the units of one model's map, the residual range of the pixel histograms."""
+    return float(np.mean([spread(s, score) for s in statistics]))
+
+
+def map_weights(statistics, score):
+    """Each model's weight in the ensemble map of the pixel metrics and overlays (ensemble_map; trained.ensemble_
+    external): 1 / (K x its spread of `score`), ensemble_results' mean of the maps each over its spread, times
+    map_scale. The factor is one number for all slices, so it changes no rank (pixel ROC-AUC, AUPRC, the oracle Dice)
+    and no overlay; it keeps the values in the residual range that the pixel histograms resolve
+    (scoring.PIXEL_EDGES: 1e-4 to 2, where a z-like map would pile up in the last bin), and one model's weight is
+    exactly 1: its ensemble map is its own map. -> float64 [K]."""
+    spreads = np.array([spread(s, score) for s in statistics], np.float64)
+    return spreads.mean() / spreads / len(spreads)
+
+
+def ensemble_map(maps, weights):
+    """The models' maps of the same slices [N, H, W] each (float32) weighted and summed (map_weights), in float32."""
+    out = np.zeros_like(np.asarray(maps[0], np.float32))
+    for m, w in zip(maps, weights):
+        out += np.float32(w) * np.asarray(m, np.float32)
+    return out
+
+
 def level_bins(settings):
     """Level bins of the reference statistics: scoring.LEVEL_BINS with --level_norm z, else one."""
     return scoring.LEVEL_BINS if settings.level_norm == "z" else 1
@@ -256,7 +281,7 @@ def ensemble_results(results, statistics, score):
     the patients it trained on, when ids overlap), each score the mean of the models' z-scores (mean_normalised) and,
     where the results kept their maps (predict.py), the mean of the models' maps, each divided by its reference spread
     of `score` (spread). One model keeps its pixel histograms and overlay examples; several models' are left out
-    (those are of one model's maps)."""
+    (those are of one model's maps: evaluate.py --split all streams the ensemble map's, trained.ensemble_external)."""
     common = results[0]["positions"]
     for r in results[1:]:
         common = np.intersect1d(common, r["positions"])

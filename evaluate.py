@@ -12,7 +12,8 @@ settings unless flags say otherwise. The metrics are metrics.py's, the figures p
 The protocol: splits are by patient (no patient in two splits); confidence intervals come from a bootstrap that
 resamples patients, because slices of one head are strongly correlated. Slice, scan ("does this head CT contain a
 bleed?") and per-subtype ROC-AUC; sensitivity at fixed specificity; and, where ground-truth bleed masks exist, pixel
-AUPRC / ROC-AUC inside the brain mask and Dice at a threshold chosen on the validation split. A CV run is scored out of
+AUPRC / ROC-AUC inside the brain mask and Dice at a threshold chosen on the validation split (an external set: none,
+the oracle only; a CV run's ensemble map: the run's reference threshold, docs/method.md "Cross-validation"). A CV run is scored out of
 fold: every patient by the fold model that never saw it, the folds' scores put on one scale (cv.py).
 """
 import argparse
@@ -78,8 +79,11 @@ def write_results(output_dir, report, result, index, split, settings):
     for exs in result["examples"].values():
         for ex in exs:
             ex["id"] = str(index["id"][ex["position"]])
-    if plots.plot_overlays(os.path.join(output_dir, "overlays.png"), result["examples"],
-                           title=f"{split} split, ranked by score '{settings.score}'", residual=settings.residual):
+    title = f"{split} split, ranked by score '{settings.score}'"
+    if "map_scale" in result:  # a CV run's ensemble (trained.ensemble_external)
+        title = f"{split}: the fold models' ensemble map, ranked by the ensemble's score '{settings.score}' (z)"
+    if plots.plot_overlays(os.path.join(output_dir, "overlays.png"), result["examples"], title=title,
+                           residual=settings.residual):
         written.append("overlays.png")
     return written
 
@@ -147,19 +151,38 @@ def evaluate_split(args, run, rank, world):
 
 def evaluate_external(args, run, rank, world):
     """--split all: every patient of --data_dir scored by the run's model(s), combined (a CV run: the mean of the fold
-    models' z-scored scores)."""
-    results, index, counts = run.score_external(args.data_dir, args.eval_samples, 0 if run.is_cv else args.keep_examples,
-                                                rank, world)
-    models.teardown_distributed(world)
-    if rank != 0:
-        return None
-    result = run.combine(results)
+    models' z-scored scores, and pixel metrics and overlays of their ensemble map, trained.ensemble_external)."""
+    if run.is_cv:  # one process (main refuses torchrun)
+        result, index, counts = run.ensemble_external(args.data_dir, args.eval_samples, args.keep_examples)
+    else:
+        results, index, counts = run.score_external(args.data_dir, args.eval_samples, args.keep_examples, rank, world)
+        models.teardown_distributed(world)
+        if rank != 0:
+            return None
+        result = run.combine(results)
     out = metrics.compute_metrics(result, None, subtypes_of(index, result), "all", run.settings.score, args.n_boot, run.seed)
     out["counts"] |= counts
     if run.is_cv:
         out["ensemble"] = {"models": [os.path.abspath(f.path) for f in run.folds], "references": run.references(),
-                           "combined": "mean of the fold models' slice scores, each z-scored against its reference"}
+                           "combined": "mean of the fold models' slice scores, each z-scored against its reference",
+                           "map": "mean of the fold models' maps, each divided by its reference spread of the run's "
+                                  f"score, times the mean spread ({result['map_scale']:.4g}): pixel metrics and overlays"}
+        if out["pixel"] is not None:
+            out["pixel"] = reference_dice(run, result, out["pixel"])
     return out, result, index
+
+
+def reference_dice(run, result, pixel):
+    """A CV run's Dice on an external set, at a threshold that never looked at the set's masks: the run's map
+    threshold (TrainedRun.map_threshold: the brain_p99 score of each fold's healthy reference slices, mean + 2
+    standard deviations, over its spread, averaged; predict.py's segmentation threshold) in the ensemble map's units."""
+    threshold = run.map_threshold()
+    if threshold is None:
+        return pixel
+    threshold *= result["map_scale"]
+    return pixel | {"dice": metrics.pixel_metrics(result["pixel"], threshold)["dice"], "dice_threshold": threshold,
+                    "dice_threshold_chosen_on": "the run's reference slices (each fold's healthy validation patients): "
+                                                "brain_p99 mean + 2 sd, predict.py's segmentation threshold"}
 
 
 def evaluate_out_of_fold(args, run):

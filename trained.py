@@ -12,9 +12,11 @@ validation slices of the fold, read or scored once and saved next to its checkpo
 cv.ensemble_results (scores and maps) or pooled by cv.pool_out_of_fold.
 """
 import dataclasses
+import functools
 import os
 
 import numpy as np
+import torch
 
 import cohort
 import config
@@ -137,6 +139,11 @@ class TrainedRun:
             results.append(self.score(sampled, rd, "all", keep_examples, rank, world)[0])
         return results, rd.index, counts
 
+    def ensemble_external(self, data_dir, eval_samples, keep_examples, chunk_bytes=None):
+        """--split all of a CV run (one process): every fold model on every patient of data_dir, combined, with the
+        pixel metrics and overlays of the ensemble map (ensemble_external). -> (result, the index, counts)."""
+        return ensemble_external(self, data_dir, eval_samples, keep_examples, chunk_bytes or ENSEMBLE_CHUNK_BYTES)
+
 
 def add_run_flags(p, checkpoint_help):
     """The flags of every script that opens a trained run (evaluate.py, predict.py, sweep.py): which run, and what may
@@ -177,18 +184,8 @@ def score_split(fold, rd, split, keep_examples, rank, world, with_val):
     positions = rd.cache.ok(rd.splits[split], run.min_brain_fraction)
     if len(positions) == 0:
         raise SystemExit(f"error: {run.data_dir}: the {split} split has no usable slices")
-    unusable_masks = {}  # position -> why
-
-    def gt_masks_fn(position):
-        try:
-            return inputs.load_gt_mask(run.data_dir, rd.index["id"][position], run.image_size)
-        except readers.BadFile as error:
-            if position not in unusable_masks and rank == 0:
-                print(f"skipped mask: {error}")
-            unusable_masks[position] = str(error)
-            return None
-    # Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none.
-    has_masks = any(gt_masks_fn(p) is not None for p in positions[rd.index["any"][positions] == 1])
+    gt_masks_fn, unusable_masks = mask_reader(run, rd.index, rank)
+    has_masks = has_bleed_masks(gt_masks_fn, rd.index, positions)
     common = dict(seed=fold.seed, workers=scoring.Workers(run.num_workers, rank, world),
                   gt_masks_fn=gt_masks_fn if has_masks else None)
     if rank == 0:
@@ -208,6 +205,27 @@ def score_split(fold, rd, split, keep_examples, rank, world, with_val):
     val = scoring.score_split(fold.diffusion, data.SliceDataset(rd.cache, rd.index, val_positions), fold.settings,
                               keep_examples=0, **common)
     return result, val
+
+
+def mask_reader(run, index, rank=0):
+    """(gt_masks_fn(position) -> the slice's bleed mask or None, {position: why} of the masks that did not fit their
+    slice): a mask that does not fit is said once and counted, and the slice is left out of the pixel metrics."""
+    unusable_masks = {}  # position -> why
+
+    def gt_masks_fn(position):
+        try:
+            return inputs.load_gt_mask(run.data_dir, index["id"][position], run.image_size)
+        except readers.BadFile as error:
+            if position not in unusable_masks and rank == 0:
+                print(f"skipped mask: {error}")
+            unusable_masks[position] = str(error)
+            return None
+    return gt_masks_fn, unusable_masks
+
+
+def has_bleed_masks(gt_masks_fn, index, positions):
+    """Pixel metrics only where the data set has bleed masks (the phantom, CT-ICH's *_HGE_Seg.jpg); RSNA has none."""
+    return any(gt_masks_fn(p) is not None for p in positions[index["any"][positions] == 1])
 
 
 def training_patients(fold):
@@ -259,3 +277,151 @@ def external_data(fold, data_dir, eval_samples):
     patients = {"all": np.unique(index["patient"][rows])}
     return data.RunData(index, {"all": rows}, cache, patients), {"training_patients_left_out": len(overlap),
                                                                "checked_against_training_patients": trained_on is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# a CV run on an external set: the fold models' maps as one, streamed
+
+# How many bytes of maps one chunk of slices may hold, all fold models' together (see ensemble_external).
+ENSEMBLE_CHUNK_BYTES = 256 * 2**20
+
+
+class ChunkOf(torch.utils.data.Dataset):
+    """Items lo..hi-1 of a data.SliceDataset, served as it serves them, with its aligned arrays cut alike."""
+
+    def __init__(self, dataset, lo, hi):
+        self.dataset, self.lo = dataset, lo
+        self.positions, self.labels = dataset.positions[lo:hi], dataset.labels[lo:hi]
+        self.patients, self.scans = dataset.patients[lo:hi], dataset.scans[lo:hi]
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        return self.dataset[self.lo + i]
+
+
+def scan_chunks(scans, most):
+    """[(lo, hi)]: consecutive runs of whole scans (a scan's slices are consecutive, in position order), each of at
+    most `most` slices unless one scan alone is longer: so --smooth_slices, which averages along a scan, gives a
+    chunk's slices the scores one pass over all of them gives."""
+    scans = np.asarray(scans)
+    bounds = [0, *(np.flatnonzero(scans[1:] != scans[:-1]) + 1).tolist(), len(scans)]
+    chunks, lo = [], 0
+    for start, end in zip(bounds[:-1], bounds[1:]):  # the scan of slices start..end-1
+        if end - lo > most and start > lo:  # it would overfill a chunk that holds something: close that one first
+            chunks.append((lo, start))
+            lo = start
+    if len(scans) > lo:
+        chunks.append((lo, len(scans)))
+    return chunks
+
+
+def external_sets(run, data_dir, eval_samples):
+    """Each fold model's slices of data_dir (external_data: its training patients left out) cut to the slices every
+    model scores (a slice that one of them leaves out has no ensemble score), as one data.SliceDataset per model.
+    -> (the datasets, the index, counts, slices skipped: bad files, too little brain)."""
+    caches, usable, skipped = [], [], []
+    for fold in run.folds:
+        sampled = dataclasses.replace(fold, run=dataclasses.replace(fold.run, eval_samples=eval_samples or "all"))
+        rd, counts = external_data(sampled, data_dir, eval_samples)
+        caches.append(rd.cache)  # the index is the same for every model (data_dir's): one is kept
+        usable.append(rd.cache.ok(rd.splits["all"], fold.run.min_brain_fraction))
+        skipped.append(int(len(rd.splits["all"]) - len(usable[-1])))
+    common = functools.reduce(np.intersect1d, usable)
+    if len(common) == 0:
+        raise SystemExit(f"error: {data_dir}: no usable slice that every fold model may score")
+    dropped = max(len(u) for u in usable) - len(common)
+    if dropped:
+        print(f"ensemble: {dropped} slice(s) not scored by every fold model (patients some fold trained on) are left out")
+    return [data.SliceDataset(cache, rd.index, common) for cache in caches], rd.index, counts, max(skipped)
+
+
+def ensemble_external(run, data_dir, eval_samples, keep_examples, chunk_bytes):
+    """TrainedRun.ensemble_external. Scores: cv.ensemble_results' (a slice's, the mean of the models' z-scores). The
+    ensemble map of a slice: the models' maps weighted by cv.map_weights (the mean of each map over its model's
+    reference spread, as ensemble_results and predict.py average them, times the mean spread: the same ranks, in the
+    residual range of the pixel histograms); the pixel histograms (where data_dir has bleed masks) and the overlay
+    examples (ranked by the ensemble score) are of it.
+    Memory: every model's maps of a whole set would not fit (RSNA: 100k+ slices x 128^2 x 4 B = 6.5 GB a model), so
+    the slices go through in chunks of whole scans (scan_chunks) of about chunk_bytes of maps, all models together:
+    each model scores the chunk with its maps kept, the chunk's ensemble maps go into the histograms and the few
+    examples kept, and the maps are let go. Each model still scores each slice once, as scoring model by model would.
+    -> (result, with "pixel", "examples" and "map_scale": the factor from ensemble_results' map units to these)."""
+    sets, index, counts, skipped = external_sets(run, data_dir, eval_samples)
+    statistics, score = run.references(), run.settings.score
+    gt_masks_fn, unusable = mask_reader(dataclasses.replace(run.run, data_dir=data_dir), index)
+    stream = EnsembleStream(cv.map_weights(statistics, score), run.settings, keep_examples,
+                            gt_masks_fn if has_bleed_masks(gt_masks_fn, index, sets[0].positions) else None)
+    size = sets[0][0]["image"].shape[-1]
+    most = max(1, chunk_bytes // ((len(run.folds) + 1) * size * size * 4))
+    print(f"scoring the all split: {len(sets[0])} slices with {len(run.folds)} fold models, in chunks of whole scans "
+          f"(at most {most} slices where scans allow)")
+    if scoring.smoothing_note(run.settings.smooth_slices, eval_samples or "all"):
+        print(scoring.smoothing_note(run.settings.smooth_slices, eval_samples or "all"))
+    parts = [[] for _ in run.folds]
+    for lo, hi in scan_chunks(sets[0].scans, most):
+        results = [scoring.score_split(f.diffusion, ChunkOf(ds, lo, hi), f.settings, seed=f.seed, keep_examples=0,
+                                       keep_maps=True, workers=scoring.Workers(f.run.num_workers))
+                   for f, ds in zip(run.folds, sets)]
+        stream.add(ChunkOf(sets[0], lo, hi), results, statistics)
+        for part, r in zip(parts, results):
+            r["maps"] = None  # let go before the next chunk is scored
+            part.append(r)
+    combined = cv.ensemble_results([joined(part, skipped) for part in parts], statistics, score)
+    pixel = stream.pixel if stream.pixel is not None and stream.pixel["pos"].sum() > 0 else None
+    if pixel is not None:
+        pixel["unusable_masks"] = len(unusable)
+    return combined | {"pixel": pixel, "examples": stream.examples,
+                       "map_scale": cv.map_scale(statistics, score)}, index, counts
+
+
+def joined(parts, skipped):
+    """A fold model's chunk results (score_split's, in position order) as one."""
+    out = {key: np.concatenate([p[key] for p in parts]) for key in ("positions", "labels", "levels", "patients", "scans")}
+    return out | {"scores": {name: np.concatenate([p["scores"][name] for p in parts]) for name in parts[0]["scores"]},
+                  "pixel": None, "examples": {}, "maps": None, "skipped_slices": skipped,
+                  "seconds": sum(p["seconds"] for p in parts)}
+
+
+# Overlay examples: which slices, ranked which way by the ensemble score (as scoring.score_split ranks them)
+RANKING = {"true positive": (1, -1), "false positive": (0, -1), "miss": (1, 1)}  # kind -> (label, sign of the key)
+
+
+class EnsembleStream:
+    """The pixel histograms and overlay examples of a CV run's ensemble map, added chunk by chunk (ensemble_external).
+    gt_masks_fn None: no pixel histograms (a data set without bleed masks)."""
+
+    def __init__(self, weights, settings, keep_examples, gt_masks_fn=None):
+        self.weights, self.settings, self.keep, self.gt_masks_fn = weights, settings, keep_examples, gt_masks_fn
+        self.pixel = scoring.new_pixel_accumulator() if gt_masks_fn is not None else None
+        self.examples = {kind: [] for kind in scoring.EXAMPLE_KINDS}
+
+    def add(self, chunk, results, statistics):
+        """One chunk (ChunkOf) as every fold model scored it, maps kept (results, in the models' order). A slice's
+        pixels are its ensemble map read as 0 outside the scored region, inside its intracranial mask, as scoring's
+        pixel histograms of one model's map (scoring._add_pixels, the same function)."""
+        maps = cv.ensemble_map([r["maps"] for r in results], self.weights)
+        z = cv.mean_normalised([r["scores"] for r in results], statistics, results[0]["levels"])[self.settings.score]
+        labels = results[0]["labels"]
+        wanted = self.candidates(z, labels)
+        for i in (range(len(chunk)) if self.pixel is not None else sorted(wanted)):
+            item = chunk[i]
+            region = scoring.scored_masks(item["mask"][None], item["anatomy"][None], self.settings)[0]
+            gt = None if self.pixel is None else scoring._add_pixels(
+                self.pixel, maps[i], region, item["mask"].numpy(), int(labels[i]), self.gt_masks_fn(int(item["position"])))
+            for kind in wanted.get(i, ()):
+                self.examples[kind].append({"kind": kind, "position": int(item["position"]), "label": int(labels[i]),
+                                            "score": float(z[i]), "image": item["image"][0].numpy().copy(),
+                                            "map": np.array(maps[i], np.float32), "brain_mask": region, "gt_mask": gt})
+        for kind, (_, sign) in RANKING.items():
+            self.examples[kind] = sorted(self.examples[kind], key=lambda ex: sign * ex["score"])[:self.keep]
+
+    def candidates(self, z, labels):
+        """{chunk row: [kinds]}: the rows that may enter the examples, each kind's keep_examples best of the chunk."""
+        wanted = {}
+        for kind, (label, sign) in RANKING.items():
+            rows = np.flatnonzero(labels == label)
+            for i in rows[np.argsort(sign * z[rows], kind="stable")][:self.keep]:
+                wanted.setdefault(int(i), []).append(kind)
+        return wanted
