@@ -1,12 +1,14 @@
 """The data set as patients: which layout a folder holds, its label tables, the slice index (one row per slice, cached
 as .npz) and the patient-level splits.
 
-Three layouts are read, detected from the folder (or forced with dataset="rsna"|"ctich"|"nifti"):
+Four layouts are read, detected from the folder (or forced with dataset="rsna"|"ctich"|"images"|"nifti"):
   rsna : <data_dir>/stage_2_train/ID_<hex>.dcm + stage_2_train.csv
          (RSNA Intracranial Hemorrhage Detection, or the phantom that phantom.py writes); DICOM may be
          compressed (JPEG Lossless, JPEG-LS, JPEG 2000, RLE) or lack the 128-byte preamble
   ctich: <data_dir>/Patients_CT/<pid>/{brain,bone}/<n>.jpg + hemorrhage_diagnosis.csv
          (PhysioNet CT-ICH v1.0.0, Hssayeni et al. 2020, CC BY 4.0)
+  images: <data_dir>/images/<any path>.png|.jpg + labels.csv (file,label[,patient,scan,slice]): 2-D slices in a
+         stated window (stated_window: --image_window, else window.txt, else 40,80)
   nifti: <data_dir>/ct_scans/<name>.nii[.gz] + masks/<name>.nii[.gz] (CT-ICH >= 1.3.1), images/ + labels/
          (BHSD-style, mask values 1-5 = SUBTYPES), ... (NIFTI_FOLDERS): one index row per axial slice, its id
          "<volume>#<k>" (slice_id, split_slice_id)
@@ -27,8 +29,8 @@ import nibabel
 import numpy as np
 from nibabel.orientations import io_orientation
 
-from readers import (DEFAULT_WORKERS, BadFile, axial_slices, check_jpg, installed_decoders, is_nifti, load_nifti,
-                     nifti_name, one_line, parallel_map, read_header, report_skips, source_identity)
+from readers import (DEFAULT_WORKERS, IMAGE_SUFFIXES, BadFile, axial_slices, check_image, check_jpg, installed_decoders,
+                     is_nifti, load_nifti, nifti_name, one_line, parallel_map, read_header, report_skips, source_identity)
 from runfiles import check_cache_dir, default_cache_dir, note, write_atomically
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
@@ -36,7 +38,7 @@ LABELS = ("any",) + SUBTYPES
 SHORT_NAMES = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
                "subarachnoid": "SAH", "subdural": "SDH"}
 INDEX_COLUMNS = ("id", "path", "patient", "scan", "series", "z") + LABELS
-CACHE_VERSION = 5  # 5: no intracranial mask on face / neck slices (inputs.MIN_BONE_OUTLINE); 4: slice caches hold anatomy codes (inputs.anatomy_code), not 0/1 masks; bump when decoding or the cache layout changes, so old caches are not reused
+CACHE_VERSION = 6  # 6: framing, stated windows, border-cut skulls (inputs.intracranial_mask's wall); 5: no intracranial mask on face / neck slices (inputs.MIN_BONE_OUTLINE); 4: slice caches hold anatomy codes (inputs.anatomy_code), not 0/1 masks; bump when decoding or the cache layout changes, so old caches are not reused
 # what a run reads unless told otherwise (train.py's flags; evaluate.py falls back to them for old checkpoints)
 DEFAULT_SEED = 42  # the split seed
 DEFAULT_NUM_SAMPLES = 2000  # healthy training slices
@@ -48,7 +50,8 @@ HOW_TO_GET_DATA = ("get the RSNA data (kaggle competitions download -c rsna-intr
 # ---------------------------------------------------------------------------------------------
 # where things are
 
-LAYOUTS = {"rsna": ("stage_2_train", "stage_2_train.csv"), "ctich": ("Patients_CT", "hemorrhage_diagnosis.csv")}
+LAYOUTS = {"rsna": ("stage_2_train", "stage_2_train.csv"), "ctich": ("Patients_CT", "hemorrhage_diagnosis.csv"),
+           "images": ("images", "labels.csv")}  # images: 2-D slice images (PNG/JPG) in a stated window, build_images_index
 # NIfTI volumes <images>/<name>.nii[.gz] with bleed masks of the same name in <masks>/ (the first pair present is
 # used). What a mask value means: "classes" = BHSD's numbering, 1..5 = SUBTYPES in this order (a dataset.json with
 # "labels", as BHSD and nnU-Net ship, overrides it); "binary" = any non-zero voxel is a bleed, subtype not given.
@@ -78,7 +81,7 @@ def has_layout(data_dir, dataset):
 
 
 def detect_dataset(data_dir):
-    """"rsna", "ctich" or "nifti" from the files in data_dir; SystemExit saying how to get data otherwise."""
+    """"rsna", "ctich", "images" or "nifti" from the files in data_dir; SystemExit saying how to get data otherwise."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise SystemExit(f"error: {data_dir}: no such folder; {HOW_TO_GET_DATA}")
@@ -88,8 +91,8 @@ def detect_dataset(data_dir):
     if not [name for name in os.listdir(data_dir) if not name.startswith(".")]:
         raise SystemExit(f"error: {data_dir}: folder is empty; {HOW_TO_GET_DATA}")
     raise SystemExit(f"error: {data_dir}: neither the RSNA layout (stage_2_train/ + stage_2_train.csv), the CT-ICH "
-                     f"layout (Patients_CT/ + hemorrhage_diagnosis.csv) nor NIfTI volumes with masks (ct_scans/ + masks/ "
-                     f"or images/ + labels/); {HOW_TO_GET_DATA}")
+                     f"layout (Patients_CT/ + hemorrhage_diagnosis.csv), 2-D images (images/ + labels.csv) nor NIfTI "
+                     f"volumes with masks (ct_scans/ + masks/ or images/ + labels/); {HOW_TO_GET_DATA}")
 
 
 def check_dataset(data_dir, dataset):
@@ -266,6 +269,140 @@ def build_ctich_index(data_dir, num_workers):
     return columns, skips
 
 
+# ---------------------------------------------------------------------------------------------
+# the 2-D image layout: <data_dir>/images/... (PNG, JPG, 8- or 16-bit grey or RGB) + labels.csv, in a stated window
+
+DEFAULT_IMAGE_WINDOW = (40.0, 80.0)  # (level, width) in HU: the common brain window
+IMAGE_WINDOW_FILE = "window.txt"  # optional, in data_dir: "level,width" of the folder's images (scripts/export_png.py writes it)
+IMAGE_COLUMNS = ("file", "label")  # required; optional: patient, scan, slice, and any of SUBTYPES
+
+
+def parse_window(text):
+    """"level,width" (HU, width > 0) -> (level, width); ValueError with a one-line reason otherwise."""
+    parts = str(text).replace(" ", "").split(",")
+    try:
+        level, width = (float(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"expected level,width in HU (e.g. 40,80), got {text!r}")
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"expected a finite level and a width above 0 (e.g. 40,80), got {text!r}")
+    return level, width
+
+
+def window_flag(text):
+    """--image_window: "level,width", checked, as the normalised text saved with the run (e.g. "40,80")."""
+    try:
+        level, width = parse_window(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    return f"{level:g},{width:g}"
+
+
+def stated_window(data_dir, flag=None):
+    """The HU range [low, high] the 2-D images of data_dir were stored in: --image_window (flag) where given, else the
+    folder's window.txt, else DEFAULT_IMAGE_WINDOW (40,80 -> 0..80 HU). A bad window.txt is a one-line error."""
+    source = "--image_window"
+    if flag is None:
+        path = os.path.join(os.fspath(data_dir), IMAGE_WINDOW_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8-sig") as f:
+                flag, source = f.read().strip(), path
+    if flag is None:
+        level, width = DEFAULT_IMAGE_WINDOW
+    elif isinstance(flag, (tuple, list)):
+        level, width = (float(v) for v in flag)
+    else:
+        try:
+            level, width = parse_window(flag)
+        except ValueError as error:
+            raise SystemExit(f"error: {source}: {error}")
+    return (level - width / 2, level + width / 2)
+
+
+def _table_value(row, name, csv_path, line_number, binary=False):
+    value = (row.get(name) or "").strip()
+    if not binary:
+        return value or None
+    if value not in ("0", "1"):
+        raise SystemExit(f"error: {csv_path}:{line_number}: {name}={value!r}, expected 0 or 1")
+    return int(value)
+
+
+def read_image_labels(csv_path):
+    """labels.csv of the 2-D image layout -> [(line number, file, [6 labels in LABELS order], patient, scan, slice)].
+    Columns file,label (0/1: any bleed) are needed; patient, scan, slice (its order in the scan) and subtype columns
+    (SUBTYPES, 0/1) may be there; a missing optional value is None. A bad value, a subtype under label 0 or a file
+    listed twice is a one-line error naming the line."""
+    reader = csv.DictReader(io.StringIO(read_label_text(csv_path), newline=""))
+    fields = [name.strip() for name in reader.fieldnames or []]
+    reader.fieldnames = fields
+    missing = [name for name in IMAGE_COLUMNS if name not in fields]
+    if missing:
+        raise SystemExit(f"error: {csv_path}: missing column(s) {', '.join(missing)} (needed: file,label; optional: "
+                         "patient,scan,slice and subtype columns)")
+    rows, seen = [], {}
+    for line_number, row in enumerate(reader, 2):
+        file = _table_value(row, "file", csv_path, line_number)
+        if file is None:
+            raise SystemExit(f"error: {csv_path}:{line_number}: empty file name")
+        if file in seen:
+            raise SystemExit(f"error: {csv_path}:{line_number}: {file} is listed twice (first on line {seen[file]})")
+        seen[file] = line_number
+        labels = [_table_value(row, "label", csv_path, line_number, True)]
+        labels += [_table_value(row, name, csv_path, line_number, True) if name in fields else 0 for name in SUBTYPES]
+        if labels[0] == 0 and 1 in labels[1:]:
+            raise SystemExit(f"error: {csv_path}:{line_number}: label=0 but {LABELS[labels.index(1, 1)]}=1 (the row "
+                             "contradicts itself)")
+        number = _table_value(row, "slice", csv_path, line_number)
+        try:
+            number = None if number is None else float(number)
+        except ValueError:
+            raise SystemExit(f"error: {csv_path}:{line_number}: slice={number!r}, expected a number")
+        rows.append((line_number, file, labels, _table_value(row, "patient", csv_path, line_number),
+                     _table_value(row, "scan", csv_path, line_number), number))
+    return rows
+
+
+def image_id(file):
+    """The index id of a 2-D image: "img_" + its path under images/, less the suffix, "/" and "#" made "_"."""
+    stem = os.path.splitext(file.replace("\\", "/"))[0]
+    return "img_" + stem.replace("/", "_").replace("#", "_")
+
+
+def build_images_index(data_dir, num_workers):
+    """One row per listed image of the 2-D image layout. patient: its column, else the scan's, else the image's
+    folder under images/ (the file name for a file at the top); scan: its column, else the patient's; z: the slice
+    column, else the row's order in the table. Missing, unreadable or unlisted images are counted skips."""
+    csv_path, image_dir = os.path.join(data_dir, "labels.csv"), os.path.join(data_dir, "images")
+    skips, kept, ids, order = [], [], set(), collections.Counter()
+    for line_number, file, labels, patient, scan, number in read_image_labels(csv_path):
+        path = "images/" + file.replace("\\", "/").lstrip("/")
+        folder = os.path.dirname(file.replace("\\", "/")) or os.path.splitext(os.path.basename(file))[0]
+        patient, scan = patient or scan or folder, scan or patient or folder
+        z = order[scan] if number is None else number
+        order[scan] += 1
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            skips.append((path, f"not an image file ({', '.join(IMAGE_SUFFIXES)})"))
+        elif not os.path.isfile(os.path.join(data_dir, path)):
+            skips.append((path, "in labels.csv but file missing"))
+        elif image_id(file) in ids:
+            skips.append((path, f"same id as another image ({image_id(file)})"))
+        else:
+            ids.add(image_id(file))
+            kept.append((image_id(file), path, patient, scan, z, labels))
+    columns = {name: [] for name in INDEX_COLUMNS}
+    paths = [os.path.join(data_dir, path) for _, path, *_ in kept]
+    for (key, path, patient, scan, z, labels), (ok, result) in zip(kept, parallel_map(check_image, paths, num_workers, "headers")):
+        if not ok:
+            skips.append((path, result))
+            continue
+        for column, value in zip(INDEX_COLUMNS, (key, path, patient, scan, scan, z, *labels)):
+            columns[column].append(value)
+    if not os.path.isdir(image_dir):
+        raise SystemExit(f"error: {image_dir}: no such folder")
+    return columns, skips
+
+
 NIFTI_PATIENT_TABLE = "patients.csv"  # optional, in data_dir: columns scan,patient (scan = volume name)
 SUBTYPE_NAMES = {**{name: name for name in SUBTYPES}, **{short.lower(): name for name, short in SHORT_NAMES.items()},
                  "extradural": "epidural", "intracerebral": "intraparenchymal"}
@@ -397,7 +534,7 @@ def data_signature(data_dir, dataset):
         images, masks, _ = nifti_folders(data_dir)
         names = [images, masks, NIFTI_PATIENT_TABLE, "dataset.json"]
     else:
-        names = list(LAYOUTS[dataset])
+        names = list(LAYOUTS[dataset]) + ([IMAGE_WINDOW_FILE] if dataset == "images" else [])
     parts = [dataset]
     for name in names:
         if os.path.exists(os.path.join(data_dir, name)):
@@ -480,7 +617,7 @@ def load_index(data_dir, dataset=None, cache_dir=None, num_workers=DEFAULT_WORKE
         except (OSError, KeyError, ValueError):  # damaged or older cache: build it again
             pass
     start = time.time()
-    build = {"rsna": build_rsna_index, "ctich": build_ctich_index, "nifti": build_nifti_index}[dataset]
+    build = {"rsna": build_rsna_index, "ctich": build_ctich_index, "images": build_images_index, "nifti": build_nifti_index}[dataset]
     columns, skips = build(data_dir, num_workers)
     report_skips("index", skips)
     if not columns["id"]:

@@ -12,6 +12,7 @@ import math
 import os
 
 import cohort
+import inputs
 import models
 import runfiles
 import scoring
@@ -33,6 +34,8 @@ class RunConfig:
     num_workers: int = 2
     min_brain_fraction: float = 0.0
     verify_cache: bool = False
+    image_window: str = None  # "level,width" of 2-D images (the images layout); None: the folder's window.txt, else 40,80
+    framing: str = "none"  # how a slice is brought to the model's frame (inputs.FRAMINGS); saved in the model config
     # model
     pretrained: bool = False
     hf_model: str = "google/ddpm-ema-celebahq-256"
@@ -109,7 +112,7 @@ def resolve(cls, saved, overrides=None):
 
 
 # fields whose default is None: "not recorded" is not worth a note for them
-_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "folds", "fold"}
+_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "folds", "fold", "image_window"}
 
 
 def add_run_flags(p):
@@ -134,6 +137,11 @@ def add_run_flags(p):
                    help="use only slices whose intracranial mask covers at least this fraction of the image, "
                         "in training and evaluation (leaves out face, skull-base and vertex slices)")
     add_verify_cache_flag(g)
+    g.add_argument("--image_window", type=cohort.window_flag, default=d.image_window, help="level,width in HU that the "
+                   "2-D images of --data_dir (images/ + labels.csv) were saved in (default: its window.txt, else 40,80)")
+    g.add_argument("--framing", default=d.framing, choices=list(inputs.FRAMINGS),
+                   help="none: the slice padded to a square and resized (as before); head: cropped to the head's "
+                        "bounding box plus a margin, square, then resized, at training and scoring (saved with the model)")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
     g.add_argument("--hf_model", default=d.hf_model, help="hub id or local directory (offline clusters)")
@@ -221,7 +229,7 @@ def check_flags(flags):
     models.pick_device(get("device") or "auto")
 
 
-READ_BACK_FLAGS = ("data_dir", "eval_samples", "num_workers", "min_brain_fraction", "verify_cache")  # what a script reading a run may set
+READ_BACK_FLAGS = ("data_dir", "eval_samples", "num_workers", "min_brain_fraction", "verify_cache", "image_window")  # what a script reading a run may set
 # options removed in ct-pddpm (issue 27) that old runs still record, with the value that meant "off"; a run that trained
 # with --bleed_train_fraction is refused (cohort.refuse_bleed_training), one scored with a removed scoring option is
 # scored without it, with a note, and a removed scored region is refused

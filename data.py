@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
-                    load_index, make_splits, neighbour_rows, relative_heights, slice_number, split_patients)
-from inputs import (BONE, INTRACRANIAL, NON_TISSUE, SCORED_REGIONS, WINDOWS, add_neighbour_bone, check_input_hu, hu_range, intracranial,
-                    load_gt_mask, load_slice, nifti_slice_input, region_mask, tissue_classes, window_hu)
+                    load_index, make_splits, neighbour_rows, relative_heights, slice_number, split_patients, stated_window)
+from inputs import (BONE, INTRACRANIAL, NON_TISSUE, SCORED_REGIONS, STATED, WINDOWS, Frame, InputHU, add_neighbour_bone,
+                    check_input_hu, framing_of, hu_range, intracranial, load_gt_mask, load_slice, nifti_slice_input,
+                    read_stated_image, region_mask, tissue_classes, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
 from runfiles import cache_lock, check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
@@ -33,16 +34,17 @@ from runfiles import cache_lock, check_cache_dir, check_figure_format, default_c
 # ---------------------------------------------------------------------------------------------
 # the slice cache
 
-def load_file_slices(item, input_hu, image_size):
-    """[load_slice result, or the BadFile reason of that slice] for item = (path, slice numbers): a NIfTI volume is
-    read once for all of its slices asked for; any other file is one slice."""
+def load_file_slices(item, input_hu, image_size, window=None):
+    """[load_slice result with its frame, or the BadFile reason of that slice] for item = (path, slice numbers): a
+    NIfTI volume is read once for all of its slices asked for; any other file is one slice. window: the stated
+    window of the images layout (None for the others)."""
     path, numbers = item
     if not is_nifti(path):
-        return [load_slice(path, input_hu, image_size)]
+        return [load_slice(path, input_hu, image_size, window=window, with_frame=True)]
     results = []
     for hu in read_nifti_slices(path, numbers):
         try:
-            results.append(nifti_slice_input(hu, input_hu, image_size))
+            results.append(nifti_slice_input(hu, input_hu, image_size, with_frame=True))
         except BadFile as error:
             results.append(str(error))
     return results
@@ -59,7 +61,8 @@ def file_groups(index, positions):
 
 class SliceCache:
     """Decoded slices on disk, one row per index row: images float16 [N, C, S, S] in [-1, 1], brain
-    anatomy codes uint8 [N, S, S] (inputs.anatomy_code; "masks"), state uint8 [N] (0 not decoded, 1 ok, 2 bad file). Memory-mapped read-only
+    anatomy codes uint8 [N, S, S] (inputs.anatomy_code; "masks"), frames int64 [N, 5] (inputs.Frame: the square of
+    the slice's own pixels that became the input), state uint8 [N] (0 not decoded, 1 ok, 2 bad file). Memory-mapped read-only
     on first use; pickles as its file prefix only, so DataLoader workers map the files themselves."""
 
     def __init__(self, prefix):
@@ -68,8 +71,16 @@ class SliceCache:
 
     def _open(self):
         if self._arrays is None:
-            self._arrays = {name: np.load(f"{self.prefix}.{name}.npy", mmap_mode="r") for name in ("images", "masks", "state")}
+            self._arrays = {name: np.load(f"{self.prefix}.{name}.npy", mmap_mode="r")
+                            for name in ("images", "masks", "state", "frames")}
         return self._arrays
+
+    def frame(self, position):
+        """The inputs.Frame the slice at this index row was framed with (what its ground-truth mask must go through:
+        inputs.load_gt_mask(..., frame=cache.frame(position))), or None when it did not decode."""
+        if self.state[position] != 1:
+            return None
+        return Frame(*(int(v) for v in self._open()["frames"][position]))
 
     @property
     def images(self):
@@ -101,9 +112,10 @@ class SliceCache:
 
 
 def _create_cache_files(prefix, n, channels, image_size):
-    """Create the four files, all together (with every row "not decoded") unless all are there already."""
+    """Create the five files, all together (with every row "not decoded") unless all are there already."""
     shapes = {"images": ((n, channels, image_size, image_size), np.float16),
-              "masks": ((n, image_size, image_size), np.uint8), "source": ((n, 3), np.int64), "state": ((n,), np.uint8)}
+              "masks": ((n, image_size, image_size), np.uint8), "source": ((n, 3), np.int64),
+              "frames": ((n, len(Frame._fields)), np.int64), "state": ((n,), np.uint8)}
     try:
         if all(np.load(f"{prefix}.{name}.npy", mmap_mode="r").shape == shape for name, (shape, _) in shapes.items()):
             return
@@ -115,25 +127,31 @@ def _create_cache_files(prefix, n, channels, image_size):
         os.replace(temporary, f"{prefix}.{name}.npy")
 
 
-def slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir):
+def slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir, window=None):
     """The slice cache's file prefix: the absolute data folder and the index's ids are in its hash, so two data
-    folders with the same image ids never share rows, even in one --cache_dir; so is the input representation (a
-    model trained on other windows never reads these inputs)."""
+    folders with the same image ids never share rows, even in one --cache_dir; so are the input representation (a
+    model trained on other windows never reads these inputs), the stated window of 2-D images (window) and the
+    framing (inputs.framing_of: a row framed to the head is never served to a model that frames none)."""
     key = os.path.abspath(data_dir) + "\n" + "\n".join(index["id"].tolist())
     key_hash = hashlib.sha1(key.encode()).hexdigest()[:12]
-    windows = hashlib.sha1(repr([[float(v) for v in pair] for pair in input_hu]).encode()).hexdigest()[:8]
-    return os.path.join(cache_dir, f"slices_{dataset}_{key_hash}_{image_size}px_{len(input_hu)}ch_{windows}_v{CACHE_VERSION}")
+    pairs = [[float(v) for v in pair] for pair in input_hu]
+    stated = "" if window is None else repr([float(v) for v in window])
+    windows = hashlib.sha1((repr(pairs) + stated).encode()).hexdigest()[:8]
+    framing = framing_of(input_hu)
+    return os.path.join(cache_dir, f"slices_{dataset}_{key_hash}_{image_size}px_{len(input_hu)}ch_{windows}"
+                                   f"{'' if framing == 'none' else '_' + framing}_v{CACHE_VERSION}")
 
 
-def _decode_rows(prefix, data_dir, index, todo, identities, input_hu, image_size, num_workers):
-    """Decode the rows `todo` into the cache files; -> the skipped (path, reason) pairs."""
+def _decode_rows(prefix, data_dir, index, todo, identities, decode, num_workers):
+    """Decode the rows `todo` into the cache files with decode (load_file_slices with its settings); -> the skipped
+    (path, reason) pairs."""
     state = np.load(f"{prefix}.state.npy", mmap_mode="r+")
     state[todo] = 0  # first: a run interrupted below never trusts a row it had begun to replace
     state.flush()
     images = np.load(f"{prefix}.images.npy", mmap_mode="r+")
     masks = np.load(f"{prefix}.masks.npy", mmap_mode="r+")
     source = np.load(f"{prefix}.source.npy", mmap_mode="r+")
-    decode = functools.partial(load_file_slices, input_hu=input_hu, image_size=image_size)
+    frames = np.load(f"{prefix}.frames.npy", mmap_mode="r+")
     groups = file_groups(index, todo)
     items = [(os.path.join(data_dir, path), [slice_number(index["id"][p]) for p in rows]) for path, rows in groups]
     skips, done = [], 0
@@ -144,12 +162,12 @@ def _decode_rows(prefix, data_dir, index, todo, identities, input_hu, image_size
                 state[position] = 2
                 skips.append((path if len(rows) == 1 else str(index["id"][position]), result))
             else:
-                images[position], masks[position] = result
+                images[position], masks[position], frames[position] = result
                 state[position] = 1
             done += 1
             if done % 512 == 0:  # data before state, so an interrupted run never trusts a row it did not write
-                images.flush(), masks.flush(), source.flush(), state.flush()
-    images.flush(), masks.flush(), source.flush(), state.flush()
+                images.flush(), masks.flush(), frames.flush(), source.flush(), state.flush()
+    images.flush(), masks.flush(), frames.flush(), source.flush(), state.flush()
     return skips
 
 
@@ -194,40 +212,53 @@ def _rows_to_decode(prefix, data_dir, index, positions, verify_cache, num_worker
 def prepare_slices(data_dir, index, positions, image_size, input_hu, cache_dir=None, num_workers=DEFAULT_WORKERS,
                    verify_cache=False):
     """Decode the given index rows once into the memory-mapped SliceCache, as model inputs in the representation
-    input_hu (inputs.native_input_hu; a model's is in its checkpoint). A row decoded before (by an earlier
+    input_hu (inputs.native_input_hu, with its framing, inputs.InputHU; a model's is in its checkpoint). 2-D images
+    (the images layout) are read in their stated window (stated_window_of). A row decoded before (by an earlier
     epoch or run) is used again only if its file is the same one (size and modification time; with verify_cache a
     hash of its bytes instead of the time); a changed file is decoded again, and a file that is gone or no longer
     decodes is a counted skip. Two runs on the same cache fill it one after the other (runfiles.cache_lock).
     Prints slices/s and a summary."""
     data_dir = os.fspath(data_dir)
     dataset = check_dataset(data_dir, None)
-    check_input_hu(input_hu, dataset, data_dir)
+    window = stated_window_of(data_dir, input_hu)
+    check_input_hu(input_hu, dataset, data_dir, window)
     cache_dir = check_cache_dir(cache_dir) if cache_dir else default_cache_dir(data_dir)
-    prefix = slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir)
+    prefix = slice_cache_prefix(data_dir, dataset, index, image_size, input_hu, cache_dir, window)
     with cache_lock(f"{prefix}.lock", "the slice cache"):
         _fill_cache(prefix, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache)
     return SliceCache(prefix)
 
 
+def stated_window_of(data_dir, input_hu):
+    """The stated window (low, high) HU that the 2-D images of data_dir are read in (the images layout; None for the
+    others): the run's --image_window where input_hu carries one (inputs.InputHU.image_window, open_run_data), else
+    the folder's window.txt, else 40,80 (cohort.stated_window)."""
+    if check_dataset(data_dir, None) != "images":
+        return None
+    return stated_window(data_dir, getattr(input_hu, "image_window", None))
+
+
 def _fill_cache(prefix, data_dir, index, positions, image_size, input_hu, num_workers, verify_cache):
     """prepare_slices' work, under the cache's lock (prefix: in the cache folder)."""
+    channels, window = len(input_hu), stated_window_of(data_dir, input_hu)
+    decode = functools.partial(load_file_slices, input_hu=input_hu, image_size=image_size, window=window)
     cache_dir = os.path.dirname(prefix)
     try:
-        _create_cache_files(prefix, len(index["id"]), len(input_hu), image_size)
+        _create_cache_files(prefix, len(index["id"]), channels, image_size)
     except OSError as error:
         raise SystemExit(f"error: --cache_dir {cache_dir}: cannot write the slice cache ({error.strerror or error})")
     positions = np.asarray(positions, np.int64)
     neighbours = neighbour_rows(index, positions)  # a slice is read beside its neighbours (SliceDataset): decode them too
     positions = np.unique(np.concatenate([positions, neighbours[neighbours >= 0]]))
     identities, gone, changed, todo = _rows_to_decode(prefix, data_dir, index, positions, verify_cache, num_workers)
-    check_free_space(cache_dir, len(todo), len(input_hu), image_size)
+    check_free_space(cache_dir, len(todo), channels, image_size)
     state = np.load(f"{prefix}.state.npy", mmap_mode="r+")
     state[gone] = 2
     state.flush()
     skips = [(str(index["path"][p]), "file missing since the index was built") for p in gone]
     start = time.time()
     if len(todo):
-        skips += _decode_rows(prefix, data_dir, index, todo, identities, input_hu, image_size, num_workers)
+        skips += _decode_rows(prefix, data_dir, index, todo, identities, decode, num_workers)
         seconds = time.time() - start
         print(f"slices: decoded {len(todo)} in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):.0f} slices/s) -> {prefix}.*.npy")
     report_skips("slices", skips)
@@ -319,7 +350,8 @@ def in_turn(build, rank, world):
 
 def open_run_data(run, input_hu, decode, *, saved_splits=None, rank=0, world=1):
     """The index, the patient-level splits (make_splits) and a slice cache holding the splits named in `decode`
-    (e.g. ("train", "val")), in the input representation input_hu, as train.py, evaluate.py, sweep.py and bench.py
+    (e.g. ("train", "val")), in the input representation input_hu (with its framing; 2-D images read in the run's
+    --image_window where it has one), as train.py, evaluate.py, sweep.py and bench.py
     all read them. run: the run's configuration (config.RunConfig, or train.py's flags): data_dir, dataset,
     cache_dir, num_workers, verify_cache, image_size, seed (the splits), num_samples and eval_samples. saved_splits: a
     run's splits record (splits_record / load_splits_record): its patient lists are used instead of drawing them from
@@ -331,7 +363,8 @@ def open_run_data(run, input_hu, decode, *, saved_splits=None, rank=0, world=1):
         patients = split_patients(index, run.seed) if saved_splits is None else apply_saved_splits(index, saved_splits)
         splits = make_splits(index, run.seed, run.num_samples, run.eval_samples, patients=patients)
         needed = np.concatenate([splits[name] for name in decode])
-        cache = prepare_slices(run.data_dir, index, needed, run.image_size, input_hu, cache_dir=run.cache_dir,
+        reading = InputHU(input_hu, framing_of(input_hu), getattr(run, "image_window", None))
+        cache = prepare_slices(run.data_dir, index, needed, run.image_size, reading, cache_dir=run.cache_dir,
                                num_workers=run.num_workers, verify_cache=run.verify_cache)
         return RunData(index, splits, cache, patients)
     return in_turn(build, rank, world)
@@ -381,6 +414,9 @@ def _show_pixels(data_dir, index, position, dataset, rows):
     if dataset == "ctich":
         pixels = read_ctich_slice(path)
         return pixels, pixels
+    if dataset == "images":
+        pixels = read_stated_image(path, stated_window(data_dir))
+        return {"brain": pixels[STATED]}, pixels
     hu = read_nifti_slices(path, [slice_number(index["id"][position])])[0] if is_nifti(path) else hu_from_dicom(path)
     return {name: window_hu(hu, *hu_range(name)) for name in rows}, hu
 
@@ -394,7 +430,7 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by
     dataset = check_dataset(data_dir, dataset)
     index = load_index(data_dir, dataset, cache_dir=cache_dir)
     picks = (pick_level_slices if by_level else pick_show_slices)(index, columns, seed)
-    rows = ("brain", "bone") if dataset == "ctich" else ("brain", "subdural", "bone")
+    rows = {"ctich": ("brain", "bone"), "images": ("brain",)}.get(dataset, ("brain", "subdural", "bone"))
     fig, axes = plt.subplots(len(rows), len(picks), figsize=(2.1 * len(picks), 2.1 * len(rows) + 0.6), squeeze=False,
                              layout="constrained")
     for c, position in enumerate(picks):
@@ -423,7 +459,7 @@ def show_grid(data_dir, out, dataset=None, columns=8, seed=0, cache_dir=None, by
             if truth is not None:
                 ax.contour(truth, levels=[0.5], colors="red", linewidths=0.7)
             if c == 0:
-                level_width = f" L{WINDOWS[name][0]}/W{WINDOWS[name][1]}" if dataset != "ctich" else " JPG"
+                level_width = f" L{WINDOWS[name][0]}/W{WINDOWS[name][1]}" if dataset not in ("ctich", "images") else " as stored"
                 ax.text(4, 4, name + level_width, color="yellow", fontsize=7, va="top")
             ax.set_axis_off()
     fig.suptitle(f"{data_dir} ({dataset}): green = intracranial mask, cyan = {scored_region} region (bone margin {bone_margin}), "

@@ -1,6 +1,9 @@
 """Model inputs from decoded slices: the input representation (per channel, the HU range at input -1 and +1: made
-at training from the layout, native_input_hu, and saved in the checkpoint), make_input (any layout onto it), inputs
-float [C, S, S] in [-1, 1], intracranial masks, and the ground-truth bleed masks resized like their slice."""
+at training from the layout, native_input_hu, and saved in the checkpoint, with the framing: InputHU), make_input (any
+layout onto it, pre-windowed images bridged by their stored or stated windows), the frame of a slice (slice_frame:
+--framing), inputs float [C, S, S] in [-1, 1], intracranial masks (skull rings cut by the border, or saturated with
+blood: skull_ring), and the ground-truth bleed masks framed and resized like their slice."""
+import collections
 import functools
 import os
 import warnings
@@ -13,7 +16,7 @@ from scipy import ndimage
 
 from cohort import nifti_volumes, split_slice_id
 from readers import (BadFile, axial_slices, check_jpg, check_plausible_hu, check_size, hu_from_dicom, load_nifti,
-                     read_ctich_slice, read_jpg)
+                     read_ctich_slice, read_image, read_jpg)
 
 WINDOWS = {"brain": (40, 80), "subdural": (80, 200), "bone": (600, 2800)}  # (level, width) in HU
 # Which window each input channel shows. CT-ICH has no subdural window (its JPGs are brain and bone
@@ -26,6 +29,40 @@ CHANNEL_WINDOWS = {1: ("brain",), 2: ("brain", "bone"), 3: ("brain", "subdural",
 # bone L700/W3200) as 8 bits: the HU inside a window are recoverable to 1/255 of its width, outside it they are gone.
 JPG_WINDOWS = {"brain": (-20.0, 100.0), "bone": (-900.0, 2300.0)}
 MIN_GREY_LEVELS = 64  # a channel rebuilt from an 8-bit JPG must keep at least this many grey levels across its range
+STATED = "image"  # the key of a 2-D image read in the window its user stated (the images layout; Windowed)
+MIN_OVERLAP = 0.5  # a stated window that does not cover a channel must cover this fraction of its range (jpg_source)
+FRAMINGS = ("none", "head")  # --framing: how a slice is brought to the model's frame (slice_frame)
+
+
+class InputHU(list):
+    """The input representation as the scripts pass it: per channel [HU at input -1, HU at +1] (the list the
+    checkpoint's config["input_hu"] holds) with the framing the model was trained at (.framing, FRAMINGS; the
+    checkpoint's config["framing"]). A plain list of pairs means framing "none" (framing_of). .image_window: the
+    run's --image_window ("level,width"), which 2-D images are read in (data.stated_window_of), or None."""
+
+    def __init__(self, pairs, framing="none", image_window=None):
+        super().__init__([float(low), float(high)] for low, high in pairs)
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
+        self.framing, self.image_window = framing, image_window
+
+
+def framing_of(input_hu):
+    return getattr(input_hu, "framing", "none")
+
+
+class Windowed(dict):
+    """Pre-windowed images {name: image in [-1, 1]} with the HU window each was stored with (.windows: {name: (low,
+    high)}): CT-ICH's JPGs (a plain dict means JPG_WINDOWS), or one 2-D image {STATED: ...} in the window its user
+    stated. make_input bridges either onto a model's representation (channel_input)."""
+
+    def __init__(self, images, windows):
+        super().__init__(images)
+        self.windows = {name: (float(low), float(high)) for name, (low, high) in windows.items()}
+
+
+def windows_of(pixels):
+    return getattr(pixels, "windows", JPG_WINDOWS)
 
 
 def hu_range(name):
@@ -34,56 +71,133 @@ def hu_range(name):
     return [level - width / 2, level + width / 2]
 
 
-def native_input_hu(dataset, channels):
+def native_input_hu(dataset, channels, window=None):
     """The input representation a run trains with on this layout, per channel [HU at input -1, HU at +1]: the CT
     windows of CHANNEL_WINDOWS for DICOM and NIfTI; for CT-ICH's JPGs the windows they were stored with (the brain
-    JPG stands in for the subdural window, which the release lacks). Saved in the checkpoint (models.Diffusion): new
-    data of any layout is mapped onto it (make_input)."""
+    JPG stands in for the subdural window, which the release lacks); for 2-D images (the images layout) their stated
+    window (low, high) on every channel. Saved in the checkpoint (models.Diffusion): new data of any layout is mapped
+    onto it (make_input)."""
     if channels not in CHANNEL_WINDOWS:
         raise ValueError(f"channels must be one of {sorted(CHANNEL_WINDOWS)}, got {channels}")
+    if dataset == "images":
+        return [[float(v) for v in (window or stated_range(None))] for _ in CHANNEL_WINDOWS[channels]]
     if dataset == "ctich":
         return [list(JPG_WINDOWS["bone" if name == "bone" else "brain"]) for name in CHANNEL_WINDOWS[channels]]
     return [hu_range(name) for name in CHANNEL_WINDOWS[channels]]
 
 
-def jpg_source(low, high):
-    """The stored JPG window a channel [low, high] HU is read from: the window itself where it is one (taken as
-    stored, bit for bit), else the finest stored window that covers it with MIN_GREY_LEVELS grey levels; None when
-    no window can (the range reaches where the JPGs saturate, or too few grey levels are left)."""
-    for name, window in JPG_WINDOWS.items():
-        if window == (low, high):
+def stated_range(window):
+    """(low, high) HU of a stated window: (low, high) itself, or the default brain window 40,80 when None."""
+    if window is None:
+        level, width = WINDOWS["brain"]
+        return (level - width / 2, level + width / 2)
+    return (float(window[0]), float(window[1]))
+
+
+def jpg_source(low, high, windows=None):
+    """The stored window (of windows, default CT-ICH's JPG_WINDOWS) a channel [low, high] HU is read from: the window
+    itself where it is one (taken as stored, bit for bit), else the finest stored window that covers it with
+    MIN_GREY_LEVELS grey levels; for a stated window (STATED, the images layout) also one that covers MIN_OVERLAP of
+    the channel with MIN_GREY_LEVELS grey levels there (its saturated pixels are filled from the anatomy,
+    channel_input). None when no window can."""
+    windows = JPG_WINDOWS if windows is None else windows
+    for name, window in windows.items():
+        if tuple(window) == (low, high):
             return name
-    covering = [(w[1] - w[0], name) for name, w in JPG_WINDOWS.items()
+    covering = [(w[1] - w[0], name) for name, w in windows.items()
                 if w[0] <= low and high <= w[1] and (high - low) / (w[1] - w[0]) * 255 >= MIN_GREY_LEVELS]
-    return min(covering)[1] if covering else None
+    if covering:
+        return min(covering)[1]
+    if STATED in windows:
+        w_low, w_high = windows[STATED]
+        overlap = min(high, w_high) - max(low, w_low)
+        if overlap >= MIN_OVERLAP * (high - low) and overlap / (w_high - w_low) * 255 >= MIN_GREY_LEVELS:
+            return STATED
+    return None
 
 
-def check_input_hu(input_hu, dataset, what):
+def check_input_hu(input_hu, dataset, what, window=None):
     """A one-line SystemExit when a model's input representation cannot be made from this layout's files (only
-    pre-windowed JPGs can fail: DICOM and NIfTI hold the HU themselves)."""
-    if dataset != "ctich":
+    pre-windowed images can fail: DICOM and NIfTI hold the HU themselves). window: the stated window (low, high) of
+    the images layout."""
+    if dataset not in ("ctich", "images"):
         return
+    windows = {STATED: stated_range(window)} if dataset == "images" else JPG_WINDOWS
     for k, (low, high) in enumerate(input_hu):
-        if jpg_source(low, high) is None:
-            raise SystemExit(f"error: {what}: the model's input channel {k} is {low:g}..{high:g} HU, which CT-ICH's 8-bit "
-                             f"JPGs (brain {JPG_WINDOWS['brain'][0]:g}..{JPG_WINDOWS['brain'][1]:g} HU, bone "
-                             f"{JPG_WINDOWS['bone'][0]:g}..{JPG_WINDOWS['bone'][1]:g} HU) cannot give with "
-                             f"{MIN_GREY_LEVELS}+ grey levels; score this model on DICOM or NIfTI data")
+        if jpg_source(low, high, windows) is not None:
+            continue
+        if dataset == "images":
+            w_low, w_high = windows[STATED]
+            raise SystemExit(f"error: {what}: the model's input channel {k} is {low:g}..{high:g} HU, which images in the "
+                             f"stated window {w_low:g}..{w_high:g} HU (level {(w_low + w_high) / 2:g}, width "
+                             f"{w_high - w_low:g}) cannot give: they must cover {MIN_OVERLAP:.0%} of it with "
+                             f"{MIN_GREY_LEVELS}+ grey levels (check --image_window / window.txt)")
+        raise SystemExit(f"error: {what}: the model's input channel {k} is {low:g}..{high:g} HU, which CT-ICH's 8-bit "
+                         f"JPGs (brain {JPG_WINDOWS['brain'][0]:g}..{JPG_WINDOWS['brain'][1]:g} HU, bone "
+                         f"{JPG_WINDOWS['bone'][0]:g}..{JPG_WINDOWS['bone'][1]:g} HU) cannot give with "
+                         f"{MIN_GREY_LEVELS}+ grey levels; score this model on DICOM or NIfTI data")
 
 
 # ---------------------------------------------------------------------------------------------
 # windows and model inputs
 
-def _square_resize(stack, image_size, pad_value, mode):
-    """[C, H, W] -> [C, S, S]: pad to a square (centred, keeps the aspect ratio), then resize."""
-    stack = np.asarray(stack, np.float32)
-    h, w = stack.shape[-2:]
+# The square of a slice's pixels that becomes the model's S x S input: rows [top, top + side), columns [left, left +
+# side) of the slice's own height x width grid; it may reach outside the slice (air there). slice_frame makes it.
+Frame = collections.namedtuple("Frame", "height width top left side")
+FRAME_MARGIN = 0.08  # --framing head: air added on each side of the head's bounding box, as a fraction of its larger side
+
+
+def centred_frame(shape):
+    """Framing "none": the slice padded with air to a square, centred (its aspect ratio kept)."""
+    h, w = (int(v) for v in shape)
     side = max(h, w)
-    if h != w:
-        top, left = (side - h) // 2, (side - w) // 2
-        padded = np.full(stack.shape[:-2] + (side, side), pad_value, np.float32)
-        padded[..., top:top + h, left:left + w] = stack
-        stack = padded
+    return Frame(h, w, -((side - h) // 2), -((side - w) // 2), side)
+
+
+def slice_frame(shape, head=None, framing="none"):
+    """The Frame of a slice of this shape. "none": centred_frame (today's padding to a square). "head": the head's
+    bounding box (head: bool [H, W], tissue_classes; its largest piece after an opening of 1/50 of its size, so a
+    head rest or a cable touching it does not move the box), made square about its centre and widened by
+    FRAME_MARGIN on each side: a head is brought to the same place and size whatever the field of view, the air
+    around it or the scale it was exported at. No head found: "none"."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
+    if framing == "none" or head is None or not np.any(head):
+        return centred_frame(shape)
+    reach = max(1, round(np.sqrt(head.sum()) / 50))
+    opened = _largest_component(ndimage.binary_opening(head, iterations=reach))
+    head = opened if opened.any() else head
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    extent = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    side = max(2, int(round(extent * (1 + 2 * FRAME_MARGIN))))
+    top, left = (int(round((first + last + 1 - side) / 2)) for first, last in ((rows[0], rows[-1]), (cols[0], cols[-1])))
+    return Frame(int(shape[0]), int(shape[1]), top, left, side)
+
+
+def as_frame(frame_or_shape):
+    """A Frame, or the centred_frame of an (H, W) shape (what callers passed before framing existed)."""
+    return frame_or_shape if isinstance(frame_or_shape, Frame) else centred_frame(tuple(frame_or_shape)[-2:])
+
+
+def crop_to_frame(stack, frame, pad_value):
+    """[..., H, W] -> [..., side, side]: the frame's square of the slice, pad_value where it reaches outside."""
+    stack = np.asarray(stack, np.float32)
+    h, w, top, left, side = frame
+    if (top, left, side) == (0, 0, h) and h == w:
+        return stack
+    out = np.full(stack.shape[:-2] + (side, side), pad_value, np.float32)
+    r0, r1, c0, c1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
+    if r1 > r0 and c1 > c0:
+        out[..., r0 - top:r1 - top, c0 - left:c1 - left] = stack[..., r0:r1, c0:c1]
+    return out
+
+
+def _square_resize(stack, image_size, pad_value, mode, frame=None):
+    """[C, H, W] -> [C, S, S]: the frame's square (default centred_frame: padded to a square, aspect ratio kept),
+    then resized."""
+    stack = np.asarray(stack, np.float32)
+    stack = crop_to_frame(stack, as_frame(stack.shape) if frame is None else frame, pad_value)
+    side = stack.shape[-1]
     if image_size is None or image_size == side:
         return stack
     tensor = torch.from_numpy(np.ascontiguousarray(stack))[None]
@@ -99,44 +213,74 @@ def window_hu(hu, low, high):
     return (np.clip((np.asarray(hu, np.float32) - low) / (high - low), 0, 1) * 2 - 1).astype(np.float32)
 
 
-def channel_input(pixels, low, high):
-    """One input channel [H, W] in [-1, 1]: HU windowed to [low, high], or a stored JPG window (pixels: dict of
-    window name -> image in [-1, 1]) taken as it is or mapped back to HU and windowed again."""
+BEYOND_HU = (-1000.0, 3000.0)  # what a saturated pixel of a stated window is taken as where the anatomy says air/fat, bone
+
+
+def channel_input(pixels, low, high, classes=None):
+    """One input channel [H, W] in [-1, 1]: HU windowed to [low, high], or a stored window (pixels: dict of window
+    name -> image in [-1, 1], windows_of) taken as it is or mapped back to HU and windowed again. Where a stated
+    window does not cover the channel, what it saturates is filled from the anatomy (classes: tissue_classes):
+    bottomed-out air and fat outside the intracranial mask at BEYOND_HU[0], saturated bone at BEYOND_HU[1]; the rest
+    (saturated blood, CSF) at the window's edge."""
     if not isinstance(pixels, dict):
         return window_hu(pixels, low, high)
-    name = jpg_source(low, high)
+    windows = windows_of(pixels)
+    name = jpg_source(low, high, windows)
     if name is None:
-        raise ValueError(f"no stored JPG window gives {low:g}..{high:g} HU (check_input_hu)")
-    stored_low, stored_high = JPG_WINDOWS[name]
+        raise ValueError(f"no stored window gives {low:g}..{high:g} HU (check_input_hu)")
+    stored_low, stored_high = windows[name]
     if (stored_low, stored_high) == (low, high):
         return pixels[name]
-    return window_hu(stored_low + (pixels[name] + 1) / 2 * (stored_high - stored_low), low, high)
+    hu = stored_low + (pixels[name] + 1) / 2 * (stored_high - stored_low)
+    if not (stored_low <= low and high <= stored_high):
+        inside, bone, non_tissue, _ = tissue_classes(pixels) if classes is None else classes
+        hu = np.where(bone, BEYOND_HU[1], np.where(non_tissue & ~inside, BEYOND_HU[0], hu))
+    return window_hu(hu, low, high)
 
 
-def make_input(pixels, input_hu, image_size):
+def make_input(pixels, input_hu, image_size, frame=None, classes=None):
     """Model input, float32 [C, S, S] in [-1, 1], in the representation input_hu (native_input_hu).
 
-    pixels: a 2-D HU slice (DICOM, NIfTI, the phantom), or CT-ICH's dict of pre-windowed images in [-1, 1] keyed by
-    JPG_WINDOWS name. Non-square slices are padded with air (-1)."""
-    stack = [channel_input(pixels, low, high) for low, high in input_hu]
-    return np.clip(_square_resize(np.stack(stack), image_size, -1.0, "bilinear"), -1, 1)
+    pixels: a 2-D HU slice (DICOM, NIfTI, the phantom), CT-ICH's dict of pre-windowed images in [-1, 1] keyed by
+    JPG_WINDOWS name, or a Windowed 2-D image. frame: the slice's square (slice_frame; default the one input_hu's
+    framing finds); outside the slice is air (-1). classes: tissue_classes of pixels, where the caller has them."""
+    if frame is None:
+        frame = slice_frame(_shape_of(pixels), _head_for(pixels, input_hu, classes), framing_of(input_hu))
+    stack = [channel_input(pixels, low, high, classes) for low, high in input_hu]
+    return np.clip(_square_resize(np.stack(stack), image_size, -1.0, "bilinear", frame), -1, 1)
 
 
-def to_slice_shape(image, shape):
-    """The inverse of make_input's square padding and resize for a 2-D map [S, S] (e.g. an anomaly map): back onto
-    its slice's own [H, W] pixels (bilinear), so that it lies on the slice it was computed from."""
-    h, w = shape
-    side = max(h, w)
+def _shape_of(pixels):
+    return next(iter(pixels.values())).shape if isinstance(pixels, dict) else np.shape(pixels)
+
+
+def _head_for(pixels, input_hu, classes):
+    """The head mask slice_frame needs (None where the framing is "none")."""
+    if framing_of(input_hu) == "none":
+        return None
+    return (tissue_classes(pixels) if classes is None else classes)[3]
+
+
+def to_slice_shape(image, frame):
+    """The inverse of make_input's framing and resize for a 2-D map [S, S] (e.g. an anomaly map): back onto its
+    slice's own [H, W] pixels (bilinear), so that it lies on the slice it was computed from; 0 where the frame did not
+    reach. frame: the slice's Frame, or its (H, W) shape for framing "none"."""
+    h, w, top, left, side = as_frame(frame)
     tensor = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
     if side != tensor.shape[-1]:
         tensor = F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False)
-    top, left = (side - h) // 2, (side - w) // 2
-    return tensor[0, 0, top:top + h, left:left + w].numpy()
+    square = tensor[0, 0].numpy()
+    out = np.zeros((h, w), np.float32)
+    r0, r1, c0, c1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
+    if r1 > r0 and c1 > c0:
+        out[r0:r1, c0:c1] = square[r0 - top:r1 - top, c0 - left:c1 - left]
+    return out
 
 
-def resize_mask(mask, image_size):
-    """bool [H, W] -> bool [S, S], padded to a square like make_input; a pixel is in if >= half covered."""
-    return _square_resize(np.asarray(mask, np.float32)[None], image_size, 0.0, "area")[0] >= 0.5
+def resize_mask(mask, image_size, frame=None):
+    """bool [H, W] -> bool [S, S], framed like make_input (default: padded to a square); a pixel is in if >= half
+    covered."""
+    return _square_resize(np.asarray(mask, np.float32)[None], image_size, 0.0, "area", frame)[0] >= 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +321,27 @@ def bone_along_outline(region, bone, reach):
     return (outline & ndimage.binary_dilation(bone, iterations=reach)).sum() / max(outline.sum(), 1)
 
 
+def border_wall(head):
+    """bool [H + 2, W + 2]: a one-pixel frame around the slice, set where the head (bool [H, W]) touches the slice's
+    border. A skull ring cut by the border (a tight crop) is closed along the cut by it, so that the inside of the
+    head is a hole to fill; where air reaches the border, the frame stays open."""
+    wall = np.zeros((head.shape[0] + 2, head.shape[1] + 2), bool)
+    wall[0, 1:-1], wall[-1, 1:-1], wall[1:-1, 0], wall[1:-1, -1] = head[0], head[-1], head[:, 0], head[:, -1]
+    return wall
+
+
 def intracranial_mask(bone, tissue):
+    """intracranial_mask_inside, with the border_wall of the head (bone | tissue) where the head touches the slice's
+    border: the slice is padded by one pixel that is bone there and air elsewhere, so a skull ring cut by the border
+    still closes (the pad is dropped again)."""
+    wall = border_wall(bone | tissue)
+    if not wall.any():
+        return intracranial_mask_inside(bone, tissue)
+    inside = intracranial_mask_inside(np.pad(bone, 1) | wall, np.pad(tissue, 1))
+    return inside[1:-1, 1:-1]
+
+
+def intracranial_mask_inside(bone, tissue):
     """Inside the skull, bone and air/fat excluded, eroded a little.
 
     bone: pixels dense enough to be skull; tissue: pixels that are not air or fat. The skull is
@@ -207,6 +371,40 @@ def brain_mask_from_hu(hu):
     return intracranial_mask(hu >= 200, hu > -50)
 
 
+SKULL_HU = 200.0  # bone where the HU are known (brain_mask_from_hu)
+TISSUE_HU = -50.0  # above air and fat (brain_mask_from_hu)
+BLOOD_SATURATES_HU = 95.0  # a stated window whose saturation level (its top, less 2.5 %) is below this saturates acute
+# blood (50-90 HU) as well as bone: the skull is then told from saturated blood by its shape (skull_ring)
+
+
+RING_FACTOR = 1.0  # skull_ring: bone within this many median ring thicknesses (+1 px) of the outer region
+
+
+def skull_ring(saturated, head):
+    """The part of the saturated pixels (bool [H, W]) that is skull, where the window saturates blood as well (e.g.
+    40/80 -> 0..80 HU). The skull is a ring whose outer table faces the scalp and the air around the head: a
+    saturated piece that does not reach the region outside the (closed, border-walled) ring is not bone (a bleed,
+    a calcification inside); in a piece that does, only what lies within RING_FACTOR ring thicknesses (+1 px) of that
+    outer region is bone, the ring thickness being the median distance from it to the ring's inner edge: most of an
+    epidural or subdural bleed lying on the inner table, saturated as well, stays out (on phantom slices at 40/80 the
+    mask keeps 80 % of the epidural and 62 % of the subdural pixels that the mask from HU keeps, and no bone >= 200 HU;
+    1.5 thicknesses kept 38 % and 17 %). A ring that does not close (skull base,
+    a fracture) has no inner edge to measure; then all of its pieces that reach the outer region are bone."""
+    wall = border_wall(head)
+    padded = np.pad(saturated, 1) | wall
+    ring = _closing(padded, max(1, round(min(saturated.shape) / 100)))
+    filled = _fill_holes(ring)
+    outer, interior = ~filled, filled & ~ring
+    labels, _ = ndimage.label(ring)
+    touching = np.unique(labels[ndimage.binary_dilation(outer) & ring])
+    bone = np.isin(labels, touching[touching > 0])
+    inner_edge = bone & ndimage.binary_dilation(interior)
+    if inner_edge.any():
+        depth = ndimage.distance_transform_edt(~outer)
+        bone &= depth <= RING_FACTOR * np.median(depth[inner_edge]) + 1
+    return (bone & padded & ~wall)[1:-1, 1:-1]
+
+
 def brain_mask_from_windowed(brain):
     """Intracranial mask from a brain-window image in [-1, 1] (CT-ICH's JPG, L40/W120 = -20..100 HU).
 
@@ -219,24 +417,43 @@ def brain_mask_from_windowed(brain):
 # ---------------------------------------------------------------------------------------------
 # one slice: file -> (model input, brain mask)
 
-def load_slice(path, input_hu, image_size):
+def read_stated_image(path, window):
+    """A 2-D slice image (readers.read_image) as Windowed {STATED: image in [-1, 1]} in its stated window (low, high)."""
+    return Windowed({STATED: read_image(path) * 2 - 1}, {STATED: stated_range(window)})
+
+
+def load_slice(path, input_hu, image_size, window=None, with_frame=False):
     """Decode one slice: (image float16 [C, S, S] in [-1, 1] in the representation input_hu, anatomy code uint8
-    [S, S] (anatomy_code))."""
-    if path.endswith(".jpg"):  # {"brain": ..., "bone": ...}, already windowed; the bone JPG finds bone (anatomy_code)
+    [S, S] (anatomy_code)), and its Frame with_frame. window: a 2-D image's stated window (low, high) HU (the images
+    layout); without one a .jpg is a CT-ICH slice, anything else DICOM."""
+    if window is not None:
+        pixels = read_stated_image(path, window)
+    elif path.endswith(".jpg"):  # {"brain": ..., "bone": ...}, already windowed; the bone JPG finds bone (anatomy_code)
         pixels = read_ctich_slice(path, with_bone=True)
     else:
         with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
             warnings.simplefilter("ignore")
             pixels = hu_from_dicom(path)
-    return input_and_brain_mask(pixels, input_hu, image_size)
+    result = decode_pixels(pixels, input_hu, image_size)
+    return result if with_frame else result[:2]
+
+
+def decode_pixels(pixels, input_hu, image_size):
+    """(image float16 [C, S, S] in [-1, 1], anatomy code uint8 [S, S], Frame) of one decoded slice (HU, CT-ICH's
+    dict, or a Windowed image): the tissue classes once, at the slice's own resolution; the frame input_hu's framing
+    finds from them; the input and the anatomy code both through that frame."""
+    shape = _shape_of(pixels)
+    check_size(shape)
+    classes = tissue_classes(pixels)
+    frame = slice_frame(shape, classes[3], framing_of(input_hu))
+    image = make_input(pixels, input_hu, image_size, frame, classes)
+    return image.astype(np.float16), anatomy_code(pixels, image_size, frame, classes), frame
 
 
 def input_and_brain_mask(pixels, input_hu, image_size):
     """(image float16 [C, S, S] in [-1, 1], anatomy code uint8 [S, S]) of one decoded slice (HU, or CT-ICH's
-    dict)."""
-    check_size(pixels["brain"].shape if isinstance(pixels, dict) else pixels.shape)
-    image = make_input(pixels, input_hu, image_size)
-    return image.astype(np.float16), anatomy_code(pixels, image_size)
+    dict): decode_pixels without the frame."""
+    return decode_pixels(pixels, input_hu, image_size)[:2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,59 +545,89 @@ def region_mask(codes, region, bone_margin):
     return inside & no_bone_3d(codes, bone_margin)
 
 
+def windowed_classes(image, low, high, bone_image=None):
+    """tissue_classes of a pre-windowed image in [-1, 1] stored over [low, high] HU (CT-ICH's brain JPG, or a 2-D image
+    in its stated window). The HU rules where the window shows them (bone >= SKULL_HU, tissue > TISSUE_HU, air/fat
+    below NON_TISSUE_HU), else the window's edges: bone where it saturates (its top 2.5 %), tissue above its bottom
+    5 %, non-tissue in its bottom 2.5 %: exactly brain_mask_from_windowed on CT-ICH's brain JPG (-20..100 HU). Where the
+    window saturates blood too (top below BLOOD_SATURATES_HU), the skull is its ring (skull_ring). bone_image: CT-ICH's
+    bone JPG, which must also say >= BONE_HU for the bone bit."""
+    width = high - low
+    level = lambda hu: (hu - low) / width * 2 - 1  # noqa: E731 (HU -> the image's units)
+    top = min(SKULL_HU, low + 0.975 * width)
+    saturated = image >= level(top)
+    tissue = image > level(max(TISSUE_HU, low + 0.05 * width))
+    non_tissue = image <= level(max(NON_TISSUE_HU, low + 0.025 * width))
+    head = _fill_holes(_largest_component(~non_tissue | saturated))
+    skull = skull_ring(saturated, head) if top < BLOOD_SATURATES_HU else saturated
+    inside = intracranial_mask(skull, tissue)
+    bone = skull.copy()
+    if bone_image is not None:
+        b_low, b_high = JPG_WINDOWS["bone"]
+        bone &= b_low + (bone_image + 1) / 2 * (b_high - b_low) >= BONE_HU
+    elif top >= BONE_HU:  # the window shows the HU up to BONE_HU: the bone bit as for HU slices
+        bone = image >= level(BONE_HU)
+    return inside, bone, non_tissue, head
+
+
 def tissue_classes(pixels):
     """(intracranial, bone, non_tissue, head): bool [H, W] each, of one decoded slice at its own resolution. HU
-    slices: thresholds. CT-ICH's windowed JPGs: the intracranial mask from the brain JPG (brain_mask_from_windowed);
-    bone where the brain JPG saturates (>= ~97 HU) and, where the bone JPG was read, it says >= BONE_HU as well;
-    non-tissue where the brain JPG bottoms out."""
+    slices: thresholds. Pre-windowed images (CT-ICH's JPGs, a Windowed 2-D image): windowed_classes of the brain JPG
+    (with the bone JPG where read) or of the stated image."""
     if isinstance(pixels, dict):
-        brain = pixels["brain"]
-        inside = brain_mask_from_windowed(brain)
-        bone = brain >= 0.95
-        if "bone" in pixels:
-            low, high = JPG_WINDOWS["bone"]
-            bone &= low + (pixels["bone"] + 1) / 2 * (high - low) >= BONE_HU
-        non_tissue = brain <= -0.95
-    else:
-        inside = brain_mask_from_hu(pixels)
-        bone, non_tissue = pixels >= BONE_HU, pixels < NON_TISSUE_HU
+        name = "brain" if "brain" in pixels else STATED
+        low, high = windows_of(pixels)[name]
+        return windowed_classes(pixels[name], low, high, pixels.get("bone") if name == "brain" else None)
+    inside = brain_mask_from_hu(pixels)
+    bone, non_tissue = pixels >= BONE_HU, pixels < NON_TISSUE_HU
     head = _fill_holes(_largest_component(~non_tissue | bone))
     return inside, bone, non_tissue, head
 
 
-def anatomy_code(pixels, image_size):
-    """uint8 [S, S] anatomy code (INTRACRANIAL | BONE | NON_TISSUE | HEAD bits) of one decoded slice, resized like
-    its input: the intracranial mask and the head as resize_mask (half a pixel), bone and non-tissue where
-    PART_OF_PIXEL of a pixel is."""
-    inside, bone, non_tissue, head = tissue_classes(pixels)
-    fraction = _square_resize(np.stack([inside, bone, non_tissue, head]).astype(np.float32), image_size, 0.0, "area")
+def anatomy_code(pixels, image_size, frame=None, classes=None):
+    """uint8 [S, S] anatomy code (INTRACRANIAL | BONE | NON_TISSUE | HEAD bits) of one decoded slice, framed and resized
+    like its input (frame: default padded to a square): the intracranial mask and the head as resize_mask (half a
+    pixel), bone and non-tissue where PART_OF_PIXEL of a pixel is. classes: tissue_classes, where already made."""
+    inside, bone, non_tissue, head = tissue_classes(pixels) if classes is None else classes
+    fraction = _square_resize(np.stack([inside, bone, non_tissue, head]).astype(np.float32), image_size, 0.0, "area", frame)
     bits = (fraction[0] >= 0.5, fraction[1] >= PART_OF_PIXEL, fraction[2] >= PART_OF_PIXEL, fraction[3] >= 0.5)
     return sum(bit.astype(np.uint8) * value for bit, value in zip(bits, (INTRACRANIAL, BONE, NON_TISSUE, HEAD))).astype(np.uint8)
 
 
-def nifti_slice_input(hu, input_hu, image_size):
-    """input_and_brain_mask of one NIfTI slice, after the HU check every DICOM slice gets in hu_from_dicom."""
+def nifti_slice_input(hu, input_hu, image_size, with_frame=False):
+    """input_and_brain_mask of one NIfTI slice (decode_pixels with_frame), after the HU check every DICOM slice gets
+    in hu_from_dicom."""
     check_plausible_hu(hu, True)
-    return input_and_brain_mask(hu, input_hu, image_size)
+    result = decode_pixels(hu, input_hu, image_size)
+    return result if with_frame else result[:2]
 
 
 # ---------------------------------------------------------------------------------------------
 # ground-truth bleed masks
 
-def load_gt_mask(data_dir, image_id, image_size):
-    """Ground-truth bleed mask as bool [S, S] (resized like the slice), or None if there is none: the phantom's
-    <data_dir>/masks/<id>.npy, or CT-ICH's Patients_CT/<pid>/brain/<n>_HGE_Seg.jpg. BadFile when a mask does not
-    fit its slice (the caller counts it and leaves the slice out of the pixel metrics)."""
+def load_gt_mask(data_dir, image_id, image_size, frame=None):
+    """Ground-truth bleed mask as bool [S, S] (framed and resized like the slice: frame, the slice's Frame as the slice
+    cache records it, data.SliceCache.frame; default padded to a square, framing "none"), or None if there is none:
+    the phantom's <data_dir>/masks/<id>.npy, or CT-ICH's Patients_CT/<pid>/brain/<n>_HGE_Seg.jpg. BadFile when a
+    mask does not fit its slice (the caller counts it and leaves the slice out of the pixel metrics)."""
     if str(image_id).startswith("ctich_"):
-        return _ctich_gt_mask(os.fspath(data_dir), str(image_id), image_size)
+        return _ctich_gt_mask(os.fspath(data_dir), str(image_id), image_size, frame)
     volume, k = split_slice_id(image_id)
     if k is not None:  # a slice of a NIfTI volume: "<volume>#<k>"
         slices = _nifti_mask_slices(os.fspath(data_dir), volume)
-        return None if slices is None else resize_mask(slices[k], image_size)
+        return None if slices is None else resize_mask(slices[k], image_size, _checked(frame, slices[k].shape, image_id))
     path = os.path.join(os.fspath(data_dir), "masks", f"{image_id}.npy")
     if not os.path.exists(path):
         return None
-    return resize_mask(np.load(path), image_size)
+    mask = np.load(path)
+    return resize_mask(mask, image_size, _checked(frame, mask.shape, path))
+
+
+def _checked(frame, shape, what):
+    """frame, or BadFile when it was found on a slice of another shape than the mask's."""
+    if frame is not None and (frame.height, frame.width) != tuple(shape):
+        raise BadFile(f"{what}: mask of {shape[0]}x{shape[1]} pixels, its slice is {frame.height}x{frame.width}")
+    return frame
 
 
 @functools.lru_cache(maxsize=2)  # slices are scored in index order, volume after volume: each mask is read once
@@ -399,7 +646,7 @@ def _cached_nifti_volumes(data_dir):
     return nifti_volumes(data_dir)
 
 
-def _ctich_gt_mask(data_dir, image_id, image_size):
+def _ctich_gt_mask(data_dir, image_id, image_size, frame=None):
     """CT-ICH's hemorrhage mask next to the brain slice: same size, white = hemorrhage; JPEG, so mid-grey splits."""
     _, pid, n = image_id.split("_")
     brain_dir = os.path.join(data_dir, "Patients_CT", pid, "brain")
@@ -410,4 +657,4 @@ def _ctich_gt_mask(data_dir, image_id, image_size):
     width, height = check_jpg(os.path.join(brain_dir, f"{n}.jpg"))
     if mask.shape != (height, width):
         raise BadFile(f"{path}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, its slice is {height}x{width}")
-    return resize_mask(mask, image_size)
+    return resize_mask(mask, image_size, frame)

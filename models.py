@@ -441,8 +441,9 @@ def complete_config(checkpoint, path):
                          "the network cannot be rebuilt from it")
     defaults = {"patch_size": lambda: args.get("patch_size") or config["image_size"] // 4, "schedule": lambda: dict(SCHEDULE),
                 "precision": lambda: args.get("precision") or "auto",
-                "input_hu": lambda: inputs.native_input_hu(trained_layout(args), config["in_channels"])}
+                "input_hu": lambda: inputs.native_input_hu(trained_layout(args), config["in_channels"], trained_window(args))}
     config.setdefault("train_noise", "gaussian")  # the only training noise before it was recorded: no note
+    config.setdefault("framing", "none")  # the only framing before it was recorded: no note
     if config["kind"] == "scratch":  # the only widths and dropout of the scratch UNet before they were recorded
         config.setdefault("channel_mults", [1, 2, 4, 8])
         config.setdefault("dropout", 0.1)
@@ -453,6 +454,17 @@ def complete_config(checkpoint, path):
         print(f"note: {path}: written by {written}; {', '.join(filled)} taken from its args or the layout it trained on "
               f"(input {config['input_hu']} HU)")
     return config
+
+
+def trained_window(args):
+    """The stated window (low, high) HU of the 2-D images a run trained on (its --image_window, else its folder's), or
+    None for another layout."""
+    if trained_layout(args) != "images":
+        return None
+    try:
+        return cohort.stated_window(args.get("data_dir") or ".", args.get("image_window"))
+    except SystemExit:  # its window.txt is unreadable now
+        return None
 
 
 def trained_layout(args):
@@ -517,7 +529,8 @@ FORMAT = 3  # checkpoint format: 3 = config holds the Diffusion's patch_size, in
 class Diffusion:
     """The trained model as every script uses it: the network with its noise schedule, training patch size,
     precision (the autocast dtype on the network's device) and the input representation it was trained on
-    (input_hu: per channel, the HU at input -1 and +1; inputs.native_input_hu). config is the plain data a
+    (input_hu: per channel, the HU at input -1 and +1, inputs.native_input_hu; an inputs.InputHU that also carries
+    the framing, config["framing"], "none" for checkpoints before it). config is the plain data a
     checkpoint records (model_config plus those four); save_checkpoint / load_checkpoint write and read it, so no
     caller builds a scheduler.
 
@@ -529,7 +542,8 @@ class Diffusion:
         self.network, self.config = network, dict(config)
         self.patch_size = int(config["patch_size"])
         self.train_noise = config.get("train_noise", "gaussian")
-        self.input_hu = [[float(low), float(high)] for low, high in config["input_hu"]]
+        self.framing = config.get("framing", "none")  # inputs.FRAMINGS; carried by input_hu to every reader
+        self.input_hu = inputs.InputHU(config["input_hu"], self.framing)
         self.scheduler = DDPMScheduler(**config["schedule"])
         self.precision = precision or config.get("precision", "auto")
         self.device = next(network.parameters(), torch.zeros(0)).device  # a test double may have no weights
@@ -562,12 +576,15 @@ class Diffusion:
         return PatchStep(patch_loss(x0_hat.float(), x0, boxes, p), x_t, x0_hat, boxes, t)
 
 
-def diffusion_config(network_config, *, patch_size, input_hu, precision="auto", train_noise="gaussian"):
-    """A Diffusion's config: the network's (model_config) with the patch size, input representation, noise
-    schedule, training noise (TRAIN_NOISES) and precision of the run."""
+def diffusion_config(network_config, *, patch_size, input_hu, precision="auto", train_noise="gaussian", framing="none"):
+    """A Diffusion's config: the network's (model_config) with the patch size, input representation, framing
+    (inputs.FRAMINGS), noise schedule, training noise (TRAIN_NOISES) and precision of the run."""
     if train_noise not in TRAIN_NOISES:
         raise ValueError(f"train_noise must be one of {', '.join(TRAIN_NOISES)}, got {train_noise!r}")
+    if framing not in inputs.FRAMINGS:
+        raise ValueError(f"framing must be one of {', '.join(inputs.FRAMINGS)}, got {framing!r}")
     return dict(network_config) | {"patch_size": int(patch_size), "input_hu": [[float(v) for v in pair] for pair in input_hu],
+                                   "framing": framing,
                                    "schedule": dict(SCHEDULE), "train_noise": train_noise, "precision": precision,
                                    "format": FORMAT}
 

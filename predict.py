@@ -127,16 +127,17 @@ def scan_name(text, used):
 # decoding and scoring one scan
 
 def decode_dicom(path, input_hu, image_size):
-    """(model input, brain mask, the slice's own [H, W]) of one DICOM slice, as the slice cache has it."""
+    """(model input, brain mask, its inputs.Frame: the square of the slice's own [H, W] pixels the input was made
+    from, which maps its anomaly map back) of one DICOM slice, as the slice cache has it."""
     with warnings.catch_warnings():  # pydicom's warnings on odd files: such a file is kept or skipped, and counted
         warnings.simplefilter("ignore")
         hu = readers.hu_from_dicom(path)
-    return (*inputs.input_and_brain_mask(hu, input_hu, image_size), hu.shape)
+    return inputs.decode_pixels(hu, input_hu, image_size)
 
 
 def decode_scan(scan, input_hu, image_size, num_workers):
-    """[(source, z, (input, brain mask, [H, W]) or a BadFile reason)] for the slices of one scan, lowest first, in
-    the model's input representation input_hu."""
+    """[(source, z, (input, brain mask, inputs.Frame) or a BadFile reason)] for the slices of one scan, lowest first,
+    in the model's input representation and framing input_hu."""
     if scan["kind"] == "nifti":
         image, hu = readers.load_nifti(scan["path"])  # BadFile: the caller counts the whole volume
         slices, z = readers.axial_slices(hu, image.affine)
@@ -144,7 +145,7 @@ def decode_scan(scan, input_hu, image_size, num_workers):
         for k, (one, height) in enumerate(zip(slices, z)):
             source = cohort.slice_id(os.path.basename(scan["path"]), k)
             try:
-                out.append((source, float(height), (*inputs.nifti_slice_input(one, input_hu, image_size), one.shape)))
+                out.append((source, float(height), inputs.nifti_slice_input(one, input_hu, image_size, with_frame=True)))
             except readers.BadFile as error:
                 out.append((source, float(height), str(error)))
         return out
@@ -253,7 +254,8 @@ def predict_scan(trained_run, scan, offset):
         if isinstance(result, str):
             row["note"] = result
         else:
-            row["input"], row["brain"], row["shape"] = result
+            row["input"], row["brain"], row["frame"] = result
+            row["shape"] = (row["frame"].height, row["frame"].width)
             row["brain_fraction"] = float(np.mean(inputs.intracranial(row["brain"])))
             if row["brain_fraction"] >= run.min_brain_fraction:
                 scored.append(row)
@@ -266,7 +268,8 @@ def predict_scan(trained_run, scan, offset):
             row["map"], row["scores"] = maps[i], {name: float(values[i]) for name, values in scores.items()}
             row["score"] = row["scores"][trained_run.settings.score]
     common = next((row["shape"] for row in rows if "shape" in row), (1, 1))
-    full = [inputs.to_slice_shape(row["map"], row["shape"]) if "map" in row else np.zeros(row.get("shape", common), np.float32)
+    # each map back onto its slice's own pixels through the frame its input was made with (framing none or head)
+    full = [inputs.to_slice_shape(row["map"], row["frame"]) if "map" in row else np.zeros(row.get("shape", common), np.float32)
             for row in rows]
     return rows, full
 

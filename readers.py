@@ -1,5 +1,5 @@
 """Files -> pixels: a CT slice's Hounsfield units from DICOM (compressed, or without the preamble) or from a NIfTI
-volume's axial slices, CT-ICH's already windowed JPGs, and the checks that make an unusable file a BadFile with its
+volume's axial slices, CT-ICH's already windowed JPGs, 2-D slice images (PNG/JPG, read_image), and the checks that make an unusable file a BadFile with its
 reason. parallel_map reads many files in worker processes and counts the bad ones instead of stopping."""
 import collections
 import functools
@@ -401,6 +401,52 @@ def check_jpg(path):
             return image.size
     except (OSError, SyntaxError, ValueError) as error:
         raise BadFile(f"unreadable JPG: {one_line(error)}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # the 2-D image layout's slices (PIL reads them)
+
+
+def grey_levels(values, mode):
+    """An image's pixels as float32 grey levels in [0, 1]: 8-bit over 255, 16-bit over 65535 (PIL's "I;16" modes;
+    a 32-bit "I" image is taken as 16-bit), a float image as stored, clipped to [0, 1]."""
+    values = np.asarray(values)
+    if values.dtype == np.uint8 or mode in ("L", "P", "1"):
+        return values.astype(np.float32) / 255
+    if mode.startswith("I") or values.dtype.kind in "iu":
+        return np.clip(values.astype(np.float32) / 65535, 0, 1)
+    return np.clip(values.astype(np.float32), 0, 1)
+
+
+def read_image(path):
+    """One 2-D slice image (PNG, JPG, TIFF, BMP; 8- or 16-bit grey, RGB or RGBA) as float32 grey levels [H, W] in
+    [0, 1]. An RGB image whose channels are equal (a grey image saved as colour) gives that channel; otherwise its
+    luminance (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B). Alpha is ignored. BadFile when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("P", "PA", "LA", "1"):
+                image = image.convert("RGBA" if image.mode in ("P", "PA") else "L")
+            values, mode = np.asarray(image), image.mode
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: unidentified, truncated or broken images
+        raise BadFile(f"unreadable image: {one_line(error)}")
+    if values.ndim == 3:
+        rgb = values[..., :3].astype(np.float32)
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            return grey_levels(values[..., 0], "L" if values.dtype == np.uint8 else "I")
+        luminance = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+        return grey_levels(luminance.astype(np.float32) / (255 if values.dtype == np.uint8 else 65535), "F")
+    if values.ndim != 2:
+        raise BadFile(f"unreadable image: {values.ndim}-D pixel array")
+    return grey_levels(values, mode)
+
+
+def check_image(path):
+    """Header-only check of a 2-D slice image: (width, height); BadFile when it cannot be opened."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadFile(f"unreadable image: {one_line(error)}")
 
 
 def read_ctich_slice(brain_path, with_bone=True):

@@ -189,23 +189,30 @@ def train_one(args, rank, world, device, fold_splits=None):
             runfiles.release_output_dir(lock)
 
 
+def stated_window(args):
+    """The stated window (low, high) HU of the 2-D images of --data_dir (--image_window, window.txt, 40,80), or None
+    for another layout."""
+    return cohort.stated_window(args.data_dir, args.image_window) if args.dataset == "images" else None
+
+
 def train(args, rank, world, device, fold_splits=None):
     """Train one model into args.output_dir. fold_splits: a CV fold's splits record (else drawn from --seed)."""
     is_main = rank == 0
     settings = scoring.ScoringSettings.from_flags(args)
 
-    # The model's configuration: the network, the patch size, the noise schedule, the precision, and the input
-    # representation of the training data's layout (its windows), all saved with the weights.
+    # The model's configuration: the network, the patch size, the noise schedule, the precision, the input
+    # representation of the training data's layout (its windows; 2-D images: their stated window) and the framing,
+    # all saved with the weights.
     network = models.model_config(pretrained=args.pretrained, in_channels=args.channels, image_size=args.image_size,
                                   base_channels=args.base_channels, channel_mults=args.channel_mults,
                                   dropout=args.dropout, hf_model=args.hf_model)
     model_config = models.diffusion_config(network, patch_size=args.patch_size, precision=args.precision,
-                                           input_hu=inputs.native_input_hu(args.dataset, args.channels),
-                                           train_noise=args.train_noise)
+                                           input_hu=inputs.native_input_hu(args.dataset, args.channels, stated_window(args)),
+                                           train_noise=args.train_noise, framing=args.framing)
     ckpt = check_resume(args, model_config, world) if args.resume else None
 
     # The data, with its patient splits frozen: saved ones when resuming, a CV fold's, or drawn from --seed now.
-    splits, datasets = open_data(args, ckpt, fold_splits, model_config["input_hu"], rank, world)
+    splits, datasets = open_data(args, ckpt, fold_splits, inputs.InputHU(model_config["input_hu"], args.framing), rank, world)
     if is_main:
         announce_data(args, splits, datasets, settings, device, world)
 
