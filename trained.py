@@ -6,10 +6,12 @@ into a TrainedRun that holds the run's configuration, its scoring settings, the 
     rd = trained.fold_data(fold, ("val", "test"))          # the fold's own data, with its saved patient splits
     result, val = trained.score(fold, rd, "test")          # scoring.score_split, the one scoring path
     pooled, by_fold = trained.out_of_fold(keep_examples=6) # every patient scored by the fold model that never saw it
+    result, index, counts = trained.ensemble_external(other_dir, None, 6)  # a CV run on an external set: its ensemble
 
 Scores of several fold models are put on one scale by each model's reference statistics (cv.py: the healthy
 validation slices of the fold, read or scored once and saved next to its checkpoint), then combined by
-cv.ensemble_results (scores and maps) or pooled by cv.pool_out_of_fold.
+cv.ensemble_results (scores and maps) or pooled by cv.pool_out_of_fold; on an external set, a CV run's pixel metrics
+and overlays are of the ensemble map, streamed in chunks of whole scans (ensemble_external).
 """
 import dataclasses
 import functools
