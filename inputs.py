@@ -170,7 +170,8 @@ def slice_frame(shape, head=None, framing="none"):
     rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
     extent = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
     side = max(2, int(round(extent * (1 + 2 * FRAME_MARGIN))))
-    top, left = (int(round((first + last + 1 - side) / 2)) for first, last in ((rows[0], rows[-1]), (cols[0], cols[-1])))
+    # floor(x + 0.5), not round(): Python rounds halves to even, which would move the box by a pixel when the slice moves
+    top, left = (int(np.floor((first + last + 1 - side) / 2 + 0.5)) for first, last in ((rows[0], rows[-1]), (cols[0], cols[-1])))
     return Frame(int(shape[0]), int(shape[1]), top, left, side)
 
 
