@@ -1,18 +1,25 @@
 """--framing: the head brought to the frame and size the model was trained at (inputs.slice_frame), so that padding,
 a tight crop or another scale of the same slice give the same intracranial mask and closely the same model input;
 the framing recorded in the model config, the slice cache keyed by it, maps mapped back through it."""
+import csv
+import json
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import cohort
 import config as config_module
 import data
 import inputs
 import models
 import phantom
+import predict
+import readers
 from helpers import tiny_unet
 
 SIZE, INPUT = 192, 64  # the source slice and the model's input, px
@@ -181,3 +188,40 @@ def test_maps_and_ground_truth_masks_go_through_the_slices_frame(tmp_path):
     assert dice(truth, inputs.intracranial(code)) >= MIN_DICE  # ground truth framed as its slice
     with pytest.raises(inputs.BadFile, match="mask of"):
         inputs.load_gt_mask(str(tmp_path), "ID_x", INPUT, frame._replace(height=10))
+
+
+def test_a_run_trained_with_head_framing_scores_and_predicts_through_it(phantom_dir, tmp_path, no_figures):
+    """train.py --framing head records it; evaluate.py reads it from the checkpoint (its slice cache is the framed
+    one) and scores a PNG export of the phantom at 40,80 (--split all); predict.py's maps lie on the slices' pixels."""
+    import evaluate
+    import train
+    from helpers import one_scan_folder, quiet, tiny_train_args
+    out = tmp_path / "run"
+    quiet(train.main, tiny_train_args(phantom_dir, out, "--framing", "head", "--cache_dir", tmp_path / "cache"))
+    checkpoint = torch.load(out / "best_model.pt", weights_only=True)
+    assert checkpoint["config"]["framing"] == "head" and checkpoint["args"]["framing"] == "head"
+    assert any("_head_v" in name for name in os.listdir(tmp_path / "cache"))
+    index = cohort.load_index(phantom_dir, num_workers=1)
+    png = tmp_path / "png"
+    rows = [["file", "label", "patient", "slice"]]
+    for k, (path, patient) in enumerate(zip(index["path"], index["patient"])):
+        try:
+            hu = readers.hu_from_dicom(os.path.join(phantom_dir, path))
+        except readers.BadFile:
+            continue
+        (png / "images" / f"x{patient}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(np.clip(hu / 80, 0, 1) * 255).astype(np.uint8)).save(png / "images" / f"x{patient}" / f"{k}.png")
+        rows.append([f"x{patient}/{k}.png", int(index["any"][k]), f"x{patient}", k])
+    with open(png / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    quiet(evaluate.main, ["--checkpoint", str(out / "best_model.pt"), "--data_dir", str(png), "--split", "all",
+                          "--output_dir", str(tmp_path / "eval"), "--n_boot", "0"])
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["counts"]["slices"] == len(rows) - 1
+    assert any("_head_v" in name for name in os.listdir(png / ".ctpddpm_cache"))  # the checkpoint's framing, read back
+    scan = one_scan_folder(phantom_dir, tmp_path / "scan")
+    quiet(predict.main, ["--checkpoint", str(out / "best_model.pt"), "--data_dir", str(scan / "stage_2_train"),
+                         "--output_dir", str(tmp_path / "pred")])
+    maps = [name for name in os.listdir(tmp_path / "pred" / "maps") if name.endswith(".npy")]
+    volume = np.load(tmp_path / "pred" / "maps" / maps[0])
+    assert volume.shape[1:] == (64, 64) and np.isfinite(volume).all() and volume.any()
