@@ -111,8 +111,9 @@ def resolve(cls, saved, overrides=None):
     return cls.from_flags(merged), [name for name in names if merged.get(name) is None and name not in _NONE_IS_DEFAULT]
 
 
-# fields whose default is None: "not recorded" is not worth a note for them
-_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "folds", "fold", "image_window"}
+# fields whose default is None, and framing (the model config's is the one read: models.complete_config): "not
+# recorded" is not worth a note for them
+_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "folds", "fold", "image_window", "framing"}
 
 
 def add_run_flags(p):
