@@ -34,7 +34,7 @@ D = scoring.DEFAULTS  # every default grid below holds the default setting, so t
 
 
 GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_slices", "score", "scored_region", "bone_margin",
-        "level_norm", "anomaly_map")  # made by the grid flags
+        "level_norm", "anomaly_map", "asymmetry")  # made by the grid flags
 
 
 def get_args(argv=None):
@@ -63,6 +63,12 @@ def get_args(argv=None):
                    help="slice-score normalisations to try (evaluate.py --level_norm); default: the run's")
     p.add_argument("--anomaly_maps", nargs="+", default=None, choices=list(scoring.ANOMALY_MAPS),
                    help="maps to try: the model's, and/or the no-learning blood_band baseline; default: the run's")
+    p.add_argument("--asymmetries", nargs="+", default=None, choices=list(scoring.ASYMMETRIES),
+                   help="map less its mirror image about the head's midline to try (evaluate.py --asymmetry); read off "
+                        "the same maps; default: the run's")
+    p.add_argument("--write_scores", action="store_true",
+                   help="also write each row's slice scores as scores/<row>/scores.csv (evaluate.py's columns), for "
+                        "compare.py --scores and scripts/detection_study.py")
     # every other scoring flag, as evaluate.py has it: the training run's value unless given (every row uses it)
     scoring.add_scoring_flags(p.add_argument_group("scoring of every row (default: the training run's values)"),
                               from_checkpoint=True, leave_out=GRID)
@@ -78,7 +84,7 @@ def get_args(argv=None):
 # healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
 # healthy: the slices --level_norm z fits its statistics on where a part has no reference slices (a validation split:
 # its healthy patients, cv.reference_positions).
-Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy")
+Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy columns")
 
 
 def dataset_part(diffusion, rd, positions, reference_positions, healthy_positions=()):
@@ -87,8 +93,9 @@ def dataset_part(diffusion, rd, positions, reference_positions, healthy_position
     items = [dataset[i] for i in range(len(dataset))]
     masks = np.stack([it["mask"].numpy() for it in items]) if items else None
     anatomy = np.stack([it["anatomy"].numpy() for it in items]) if items else None
+    columns = {name: np.asarray(rd.index[name])[dataset.positions] for name in ("id", "any", *cohort.SUBTYPES)}
     return Part(diffusion, dataset, masks, anatomy, scoring.slice_levels(anatomy, masks) if items else None,
-                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions))
+                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), columns)
 
 
 def open_parts(run):
@@ -111,9 +118,11 @@ def open_parts(run):
 
 
 def pooled_view(parts):
-    """labels, patients, scans of the reported slices of every part, joined in part order (score_rows' order)."""
+    """labels, patients, scans (and the label table's columns: id, any, subtypes) of the reported slices of every
+    part, joined in part order (score_rows' order)."""
     joined = {name: np.concatenate([getattr(p.dataset, name)[~p.reference] for p in parts])
               for name in ("labels", "patients", "scans")}
+    joined["columns"] = {name: np.concatenate([p.columns[name][~p.reference] for p in parts]) for name in parts[0].columns}
     return argparse.Namespace(**joined)
 
 
@@ -121,7 +130,8 @@ def maps_of(part, setting, seed):
     """The maps of every slice of the part under `setting` before the median filter, by the one scoring path
     (scoring.score_split), in the part's order (its positions are sorted)."""
     # the intracranial region holds every scored region: its maps serve them all (part_values reads each off them)
-    raw = dataclasses.replace(setting, median_size=0, smooth_slices=0, scored_region="intracranial", level_norm="none")
+    raw = dataclasses.replace(setting, median_size=0, smooth_slices=0, scored_region="intracranial", level_norm="none",
+                              asymmetry="none")
     return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, keep_examples=0, keep_maps=True)["maps"]
 
 
@@ -130,6 +140,7 @@ def part_values(part, maps, setting, median_size, width):
     a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them; with
     --level_norm z by level, against the reference slices or, for a validation split, its own healthy slices."""
     region = scoring.scored_masks(part.masks, part.anatomy, setting)
+    maps = scoring.asymmetric_maps(maps, part.masks, setting)  # as score_split's adjust_maps, after the map's making
     raw = scoring.slice_scores(maps, region, median_size=median_size)
     d = part.dataset
     values = {name: scoring.finish_scores(d.positions, d.scans, v, dataclasses.replace(setting, smooth_slices=width))
@@ -158,6 +169,7 @@ def score_rows(parts, maps, setting, t_name, args):
                                              seed=0)
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "anomaly_map": setting.anomaly_map, "region": region_name(post_setting),
+                             "asymmetry": post_setting.asymmetry,
                              "level_norm": post_setting.level_norm, "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
                              "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"], "values": values})
@@ -165,17 +177,19 @@ def score_rows(parts, maps, setting, t_name, args):
 
 
 def post_map_settings(args, setting):
-    """The settings read off one set of maps besides median and smoothing: scored region x level normalisation."""
+    """The settings read off one set of maps besides median and smoothing: scored region x level normalisation x
+    asymmetry."""
     regions = args.scored_regions or [region_name(setting)]
     norms = args.level_norms or [setting.level_norm]
+    asymmetries = getattr(args, "asymmetries", None) or [setting.asymmetry]
     out = []
     for text in regions:
         name, _, margin = text.partition(":")
         if name not in scoring.SCORED_REGIONS or (margin and not margin.isdigit()):
             raise SystemExit(f"error: --scored_regions {text}: expected intracranial or REGION:N with REGION one of "
                              f"{', '.join(scoring.SCORED_REGIONS[1:])}, e.g. no_bone_3d:2")
-        out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm}
-                for norm in norms]
+        out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm,
+                 "asymmetry": asymmetry} for norm in norms for asymmetry in asymmetries]
     return out
 
 
@@ -186,9 +200,10 @@ def region_name(setting):
 def is_default(row, default):
     """Whether a table row is the scoring default (scoring.DEFAULTS at this image size)."""
     return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"],
-            row["anomaly_map"], row["region"], row["level_norm"]) == (
+            row["anomaly_map"], row["region"], row["level_norm"], row["asymmetry"]) == (
         default.patch_size, default.stride, default.residual, "+".join(map(str, default.eval_t)), default.median_size,
-        default.score, default.smooth_slices, default.anomaly_map, region_name(default), default.level_norm)
+        default.score, default.smooth_slices, default.anomaly_map, region_name(default), default.level_norm,
+        default.asymmetry)
 
 
 def add_paired_differences(val, rows, baseline, n_boot):
@@ -203,6 +218,28 @@ def add_paired_differences(val, rows, baseline, n_boot):
                     "delta_scan_excludes_zero": s["excludes_zero"]})
 
 
+def row_name(row):
+    """A row's settings as a folder name, e.g. model_no_bone_3d-2_none_mirror_32-16_positive_t250_m5_brain_p99_s2."""
+    return "_".join(str(part) for part in (
+        row["anomaly_map"], row["region"].replace(":", "-"), row["level_norm"], row["asymmetry"],
+        f"{row['patch_size']}-{row['stride']}", row["residual"], f"t{row['t']}", f"m{row['median_size']}", row["score"],
+        f"s{row['smooth_slices']}"))
+
+
+def write_row_scores(output_dir, pooled, rows):
+    """--write_scores: scores/<row_name>/scores.csv per row, with evaluate.py's columns (id, patient, scan, any, the
+    subtypes, the row's score under its own name), so compare.py --scores pairs any two rows."""
+    c = pooled.columns
+    for row in rows:
+        folder = os.path.join(output_dir, "scores", row_name(row))
+        runfiles.make_dir(folder)
+        lines = [",".join(["id", "patient", "scan", "any", *cohort.SUBTYPES, row["score"]])]
+        lines += [",".join([str(c["id"][i]), str(pooled.patients[i]), str(pooled.scans[i]), str(int(c["any"][i])),
+                            *[str(int(c[t][i])) for t in cohort.SUBTYPES], f"{row['values'][i]:.6g}"])
+                  for i in range(len(row["values"]))]
+        runfiles.write_atomically(os.path.join(folder, "scores.csv"), lambda f, text="\n".join(lines) + "\n": f.write(text.encode()))
+
+
 def format_delta(row, key, mark_key):
     if row.get(key) is None:
         return "n/a"
@@ -214,13 +251,13 @@ def format_delta(row, key, mark_key):
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     runfiles.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
-    lines = ["| map | region | level norm | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
+    lines = ["| map | region | level norm | asymmetry | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def with_ci(value, ci):  # no interval with --n_boot 0
         return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     for r in rows:
-        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['asymmetry']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
                      f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
                      f"{with_ci(r['roc_auc'], r['roc_auc_ci'])} | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
                      f"{r['auprc']:.3f} | {with_ci(r['scan_roc_auc'], r['scan_roc_auc_ci'])} | "
@@ -310,8 +347,11 @@ def sweep(args, parts, base, seed, windows, output_dir):
         baseline = [r["values"] for r in score_rows(parts, maps, default, "+".join(map(str, default.eval_t)),
                                                    argparse.Namespace(**vars(args) | {"median_sizes": [default.median_size],
                                                                                         "smooth_slices": [default.smooth_slices],
-                                                                                        "scored_regions": None, "level_norms": None}))
+                                                                                        "scored_regions": None, "level_norms": None,
+                                                                                        "asymmetries": None}))
                     if r["score"] == default.score]
+    if args.write_scores:
+        write_row_scores(output_dir, pooled, rows)
     add_paired_differences(pooled, rows, baseline[0], args.n_boot)
     write_table(output_dir, rows, {"checkpoint": os.path.abspath(args.checkpoint), "split": split, "slices": len(pooled.labels),
                                    "hemorrhage_slices": int(pooled.labels.sum()),

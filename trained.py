@@ -158,6 +158,9 @@ def add_run_flags(p, checkpoint_help):
                         "training seed, so that no training patient can land in a test split")
     p.add_argument("--min_brain_fraction", type=float, default=None,
                    help="score only slices with at least this much intracranial area (default: the training run's value)")
+    p.add_argument("--image_window", type=cohort.window_flag, default=None,
+                   help="level,width in HU that the 2-D images of --data_dir were exported in (the images layout; "
+                        "default: the run's, else the folder's window.txt, else 40,80)")
     config.add_device_flags(p, from_checkpoint=True)
 
 
@@ -186,7 +189,7 @@ def score_split(fold, rd, split, keep_examples, rank, world, with_val):
     positions = rd.cache.ok(rd.splits[split], run.min_brain_fraction)
     if len(positions) == 0:
         raise SystemExit(f"error: {run.data_dir}: the {split} split has no usable slices")
-    gt_masks_fn, unusable_masks = mask_reader(run, rd.index, rank)
+    gt_masks_fn, unusable_masks = mask_reader(run, rd.index, rd.cache, rank)
     has_masks = has_bleed_masks(gt_masks_fn, rd.index, positions)
     common = dict(seed=fold.seed, workers=scoring.Workers(run.num_workers, rank, world),
                   gt_masks_fn=gt_masks_fn if has_masks else None)
@@ -209,14 +212,16 @@ def score_split(fold, rd, split, keep_examples, rank, world, with_val):
     return result, val
 
 
-def mask_reader(run, index, rank=0):
+def mask_reader(run, index, cache, rank=0):
     """(gt_masks_fn(position) -> the slice's bleed mask or None, {position: why} of the masks that did not fit their
-    slice): a mask that does not fit is said once and counted, and the slice is left out of the pixel metrics."""
+    slice): a mask that does not fit is said once and counted, and the slice is left out of the pixel metrics. Each
+    mask goes through its slice's frame (cache.frame: --framing head crops and scales the slice) so that it lies on
+    the map's pixels."""
     unusable_masks = {}  # position -> why
 
     def gt_masks_fn(position):
         try:
-            return inputs.load_gt_mask(run.data_dir, index["id"][position], run.image_size)
+            return inputs.load_gt_mask(run.data_dir, index["id"][position], run.image_size, frame=cache.frame(position))
         except readers.BadFile as error:
             if position not in unusable_masks and rank == 0:
                 print(f"skipped mask: {error}")
@@ -274,7 +279,8 @@ def external_data(fold, data_dir, eval_samples):
         positive, negative = rows[index["any"][rows] == 1], rows[index["any"][rows] == 0]
         rows = np.sort(np.concatenate([cohort.draw_slices(rng, positive, eval_samples, "hemorrhage slices"),
                                        cohort.draw_slices(rng, negative, eval_samples, "healthy slices")]))
-    cache = data.prepare_slices(data_dir, index, rows, run.image_size, fold.diffusion.input_hu,
+    reading = inputs.InputHU(fold.diffusion.input_hu, fold.diffusion.framing, run.image_window)
+    cache = data.prepare_slices(data_dir, index, rows, run.image_size, reading,
                                 num_workers=max(run.num_workers, 1), verify_cache=run.verify_cache)
     patients = {"all": np.unique(index["patient"][rows])}
     return data.RunData(index, {"all": rows}, cache, patients), {"training_patients_left_out": len(overlap),
@@ -352,7 +358,8 @@ def ensemble_external(run, data_dir, eval_samples, keep_examples, chunk_bytes):
     -> (result, with "pixel", "examples" and "map_scale": the factor from ensemble_results' map units to these)."""
     sets, index, counts, skipped = external_sets(run, data_dir, eval_samples)
     statistics, score = run.references(), run.settings.score
-    gt_masks_fn, unusable = mask_reader(dataclasses.replace(run.run, data_dir=data_dir), index)
+    # the models share one framing (their training's), so the first model's slice cache frames the masks for all
+    gt_masks_fn, unusable = mask_reader(dataclasses.replace(run.run, data_dir=data_dir), index, sets[0].cache)
     stream = EnsembleStream(cv.map_weights(statistics, score), run.settings, keep_examples,
                             gt_masks_fn if has_bleed_masks(gt_masks_fn, index, sets[0].positions) else None)
     size = sets[0][0]["image"].shape[-1]
@@ -402,7 +409,7 @@ class EnsembleStream:
     def add(self, chunk, results, statistics):
         """One chunk (ChunkOf) as every fold model scored it, maps kept (results, in the models' order). A slice's
         pixels are its ensemble map read as 0 outside the scored region, inside its intracranial mask, as scoring's
-        pixel histograms of one model's map (scoring._add_pixels, the same function)."""
+        pixel histograms of one model's map (scoring.add_pixels, the same function)."""
         maps = cv.ensemble_map([r["maps"] for r in results], self.weights)
         z = cv.mean_normalised([r["scores"] for r in results], statistics, results[0]["levels"])[self.settings.score]
         labels = results[0]["labels"]
@@ -410,7 +417,7 @@ class EnsembleStream:
         for i in (range(len(chunk)) if self.pixel is not None else sorted(wanted)):
             item = chunk[i]
             region = scoring.scored_masks(item["mask"][None], item["anatomy"][None], self.settings)[0]
-            gt = None if self.pixel is None else scoring._add_pixels(
+            gt = None if self.pixel is None else scoring.add_pixels(
                 self.pixel, maps[i], region, item["mask"].numpy(), int(labels[i]), self.gt_masks_fn(int(item["position"])))
             for kind in wanted.get(i, ()):
                 self.examples[kind].append({"kind": kind, "position": int(item["position"]), "label": int(labels[i]),

@@ -51,7 +51,7 @@ def test_bone_islands_and_their_band_are_left_out_but_blood_is_not():
     hu = np.where(blood, 75.0, hu)  # acute blood, 50-90 HU
     code = inputs.anatomy_code(hu, SIZE)
     intracranial = inputs.intracranial(code)
-    assert intracranial[island].mean() > 0.9  # holes filled: the default region keeps the island in
+    assert intracranial[island].mean() > 0.9  # holes filled: the plain region keeps the island in
     near = np.pad(island, 1)[2:, 1:-1] & ~island & inside  # the row next to the ridge
     for region in ("no_bone_3d",):
         for margin in (0, 2):
@@ -60,8 +60,10 @@ def test_bone_islands_and_their_band_are_left_out_but_blood_is_not():
             assert not (soft & island).any(), region
             assert soft[blood].mean() == 1.0, region  # blood far from bone stays scored
         assert not (soft & near).any(), region  # the band of margin 2 takes the partial-volume rim out
+    plain = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings(scored_region="intracranial"))[0]
+    assert (plain == intracranial).all()
     default = scoring.scored_masks(intracranial[None], code[None], scoring.ScoringSettings())[0]
-    assert (default == intracranial).all()
+    assert not (default & island).any() and default[blood].all()  # the default (issue 29) is no_bone_3d:2
 
 
 def test_anatomy_from_ctich_style_windows_matches_hu():

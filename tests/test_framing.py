@@ -1,6 +1,7 @@
 """--framing: the head brought to the frame and size the model was trained at (inputs.slice_frame), so that padding,
 a tight crop or another scale of the same slice give the same intracranial mask and closely the same model input;
 the framing recorded in the model config, the slice cache keyed by it, maps mapped back through it."""
+import argparse
 import csv
 import json
 import os
@@ -20,6 +21,7 @@ import models
 import phantom
 import predict
 import readers
+import trained
 from helpers import tiny_unet
 
 SIZE, INPUT = 192, 64  # the source slice and the model's input, px
@@ -202,6 +204,20 @@ def test_a_run_trained_with_head_framing_scores_and_predicts_through_it(phantom_
     assert checkpoint["config"]["framing"] == "head" and checkpoint["args"]["framing"] == "head"
     assert any("_head_v" in name for name in os.listdir(tmp_path / "cache"))
     index = cohort.load_index(phantom_dir, num_workers=1)
+    # the pixel metrics' bleed masks go through each slice's frame: they lie on the framed slice's bleed
+    rows_with_bleed = np.flatnonzero(index["any"] == 1)[:6]
+    reading = inputs.InputHU([[-20.0, 100.0]], "head")
+    cache = data.prepare_slices(phantom_dir, index, rows_with_bleed, 64, reading, cache_dir=tmp_path / "cache2")
+    run = argparse.Namespace(data_dir=phantom_dir, image_size=64)
+    gt_masks_fn, unusable = trained.mask_reader(run, index, cache)
+    on_bleed, unframed = [], []
+    for position in cache.ok(rows_with_bleed):
+        truth = gt_masks_fn(position)
+        assert truth is not None and not unusable
+        bright = cache.images[position][0] > 0.2  # the phantom's bleeds are bright in the brain window
+        on_bleed.append(bright[truth])
+        unframed.append(bright[inputs.load_gt_mask(phantom_dir, index["id"][position], 64)])
+    assert np.concatenate(on_bleed).mean() > 0.6 > np.concatenate(unframed).mean()  # measured 0.80 and 0.03
     png = tmp_path / "png"
     rows = [["file", "label", "patient", "slice"]]
     for k, (path, patient) in enumerate(zip(index["path"], index["patient"])):

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train", "evaluate", "predict", "sweep", "compare", "bench")
 # Lower modules first: each may import only modules before it (README, "Code map"). phantom.py and data.py are
 # modules with a command line of their own (writing a phantom; looking at a data set), not scripts.
-LAYERS = ("runfiles", "readers", "metrics", "dicom_outputs", "cohort", "phantom", "inputs", "data", "models", "scoring", "plots", "cv",
+LAYERS = ("runfiles", "readers", "metrics", "dicom_outputs", "cohort", "phantom", "inputs", "data", "models", "midline", "scoring", "plots", "cv",
           "config", "trained")
 OURS = set(SCRIPTS) | set(LAYERS)
 

@@ -14,7 +14,7 @@ import evaluate
 import predict
 import sweep
 import train
-from helpers import one_scan_folder, quiet, tiny_train_args
+from helpers import one_scan_folder, quiet, read_csv, tiny_train_args
 
 OPTIONS = {  # every scoring flag appears in at least one of them
     "default": [],
@@ -23,6 +23,7 @@ OPTIONS = {  # every scoring flag appears in at least one of them
     "two_t_skip_simplex": ["--eval_t", "100", "300", "--skip_outside_mask", "--median_size", "3", "--no-channels_last",
                            "--stride", "6", "--eval_batch_size", "7", "--noise", "simplex"],
     "prior": ["--hyperdensity_prior"],
+    "asymmetry": ["--asymmetry", "mix", "--median_size", "3"],
 }
 SCORES = ("mean", "brain_mean", "brain_p99")
 
@@ -60,27 +61,38 @@ def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phant
             "--median_sizes", str(settings["median_size"]), "--smooth_slices", str(settings["smooth_slices"]),
             "--residuals", settings["residual"]]
     quiet(sweep.main, ["--checkpoint", checkpoint, "--n_boot", "0", "--output_dir", str(tmp_path / "sw"), *grid,
-                       *strip_grid_flags(flags)])
+                       "--write_scores", *strip_grid_flags(flags)])
     quiet(evaluate.main, ["--checkpoint", checkpoint, "--split", "val", "--eval_samples", "all", "--n_boot", "0",
                           "--output_dir", str(tmp_path / "val"), *flags])
     val = json.loads((tmp_path / "val" / "metrics.json").read_text())["slice"]
     rows = [row for row in json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"] if row["t"] == "+".join(t)]
     assert rows
+    evaluated_rows = {r["id"]: r for r in read_csv(tmp_path / "val" / "scores.csv")}
     for row in rows:
         assert row["roc_auc"] == pytest.approx(val[row["score"]]["roc_auc"], abs=1e-9), row["score"]
+        # --write_scores: each row's slice scores, in evaluate.py's columns, are evaluate's
+        written = read_csv(tmp_path / "sw" / "scores" / sweep.row_name(row) / "scores.csv")
+        assert {r["id"] for r in written} == set(evaluated_rows)
+        for r in written:
+            assert r["any"] == evaluated_rows[r["id"]]["any"]
+            assert float(r[row["score"]]) == pytest.approx(float(evaluated_rows[r["id"]][row["score"]]), rel=1e-4, abs=1e-6)
 
 
 GRID_FLAGS = {"--eval_t", "--patch_size", "--stride", "--median_size", "--smooth_slices", "--residual", "--score"}
 
 
+SWEEP_GRIDS = {"--asymmetry": "--asymmetries"}  # evaluate.py's flag -> sweep.py's grid of it
+
+
 def strip_grid_flags(flags):
-    """The flags that are not sweep.py grid axes (those are given as one-value grids)."""
+    """The flags that are not sweep.py grid axes (those are given as one-value grids), and those that are grids read
+    off the same maps, under their grid's name."""
     out, skip = [], False
     for flag in flags:
         if flag.startswith("--"):
             skip = flag in GRID_FLAGS
         if not skip:
-            out.append(flag)
+            out.append(SWEEP_GRIDS.get(flag, flag))
     return out
 
 

@@ -32,7 +32,7 @@ def test_the_wrote_line_lists_what_is_on_disk(cv_run, tmp_path, no_figures):
     wrote = [line for line in printed.getvalue().splitlines() if " wrote " in line][-1]
     claimed = sorted(wrote.split(f"wrote {out}/: ")[1].split(", "))
     assert claimed == sorted(name for name in os.listdir(out) if not name.startswith("."))
-    assert "overlays.png" not in claimed  # a CV run's external scores have no one model's maps to show
+    assert "overlays.png" in claimed  # a CV run's external set shows the ensemble's maps (issue 29)
 
 
 def test_two_predictions_at_once_into_one_folder(cv_run, tmp_path, no_figures):
