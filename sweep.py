@@ -34,7 +34,7 @@ D = scoring.DEFAULTS  # every default grid below holds the default setting, so t
 
 
 GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_slices", "score", "scored_region", "bone_margin",
-        "level_norm", "anomaly_map", "asymmetry")  # made by the grid flags
+        "level_norm", "anomaly_map", "asymmetry", "hyperdensity_prior")  # made by the grid flags
 
 
 def get_args(argv=None):
@@ -66,6 +66,9 @@ def get_args(argv=None):
     p.add_argument("--asymmetries", nargs="+", default=None, choices=list(scoring.ASYMMETRIES),
                    help="map less its mirror image about the head's midline to try (evaluate.py --asymmetry); read off "
                         "the same maps; default: the run's")
+    p.add_argument("--hyperdensity_priors", nargs="+", default=None, choices=["off", "on"],
+                   help="the map weighted by acute-blood band membership (evaluate.py --hyperdensity_prior) to try; "
+                        "read off the same maps; default: the run's")
     p.add_argument("--write_scores", action="store_true",
                    help="also write each row's slice scores as scores/<row>/scores.csv (evaluate.py's columns), for "
                         "compare.py --scores and scripts/detection_study.py")
@@ -84,7 +87,8 @@ def get_args(argv=None):
 # healthy slices put the fold's scores on the pooled scale, as in evaluate.py).
 # healthy: the slices --level_norm z fits its statistics on where a part has no reference slices (a validation split:
 # its healthy patients, cv.reference_positions).
-Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy columns")
+# blood: each slice's acute-blood band membership (scoring.blood_weight), what --hyperdensity_prior weights maps by.
+Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy columns blood")
 
 
 def dataset_part(diffusion, rd, positions, reference_positions, healthy_positions=()):
@@ -94,8 +98,9 @@ def dataset_part(diffusion, rd, positions, reference_positions, healthy_position
     masks = np.stack([it["mask"].numpy() for it in items]) if items else None
     anatomy = np.stack([it["anatomy"].numpy() for it in items]) if items else None
     columns = {name: np.asarray(rd.index[name])[dataset.positions] for name in ("id", "any", *cohort.SUBTYPES)}
+    blood = np.stack([scoring.blood_weight(it["image"].numpy(), diffusion.input_hu[0]) for it in items]).astype(np.float32) if items else None
     return Part(diffusion, dataset, masks, anatomy, scoring.slice_levels(anatomy, masks) if items else None,
-                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), columns)
+                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), columns, blood)
 
 
 def open_parts(run):
@@ -131,7 +136,7 @@ def maps_of(part, setting, seed):
     (scoring.score_split), in the part's order (its positions are sorted)."""
     # the intracranial region holds every scored region: its maps serve them all (part_values reads each off them)
     raw = dataclasses.replace(setting, median_size=0, smooth_slices=0, scored_region="intracranial", level_norm="none",
-                              asymmetry="none")
+                              asymmetry="none", hyperdensity_prior=False)
     return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, keep_examples=0, keep_maps=True)["maps"]
 
 
@@ -140,7 +145,9 @@ def part_values(part, maps, setting, median_size, width):
     a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them; with
     --level_norm z by level, against the reference slices or, for a validation split, its own healthy slices."""
     region = scoring.scored_masks(part.masks, part.anatomy, setting)
-    maps = scoring.asymmetric_maps(maps, part.masks, setting)  # as score_split's adjust_maps, after the map's making
+    if setting.hyperdensity_prior:  # as score_split's adjust_maps: the prior, then the asymmetry
+        maps = maps * part.blood
+    maps = scoring.asymmetric_maps(maps, part.masks, setting)
     raw = scoring.slice_scores(maps, region, median_size=median_size)
     d = part.dataset
     values = {name: scoring.finish_scores(d.positions, d.scans, v, dataclasses.replace(setting, smooth_slices=width))
@@ -169,7 +176,7 @@ def score_rows(parts, maps, setting, t_name, args):
                                              seed=0)
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "anomaly_map": setting.anomaly_map, "region": region_name(post_setting),
-                             "asymmetry": post_setting.asymmetry,
+                             "asymmetry": post_setting.asymmetry, "prior": "on" if post_setting.hyperdensity_prior else "off",
                              "level_norm": post_setting.level_norm, "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
                              "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"], "values": values})
@@ -178,10 +185,11 @@ def score_rows(parts, maps, setting, t_name, args):
 
 def post_map_settings(args, setting):
     """The settings read off one set of maps besides median and smoothing: scored region x level normalisation x
-    asymmetry."""
+    asymmetry x hyperdensity prior."""
     regions = args.scored_regions or [region_name(setting)]
     norms = args.level_norms or [setting.level_norm]
     asymmetries = getattr(args, "asymmetries", None) or [setting.asymmetry]
+    priors = [p == "on" for p in getattr(args, "hyperdensity_priors", None) or []] or [setting.hyperdensity_prior]
     out = []
     for text in regions:
         name, _, margin = text.partition(":")
@@ -189,7 +197,8 @@ def post_map_settings(args, setting):
             raise SystemExit(f"error: --scored_regions {text}: expected intracranial or REGION:N with REGION one of "
                              f"{', '.join(scoring.SCORED_REGIONS[1:])}, e.g. no_bone_3d:2")
         out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm,
-                 "asymmetry": asymmetry} for norm in norms for asymmetry in asymmetries]
+                 "asymmetry": asymmetry, "hyperdensity_prior": prior}
+                for norm in norms for asymmetry in asymmetries for prior in priors]
     return out
 
 
@@ -200,10 +209,10 @@ def region_name(setting):
 def is_default(row, default):
     """Whether a table row is the scoring default (scoring.DEFAULTS at this image size)."""
     return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"],
-            row["anomaly_map"], row["region"], row["level_norm"], row["asymmetry"]) == (
+            row["anomaly_map"], row["region"], row["level_norm"], row["asymmetry"], row["prior"] == "on") == (
         default.patch_size, default.stride, default.residual, "+".join(map(str, default.eval_t)), default.median_size,
         default.score, default.smooth_slices, default.anomaly_map, region_name(default), default.level_norm,
-        default.asymmetry)
+        default.asymmetry, default.hyperdensity_prior)
 
 
 def add_paired_differences(val, rows, baseline, n_boot):
@@ -219,11 +228,12 @@ def add_paired_differences(val, rows, baseline, n_boot):
 
 
 def row_name(row):
-    """A row's settings as a folder name, e.g. model_no_bone_3d-2_none_mirror_32-16_positive_t250_m5_brain_p99_s2."""
+    """A row's settings as a folder name, e.g. model_no_bone_3d-2_none_mirror_32-16_positive_t250_m5_brain_p99_s2
+    (and _prior with the hyperdensity prior)."""
     return "_".join(str(part) for part in (
         row["anomaly_map"], row["region"].replace(":", "-"), row["level_norm"], row["asymmetry"],
         f"{row['patch_size']}-{row['stride']}", row["residual"], f"t{row['t']}", f"m{row['median_size']}", row["score"],
-        f"s{row['smooth_slices']}"))
+        f"s{row['smooth_slices']}")) + ("_prior" if row["prior"] == "on" else "")
 
 
 def write_row_scores(output_dir, pooled, rows):
@@ -251,13 +261,13 @@ def format_delta(row, key, mark_key):
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     runfiles.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
-    lines = ["| map | region | level norm | asymmetry | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
+    lines = ["| map | region | level norm | asymmetry | prior | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def with_ci(value, ci):  # no interval with --n_boot 0
         return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     for r in rows:
-        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['asymmetry']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['asymmetry']} | {r['prior']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
                      f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
                      f"{with_ci(r['roc_auc'], r['roc_auc_ci'])} | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
                      f"{r['auprc']:.3f} | {with_ci(r['scan_roc_auc'], r['scan_roc_auc_ci'])} | "
@@ -320,8 +330,6 @@ def sweep(args, parts, base, seed, windows, output_dir):
     split = "out-of-fold" if len(parts) > 1 or parts[0].reference.any() else "val"
     print(f"{split}: {len(pooled.labels)} slices ({int(pooled.labels.sum())} hemorrhage) from "
           f"{len(np.unique(pooled.patients))} patients")
-    # the mean of per-t maps is the map of several t (anomaly_maps averages them) unless an option acts on the map
-    averaging_exact = not base.hyperdensity_prior
     rows = []
     combos = [(w, r, m) for m in args.anomaly_maps or [base.anomaly_map] for w in windows for r in args.residuals]
     combos = [c for c in combos if c[2] == "model" or c[:2] == combos[0][:2]]  # no model: window, residual, t mean nothing
@@ -332,10 +340,8 @@ def sweep(args, parts, base, seed, windows, output_dir):
             maps_by_t[str(t)] = [maps_of(part, dataclasses.replace(setting, eval_t=(t,)), seed) for part in parts]
             print(f"  maps done: window {patch_size}/{stride}, t={t}, residual {residual}", flush=True)
         if len(args.multi_t) > 1 and anomaly_map == "model":
-            multi = dataclasses.replace(setting, eval_t=tuple(args.multi_t))
             maps_by_t["+".join(map(str, args.multi_t))] = [
-                np.mean([maps_by_t[str(t)][k] for t in args.multi_t], axis=0) if averaging_exact else maps_of(part, multi, seed)
-                for k, part in enumerate(parts)]
+                np.mean([maps_by_t[str(t)][k] for t in args.multi_t], axis=0) for k in range(len(parts))]
         for t_name, maps in maps_by_t.items():
             rows += score_rows(parts, maps, setting, t_name, args)
     # the reference of every paired difference: the default grid point (scoring.DEFAULTS) at the run's own window, with
@@ -348,7 +354,8 @@ def sweep(args, parts, base, seed, windows, output_dir):
                                                    argparse.Namespace(**vars(args) | {"median_sizes": [default.median_size],
                                                                                         "smooth_slices": [default.smooth_slices],
                                                                                         "scored_regions": None, "level_norms": None,
-                                                                                        "asymmetries": None}))
+                                                                                        "asymmetries": None,
+                                                                                        "hyperdensity_priors": None}))
                     if r["score"] == default.score]
     if args.write_scores:
         write_row_scores(output_dir, pooled, rows)

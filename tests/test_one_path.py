@@ -81,7 +81,8 @@ def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phant
 GRID_FLAGS = {"--eval_t", "--patch_size", "--stride", "--median_size", "--smooth_slices", "--residual", "--score"}
 
 
-SWEEP_GRIDS = {"--asymmetry": "--asymmetries"}  # evaluate.py's flag -> sweep.py's grid of it
+SWEEP_GRIDS = {"--asymmetry": ["--asymmetries"], "--hyperdensity_prior": ["--hyperdensity_priors", "on"]}  # evaluate.py's
+# flag -> sweep.py's one-value grid of it
 
 
 def strip_grid_flags(flags):
@@ -92,7 +93,7 @@ def strip_grid_flags(flags):
         if flag.startswith("--"):
             skip = flag in GRID_FLAGS
         if not skip:
-            out.append(SWEEP_GRIDS.get(flag, flag))
+            out += SWEEP_GRIDS.get(flag, [flag])
     return out
 
 

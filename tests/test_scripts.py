@@ -69,7 +69,7 @@ def test_evaluate_and_sweep_on_the_run(tiny_run, tmp_path, no_figures):
     assert all(r["delta_roc_auc_ci"] is not None and r["delta_scan_roc_auc"] is not None for r in table["rows"])
     deltas = {r["roc_auc"] - r["delta_roc_auc"] for r in table["rows"]}  # the default's ROC-AUC, the same for every row
     assert max(deltas) - min(deltas) < 1e-9
-    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| map | region | level norm | asymmetry | window/stride")
+    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| map | region | level norm | asymmetry | prior | window/stride")
 
 
 def test_compare_plots_the_runs_curves(tiny_run, tmp_path, capsys):
