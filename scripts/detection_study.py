@@ -1,0 +1,125 @@
+"""Decide detection candidates on saved slice scores: each against the default and against the no-learning baseline.
+
+Reads the per-row scores that `sweep.py --write_scores` writes (or any evaluate.py output folders: a folder holding
+scores.csv), all scored on the same slices, and prints for each candidate its slice and scan ROC-AUC, the paired
+patient-bootstrap difference to the default and to the baseline, and the ROC-AUC per bleed subtype. A candidate may
+also be a late fusion of two rows (--fuse A B: the mean of their slice scores; sweep.py's CV scores are each already
+z-scored against the fold's healthy reference slices, so the mean puts the two on one scale without any label).
+
+    python scripts/detection_study.py --scores_dir runs/ctich_cv/sweep_study/scores \\
+        --default model_no_bone_3d-2_none_none_32-16_positive_t250_m5_brain_p99_s2 \\
+        --baseline blood_band_no_bone_3d-2_none_none_32-16_positive_t250_m5_brain_p99_s2 \\
+        --candidates model_intracranial_none_none_... --fuse model_... blood_band_... --out study.md
+
+The decision rule (RESULTS.md, issue 29): a candidate is adopted when the paired 95 % CI of its slice ROC-AUC
+difference to the default lies above 0 and its scan ROC-AUC (max) difference is not negative.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cohort  # noqa: E402
+import compare  # noqa: E402
+import metrics  # noqa: E402
+
+
+def load_row(scores_dir, name):
+    """{slice id: row} of one candidate's scores.csv, and the name of its score column (the last one)."""
+    folder = name if os.path.isdir(name) else os.path.join(scores_dir, name)
+    table = compare.read_scores(folder)
+    return table, list(next(iter(table.values())))[-1]
+
+
+def aligned(tables):
+    """The ids every table holds, and the label columns (any, subtypes, patient, scan) read off the first."""
+    ids = sorted(set.intersection(*(set(t) for t, _ in tables)))
+    if not ids:
+        raise SystemExit("error: no slice is in every scores.csv")
+    first = tables[0][0]
+    columns = {"any": np.array([int(first[i]["any"]) for i in ids]),
+               "patient": np.array([first[i]["patient"] for i in ids]), "scan": np.array([first[i]["scan"] for i in ids])}
+    columns["subtypes"] = {t: np.array([int(first[i][t]) for i in ids]) for t in cohort.SUBTYPES if t in first[ids[0]]}
+    return ids, columns
+
+
+def values_of(table, score, ids):
+    return np.array([float(table[i][score]) for i in ids])
+
+
+def judge(name, values, reference_values, c, n_boot):
+    """A candidate's figures, and its paired differences to each reference (default, baseline)."""
+    labels, patients, scans = c["any"], c["patient"], c["scan"]
+    slice_m = metrics.slice_metrics(labels, values, patients, n_boot=n_boot)
+    scan_m = metrics.scan_metrics(scans, labels, values, "max", patients, n_boot=n_boot)
+    out = {"name": name, "slice": slice_m["roc_auc"], "slice_ci": slice_m["roc_auc_ci"], "auprc": slice_m["auprc"],
+           "scan": scan_m["roc_auc"], "scan_ci": scan_m["roc_auc_ci"],
+           "subtypes": {t: m["roc_auc"] for t, m in metrics.subtype_metrics(c["subtypes"], labels, values, patients,
+                                                                             n_boot=0).items()}}
+    for ref_name, ref in reference_values.items():
+        out[f"vs_{ref_name}"] = {"slice": metrics.paired_auc_difference(labels, ref, values, patients, n_boot=n_boot),
+                                 "scan": metrics.paired_scan_auc_difference(scans, labels, ref, values, patients, n_boot=n_boot)}
+    d = out["vs_default"]
+    out["adopt"] = bool(d["slice"]["delta"] is not None and d["slice"]["ci"] and d["slice"]["ci"][0] > 0
+                        and d["scan"]["delta"] >= 0)
+    return out
+
+
+def delta_text(d):
+    if d["delta"] is None:
+        return "n/a"
+    ci = f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d["ci"] else ""
+    return f"{d['delta']:+.3f}{ci}{' *' if d['excludes_zero'] else ''}"
+
+
+def table(results, subtypes):
+    lines = ["| candidate | slice ROC-AUC [95% CI] | scan (max) | Δ slice vs default | Δ scan vs default | Δ slice vs baseline "
+             "| Δ scan vs baseline | " + " | ".join(subtypes) + " | adopt |",
+             "|---" * (8 + len(subtypes)) + "|"]
+    for r in results:
+        ci = f" [{r['slice_ci'][0]:.3f}, {r['slice_ci'][1]:.3f}]" if r["slice_ci"] else ""
+        lines.append(f"| {r['name']} | {r['slice']:.3f}{ci} | {r['scan']:.3f} | {delta_text(r['vs_default']['slice'])} | "
+                     f"{delta_text(r['vs_default']['scan'])} | {delta_text(r['vs_baseline']['slice'])} | "
+                     f"{delta_text(r['vs_baseline']['scan'])} | "
+                     + " | ".join("n/a" if r["subtypes"].get(t) is None else f"{r['subtypes'][t]:.3f}" for t in subtypes)
+                     + f" | {'yes' if r['adopt'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scores_dir", default=".", help="sweep.py's scores/ folder (rows are named as its subfolders)")
+    p.add_argument("--default", required=True, help="the default's row (or a folder with scores.csv)")
+    p.add_argument("--baseline", required=True, help="the no-learning baseline's row")
+    p.add_argument("--candidates", nargs="*", default=[], help="rows to judge")
+    p.add_argument("--fuse", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="also judge the mean of rows A's and B's slice scores (repeatable)")
+    p.add_argument("--n_boot", type=int, default=1000)
+    p.add_argument("--out", default=None, help="write the table (.md) and the figures (.json beside it)")
+    args = p.parse_args(argv)
+    names = list(dict.fromkeys([args.default, args.baseline, *args.candidates, *(n for pair in args.fuse for n in pair)]))
+    loaded = {name: load_row(args.scores_dir, name) for name in names}
+    ids, c = aligned(list(loaded.values()))
+    values = {name: values_of(table_, score, ids) for name, (table_, score) in loaded.items()}
+    for a, b in args.fuse:
+        values[f"fuse({a}, {b})"] = (values[a] + values[b]) / 2
+    references = {"default": values[args.default], "baseline": values[args.baseline]}
+    order = [args.default, args.baseline, *args.candidates, *(f"fuse({a}, {b})" for a, b in args.fuse)]
+    print(f"{len(ids)} slices ({int(c['any'].sum())} with a bleed), {len(set(c['patient']))} patients, "
+          f"{len(set(c['scan']))} scans; {args.n_boot} paired patient-bootstrap samples")
+    results = [judge(name, values[name], references, c, args.n_boot) for name in order]
+    text = table(results, list(c["subtypes"]))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump({"slices": len(ids), "results": results}, f, indent=1, default=float)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""scripts/detection_study.py: candidates judged on saved scores against the default and the baseline."""
+import csv
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import cohort  # noqa: E402
+import detection_study  # noqa: E402
+
+
+def write_scores(folder, ids, labels, subtypes, patients, scans, values, score="brain_p99"):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "scores.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "patient", "scan", "any", *cohort.SUBTYPES, score])
+        for k in range(len(ids)):
+            w.writerow([ids[k], patients[k], scans[k], labels[k], *[subtypes[t][k] for t in cohort.SUBTYPES], f"{values[k]:.6g}"])
+
+
+def test_a_clearly_better_candidate_is_adopted_and_fusion_is_judged(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 400
+    patients = np.repeat(np.arange(40), 10).astype(str)
+    scans = patients
+    labels = (rng.random(n) < 0.3).astype(int)
+    subtypes = {t: np.zeros(n, int) for t in cohort.SUBTYPES}
+    subtypes["subdural"] = labels
+    ids = [f"s{k}" for k in range(n)]
+    weak = labels * 0.3 + rng.normal(size=n)
+    strong = labels * 2.0 + rng.normal(size=n)
+    other = labels * 1.0 + rng.normal(size=n)
+    for name, v in (("default", weak), ("baseline", other), ("better", strong), ("worse", -weak)):
+        write_scores(tmp_path / name, ids, labels, subtypes, patients, scans, v)
+    results = detection_study.main(["--scores_dir", str(tmp_path), "--default", "default", "--baseline", "baseline",
+                                    "--candidates", "better", "worse", "--fuse", "default", "baseline",
+                                    "--n_boot", "50", "--out", str(tmp_path / "study.md")])
+    by_name = {r["name"]: r for r in results}
+    assert by_name["better"]["adopt"] and not by_name["worse"]["adopt"] and not by_name["default"]["adopt"]
+    assert by_name["default"]["vs_default"]["slice"]["delta"] == 0
+    assert by_name["better"]["vs_baseline"]["slice"]["ci"][0] > 0
+    fused = by_name["fuse(default, baseline)"]
+    assert by_name["default"]["slice"] < fused["slice"]
+    assert fused["subtypes"]["subdural"] == fused["slice"]  # every bleed is a subdural here
+    assert (tmp_path / "study.md").read_text().startswith("| candidate |") and (tmp_path / "study.json").exists()
