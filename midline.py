@@ -54,10 +54,10 @@ def mirrored(image, midline):
     return np.where(np.isnan(out), image, out).astype(image.dtype)
 
 
-def asymmetry(error_map, mask):
+def asymmetry(error_map, mask, midline=False):
     """What the map holds that its mirror image about the head's midline does not: max(map - mirrored map, 0), [H, W];
-    where no midline is found (a tiny mask), the map itself."""
-    midline = find_midline(mask)
+    where no midline is found (a tiny mask), the map itself. midline: find_midline(mask) where the caller has it."""
+    midline = find_midline(mask) if midline is False else midline
     if midline is None:
         return error_map
     return np.maximum(error_map - mirrored(error_map, midline), 0)

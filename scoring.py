@@ -445,14 +445,16 @@ def adjust_maps(maps, images, settings, brain_hu=None, brain_masks=None):
     return torch.from_numpy(out).to(maps.device)
 
 
-def asymmetric_maps(maps, brain_masks, settings):
+def asymmetric_maps(maps, brain_masks, settings, midlines=None):
     """--asymmetry on maps [N, H, W] (numpy): mirror, each map less its mirror image about the head's midline (found
     on the slice's intracranial mask, midline.py), max(., 0); mix, the mean of the map and that; none, the maps.
-    sweep.py applies it to saved maps."""
+    sweep.py applies it to saved maps, with each slice's midline found once (midlines: midline.find_midline's)."""
     if settings.asymmetry == "none":
         return maps
     brain_masks = torch.as_tensor(brain_masks).bool().cpu().numpy()
-    one_sided = np.stack([midline.asymmetry(m, b) for m, b in zip(maps, brain_masks)]).astype(np.float32)
+    if midlines is None:
+        midlines = [midline.find_midline(b) for b in brain_masks]
+    one_sided = np.stack([midline.asymmetry(m, b, line) for m, b, line in zip(maps, brain_masks, midlines)]).astype(np.float32)
     return one_sided if settings.asymmetry == "mirror" else ((maps + one_sided) / 2).astype(np.float32)
 
 

@@ -25,6 +25,7 @@ import config
 import cv
 import data
 import metrics
+import midline
 import models
 import runfiles
 import scoring
@@ -88,7 +89,8 @@ def get_args(argv=None):
 # healthy: the slices --level_norm z fits its statistics on where a part has no reference slices (a validation split:
 # its healthy patients, cv.reference_positions).
 # blood: each slice's acute-blood band membership (scoring.blood_weight), what --hyperdensity_prior weights maps by.
-Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy columns blood")
+# found: what is worked out once per part when first needed (the slices' midlines for --asymmetries).
+Part = collections.namedtuple("Part", "diffusion dataset masks anatomy levels reference healthy columns blood found")
 
 
 def dataset_part(diffusion, rd, positions, reference_positions, healthy_positions=()):
@@ -100,7 +102,7 @@ def dataset_part(diffusion, rd, positions, reference_positions, healthy_position
     columns = {name: np.asarray(rd.index[name])[dataset.positions] for name in ("id", "any", *cohort.SUBTYPES)}
     blood = np.stack([scoring.blood_weight(it["image"].numpy(), diffusion.input_hu[0]) for it in items]).astype(np.float32) if items else None
     return Part(diffusion, dataset, masks, anatomy, scoring.slice_levels(anatomy, masks) if items else None,
-                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), columns, blood)
+                np.isin(dataset.positions, reference_positions), np.isin(dataset.positions, healthy_positions), columns, blood, {})
 
 
 def open_parts(run):
@@ -147,7 +149,9 @@ def part_values(part, maps, setting, median_size, width):
     region = scoring.scored_masks(part.masks, part.anatomy, setting)
     if setting.hyperdensity_prior:  # as score_split's adjust_maps: the prior, then the asymmetry
         maps = maps * part.blood
-    maps = scoring.asymmetric_maps(maps, part.masks, setting)
+    if setting.asymmetry != "none" and "midlines" not in part.found:
+        part.found["midlines"] = [midline.find_midline(m) for m in part.masks]
+    maps = scoring.asymmetric_maps(maps, part.masks, setting, part.found.get("midlines"))
     raw = scoring.slice_scores(maps, region, median_size=median_size)
     d = part.dataset
     values = {name: scoring.finish_scores(d.positions, d.scans, v, dataclasses.replace(setting, smooth_slices=width))
