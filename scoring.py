@@ -458,6 +458,41 @@ def asymmetric_maps(maps, brain_masks, settings, midlines=None):
     return one_sided if settings.asymmetry == "mirror" else ((maps + one_sided) / 2).astype(np.float32)
 
 
+NORMATIVE_BLUR = 3.0  # pixels (of 128^2): heads are not registered, so the healthy error is pooled over ~this much
+NORMATIVE_BINS = LEVEL_BINS
+
+
+def fit_normative(maps, brain_masks, levels, bins=NORMATIVE_BINS):
+    """The per-pixel healthy error by anatomical level (issue 29 b): from the maps [N, H, W] of healthy slices that
+    the model never trained on, with their intracranial masks and levels (slice_levels), per level bin (quantiles of
+    the levels) the mean and std of the map at each pixel over the slices whose mask covers it, smoothed by
+    NORMATIVE_BLUR; a pixel's std is floored at the median std inside the brain, so that rare pixels cannot blow
+    z-scores up. -> {"edges": inner level edges, "mean": [B, H, W], "std": [B, H, W]}."""
+    maps, brain_masks, levels = np.asarray(maps, np.float64), np.asarray(brain_masks, bool), np.asarray(levels, np.float64)
+    edges = np.unique(np.quantile(levels, np.linspace(0, 1, bins + 1)[1:-1])) if bins > 1 else np.zeros(0)
+    which = np.digitize(levels, edges)
+    means, stds = [], []
+    for b in range(len(edges) + 1):
+        chosen = which == b if (which == b).any() else np.ones(len(maps), bool)
+        weight = scipy.ndimage.gaussian_filter(brain_masks[chosen].sum(0).astype(np.float64), NORMATIVE_BLUR) + 1e-6
+        total = scipy.ndimage.gaussian_filter((maps[chosen] * brain_masks[chosen]).sum(0), NORMATIVE_BLUR)
+        squares = scipy.ndimage.gaussian_filter((maps[chosen] ** 2 * brain_masks[chosen]).sum(0), NORMATIVE_BLUR)
+        mean = total / weight
+        std = np.sqrt(np.maximum(squares / weight - mean ** 2, 0))
+        inside = brain_masks[chosen].any(0)
+        floor = max(float(np.median(std[inside])) if inside.any() else float(std.mean()), 1e-12)
+        means.append(mean)
+        stds.append(np.maximum(std, floor))
+    return {"edges": edges, "mean": np.stack(means).astype(np.float32), "std": np.stack(stds).astype(np.float32)}
+
+
+def normative_maps(maps, levels, normative):
+    """--normative z on maps [N, H, W] (numpy): each map z-scored pixel by pixel against the healthy error of its
+    level bin (fit_normative), so a healthy slice like those fitted scores ~0 everywhere."""
+    which = np.digitize(np.asarray(levels, np.float64), normative["edges"])
+    return ((np.asarray(maps, np.float32) - normative["mean"][which]) / normative["std"][which]).astype(np.float32)
+
+
 def median_filtered(error_map, median_size):
     """The filter applied to a map [H, W] (numpy) before it is scored (and shown: overlays, pixel metrics)."""
     if median_size and median_size > 1:

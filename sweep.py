@@ -70,6 +70,10 @@ def get_args(argv=None):
     p.add_argument("--hyperdensity_priors", nargs="+", default=None, choices=["off", "on"],
                    help="the map weighted by acute-blood band membership (evaluate.py --hyperdensity_prior) to try; "
                         "read off the same maps; default: the run's")
+    p.add_argument("--normatives", nargs="+", default=["none"], choices=["none", "z"],
+                   help="z: each map z-scored pixel by pixel against the healthy error at that position and level "
+                        "(scoring.fit_normative on the reference's healthy slices: a fold's validation patients, or a "
+                        "validation split's own healthy slices); a screen on saved maps, not yet an evaluate.py option")
     p.add_argument("--write_scores", action="store_true",
                    help="also write each row's slice scores as scores/<row>/scores.csv (evaluate.py's columns), for "
                         "compare.py --scores and scripts/detection_study.py")
@@ -142,13 +146,19 @@ def maps_of(part, setting, seed):
     return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, keep_examples=0, keep_maps=True)["maps"]
 
 
-def part_values(part, maps, setting, median_size, width):
+def part_values(part, maps, setting, median_size, width, normative="none"):
     """{score name: the reported slices' scores} of one part read off its maps (slice_scores, then finish_scores);
     a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them; with
     --level_norm z by level, against the reference slices or, for a validation split, its own healthy slices."""
     region = scoring.scored_masks(part.masks, part.anatomy, setting)
     if setting.hyperdensity_prior:  # as score_split's adjust_maps: the prior, then the asymmetry
         maps = maps * part.blood
+    if normative == "z":
+        key = ("normative", setting.hyperdensity_prior)
+        if key not in part.found:
+            fitted_on = part.reference if part.reference.any() else part.healthy
+            part.found[key] = scoring.fit_normative(maps[fitted_on], part.masks[fitted_on], part.levels[fitted_on])
+        maps = scoring.normative_maps(maps, part.levels, part.found[key])
     if setting.asymmetry != "none" and "midlines" not in part.found:
         part.found["midlines"] = [midline.find_midline(m) for m in part.masks]
     maps = scoring.asymmetric_maps(maps, part.masks, setting, part.found.get("midlines"))
@@ -169,8 +179,9 @@ def score_rows(parts, maps, setting, t_name, args):
     scores score_split gives for that setting, pooled over the parts."""
     rows, pooled = [], pooled_view(parts)
     for median_size, width, post in [(m, w, p) for m in args.median_sizes for w in args.smooth_slices for p in post_map_settings(args, setting)]:
+            normative = post.pop("normative")
             post_setting = dataclasses.replace(setting, **post)
-            by_part = [part_values(p, m, post_setting, median_size, width) for p, m in zip(parts, maps)]
+            by_part = [part_values(p, m, post_setting, median_size, width, normative) for p, m in zip(parts, maps)]
             for score_name in by_part[0]:
                 if setting.skip_outside_mask and not score_name.startswith("brain"):
                     continue
@@ -181,6 +192,7 @@ def score_rows(parts, maps, setting, t_name, args):
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "anomaly_map": setting.anomaly_map, "region": region_name(post_setting),
                              "asymmetry": post_setting.asymmetry, "prior": "on" if post_setting.hyperdensity_prior else "off",
+                             "normative": normative,
                              "level_norm": post_setting.level_norm, "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
                              "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"], "values": values})
@@ -189,7 +201,7 @@ def score_rows(parts, maps, setting, t_name, args):
 
 def post_map_settings(args, setting):
     """The settings read off one set of maps besides median and smoothing: scored region x level normalisation x
-    asymmetry x hyperdensity prior."""
+    asymmetry x hyperdensity prior x normative map."""
     regions = args.scored_regions or [region_name(setting)]
     norms = args.level_norms or [setting.level_norm]
     asymmetries = getattr(args, "asymmetries", None) or [setting.asymmetry]
@@ -201,8 +213,9 @@ def post_map_settings(args, setting):
             raise SystemExit(f"error: --scored_regions {text}: expected intracranial or REGION:N with REGION one of "
                              f"{', '.join(scoring.SCORED_REGIONS[1:])}, e.g. no_bone_3d:2")
         out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm,
-                 "asymmetry": asymmetry, "hyperdensity_prior": prior}
-                for norm in norms for asymmetry in asymmetries for prior in priors]
+                 "asymmetry": asymmetry, "hyperdensity_prior": prior, "normative": normative}
+                for norm in norms for asymmetry in asymmetries for prior in priors
+                for normative in getattr(args, "normatives", None) or ["none"]]
     return out
 
 
@@ -213,10 +226,11 @@ def region_name(setting):
 def is_default(row, default):
     """Whether a table row is the scoring default (scoring.DEFAULTS at this image size)."""
     return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"],
-            row["anomaly_map"], row["region"], row["level_norm"], row["asymmetry"], row["prior"] == "on") == (
+            row["anomaly_map"], row["region"], row["level_norm"], row["asymmetry"], row["prior"] == "on",
+            row.get("normative", "none")) == (
         default.patch_size, default.stride, default.residual, "+".join(map(str, default.eval_t)), default.median_size,
         default.score, default.smooth_slices, default.anomaly_map, region_name(default), default.level_norm,
-        default.asymmetry, default.hyperdensity_prior)
+        default.asymmetry, default.hyperdensity_prior, "none")
 
 
 def add_paired_differences(val, rows, baseline, n_boot):
@@ -233,11 +247,12 @@ def add_paired_differences(val, rows, baseline, n_boot):
 
 def row_name(row):
     """A row's settings as a folder name, e.g. model_no_bone_3d-2_none_mirror_32-16_positive_t250_m5_brain_p99_s2
-    (and _prior with the hyperdensity prior)."""
+    (and _prior with the hyperdensity prior, _normative-z with the normative map)."""
     return "_".join(str(part) for part in (
         row["anomaly_map"], row["region"].replace(":", "-"), row["level_norm"], row["asymmetry"],
         f"{row['patch_size']}-{row['stride']}", row["residual"], f"t{row['t']}", f"m{row['median_size']}", row["score"],
-        f"s{row['smooth_slices']}")) + ("_prior" if row["prior"] == "on" else "")
+        f"s{row['smooth_slices']}")) + ("_prior" if row["prior"] == "on" else "") + (
+        f"_normative-{row['normative']}" if row.get("normative", "none") != "none" else "")
 
 
 def write_row_scores(output_dir, pooled, rows):
@@ -265,13 +280,13 @@ def format_delta(row, key, mark_key):
 def write_table(output_dir, rows, header):
     rows.sort(key=lambda r: -(r["roc_auc"] or 0))
     runfiles.write_json(os.path.join(output_dir, "sweep.json"), header | {"rows": rows})
-    lines = ["| map | region | level norm | asymmetry | prior | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
+    lines = ["| map | region | level norm | asymmetry | prior | normative | window/stride | residual | t | median | score | smooth | slice ROC-AUC [95% CI] | Δ vs default [paired 95% CI] "
              "| AUPRC | scan ROC-AUC (max) [95% CI] | Δ scan vs default [paired 95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def with_ci(value, ci):  # no interval with --n_boot 0
         return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     for r in rows:
-        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['asymmetry']} | {r['prior']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
+        lines.append(f"| {r['anomaly_map']} | {r['region']} | {r['level_norm']} | {r['asymmetry']} | {r['prior']} | {r['normative']} | {r['patch_size']}/{r['stride']} | {r['residual']} | {r['t']} | {r['median_size'] or '-'} | {r['score']} | "
                      f"{('+-' + str(r['smooth_slices'])) if r['smooth_slices'] else '-'} | "
                      f"{with_ci(r['roc_auc'], r['roc_auc_ci'])} | {format_delta(r, 'delta_roc_auc', 'delta_excludes_zero')} | "
                      f"{r['auprc']:.3f} | {with_ci(r['scan_roc_auc'], r['scan_roc_auc_ci'])} | "
@@ -359,7 +374,8 @@ def sweep(args, parts, base, seed, windows, output_dir):
                                                                                         "smooth_slices": [default.smooth_slices],
                                                                                         "scored_regions": None, "level_norms": None,
                                                                                         "asymmetries": None,
-                                                                                        "hyperdensity_priors": None}))
+                                                                                        "hyperdensity_priors": None,
+                                                                                        "normatives": ["none"]}))
                     if r["score"] == default.score]
     if args.write_scores:
         write_row_scores(output_dir, pooled, rows)

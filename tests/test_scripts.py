@@ -57,10 +57,11 @@ def test_evaluate_and_sweep_on_the_run(tiny_run, tmp_path, no_figures):
 
     quiet(sweep.main, ["--checkpoint", str(tiny_run / "best_model.pt"), "--eval_t", "100", "300", "--multi_t", "100", "300",
                        "--median_sizes", "0", "3", "--residuals", "abs", "positive", "--smooth_slices", "0", "--n_boot", "2",
+                       "--normatives", "none", "z",
                        "--output_dir", str(tmp_path / "sw")])
     table = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     # residual x t in {100, 300, 100+300} x median x score
-    assert table["split"] == "val" and len(table["rows"]) == 2 * 3 * 2 * 3
+    assert table["split"] == "val" and len(table["rows"]) == 2 * 3 * 2 * 3 * 2  # x normative none, z
     assert {(r["residual"], r["t"]) for r in table["rows"]} == {(res, t) for res in ("abs", "positive")
                                                                  for t in ("100", "300", "100+300")}
     aucs = [r["roc_auc"] for r in table["rows"]]
@@ -69,7 +70,7 @@ def test_evaluate_and_sweep_on_the_run(tiny_run, tmp_path, no_figures):
     assert all(r["delta_roc_auc_ci"] is not None and r["delta_scan_roc_auc"] is not None for r in table["rows"])
     deltas = {r["roc_auc"] - r["delta_roc_auc"] for r in table["rows"]}  # the default's ROC-AUC, the same for every row
     assert max(deltas) - min(deltas) < 1e-9
-    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| map | region | level norm | asymmetry | prior | window/stride")
+    assert (tmp_path / "sw" / "sweep.md").read_text().startswith("| map | region | level norm | asymmetry | prior | normative | window/stride")
 
 
 def test_compare_plots_the_runs_curves(tiny_run, tmp_path, capsys):
