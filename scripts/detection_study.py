@@ -24,7 +24,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cohort  # noqa: E402
 import compare  # noqa: E402
+import inputs  # noqa: E402
 import metrics  # noqa: E402
+import runfiles  # noqa: E402
+
+MONTAGE_HU = [[-20.0, 100.0]]  # the brain window the montage shows slices in
 
 
 def load_row(scores_dir, name):
@@ -89,6 +93,34 @@ def table(results, subtypes):
     return "\n".join(lines)
 
 
+def montage(path, data_dir, rows, values, ids, c, k):
+    """The top k false positives (healthy slices scored highest) and misses (bleed slices scored lowest) of each row,
+    shown as their input slices in the brain window, with the slice id and the bleed subtypes."""
+    index = cohort.load_index(data_dir, num_workers=1)
+    where = {str(i): n for n, i in enumerate(index["id"])}
+    plt = runfiles.pyplot()
+    fig, axes = plt.subplots(2 * len(rows), k, figsize=(1.9 * k, 4.2 * len(rows)), squeeze=False)
+    for r, name in enumerate(rows):
+        order = np.argsort(values[name])
+        picks = {"false positive": [i for i in order[::-1] if c["any"][i] == 0][:k],
+                 "miss": [i for i in order if c["any"][i] == 1][:k]}
+        for line, (kind, chosen) in enumerate(picks.items()):
+            for col in range(k):
+                ax = axes[2 * r + line, col]
+                ax.axis("off")
+                if col >= len(chosen) or ids[chosen[col]] not in where:
+                    continue
+                i = chosen[col]
+                image, _ = inputs.load_slice(os.path.join(data_dir, index["path"][where[ids[i]]]), MONTAGE_HU, 128)
+                ax.imshow(np.asarray(image[0], np.float32), cmap="gray", vmin=-1, vmax=1)
+                subtypes = ",".join(t[:4] for t, v in c["subtypes"].items() if v[i])
+                ax.set_title(f"{kind if col == 0 else ''}\n{ids[i]} {subtypes}", fontsize=6)
+        axes[2 * r, 0].text(0, -0.25, name[:90], transform=axes[2 * r, 0].transAxes, fontsize=6, va="bottom")
+    fig.tight_layout()
+    runfiles.save_figure(fig, path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scores_dir", default=".", help="sweep.py's scores/ folder (rows are named as its subfolders)")
@@ -99,6 +131,10 @@ def main(argv=None):
                    help="also judge the mean of rows A's and B's slice scores (repeatable)")
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--out", default=None, help="write the table (.md) and the figures (.json beside it)")
+    p.add_argument("--montage", default=None, metavar="DATA_DIR",
+                   help="also draw the top false positives and misses of the default, the baseline and each adopted "
+                        "candidate (their input slices, read from DATA_DIR) into <out>_montage.png")
+    p.add_argument("--montage_k", type=int, default=6)
     args = p.parse_args(argv)
     names = list(dict.fromkeys([args.default, args.baseline, *args.candidates, *(n for pair in args.fuse for n in pair)]))
     loaded = {name: load_row(args.scores_dir, name) for name in names}
@@ -118,6 +154,9 @@ def main(argv=None):
             f.write(text + "\n")
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump({"slices": len(ids), "results": results}, f, indent=1, default=float)
+        if args.montage:
+            shown = [args.default, args.baseline] + [r["name"] for r in results[2:] if r["adopt"]]
+            montage(os.path.splitext(args.out)[0] + "_montage.png", args.montage, shown, values, ids, c, args.montage_k)
     return results
 
 

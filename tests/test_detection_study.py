@@ -44,3 +44,16 @@ def test_a_clearly_better_candidate_is_adopted_and_fusion_is_judged(tmp_path):
     assert by_name["default"]["slice"] < fused["slice"]
     assert fused["subtypes"]["subdural"] == fused["slice"]  # every bleed is a subdural here
     assert (tmp_path / "study.md").read_text().startswith("| candidate |") and (tmp_path / "study.json").exists()
+
+
+def test_the_montage_shows_top_false_positives_and_misses(phantom_dir, tmp_path):
+    index = cohort.load_index(phantom_dir, num_workers=1)
+    n = len(index["id"])
+    labels = np.asarray(index["any"]).astype(int)
+    subtypes = {t: np.asarray(index[t]).astype(int) for t in cohort.SUBTYPES}
+    rng = np.random.default_rng(1)
+    for name, v in (("default", labels + rng.normal(size=n)), ("baseline", rng.normal(size=n))):
+        write_scores(tmp_path / name, list(index["id"]), labels, subtypes, index["patient"], index["scan"], v)
+    detection_study.main(["--scores_dir", str(tmp_path), "--default", "default", "--baseline", "baseline", "--n_boot", "0",
+                          "--out", str(tmp_path / "study.md"), "--montage", str(phantom_dir), "--montage_k", "3"])
+    assert (tmp_path / "study_montage.png").stat().st_size > 10_000
