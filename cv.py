@@ -251,6 +251,49 @@ def _reference_entries(path):
     return saved.get("entries", []) if isinstance(saved, dict) else []
 
 
+def normative_settings(settings):
+    """What the normative map is fitted on: the maps as --normative z receives them (after the hyperdensity prior,
+    before the asymmetry, the median filter and everything read off the map)."""
+    return dataclasses.replace(settings, normative="none", asymmetry="none", median_size=0, smooth_slices=0,
+                               level_norm="none", scored_region="intracranial")
+
+
+def normative_path(checkpoint_path, key):
+    """Where a model's normative map for `key` (reference_key of normative_settings) is saved: next to its
+    checkpoint, one .npz per key, named by the key's hash."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), f"normative_{stem}_{digest}.npz")
+
+
+def fold_normative(fold, data_dir=None):
+    """--normative z: the model's per-pixel healthy error by level (scoring.fit_normative) on its reference slices
+    (every slice of the healthy patients of its validation split), from their maps scored without the options that
+    act after it; saved next to the checkpoint per key and read back. None when the settings do not use it.
+    fold: trained.Fold; data_dir as fold_reference's."""
+    if fold.settings.normative == "none":
+        return None
+    settings = normative_settings(fold.settings)
+    path = normative_path(fold.path, reference_key(settings, fold.seed, fold.run))
+    if os.path.isfile(path):
+        with np.load(path) as saved:
+            return {name: saved[name] for name in ("edges", "mean", "std")}
+    trained_on = (fold.checkpoint.get("splits") or {}).get("data_dir") or (fold.checkpoint.get("args") or {}).get("data_dir")
+    data_dir = data_dir or trained_on
+    if not data_dir or not os.path.isdir(data_dir):
+        raise SystemExit(f"error: {fold.path}: no normative map in {path}, and the training data {data_dir!r} is not "
+                         "at hand to fit it on the healthy validation patients")
+    rd, positions = reference_slices(fold, data_dir)
+    dataset = data.SliceDataset(rd.cache, rd.index, positions)
+    print(f"fitting the normative map: {len(positions)} slices of the healthy validation patients")
+    val = scoring.score_split(fold.diffusion, dataset, settings, seed=fold.seed, keep_examples=0, keep_maps=True)
+    row = {int(p): k for k, p in enumerate(dataset.positions)}
+    masks = np.stack([dataset[row[int(p)]]["mask"].numpy() for p in val["positions"]])
+    normative = scoring.fit_normative(val["maps"], masks, val["levels"])
+    runfiles.write_atomically(path, lambda f: np.savez(f, **normative))
+    return normative
+
+
 def reference_path(checkpoint_path):
     stem = os.path.splitext(os.path.basename(checkpoint_path))[0]
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), REFERENCE_FILE.format(stem=stem))
@@ -366,10 +409,12 @@ def fold_reference(fold, data_dir=None):
                          f"settings in {reference_path(fold.path)}, and the training data {data_dir!r} is not at hand to "
                          f"score them: run python evaluate.py --checkpoint {fold.path} with the same scoring flags where "
                          "the training data is")
+    normative = fold_normative(fold, data_dir)
     rd, positions = reference_slices(fold, data_dir)
     print(f"scoring the reference: {len(positions)} slices of the healthy validation patients")
     val = scoring.score_split(fold.diffusion, data.SliceDataset(rd.cache, rd.index, positions), fold.settings,
-                              seed=fold.seed, keep_examples=0, workers=scoring.Workers(fold.run.num_workers))
+                              seed=fold.seed, keep_examples=0, workers=scoring.Workers(fold.run.num_workers),
+                              normative=normative)
     statistics = reference_statistics(val["scores"], val["labels"], val["levels"], level_bins(fold.settings))
     write_reference(reference_path(fold.path), key, statistics)
     return statistics

@@ -86,6 +86,9 @@ class ScoringSettings:
     # Issue 29 (a): "mirror": the map less its mirror image about the head's midline (midline.py), max(., 0);
     # "mix": the mean of the map and that. Off by default (RESULTS.md: measured out of fold).
     asymmetry: str = "none"
+    # Issue 29 (b): "z": the map z-scored pixel by pixel against the healthy error at that position and level
+    # (fit_normative on the run's reference slices, cv.fold_normative). Needs the reference: evaluation only.
+    normative: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "eval_t", tuple(int(t) for t in np.atleast_1d(self.eval_t)))
@@ -128,6 +131,7 @@ class ScoringSettings:
         need(self.level_norm in LEVEL_NORMS, "level_norm", self.level_norm, f"one of {', '.join(LEVEL_NORMS)}")
         need(self.anomaly_map in ANOMALY_MAPS, "anomaly_map", self.anomaly_map, f"one of {', '.join(ANOMALY_MAPS)}")
         need(self.asymmetry in ASYMMETRIES, "asymmetry", self.asymmetry, f"one of {', '.join(ASYMMETRIES)}")
+        need(self.normative in NORMATIVES, "normative", self.normative, f"one of {', '.join(NORMATIVES)}")
         return filled
 
     @property
@@ -152,8 +156,9 @@ LEVEL_NORMS = ("none", "z")
 LEVEL_BINS = 5  # level bins of --level_norm z: quantiles of the reference slices' levels
 ANOMALY_MAPS = ("model", "blood_band")
 ASYMMETRIES = ("none", "mirror", "mix")
+NORMATIVES = ("none", "z")
 # need statistics of the trained model (its healthy validation slices): refused by train.py
-EVALUATION_ONLY = ("level_norm",)
+EVALUATION_ONLY = ("level_norm", "normative")
 FIELDS = tuple(f.name for f in dataclasses.fields(ScoringSettings))
 DEFAULTS = ScoringSettings()
 SPEC_EVAL_T = 150  # the spec's noise timestep (--eval_t's help)
@@ -215,6 +220,10 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
     group.add_argument("--asymmetry", default=default("asymmetry"), choices=ASYMMETRIES,
                        help="mirror: score the map less its mirror image about the head's own midline (what one side "
                             "has and the other has not), max(., 0); mix: the mean of the map and that; none: the map")
+    group.add_argument("--normative", default=default("normative"), choices=NORMATIVES,
+                       help="z: the map z-scored pixel by pixel against the healthy error at that position and "
+                            "anatomical level, fitted on the run's reference (the healthy validation patients); "
+                            "evaluation only")
 
 
 class _Leaving:
@@ -430,17 +439,22 @@ def slice_levels(anatomy, masks):
     return masks.sum(1) / np.maximum(head.sum(1), np.maximum(masks.sum(1), 1))
 
 
-def adjust_maps(maps, images, settings, brain_hu=None, brain_masks=None):
+def adjust_maps(maps, images, settings, brain_hu=None, brain_masks=None, normative=None, levels=None):
     """The map options, in this order: --hyperdensity_prior (the map times blood_weight; brain_hu: channel 0's HU at
-    input -1 and +1, the model's input representation), then --asymmetry (asymmetric_maps; brain_masks: the
-    intracranial masks, whose shape gives the midline)."""
-    if not settings.hyperdensity_prior and settings.asymmetry == "none":
+    input -1 and +1, the model's input representation), then --normative z (normative_maps against `normative`,
+    fit_normative's, at the slices' `levels`), then --asymmetry (asymmetric_maps; brain_masks: the intracranial
+    masks, whose shape gives the midline)."""
+    if not settings.hyperdensity_prior and settings.asymmetry == "none" and settings.normative == "none":
         return maps
     out = maps.detach().float().cpu().numpy().copy()
     if settings.hyperdensity_prior:
         images = torch.as_tensor(images).float().cpu().numpy()
         for i in range(len(out)):
             out[i] *= blood_weight(images[i], brain_hu)
+    if settings.normative == "z":
+        if normative is None:
+            raise ValueError("--normative z needs the normative map fitted on the run's reference (cv.fold_normative)")
+        out = normative_maps(out, levels, normative)
     out = asymmetric_maps(out, brain_masks, settings)
     return torch.from_numpy(out).to(maps.device)
 
@@ -515,7 +529,7 @@ def slice_scores(maps, brain_masks, median_size=0):
     return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
-def _score_batch(diffusion, images, masks, positions, settings, seed, brain_masks=None):
+def _score_batch(diffusion, images, masks, positions, settings, seed, brain_masks=None, normative=None, levels=None):
     """(maps [N, H, W] before the median filter, {score name: [N]} before smoothing) of one batch of slices at
     index rows `positions` (the noise of a slice depends on (seed, position) only). masks: the scored regions;
     brain_masks: the intracranial masks (--skip_outside_mask skips the windows that miss them, so that the map does
@@ -528,7 +542,7 @@ def _score_batch(diffusion, images, masks, positions, settings, seed, brain_mask
         maps = blood_band_maps(images, diffusion.input_hu[0])
     else:
         maps = anomaly_maps(diffusion, images, settings, seeds, torch.as_tensor(brain_masks).to(diffusion.device)).float()
-    maps = adjust_maps(maps, images, settings, diffusion.input_hu[0], brain_masks)
+    maps = adjust_maps(maps, images, settings, diffusion.input_hu[0], brain_masks, normative, levels)
     return maps, slice_scores(maps, masks, settings.median_size)
 
 
@@ -658,7 +672,7 @@ def split_loader(dataset, settings, workers=Workers()):
 
 
 def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_maps=False, gt_masks_fn=None,
-                workers=Workers()):
+                workers=Workers(), normative=None):
     """Score every slice of `dataset` with the sliding-window anomaly map of `settings`: the one scoring path of
     train.py (validation), evaluate.py, sweep.py, bench.py and predict.py. dataset: items dict(image, mask, label,
     position) with aligned arrays .positions, .patients, .scans (data.SliceDataset, data.ArrayDataset).
@@ -668,7 +682,8 @@ def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_map
     (predict.py, sweep.py: a scan's or a validation split's worth). gt_masks_fn(position) -> bool [S, S] bleed mask
     or None; when given, pixel histograms are accumulated. workers (Workers): DataLoader worker processes, and with
     world > 1 (torch.distributed initialised) each rank scores every world-th slice and all ranks return the merged
-    result (keep_maps: one process only). Returns a dict: positions, labels,
+    result (keep_maps: one process only). normative: the model's fitted normative map (cv.fold_normative), which
+    --normative z needs. Returns a dict: positions, labels,
     patients, scans (sorted by position), scores {name: float64 [N]} (finish_scores applied), examples {kind:
     [example dicts]}, pixel (accumulator or None), maps (float32 [N, S, S] or None), seconds."""
     rank, world = workers.rank, workers.world
@@ -682,10 +697,12 @@ def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_map
                       leave=False, disable=rank != 0):
         images, anatomy = batch["image"].to(diffusion.device), batch.get("anatomy")
         region = scored_masks(batch["mask"], anatomy, settings)
+        levels = slice_levels(anatomy, batch["mask"])
         maps, scores = _score_batch(diffusion, images, torch.from_numpy(region).to(diffusion.device),
-                                    batch["position"].tolist(), settings, seed, brain_masks=batch["mask"])
+                                    batch["position"].tolist(), settings, seed, brain_masks=batch["mask"],
+                                    normative=normative, levels=levels)
         _record_batch(acc, batch, maps.cpu().numpy(), region, scores, settings, keep_examples, gt_masks_fn)
-        acc["levels"].append(slice_levels(anatomy, batch["mask"]))
+        acc["levels"].append(levels)
     result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
               "labels": np.concatenate(acc["labels"]) if acc["labels"] else np.zeros(0, np.int8),
               "levels": np.concatenate(acc["levels"]) if acc["levels"] else np.zeros(0),

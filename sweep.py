@@ -35,7 +35,7 @@ D = scoring.DEFAULTS  # every default grid below holds the default setting, so t
 
 
 GRID = ("eval_t", "patch_size", "stride", "residual", "median_size", "smooth_slices", "score", "scored_region", "bone_margin",
-        "level_norm", "anomaly_map", "asymmetry", "hyperdensity_prior")  # made by the grid flags
+        "level_norm", "anomaly_map", "asymmetry", "hyperdensity_prior", "normative")  # made by the grid flags
 
 
 def get_args(argv=None):
@@ -70,10 +70,10 @@ def get_args(argv=None):
     p.add_argument("--hyperdensity_priors", nargs="+", default=None, choices=["off", "on"],
                    help="the map weighted by acute-blood band membership (evaluate.py --hyperdensity_prior) to try; "
                         "read off the same maps; default: the run's")
-    p.add_argument("--normatives", nargs="+", default=["none"], choices=["none", "z"],
-                   help="z: each map z-scored pixel by pixel against the healthy error at that position and level "
-                        "(scoring.fit_normative on the reference's healthy slices: a fold's validation patients, or a "
-                        "validation split's own healthy slices); a screen on saved maps, not yet an evaluate.py option")
+    p.add_argument("--normatives", nargs="+", default=None, choices=list(scoring.NORMATIVES),
+                   help="the normative map to try (evaluate.py --normative), read off the same maps: fitted on the "
+                        "reference's healthy slices (a fold's validation patients, or a validation split's own healthy "
+                        "slices); default: the run's")
     p.add_argument("--write_scores", action="store_true",
                    help="also write each row's slice scores as scores/<row>/scores.csv (evaluate.py's columns), for "
                         "compare.py --scores and scripts/detection_study.py")
@@ -142,18 +142,18 @@ def maps_of(part, setting, seed):
     (scoring.score_split), in the part's order (its positions are sorted)."""
     # the intracranial region holds every scored region: its maps serve them all (part_values reads each off them)
     raw = dataclasses.replace(setting, median_size=0, smooth_slices=0, scored_region="intracranial", level_norm="none",
-                              asymmetry="none", hyperdensity_prior=False)
+                              asymmetry="none", hyperdensity_prior=False, normative="none")
     return scoring.score_split(part.diffusion, part.dataset, raw, seed=seed, keep_examples=0, keep_maps=True)["maps"]
 
 
-def part_values(part, maps, setting, median_size, width, normative="none"):
+def part_values(part, maps, setting, median_size, width):
     """{score name: the reported slices' scores} of one part read off its maps (slice_scores, then finish_scores);
     a fold's scores z-scored against its reference slices (cv.normalised), as evaluate.py pools them; with
     --level_norm z by level, against the reference slices or, for a validation split, its own healthy slices."""
     region = scoring.scored_masks(part.masks, part.anatomy, setting)
     if setting.hyperdensity_prior:  # as score_split's adjust_maps: the prior, then the asymmetry
         maps = maps * part.blood
-    if normative == "z":
+    if setting.normative == "z":  # fitted as cv.fold_normative fits it, on the same reference slices
         key = ("normative", setting.hyperdensity_prior)
         if key not in part.found:
             fitted_on = part.reference if part.reference.any() else part.healthy
@@ -179,9 +179,8 @@ def score_rows(parts, maps, setting, t_name, args):
     scores score_split gives for that setting, pooled over the parts."""
     rows, pooled = [], pooled_view(parts)
     for median_size, width, post in [(m, w, p) for m in args.median_sizes for w in args.smooth_slices for p in post_map_settings(args, setting)]:
-            normative = post.pop("normative")
             post_setting = dataclasses.replace(setting, **post)
-            by_part = [part_values(p, m, post_setting, median_size, width, normative) for p, m in zip(parts, maps)]
+            by_part = [part_values(p, m, post_setting, median_size, width) for p, m in zip(parts, maps)]
             for score_name in by_part[0]:
                 if setting.skip_outside_mask and not score_name.startswith("brain"):
                     continue
@@ -192,7 +191,7 @@ def score_rows(parts, maps, setting, t_name, args):
                 rows.append({"patch_size": setting.patch_size, "stride": setting.stride, "residual": setting.residual,
                              "anomaly_map": setting.anomaly_map, "region": region_name(post_setting),
                              "asymmetry": post_setting.asymmetry, "prior": "on" if post_setting.hyperdensity_prior else "off",
-                             "normative": normative,
+                             "normative": post_setting.normative,
                              "level_norm": post_setting.level_norm, "t": t_name, "median_size": median_size, "score": score_name, "smooth_slices": width,
                              "roc_auc": m["roc_auc"], "roc_auc_ci": m["roc_auc_ci"], "auprc": m["auprc"],
                              "scan_roc_auc": scan["roc_auc"], "scan_roc_auc_ci": scan["roc_auc_ci"], "values": values})
@@ -215,7 +214,7 @@ def post_map_settings(args, setting):
         out += [{"scored_region": name, "bone_margin": int(margin) if margin else setting.bone_margin, "level_norm": norm,
                  "asymmetry": asymmetry, "hyperdensity_prior": prior, "normative": normative}
                 for norm in norms for asymmetry in asymmetries for prior in priors
-                for normative in getattr(args, "normatives", None) or ["none"]]
+                for normative in getattr(args, "normatives", None) or [setting.normative]]
     return out
 
 
@@ -227,10 +226,10 @@ def is_default(row, default):
     """Whether a table row is the scoring default (scoring.DEFAULTS at this image size)."""
     return (row["patch_size"], row["stride"], row["residual"], row["t"], row["median_size"], row["score"], row["smooth_slices"],
             row["anomaly_map"], row["region"], row["level_norm"], row["asymmetry"], row["prior"] == "on",
-            row.get("normative", "none")) == (
+            row["normative"]) == (
         default.patch_size, default.stride, default.residual, "+".join(map(str, default.eval_t)), default.median_size,
         default.score, default.smooth_slices, default.anomaly_map, region_name(default), default.level_norm,
-        default.asymmetry, default.hyperdensity_prior, "none")
+        default.asymmetry, default.hyperdensity_prior, default.normative)
 
 
 def add_paired_differences(val, rows, baseline, n_boot):
@@ -252,7 +251,7 @@ def row_name(row):
         row["anomaly_map"], row["region"].replace(":", "-"), row["level_norm"], row["asymmetry"],
         f"{row['patch_size']}-{row['stride']}", row["residual"], f"t{row['t']}", f"m{row['median_size']}", row["score"],
         f"s{row['smooth_slices']}")) + ("_prior" if row["prior"] == "on" else "") + (
-        f"_normative-{row['normative']}" if row.get("normative", "none") != "none" else "")
+        f"_normative-{row['normative']}" if row["normative"] != "none" else "")
 
 
 def write_row_scores(output_dir, pooled, rows):
@@ -375,7 +374,7 @@ def sweep(args, parts, base, seed, windows, output_dir):
                                                                                         "scored_regions": None, "level_norms": None,
                                                                                         "asymmetries": None,
                                                                                         "hyperdensity_priors": None,
-                                                                                        "normatives": ["none"]}))
+                                                                                        "normatives": None}))
                     if r["score"] == default.score]
     if args.write_scores:
         write_row_scores(output_dir, pooled, rows)

@@ -116,7 +116,7 @@ class TrainedRun:
         """Every fold model on one in-memory dataset (data.ArrayDataset: predict.py's scan), maps kept, combined.
         -> a score_split-like result (maps and scores in position order)."""
         return self.combine([scoring.score_split(f.diffusion, dataset, self.settings, seed=self.seed, keep_examples=0,
-                                                 keep_maps=True) for f in self.folds])
+                                                 keep_maps=True, normative=cv.fold_normative(f)) for f in self.folds])
 
     def out_of_fold(self, keep_examples):
         """A CV run's out-of-fold scores: fold k's model on fold k's patients (its test split); its reference
@@ -192,7 +192,7 @@ def score_split(fold, rd, split, keep_examples, rank, world, with_val):
     gt_masks_fn, unusable_masks = mask_reader(run, rd.index, rd.cache, rank)
     has_masks = has_bleed_masks(gt_masks_fn, rd.index, positions)
     common = dict(seed=fold.seed, workers=scoring.Workers(run.num_workers, rank, world),
-                  gt_masks_fn=gt_masks_fn if has_masks else None)
+                  gt_masks_fn=gt_masks_fn if has_masks else None, normative=cv.fold_normative(fold))
     if rank == 0:
         print(f"scoring the {split} split: {len(positions)} slices on {fold.diffusion.device}" + (f" x{world} processes" if world > 1 else ""))
         if scoring.smoothing_note(fold.settings.smooth_slices, run.eval_samples):
@@ -369,10 +369,11 @@ def ensemble_external(run, data_dir, eval_samples, keep_examples, chunk_bytes):
     if scoring.smoothing_note(run.settings.smooth_slices, eval_samples or "all"):
         print(scoring.smoothing_note(run.settings.smooth_slices, eval_samples or "all"))
     parts = [[] for _ in run.folds]
+    normatives = [cv.fold_normative(f) for f in run.folds]
     for lo, hi in scan_chunks(sets[0].scans, most):
         results = [scoring.score_split(f.diffusion, ChunkOf(ds, lo, hi), f.settings, seed=f.seed, keep_examples=0,
-                                       keep_maps=True, workers=scoring.Workers(f.run.num_workers))
-                   for f, ds in zip(run.folds, sets)]
+                                       keep_maps=True, workers=scoring.Workers(f.run.num_workers), normative=n)
+                   for f, ds, n in zip(run.folds, sets, normatives)]
         stream.add(ChunkOf(sets[0], lo, hi), results, statistics)
         for part, r in zip(parts, results):
             r["maps"] = None  # let go before the next chunk is scored

@@ -46,7 +46,9 @@ def tiny_run(phantom_dir, tmp_path_factory):
 
 def is_reference_file(name):
     import cv
-    return os.path.basename(name) in {cv.REFERENCE_FILE.format(stem=stem) for stem in ("best_model", "best_model_loss", "last")}
+    base = os.path.basename(name)
+    return (base in {cv.REFERENCE_FILE.format(stem=stem) for stem in ("best_model", "best_model_loss", "last")}
+            or (base.startswith("normative_") and base.endswith(".npz")))  # cv.fold_normative's, as cached
 
 
 @pytest.fixture

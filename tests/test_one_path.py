@@ -24,6 +24,7 @@ OPTIONS = {  # every scoring flag appears in at least one of them
                            "--stride", "6", "--eval_batch_size", "7", "--noise", "simplex"],
     "prior": ["--hyperdensity_prior"],
     "asymmetry": ["--asymmetry", "mix", "--median_size", "3"],
+    "normative": ["--normative", "z", "--asymmetry", "mirror"],
 }
 SCORES = ("mean", "brain_mean", "brain_p99")
 
@@ -81,7 +82,8 @@ def test_evaluate_predict_and_sweep_give_the_same_scores(option, tiny_run, phant
 GRID_FLAGS = {"--eval_t", "--patch_size", "--stride", "--median_size", "--smooth_slices", "--residual", "--score"}
 
 
-SWEEP_GRIDS = {"--asymmetry": ["--asymmetries"], "--hyperdensity_prior": ["--hyperdensity_priors", "on"]}  # evaluate.py's
+SWEEP_GRIDS = {"--asymmetry": ["--asymmetries"], "--hyperdensity_prior": ["--hyperdensity_priors", "on"],
+               "--normative": ["--normatives"]}  # evaluate.py's
 # flag -> sweep.py's one-value grid of it
 
 

@@ -13,6 +13,7 @@ import compare
 import evaluate
 import scoring
 import sweep
+from conftest import is_reference_file
 from helpers import PNG, quiet, read_csv, run_cli
 
 
@@ -21,7 +22,7 @@ def test_train_writes_the_run(tiny_run, phantom_dir):
              "diagnostics_epoch_1.png", "eval_scores_epoch_1.png", "args.json", "splits.json"]
     # and nothing else: no lock, no *.tmp (reference_<checkpoint>.json, statistics saved by a script that scored the
     # run's reference slices, is there once another test has run predict.py on it)
-    assert sorted(p.name for p in tiny_run.iterdir() if not p.name.startswith("reference_")) == sorted(names)
+    assert sorted(p.name for p in tiny_run.iterdir() if not is_reference_file(p.name)) == sorted(names)
     for png in tiny_run.glob("*.png"):
         assert png.read_bytes()[:8] == PNG, png.name
     args = json.loads((tiny_run / "args.json").read_text())
