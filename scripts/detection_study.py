@@ -115,8 +115,9 @@ def montage(path, data_dir, rows, values, ids, c, k):
                 ax.imshow(np.asarray(image[0], np.float32), cmap="gray", vmin=-1, vmax=1)
                 subtypes = ",".join(t[:4] for t, v in c["subtypes"].items() if v[i])
                 ax.set_title(f"{kind if col == 0 else ''}\n{ids[i]} {subtypes}", fontsize=6)
-        axes[2 * r, 0].text(0, -0.25, name[:90], transform=axes[2 * r, 0].transAxes, fontsize=6, va="bottom")
-    fig.tight_layout()
+        fig.text(0.01, 1 - r / len(rows) - 0.002, name, fontsize=7, va="top", weight="bold")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.015))
+    fig.subplots_adjust(hspace=0.45)
     runfiles.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
