@@ -529,13 +529,12 @@ def slice_scores(maps, brain_masks, median_size=0):
     return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
-def _score_batch(diffusion, images, masks, positions, settings, seed, brain_masks=None, normative=None, levels=None):
-    """(maps [N, H, W] before the median filter, {score name: [N]} before smoothing) of one batch of slices at
-    index rows `positions` (the noise of a slice depends on (seed, position) only). masks: the scored regions;
+def _score_batch(diffusion, images, masks, seeds, settings, brain_masks=None, normative=None, levels=None):
+    """(maps [N, H, W] before the median filter, {score name: [N]} before smoothing) of one batch of slices; seeds: each
+    slice's noise seed (noise_seed(seed, its index row): the noise depends on nothing else). masks: the scored regions;
     brain_masks: the intracranial masks (--skip_outside_mask skips the windows that miss them, so that the map does
     not depend on the scored region and sweep.py reads every region off one set of maps; --asymmetry finds the
     midline on them)."""
-    seeds = [noise_seed(seed, p) for p in positions]
     if brain_masks is None:
         brain_masks = masks
     if settings.anomaly_map == "blood_band":
@@ -699,8 +698,8 @@ def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_map
         region = scored_masks(batch["mask"], anatomy, settings)
         levels = slice_levels(anatomy, batch["mask"])
         maps, scores = _score_batch(diffusion, images, torch.from_numpy(region).to(diffusion.device),
-                                    batch["position"].tolist(), settings, seed, brain_masks=batch["mask"],
-                                    normative=normative, levels=levels)
+                                    [noise_seed(seed, p) for p in batch["position"].tolist()], settings,
+                                    brain_masks=batch["mask"], normative=normative, levels=levels)
         _record_batch(acc, batch, maps.cpu().numpy(), region, scores, settings, keep_examples, gt_masks_fn)
         acc["levels"].append(levels)
     result = {"positions": np.concatenate(acc["positions"]) if acc["positions"] else np.zeros(0, np.int64),
