@@ -396,11 +396,7 @@ def read_jpg(path):
 
 def check_jpg(path):
     """Header-only check of a JPG (the CT-ICH counterpart of read_header)."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadFile(f"unreadable JPG: {one_line(error)}")
+    return check_image(path, kind="JPG")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # the 2-D image layout's slices (PIL reads them)
@@ -440,13 +436,14 @@ def read_image(path):
     return grey_levels(values, mode)
 
 
-def check_image(path):
-    """Header-only check of a 2-D slice image: (width, height); BadFile when it cannot be opened."""
+def check_image(path, kind="image"):
+    """Header-only check of a 2-D slice image: (width, height); BadFile ("unreadable <kind>") when it cannot be
+    opened."""
     try:
         with Image.open(path) as image:
             return image.size
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadFile(f"unreadable image: {one_line(error)}")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: unidentified, truncated or broken files
+        raise BadFile(f"unreadable {kind}: {one_line(error)}")
 
 
 def read_ctich_slice(brain_path, with_bone=True):
