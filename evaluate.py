@@ -83,7 +83,7 @@ def write_results(output_dir, report, result, index, split, settings):
     if "map_scale" in result:  # a CV run's ensemble (trained.ensemble_external)
         title = f"{split}: the fold models' ensemble map, ranked by the ensemble's score '{settings.score}' (z)"
     if plots.plot_overlays(os.path.join(output_dir, "overlays.png"), result["examples"], title=title,
-                           residual=settings.residual):
+                           label=scoring.map_label(settings)):
         written.append("overlays.png")
     return written
 

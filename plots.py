@@ -45,7 +45,7 @@ def plot_scores(path, labels, scores, title):
     plt.close(fig)
 
 
-def plot_overlays(path, examples, title="Error maps over the brain window", residual="abs", legend=None):
+def plot_overlays(path, examples, title="Error maps over the brain window", label=None, legend=None):
     """One row per kind (true positive / false positive / miss): error heat-map over the input slice.
 
     examples: {kind: [dict(image, map, brain_mask, gt_mask or None, score, and "id" or "position")]}
@@ -80,7 +80,7 @@ def plot_overlays(path, examples, title="Error maps over the brain window", resi
                 ax.contour(ex["gt_mask"], levels=[0.5], colors="cyan", linewidths=1.0)
             name = ex.get("id", f"row {ex['position']}")
             ax.set_title(f"{kind}\n{name}  score {ex['score']:.4g}", fontsize=7)
-    fig.colorbar(heat, ax=axes, shrink=0.6, aspect=30).set_label(scoring.RESIDUAL_LABELS[residual], fontsize=8)
+    fig.colorbar(heat, ax=axes, shrink=0.6, aspect=30).set_label(label or scoring.RESIDUAL_LABELS["abs"], fontsize=8)
     legend = legend or ("true positive = highest-scoring hemorrhage slices; false positive = highest-scoring healthy "
                         "slices;\nmiss = lowest-scoring hemorrhage slices. Cyan outline = ground-truth bleed (where known), "
                         "dashed white = brain mask")

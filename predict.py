@@ -234,7 +234,7 @@ def overlay(path, scan, rows, top, settings):
                                      "gt_mask": None, "score": row["score"], "id": f"slice {row['slice']}", "position": row["slice"]}
                                     for row in ranked]}
     plots.plot_overlays(path, examples, title=f"{scan['name']}: scan score {ranked[0]['score']:.4g} ({settings.score})",
-                           residual=settings.residual,
+                           label=scoring.map_label(settings),
                            legend="the scan's highest-scoring slices (no labels: a high score is a place to look, not a "
                                   "finding); dashed white = brain mask")
 

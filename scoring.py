@@ -35,6 +35,20 @@ RESIDUALS = {
 }
 RESIDUAL_LABELS = {"abs": "reconstruction error |x - x0_hat|", "positive": "brighter than rebuilt: max(x - x0_hat, 0)"}
 
+
+def map_label(settings):
+    """What a map's values are, for a figure's colour bar: the residual, then the map options that change its units."""
+    parts = [RESIDUAL_LABELS[settings.residual]]
+    if settings.anomaly_map == "blood_band":
+        parts = ["acute-blood band membership (no model)"]
+    if settings.hyperdensity_prior:
+        parts.append("x blood-band weight")
+    if settings.normative == "z":
+        parts.append("z-scored against the healthy error here")
+    if settings.asymmetry != "none":
+        parts.append("less its mirror image" if settings.asymmetry == "mirror" else "mean with its mirror difference")
+    return ";\n".join(parts)
+
 # slice score from (the whole map [H, W], its values inside the intracranial mask [n])
 SLICE_SCORES = {
     "mean": lambda error_map, inside: error_map.mean(),  # the spec's score

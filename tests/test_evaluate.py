@@ -266,3 +266,11 @@ def test_compare_scores_pairs_two_scorings_of_the_same_slices(tmp_path, capsys):
     assert "Δ slice" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no scores.csv"):
         compare.main(["--scores", str(tmp_path)])
+
+
+def test_the_colour_bar_says_what_the_map_is():
+    plain = scoring.map_label(scoring.ScoringSettings())
+    assert plain == scoring.RESIDUAL_LABELS["positive"]
+    recipe = scoring.map_label(scoring.ScoringSettings(normative="z", asymmetry="mirror"))
+    assert "z-scored" in recipe and "mirror" in recipe
+    assert "no model" in scoring.map_label(scoring.ScoringSettings(anomaly_map="blood_band"))
