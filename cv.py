@@ -274,7 +274,7 @@ def fold_normative(fold, data_dir=None):
     if fold.settings.normative == "none":
         return None
     settings = normative_settings(fold.settings)
-    path = normative_path(fold.path, reference_key(settings, fold.seed, fold.run))
+    path = normative_path(fold.path, reference_key(settings, fold.seed, fold.run, fold.checkpoint))
     if os.path.isfile(path):
         with np.load(path) as saved:
             return {name: saved[name] for name in ("edges", "mean", "std")}
@@ -384,11 +384,20 @@ def reference_slices(fold, data_dir=None):
     return rd, reference_positions(rd, run)
 
 
-def reference_key(settings, seed, run):
+def reference_key(settings, seed, run, checkpoint):
     """What a model's reference statistics depend on: they are used again only for the same (the batch size is left
-    out: a map does not depend on it; the cache version is in: it changes when decoding or the masks do)."""
+    out: a map does not depend on it; the cache version is in: it changes when decoding or the masks do; the model is
+    in, by model_identity: a checkpoint rewritten in place, by --resume or --overwrite, never reads the old one's)."""
     return {"settings": settings.as_dict() | {"eval_batch_size": None}, "seed": seed,
-            "min_brain_fraction": run.min_brain_fraction, "cache_version": cohort.CACHE_VERSION}
+            "min_brain_fraction": run.min_brain_fraction, "cache_version": cohort.CACHE_VERSION,
+            "model": model_identity(checkpoint)}
+
+
+def model_identity(checkpoint):
+    """A short digest of what a saved model was (its epoch and that epoch's metrics, timings included): two trainings,
+    or two epochs of one, do not share it."""
+    record = {"epoch": checkpoint.get("epoch"), "metrics": checkpoint.get("metrics")}
+    return hashlib.sha1(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def fold_reference(fold, data_dir=None):
@@ -398,7 +407,7 @@ def fold_reference(fold, data_dir=None):
     evaluate.py, predict.py and sweep.py put a model on the same scale for the same settings. data_dir: where the
     model's training data is (default: where its checkpoint says it trained; it must then be at hand).
     fold: trained.Fold."""
-    key = reference_key(fold.settings, fold.seed, fold.run)
+    key = reference_key(fold.settings, fold.seed, fold.run, fold.checkpoint)
     statistics = read_reference(reference_path(fold.path), key)
     if statistics is not None:
         return statistics

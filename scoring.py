@@ -543,14 +543,12 @@ def slice_scores(maps, brain_masks, median_size=0):
     return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
-def _score_batch(diffusion, images, masks, seeds, settings, brain_masks=None, normative=None, levels=None):
+def _score_batch(diffusion, images, masks, seeds, settings, brain_masks, normative=None, levels=None):
     """(maps [N, H, W] before the median filter, {score name: [N]} before smoothing) of one batch of slices; seeds: each
     slice's noise seed (noise_seed(seed, its index row): the noise depends on nothing else). masks: the scored regions;
     brain_masks: the intracranial masks (--skip_outside_mask skips the windows that miss them, so that the map does
     not depend on the scored region and sweep.py reads every region off one set of maps; --asymmetry finds the
     midline on them)."""
-    if brain_masks is None:
-        brain_masks = masks
     if settings.anomaly_map == "blood_band":
         maps = blood_band_maps(images, diffusion.input_hu[0])
     else:

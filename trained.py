@@ -49,6 +49,7 @@ class TrainedRun:
     folds: list
     is_cv: bool
     _references: list = None
+    _normatives: dict = dataclasses.field(default_factory=dict)
 
     @property
     def run(self):
@@ -88,6 +89,13 @@ class TrainedRun:
             self._references = [cv.fold_reference(f) for f in self.folds]
         return self._references
 
+    def normative(self, fold):
+        """The fold model's normative map (cv.fold_normative), read once per TrainedRun: predict.py scores scan after
+        scan with it."""
+        if fold.number not in self._normatives:
+            self._normatives[fold.number] = cv.fold_normative(fold)
+        return self._normatives[fold.number]
+
     def combine(self, results):
         """The folds' results on the same data set as one: scores (and maps, where kept) on one scale and averaged
         (cv.ensemble_results); a run without references has one fold, whose result is returned as it is."""
@@ -116,7 +124,7 @@ class TrainedRun:
         """Every fold model on one in-memory dataset (data.ArrayDataset: predict.py's scan), maps kept, combined.
         -> a score_split-like result (maps and scores in position order)."""
         return self.combine([scoring.score_split(f.diffusion, dataset, self.settings, seed=self.seed, keep_examples=0,
-                                                 keep_maps=True, normative=cv.fold_normative(f)) for f in self.folds])
+                                                 keep_maps=True, normative=self.normative(f)) for f in self.folds])
 
     def out_of_fold(self, keep_examples):
         """A CV run's out-of-fold scores: fold k's model on fold k's patients (its test split); its reference

@@ -1,6 +1,7 @@
 """Patient-level cross-validation (cv.py, train.py --folds, evaluate.py / sweep.py / predict.py on a CV run folder):
 the fold assignment, what each fold's model may see, the out-of-fold scores, resuming, and the fold models as one."""
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -250,8 +251,9 @@ def test_the_cv_run_scores_another_data_set_as_one_model(cv_run, tmp_path, no_fi
     report = json.loads((tmp_path / "ext" / "metrics.json").read_text())
     assert report["counts"]["patients"] == 4 and len(report["ensemble"]["models"]) == K
     for path, statistics in zip(report["ensemble"]["models"], report["ensemble"]["references"]):
-        run, settings, seed = config.read_back(models.load_checkpoint(path)[1], {}, path, 32)
-        saved = cv.read_reference(cv.reference_path(path), cv.reference_key(settings, seed, run))
+        checkpoint = models.load_checkpoint(path)[1]
+        run, settings, seed = config.read_back(checkpoint, {}, path, 32)
+        saved = cv.read_reference(cv.reference_path(path), cv.reference_key(settings, seed, run, checkpoint))
         assert statistics == saved is not None  # each fold model's own, as saved next to its checkpoint
     rows = list(csv.DictReader((tmp_path / "ext" / "scores.csv").open()))
     labels = [int(row["any"]) for row in rows]
@@ -280,8 +282,9 @@ def test_predict_and_evaluate_give_a_scan_one_ensemble_score(cv_run, phantom_dir
             assert float(predicted[image_id][name]) == pytest.approx(float(row[name]), rel=1e-5, abs=1e-6), (image_id, name)
     # the statistics of both are those saved next to each fold's checkpoint
     for path, statistics in zip(report["ensemble"]["models"], report["ensemble"]["references"]):
-        run, settings, seed = config.read_back(models.load_checkpoint(path)[1], {}, path, 32)
-        assert cv.read_reference(cv.reference_path(path), cv.reference_key(settings, seed, run)) == statistics
+        checkpoint = models.load_checkpoint(path)[1]
+        run, settings, seed = config.read_back(checkpoint, {}, path, 32)
+        assert cv.read_reference(cv.reference_path(path), cv.reference_key(settings, seed, run, checkpoint)) == statistics
 
 
 def test_cv_flags_and_folders_refused_in_one_line(cv_run, phantom_dir, tmp_path):
@@ -331,8 +334,12 @@ def test_level_norm_refuses_without_its_statistics_in_one_line(cv_run, tmp_path,
         cv.fold_reference(fold)
     # saved statistics are reused for the same key; once the masks or decoding change (a new cache version), never
     saved = {"level_edges": [], "brain_p99": [[0.0, 1.0]]}
-    cv.write_reference(cv.reference_path(path), cv.reference_key(settings, seed, run), saved)
+    cv.write_reference(cv.reference_path(path), cv.reference_key(settings, seed, run, checkpoint), saved)
     assert cv.fold_reference(fold) == saved
+    # nor for another model saved under the same name (a checkpoint rewritten by --resume or --overwrite)
+    retrained = dict(checkpoint, epoch=checkpoint["epoch"] + 1)
+    with pytest.raises(SystemExit, match=r"no reference statistics"):
+        cv.fold_reference(dataclasses.replace(fold, checkpoint=retrained))
     monkeypatch.setattr(cohort, "CACHE_VERSION", cohort.CACHE_VERSION + 1)
     with pytest.raises(SystemExit, match=r"no reference statistics"):
         cv.fold_reference(fold)

@@ -91,8 +91,8 @@ def test_a_phantom_slice_with_a_one_sided_bleed_and_its_mirror_image_score_alike
         brain = inputs.intracranial(code)
         band = scoring.blood_weight(np.asarray(image, np.float32), [-20.0, 100.0])[None].astype(np.float32)
         one_sided = scoring.asymmetric_maps(band, brain[None], settings)
-        scores.append(scoring.slice_scores(one_sided, brain[None])["brain_p99"][0])
+        scores.append(scoring.slice_scores(one_sided, brain[None])["brain_mean"][0])  # not saturated, unlike p99
     with_bleed, flipped, without = scores
     assert masks["intraparenchymal"].any()
-    assert with_bleed > 0.5 and with_bleed > 3 * without, scores
+    assert with_bleed > 0.01 and with_bleed > 3 * without, scores
     assert abs(flipped - with_bleed) <= 0.05 * with_bleed, scores
