@@ -38,7 +38,7 @@ LABELS = ("any",) + SUBTYPES
 SHORT_NAMES = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
                "subarachnoid": "SAH", "subdural": "SDH"}
 INDEX_COLUMNS = ("id", "path", "patient", "scan", "series", "z") + LABELS
-CACHE_VERSION = 6  # 6: framing, stated windows, border-cut skulls (inputs.intracranial_mask's wall); 5: no intracranial mask on face / neck slices (inputs.MIN_BONE_OUTLINE); 4: slice caches hold anatomy codes (inputs.anatomy_code), not 0/1 masks; bump when decoding or the cache layout changes, so old caches are not reused
+CACHE_VERSION = 7  # 7: a closed skull must enclose 2 % of the head (inputs.MIN_ENCLOSED), not 0.5 % of the image; 6: framing, stated windows, border-cut skulls (inputs.intracranial_mask's wall); 5: no intracranial mask on face / neck slices (inputs.MIN_BONE_OUTLINE); 4: slice caches hold anatomy codes (inputs.anatomy_code), not 0/1 masks; bump when decoding or the cache layout changes, so old caches are not reused
 # what a run reads unless told otherwise (train.py's flags; evaluate.py falls back to them for old checkpoints)
 DEFAULT_SEED = 42  # the split seed
 DEFAULT_NUM_SAMPLES = 2000  # healthy training slices

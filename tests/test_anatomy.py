@@ -176,3 +176,29 @@ def test_region_costs_script_measures_every_region_on_phantom_bleeds():
     assert set(costs) == set(phantom.BLEED_LEVELS)
     for kind in ("epidural", "subdural"):
         assert costs[kind][("no_bone_3d", 2)] <= 0.05, costs[kind]
+
+
+def test_a_small_closed_piece_does_not_win_over_the_brain_however_the_slice_is_cropped():
+    """A skull-base slice whose skull does not close around the brain (a gap wider than the closing bridges) but does
+    close around a sinus-sized piece: the mask is the brain, found without a closed skull, whether the slice has air
+    around it or is cropped to the head (a 2-D export). A share of the image once decided it: the cropped slice kept
+    the sinus (CT-ICH 052, slice 10, exported at 40/80)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] - SIZE / 2 + 0.5
+    rho, theta = np.hypot(y, x), np.arctan2(y, x)
+    hu = np.where(rho < 28, 20.0, -1000.0)  # scalp
+    hu = np.where(rho < 27, 1000.0, hu)  # skull
+    hu = np.where(rho < 24, 35.0, hu)  # brain
+    gap = (np.abs(theta - 3 * np.pi / 4) < 0.3) & (rho >= 23)  # the ring open over ~17 degrees, wider than any closing
+    hu = np.where(gap & (rho < 28), 20.0, hu)
+    sinus = (np.abs(y + 8) <= 4) & (np.abs(x) <= 4)  # a closed 9x9 bone loop around 49 px of tissue
+    hu = np.where(sinus & ~((np.abs(y + 8) <= 3) & (np.abs(x) <= 3)), 1000.0, hu)
+    brain = (rho < 23) & ~sinus
+    masks = {}
+    for name, pad in (("tight", -4), ("air", 12)):
+        slice_hu = hu[4:-4, 4:-4] if pad < 0 else np.pad(hu, pad, constant_values=-1000.0)
+        mask = inputs.brain_mask_from_hu(slice_hu)
+        masks[name] = mask if pad < 0 else mask[pad:-pad, pad:-pad][4:-4, 4:-4]
+    cropped_brain = brain[4:-4, 4:-4]
+    for name, mask in masks.items():
+        assert (mask & cropped_brain).sum() > 0.7 * cropped_brain.sum(), name  # the brain, not the sinus
+    assert dice(masks["tight"], masks["air"]) > 0.95
