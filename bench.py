@@ -443,6 +443,8 @@ def open_models(args, device):
     trained = models.load_checkpoint(args.checkpoint, device)[0] if args.checkpoint else None
     if trained is not None:
         net = trained.config
+        models.check_flag(not net.get("context_slices"), "checkpoint", args.checkpoint, "a 2.5-D model (--context_slices): "
+                          "bench.py times 2-D models (the neighbours only widen the first convolution)")
         args.image_size, args.channels, args.base_channels = net["image_size"], net["in_channels"], net.get("base_channels", args.base_channels)
     else:
         d = config.RunConfig()  # train.py's defaults, but for the width and size bench.py is told

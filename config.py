@@ -42,6 +42,7 @@ class RunConfig:
     base_channels: int = 64
     channel_mults: tuple = (1, 2, 4, 8)
     dropout: float = 0.1
+    context_slices: int = 0  # 2.5-D: the slices just below and above as extra input channels (models.CONTEXT_SLICES)
     # optimisation
     epochs: int = 12
     batch_size: int = 16
@@ -143,14 +144,7 @@ def add_run_flags(p):
     g.add_argument("--framing", default=d.framing, choices=list(inputs.FRAMINGS),
                    help="none: the slice padded to a square and resized (as before); head: cropped to the head's "
                         "bounding box plus a margin, square, then resized, at training and scoring (saved with the model)")
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
-    g.add_argument("--hf_model", default=d.hf_model, help="hub id or local directory (offline clusters)")
-    g.add_argument("--base_channels", type=int, default=d.base_channels, help="width of the scratch UNet")
-    g.add_argument("--channel_mults", type=int, nargs="+", default=list(d.channel_mults),
-                   help="width of each scratch UNet level in base_channels (the spec's description, 30.3M parameters at "
-                        "base 64; 1 2 4 4 is its '~14M' reading, 14.8M)")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout in the scratch UNet's ResBlocks")
+    add_model_flags(p, d)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch_size", type=int, default=d.batch_size,
@@ -194,6 +188,23 @@ def add_device_flags(group, from_checkpoint=False):
                             + (" (default: the training run's value)" if from_checkpoint else ""))
 
 
+def add_model_flags(p, d):
+    """add_run_flags' "model" group."""
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained", action="store_true", help="fine-tune a diffusers UNet2DModel instead of training the scratch UNet")
+    g.add_argument("--hf_model", default=d.hf_model, help="hub id or local directory (offline clusters)")
+    g.add_argument("--base_channels", type=int, default=d.base_channels, help="width of the scratch UNet")
+    g.add_argument("--channel_mults", type=int, nargs="+", default=list(d.channel_mults),
+                   help="width of each scratch UNet level in base_channels (the spec's description, 30.3M parameters at "
+                        "base 64; 1 2 4 4 is its '~14M' reading, 14.8M)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout in the scratch UNet's ResBlocks")
+    g.add_argument("--context_slices", type=int, choices=list(models.CONTEXT_SLICES), default=d.context_slices,
+                   help="2.5-D: 1 = the slices just below and above as extra input channels, noised in the same box as the "
+                        "slice so nothing is copied across; only the slice's own channels are scored (scratch UNet; saved "
+                        "with the model). Use with --framing none: --framing head frames each slice on its own, so its "
+                        "neighbours would not line up")
+
+
 def check_flags(flags):
     """Range checks of the run flags a namespace or config has (those it has), at once, before any data is read."""
     get = lambda name: getattr(flags, name, None)  # noqa: E731
@@ -219,6 +230,12 @@ def check_flags(flags):
     if get("fold") is not None:
         models.check_flag(get("folds") is not None and 0 <= get("fold") < get("folds"), "fold", get("fold"),
                           "needs --folds K and must be in 0..K-1")
+    if get("context_slices"):
+        models.check_flag(not get("pretrained"), "context_slices", get("context_slices"),
+                          "needs the scratch UNet (a pretrained UNet2DModel takes its own channels)")
+        models.check_flag(get("framing") in (None, "none"), "context_slices", get("context_slices"),
+                          "needs --framing none (--framing head frames each slice on its own: its neighbours would not "
+                          "line up)")
     if get("channel_mults") is not None:
         models.check_flag(all(m >= 1 for m in get("channel_mults")), "channel_mults", " ".join(map(str, get("channel_mults"))),
                    "every level must be at least 1")

@@ -268,8 +268,15 @@ def _fill_cache(prefix, data_dir, index, positions, image_size, input_hu, num_wo
           f"{n_bad} bad file(s) left out")
 
 
+def with_context(image, below, above):
+    """A slice's model input with its neighbours (2.5-D, models.CONTEXT_SLICES): the slice's own channels first (the
+    ones scored and shown), then the slice below and the one above; a scan's end (or a bad file) repeats the slice."""
+    return np.concatenate([image, image if below is None else below, image if above is None else above])
+
+
 class SliceDataset(torch.utils.data.Dataset):
-    """Items dict(image float32 [C, S, S], mask bool [S, S] (intracranial), anatomy uint8 [S, S] (the cached
+    """Items dict(image float32 [C, S, S] ([3C, S, S] with context_slices 1: with_context), mask bool [S, S]
+    (intracranial), anatomy uint8 [S, S] (the cached
     inputs.anatomy_code, with the NEAR_BONE bit from the slices above and below: scoring.scored_masks reads the
     scored region off it), label int (any), position int (index row)).
     Positions whose slice did not decode (cache state != 1) are left out. .positions, .labels, .patients
@@ -288,6 +295,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self.patients = np.asarray(index["patient"])[self.positions]
         self.scans = np.asarray(index["scan"])[self.positions]
         self.heights = relative_heights(index)[self.positions]
+        self.context_slices = 0  # set by the model that reads it (train.py, scoring.score_split)
 
     def __len__(self):
         return len(self.positions)
@@ -295,7 +303,10 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         position = int(self.positions[i])
         code = add_neighbour_bone(self.cache.masks[position], [self.cache.masks[j] for j in self.neighbours[i] if j >= 0])
-        return {"image": torch.from_numpy(self.cache.images[position].astype(np.float32)),
+        image = self.cache.images[position]
+        if self.context_slices:
+            image = with_context(image, *(self.cache.images[j] if j >= 0 else None for j in self.neighbours[i]))
+        return {"image": torch.from_numpy(image.astype(np.float32)),
                 "mask": torch.from_numpy(intracranial(code)), "anatomy": torch.from_numpy(code),
                 "label": int(self.labels[i]), "position": position}
 
@@ -304,17 +315,20 @@ class ArrayDataset(torch.utils.data.Dataset):
     """Slices held in memory, served as SliceDataset serves the cache (predict.py: one scan's decoded slices).
     positions: the slices' noise positions (scoring.noise_seed); labels are 0 (unknown); each scan its own patient.
     Two slices of a scan whose positions differ by one are neighbours (inputs.add_neighbour_bone), as in predict.py,
-    whose positions are an offset plus the slice number."""
+    whose positions are an offset plus the slice number. context: the neighbours' channels of each slice where the
+    caller has them already (plots.py: items of a SliceDataset with context), else they are looked up by position."""
 
-    def __init__(self, images, masks, positions, scans, heights):
+    def __init__(self, images, masks, positions, scans, heights, context=None):
         self.images, self.masks = np.asarray(images), np.asarray(masks)
+        self.context, self.context_slices = context, 0
         self.positions = np.asarray(positions, np.int64)
         self.scans = self.patients = np.asarray(scans)
         self.heights = np.asarray(heights, np.float64)
         self.labels = np.zeros(len(self.positions), np.int64)
         row = {(scan, position): i for i, (scan, position) in enumerate(zip(self.scans.tolist(), self.positions.tolist()))}
-        self.neighbours = [[row[key] for key in ((scan, position - 1), (scan, position + 1)) if key in row]
-                           for scan, position in zip(self.scans.tolist(), self.positions.tolist())]
+        self.below_above = [[row.get(key, -1) for key in ((scan, position - 1), (scan, position + 1))]
+                            for scan, position in zip(self.scans.tolist(), self.positions.tolist())]
+        self.neighbours = [[j for j in pair if j >= 0] for pair in self.below_above]
 
     def __len__(self):
         return len(self.positions)
@@ -322,7 +336,12 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         code = np.asarray(self.masks[i]).astype(np.uint8)  # anatomy codes, or plain masks (then nothing is left out)
         code = add_neighbour_bone(code, [np.asarray(self.masks[j]).astype(np.uint8) for j in self.neighbours[i]])
-        return {"image": torch.from_numpy(self.images[i].astype(np.float32)), "mask": torch.from_numpy(intracranial(code)),
+        image = self.images[i]
+        if self.context_slices and self.context is not None:
+            image = np.concatenate([image, self.context[i]])
+        elif self.context_slices:
+            image = with_context(image, *(self.images[j] if j >= 0 else None for j in self.below_above[i]))
+        return {"image": torch.from_numpy(image.astype(np.float32)), "mask": torch.from_numpy(intracranial(code)),
                 "anatomy": torch.from_numpy(code), "label": 0, "position": int(self.positions[i])}
 
 

@@ -247,13 +247,16 @@ def build_model(config):
     """config: plain data with kind ("scratch" | "pretrained"), in_channels, base_channels,
     image_size, hf_model; optional channel_mults, dropout; unet_config (set by save_checkpoint)."""
     if config["kind"] == "pretrained":
+        if config.get("context_slices", 0):
+            raise SystemExit("error: --context_slices needs the scratch UNet: a pretrained UNet2DModel takes its own channels")
         try:
             return PretrainedUNet(config["hf_model"], config.get("unet_config"))
         except (OSError, ValueError, EnvironmentError) as e:  # no such hub id / folder, offline, not a UNet2DModel
             raise SystemExit(f"error: {config['hf_model']}: cannot load a UNet2DModel "
                              f"({' '.join(str(e).split())[:200]})")
-    if config["kind"] == "scratch":
-        return UNet(in_channels=config["in_channels"], base_channels=config["base_channels"],
+    if config["kind"] == "scratch":  # in_channels: the slice's own channels; its neighbours' come on top (2.5-D)
+        return UNet(in_channels=config["in_channels"] * (1 + 2 * config.get("context_slices", 0)),
+                    base_channels=config["base_channels"],
                     channel_mults=tuple(config["channel_mults"]), dropout=config["dropout"])
     raise ValueError(f"unknown model kind {config['kind']!r} (scratch | pretrained)")
 
@@ -444,6 +447,7 @@ def complete_config(checkpoint, path):
                 "input_hu": lambda: inputs.native_input_hu(trained_layout(args), config["in_channels"], trained_window(args))}
     config.setdefault("train_noise", "gaussian")  # the only training noise before it was recorded: no note
     config.setdefault("framing", "none")  # the only framing before it was recorded: no note
+    config.setdefault("context_slices", 0)  # 2-D models only before it was recorded: no note
     if config["kind"] == "scratch":  # the only widths and dropout of the scratch UNet before they were recorded
         config.setdefault("channel_mults", [1, 2, 4, 8])
         config.setdefault("dropout", 0.1)
@@ -543,6 +547,10 @@ class Diffusion:
         self.patch_size = int(config["patch_size"])
         self.train_noise = config.get("train_noise", "gaussian")
         self.framing = config.get("framing", "none")  # inputs.FRAMINGS; carried by input_hu to every reader
+        # 2.5-D: the slices just below and above as extra input channels (data.with_context), noised with the slice
+        # in the same box; image_channels: the slice's own channels, the first of the input, the ones scored
+        self.context_slices = int(config.get("context_slices", 0))
+        self.image_channels = len(config["input_hu"])
         self.input_hu = inputs.InputHU(config["input_hu"], self.framing)
         self.scheduler = DDPMScheduler(**config["schedule"])
         self.precision = precision or config.get("precision", "auto")
@@ -576,20 +584,24 @@ class Diffusion:
         return PatchStep(patch_loss(x0_hat.float(), x0, boxes, p), x_t, x0_hat, boxes, t)
 
 
-def diffusion_config(network_config, *, patch_size, input_hu, precision="auto", train_noise="gaussian", framing="none"):
+def diffusion_config(network_config, *, patch_size, input_hu, precision="auto", train_noise="gaussian", framing="none",
+                     context_slices=0):
     """A Diffusion's config: the network's (model_config) with the patch size, input representation, framing
     (inputs.FRAMINGS), noise schedule, training noise (TRAIN_NOISES) and precision of the run."""
     if train_noise not in TRAIN_NOISES:
         raise ValueError(f"train_noise must be one of {', '.join(TRAIN_NOISES)}, got {train_noise!r}")
     if framing not in inputs.FRAMINGS:
         raise ValueError(f"framing must be one of {', '.join(inputs.FRAMINGS)}, got {framing!r}")
+    if context_slices not in CONTEXT_SLICES:
+        raise ValueError(f"context_slices must be one of {', '.join(map(str, CONTEXT_SLICES))}, got {context_slices!r}")
     return dict(network_config) | {"patch_size": int(patch_size), "input_hu": [[float(v) for v in pair] for pair in input_hu],
-                                   "framing": framing,
+                                   "framing": framing, "context_slices": int(context_slices),
                                    "schedule": dict(SCHEDULE), "train_noise": train_noise, "precision": precision,
                                    "format": FORMAT}
 
 
 TRAIN_NOISES = ("gaussian", "simplex")
+CONTEXT_SLICES = (0, 1)  # 2.5-D: how many slices below and above the model sees (0: the slice alone)
 
 
 def smooth_noise(shape, generator, octaves=4, persistence=0.8, base_cells=2):

@@ -165,8 +165,10 @@ def save_diagnostics(path, diffusion, dataset, settings, seed, epoch, label):
     diffusion.network.eval()
     with torch.no_grad():
         step = diffusion.loss(x0, torch.Generator().manual_seed(seed), boxes=boxes, t=torch.full((n,), t_show))
-    shown = data.ArrayDataset([it["image"].numpy() for it in items], [it["mask"].numpy() for it in items],
-                              dataset.positions[picks], dataset.scans[picks], dataset.heights[picks])
+    own = diffusion.image_channels  # a 2.5-D input's neighbours follow the slice's own channels: kept as they are
+    shown = data.ArrayDataset([it["image"][:own].numpy() for it in items], [it["mask"].numpy() for it in items],
+                              dataset.positions[picks], dataset.scans[picks], dataset.heights[picks],
+                              context=[it["image"][own:].numpy() for it in items])
     scored = scoring.score_split(diffusion, shown, settings, seed=seed, keep_examples=0, keep_maps=True)
     maps = scored["maps"][np.searchsorted(scored["positions"], dataset.positions[picks])]  # back to the panel order
     # Only the box is trained and scored; outside it the network's output is unconstrained, so the

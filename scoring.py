@@ -388,6 +388,7 @@ def anomaly_maps(diffusion, images, settings, seeds, brain_masks=None):
     if settings.skip_outside_mask and brain_masks is None:
         raise ValueError("skip_outside_mask needs brain_masks")
     p, device = settings.patch_size, images.device
+    scored_channels = getattr(diffusion, "image_channels", C)  # the slice's own; a 2.5-D input's neighbours follow
     # decided on the CPU: one GPU sync per window would cost more than it saves
     jobs = window_jobs(settings, H, N, torch.as_tensor(brain_masks).bool().cpu() if settings.skip_outside_mask else None)
     error_sum = torch.zeros(N, H, W, device=device)
@@ -400,7 +401,7 @@ def anomaly_maps(diffusion, images, settings, seeds, brain_masks=None):
             x_t = noise_windows(x0, batch, seeds, t, diffusion, p, settings.noise)
             if settings.channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
-            difference = x0 - diffusion.rebuild(x_t, t).float()
+            difference = (x0 - diffusion.rebuild(x_t, t).float())[:, :scored_channels]
             errors = RESIDUALS[settings.residual](difference)
             for b, job in enumerate(batch):
                 for w in job.windows:
@@ -703,6 +704,7 @@ def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_map
     acc = {"positions": [], "labels": [], "levels": [], "scores": {}, "heaps": {kind: [] for kind in EXAMPLE_KINDS},
            "pixel": new_pixel_accumulator() if gt_masks_fn is not None else None, "maps": [] if keep_maps else None}
     diffusion.network.eval()
+    dataset.context_slices = getattr(diffusion, "context_slices", 0)  # the neighbours the model reads (2.5-D)
     t0 = time.time()
     for batch in tqdm(split_loader(dataset, settings, workers), desc="scoring slices", unit="batch",
                       leave=False, disable=rank != 0):

@@ -208,11 +208,14 @@ def train(args, rank, world, device, fold_splits=None):
                                   dropout=args.dropout, hf_model=args.hf_model)
     model_config = models.diffusion_config(network, patch_size=args.patch_size, precision=args.precision,
                                            input_hu=inputs.native_input_hu(args.dataset, args.channels, stated_window(args)),
-                                           train_noise=args.train_noise, framing=args.framing)
+                                           train_noise=args.train_noise, framing=args.framing,
+                                           context_slices=args.context_slices)
     ckpt = check_resume(args, model_config, world) if args.resume else None
 
     # The data, with its patient splits frozen: saved ones when resuming, a CV fold's, or drawn from --seed now.
     splits, datasets = open_data(args, ckpt, fold_splits, inputs.InputHU(model_config["input_hu"], args.framing), rank, world)
+    for dataset in datasets:  # 2.5-D: each slice with the slices below and above, as the model reads it
+        dataset.context_slices = args.context_slices
     if is_main:
         announce_data(args, splits, datasets, settings, device, world)
 
