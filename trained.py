@@ -316,6 +316,14 @@ class ChunkOf(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.dataset[self.lo + i]
 
+    @property
+    def context_slices(self):
+        return self.dataset.context_slices
+
+    @context_slices.setter
+    def context_slices(self, value):  # score_split tells the dataset the neighbours its model reads (2.5-D)
+        self.dataset.context_slices = value
+
 
 def scan_chunks(scans, most):
     """[(lo, hi)]: consecutive runs of whole scans (a scan's slices are consecutive, in position order), each of at

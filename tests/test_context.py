@@ -13,6 +13,7 @@ import models
 import predict
 import scoring
 import train
+import trained
 from helpers import as_diffusion, one_scan_folder, quiet, tiny_train_args
 
 SETTINGS = scoring.ScoringSettings(eval_t=(150,), eval_batch_size=16, residual="abs", pack_windows=False,
@@ -31,6 +32,15 @@ def test_an_array_dataset_finds_a_slices_neighbours_by_position_and_in_its_own_s
     assert dataset[1]["image"].shape == (1, 8, 8)  # the 2-D model's input: the slice alone
     dataset.context_slices = 1
     assert [dataset[i]["image"][:, 0, 0].tolist() for i in range(4)] == [[0, 0, 1], [1, 0, 2], [2, 1, 2], [3, 3, 3]]
+
+
+def test_a_chunk_of_a_dataset_passes_the_context_on():
+    """A CV run scores an external set in chunks of whole scans (trained.ChunkOf): score_split's context reaches
+    the dataset underneath."""
+    images = [np.full((1, 8, 8), float(k), np.float32) for k in range(3)]
+    chunk = trained.ChunkOf(data.ArrayDataset(images, [np.ones((8, 8), np.uint8)] * 3, [0, 1, 2], [0] * 3, [0, .5, 1]), 1, 3)
+    chunk.context_slices = 1
+    assert chunk[0]["image"][:, 0, 0].tolist() == [1, 0, 2]
 
 
 class ZeroRebuild(torch.nn.Module):
