@@ -201,8 +201,8 @@ def add_model_flags(p, d):
     g.add_argument("--context_slices", type=int, choices=list(models.CONTEXT_SLICES), default=d.context_slices,
                    help="2.5-D: 1 = the slices just below and above as extra input channels, noised in the same box as the "
                         "slice so nothing is copied across; only the slice's own channels are scored (scratch UNet; saved "
-                        "with the model). Use with --framing none: --framing head frames each slice on its own, so its "
-                        "neighbours would not line up")
+                        "with the model). With --framing head each neighbour is brought into the slice's own frame "
+                        "(inputs.reframe)")
 
 
 def check_flags(flags):
@@ -233,9 +233,6 @@ def check_flags(flags):
     if get("context_slices"):
         models.check_flag(not get("pretrained"), "context_slices", get("context_slices"),
                           "needs the scratch UNet (a pretrained UNet2DModel takes its own channels)")
-        models.check_flag(get("framing") in (None, "none"), "context_slices", get("context_slices"),
-                          "needs --framing none (--framing head frames each slice on its own: its neighbours would not "
-                          "line up)")
     if get("channel_mults") is not None:
         models.check_flag(all(m >= 1 for m in get("channel_mults")), "channel_mults", " ".join(map(str, get("channel_mults"))),
                    "every level must be at least 1")

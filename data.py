@@ -24,8 +24,8 @@ import torch
 from cohort import (CACHE_VERSION, DATASETS, LABELS, SHORT_NAMES, SUBTYPES, apply_saved_splits, check_dataset,
                     load_index, make_splits, neighbour_rows, relative_heights, slice_number, split_patients, stated_window)
 from inputs import (BONE, INTRACRANIAL, NON_TISSUE, SCORED_REGIONS, STATED, WINDOWS, Frame, InputHU, add_neighbour_bone,
-                    check_input_hu, framing_of, hu_range, intracranial, load_gt_mask, load_slice, nifti_slice_input,
-                    read_stated_image, region_mask, tissue_classes, window_hu)
+                    bone_in_frame, check_input_hu, framing_of, hu_range, intracranial, load_gt_mask, load_slice,
+                    nifti_slice_input, read_stated_image, reframe, region_mask, tissue_classes, window_hu)
 from readers import (DEFAULT_WORKERS, BadFile, hu_from_dicom, is_nifti, parallel_map, read_ctich_slice,
                      read_nifti_slices, report_skips, source_identity)
 from runfiles import cache_lock, check_cache_dir, check_figure_format, default_cache_dir, pyplot, save_figure
@@ -85,6 +85,10 @@ class SliceCache:
     @property
     def images(self):
         return self._open()["images"]
+
+    @property
+    def frames(self):
+        return self._open()["frames"]
 
     @property
     def masks(self):
@@ -302,10 +306,13 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         position = int(self.positions[i])
-        code = add_neighbour_bone(self.cache.masks[position], [self.cache.masks[j] for j in self.neighbours[i] if j >= 0])
+        frames, frame = self.cache.frames, self.cache.frames[position]  # neighbours are read in the slice's own frame
+        code = add_neighbour_bone(self.cache.masks[position], [bone_in_frame(self.cache.masks[j], frames[j], frame)
+                                                               for j in self.neighbours[i] if j >= 0])
         image = self.cache.images[position]
         if self.context_slices:
-            image = with_context(image, *(self.cache.images[j] if j >= 0 else None for j in self.neighbours[i]))
+            image = with_context(image, *(reframe(self.cache.images[j], frames[j], frame, -1.0) if j >= 0 else None
+                                          for j in self.neighbours[i]))
         return {"image": torch.from_numpy(image.astype(np.float32)),
                 "mask": torch.from_numpy(intracranial(code)), "anatomy": torch.from_numpy(code),
                 "label": int(self.labels[i]), "position": position}
@@ -318,8 +325,10 @@ class ArrayDataset(torch.utils.data.Dataset):
     whose positions are an offset plus the slice number. context: the neighbours' channels of each slice where the
     caller has them already (plots.py: items of a SliceDataset with context), else they are looked up by position."""
 
-    def __init__(self, images, masks, positions, scans, heights, context=None):
+    def __init__(self, images, masks, positions, scans, heights, context=None, frames=None):
         self.images, self.masks = np.asarray(images), np.asarray(masks)
+        # each slice's inputs.Frame (predict.py), so that its neighbours are read in its own frame; None: one frame
+        self.frames = np.zeros((len(self.images), 5), np.int64) if frames is None else np.asarray(frames, np.int64)
         self.context, self.context_slices = context, 0
         self.positions = np.asarray(positions, np.int64)
         self.scans = self.patients = np.asarray(scans)
@@ -335,12 +344,15 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         code = np.asarray(self.masks[i]).astype(np.uint8)  # anatomy codes, or plain masks (then nothing is left out)
-        code = add_neighbour_bone(code, [np.asarray(self.masks[j]).astype(np.uint8) for j in self.neighbours[i]])
+        frames = self.frames  # neighbours are read in the slice's own frame
+        code = add_neighbour_bone(code, [bone_in_frame(np.asarray(self.masks[j]).astype(np.uint8), frames[j], frames[i])
+                                         for j in self.neighbours[i]])
         image = self.images[i]
         if self.context_slices and self.context is not None:
             image = np.concatenate([image, self.context[i]])
         elif self.context_slices:
-            image = with_context(image, *(self.images[j] if j >= 0 else None for j in self.below_above[i]))
+            image = with_context(image, *(reframe(self.images[j], frames[j], frames[i], -1.0) if j >= 0 else None
+                                          for j in self.below_above[i]))
         return {"image": torch.from_numpy(image.astype(np.float32)), "mask": torch.from_numpy(intracranial(code)),
                 "anatomy": torch.from_numpy(code), "label": 0, "position": int(self.positions[i])}
 

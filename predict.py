@@ -163,7 +163,7 @@ def score_scan(run, rows, n_slices, offset):
     heights = cohort.relative_heights({"scan": np.zeros(n_slices)})
     scan = data.ArrayDataset([row["input"] for row in rows], [row["brain"] for row in rows],
                              [offset + row["slice"] for row in rows], np.zeros(len(rows), np.int64),
-                             heights[[row["slice"] for row in rows]])
+                             heights[[row["slice"] for row in rows]], frames=[row["frame"] for row in rows])
     result = run.score_dataset(scan)  # rows are in slice order, so in position order too
     return result["maps"], result["scores"]
 

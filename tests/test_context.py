@@ -74,15 +74,21 @@ def test_the_box_is_noised_through_the_neighbours_too():
     assert (x_t[0][:, inside] != 0).all() and (x_t[0][:, ~inside] == 0).all()  # every channel, the box only
 
 
-@pytest.fixture(scope="module")
-def context_run(phantom_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["none", "head"])
+def context_run(request, phantom_dir, tmp_path_factory):
+    """A 2.5-D run per framing: with "head" each slice has its own frame and its neighbours are brought into it
+    (inputs.reframe) by the slice cache's dataset and by predict.py's alike."""
     out = tmp_path_factory.mktemp("context") / "run"
-    quiet(train.main, tiny_train_args(phantom_dir, out, "--context_slices", "1"))
+    quiet(train.main, tiny_train_args(phantom_dir, out, "--context_slices", "1", "--framing", request.param))
     return out
 
 
 def test_a_25d_run_trains_records_its_context_and_scores_a_scan_alike_through_predict_and_evaluate(
-        context_run, phantom_dir, tmp_path, no_figures):
+        context_run, phantom_dir, tmp_path, no_figures, monkeypatch):
+    moved = []  # neighbours brought from another frame into the slice's: with --framing head, not with none
+    reframe = data.reframe
+    monkeypatch.setattr(data, "reframe", lambda square, source, target, pad: (
+        moved.append(tuple(source) != tuple(target)), reframe(square, source, target, pad))[1])
     diffusion, checkpoint = models.load_checkpoint(str(context_run / "best_model.pt"))
     assert diffusion.context_slices == 1 and diffusion.network.conv_in.in_channels == 3
     assert checkpoint["args"]["context_slices"] == 1
@@ -99,9 +105,9 @@ def test_a_25d_run_trains_records_its_context_and_scores_a_scan_alike_through_pr
     assert len(evaluated) >= 4 and set(predicted) == set(evaluated)
     for image_id, row in evaluated.items():
         assert float(predicted[image_id]["brain_p99"]) == pytest.approx(float(row["brain_p99"]), rel=1e-5, abs=1e-6)
+    assert any(moved) == (diffusion.framing == "head")
 
 
-def test_context_needs_the_scratch_unet_and_framing_none(phantom_dir, tmp_path):
-    for extra, what in ((["--framing", "head"], "needs --framing none"), (["--pretrained"], "needs the scratch UNet")):
-        with pytest.raises(SystemExit, match=f"--context_slices 1: {what}"):
-            train.main(tiny_train_args(phantom_dir, tmp_path / "r", "--context_slices", "1", *extra))
+def test_context_needs_the_scratch_unet(phantom_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--context_slices 1: needs the scratch UNet"):
+        train.main(tiny_train_args(phantom_dir, tmp_path / "r", "--context_slices", "1", "--pretrained"))
