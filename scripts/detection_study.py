@@ -32,10 +32,18 @@ MONTAGE_HU = [[-20.0, 100.0]]  # the brain window the montage shows slices in
 
 
 def load_row(scores_dir, name):
-    """{slice id: row} of one candidate's scores.csv, and the name of its score column (the last one)."""
+    """{slice id: row} of one candidate's scores.csv, and the name of its score column: the run's score that an
+    evaluate.py folder's metrics.json names (its scores.csv holds every score and ends with `fold`), else the last
+    column (sweep.py's rows hold just their own score)."""
     folder = name if os.path.isdir(name) else os.path.join(scores_dir, name)
     table = compare.read_scores(folder)
-    return table, list(next(iter(table.values())))[-1]
+    columns = list(next(iter(table.values())))
+    metrics_path = os.path.join(folder, "metrics.json")
+    score = json.load(open(metrics_path)).get("score") if os.path.isfile(metrics_path) else None
+    score = score or [c for c in columns if c != "fold"][-1]
+    if score not in columns:
+        raise SystemExit(f"error: {folder}: scores.csv has no column {score!r} (the score its metrics.json names)")
+    return table, score
 
 
 def aligned(tables):

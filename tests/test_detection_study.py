@@ -57,3 +57,28 @@ def test_the_montage_shows_top_false_positives_and_misses(phantom_dir, tmp_path)
     detection_study.main(["--scores_dir", str(tmp_path), "--default", "default", "--baseline", "baseline", "--n_boot", "0",
                           "--out", str(tmp_path / "study.md"), "--montage", str(phantom_dir), "--montage_k", "3"])
     assert (tmp_path / "study_montage.png").stat().st_size > 10_000
+
+
+def test_an_evaluate_folder_is_judged_on_its_own_score_not_on_the_fold_column(tmp_path):
+    """evaluate.py's scores.csv holds every score and ends with `fold`: the run's score (metrics.json) is read."""
+    rng = np.random.default_rng(2)
+    n = 200
+    patients = np.repeat(np.arange(20), 10).astype(str)
+    labels = ((np.arange(n) < n // 2) & (rng.random(n) < 0.5)).astype(int)  # half the scans healthy
+    folds = np.arange(n) % 4
+    for name, strength in (("default", 2.0), ("baseline", 0.0)):
+        folder = tmp_path / name
+        os.makedirs(folder)
+        with open(folder / "scores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "patient", "scan", "any", *cohort.SUBTYPES, "mean", "brain_p99", "fold"])
+            for k in range(n):
+                subtypes = [labels[k] if t == "subdural" else 0 for t in cohort.SUBTYPES]
+                w.writerow([f"s{k}", patients[k], patients[k], labels[k], *subtypes,
+                            rng.normal(), labels[k] * strength + rng.normal(), folds[k]])
+        (folder / "metrics.json").write_text('{"score": "brain_p99"}')
+    results = detection_study.main(["--scores_dir", str(tmp_path), "--default", str(tmp_path / "default"),
+                                    "--baseline", str(tmp_path / "baseline"), "--n_boot", "0",
+                                    "--out", str(tmp_path / "study.md")])
+    by_name = {os.path.basename(r["name"]): r for r in results}
+    assert by_name["default"]["slice"] > 0.8 and abs(by_name["baseline"]["slice"] - 0.5) < 0.15
