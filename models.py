@@ -563,7 +563,7 @@ class Diffusion:
     def rebuild(self, x_t, t, network=None):
         """x0 predicted from x_t at t (network: e.g. the DistributedDataParallel wrapper of self.network)."""
         with torch.autocast(x_t.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return (network or self.network)(x_t, t)
+            return (self.network if network is None else network)(x_t, t)
 
     def loss(self, x0, generator, boxes=None, t=None, network=None):
         """One patched denoising step: per slice a box (uniform, fully inside), a timestep (uniform in [0, T)) and
