@@ -38,8 +38,13 @@ def load_row(scores_dir, name):
     folder = name if os.path.isdir(name) else os.path.join(scores_dir, name)
     table = compare.read_scores(folder)
     columns = list(next(iter(table.values())))
-    metrics_path = os.path.join(folder, "metrics.json")
-    score = json.load(open(metrics_path)).get("score") if os.path.isfile(metrics_path) else None
+    score, metrics_path = None, os.path.join(folder, "metrics.json")
+    if os.path.isfile(metrics_path):
+        try:
+            with open(metrics_path) as f:
+                score = json.load(f).get("score")
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: {metrics_path}: cannot read ({e})")
     score = score or [c for c in columns if c != "fold"][-1]
     if score not in columns:
         raise SystemExit(f"error: {folder}: scores.csv has no column {score!r} (the score its metrics.json names)")

@@ -237,3 +237,24 @@ def test_simplex_training_noise_is_smooth_and_saved_with_the_model(tmp_path):
     models.save_checkpoint(tmp_path / "m.pt", diffusion)
     assert models.load_checkpoint(tmp_path / "m.pt")[0].train_noise == "simplex"
     assert models.Diffusion(tiny_unet(), scratch_config()).train_noise == "gaussian"
+
+
+def test_rebuild_runs_a_given_network_that_has_no_truth_value():
+    """A torch.compile'd module raises on len(); rebuild must call the network it is given, not test its truth."""
+    unet = tiny_unet()
+
+    class NoLen(nn.Module):  # as torch._dynamo's OptimizedModule: bool() falls back to __len__, which raises
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t):
+            return self.inner(x, t) * 2
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+    diffusion = as_diffusion(unet)
+    x_t, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.allclose(diffusion.rebuild(x_t, t, network=NoLen(unet)), 2 * diffusion.rebuild(x_t, t))
