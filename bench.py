@@ -69,6 +69,9 @@ def get_args(argv=None):
                    help="torch CPU threads (default: torch's choice). On a loaded machine, fewer threads than cores "
                         "avoids OpenMP threads waiting on each other, which penalises small forward passes most")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the default mode")
+    p.add_argument("--time_torch_dropout", action="store_true",
+                   help="also time the training step with torch's nn.Dropout (the step before models.Dropout), same "
+                        "start, same steps, and print the ratio")
     p.add_argument("--time_bootstrap", action="store_true",
                    help="also time the evaluation's patient bootstrap (1000 samples) against a loop of sklearn calls")
     p.add_argument("--modes", nargs="+", default=None,
@@ -227,6 +230,16 @@ def bench_training(diffusion, train_images, args, device):
     return {"steps_per_s": args.train_steps / seconds, "images_per_s": args.train_steps * args.batch_size / seconds,
             "seconds": seconds, "steps": args.train_steps, "batch_size": args.batch_size,
             "precision": "bf16" if diffusion.autocast_dtype is not None else "fp32", "final_loss": loss.item()}
+
+
+def with_torch_dropout(diffusion):
+    """A copy of diffusion (same weights) whose network drops out with torch's nn.Dropout, as training did before
+    models.Dropout: the reference of --time_torch_dropout."""
+    reference = copy.deepcopy(diffusion)
+    for module in reference.network.modules():
+        if isinstance(module, models.Dropout):
+            module.__class__ = torch.nn.Dropout
+    return reference
 
 
 def bench_loader(cache, index, positions, args, device):
@@ -489,9 +502,15 @@ def main(argv=None):
           f"{args.base_channels} | patch {base.patch_size} stride {base.stride} | {gflops:.3f} GFLOPs per forward | "
           f"{len(labels)} slices scored ({labels.sum()} hemorrhage)")
 
-    train = bench_training(fresh, torch.from_numpy(cache.images[train_positions].astype(np.float32)), args, device)
+    train_images = torch.from_numpy(cache.images[train_positions].astype(np.float32))
+    torch_dropout = bench_training(with_torch_dropout(fresh), train_images, args, device) if args.time_torch_dropout else None
+    train = bench_training(fresh, train_images, args, device)
     print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
           f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
+    if torch_dropout:
+        train["torch_dropout"] = torch_dropout
+        print(f"  with torch's nn.Dropout: {torch_dropout['steps_per_s']:.2f} steps/s (final loss "
+              f"{torch_dropout['final_loss']:.4f}): models.Dropout is {train['steps_per_s'] / torch_dropout['steps_per_s']:.2f}x")
     if args.save_model:
         models.save_checkpoint(args.save_model, fresh, bench_train_steps=args.train_steps, bench_lr=args.lr)
     if trained is not None:

@@ -707,7 +707,7 @@ def score_split(diffusion, dataset, settings, *, seed, keep_examples=8, keep_map
     dataset.context_slices = getattr(diffusion, "context_slices", 0)  # the neighbours the model reads (2.5-D)
     t0 = time.time()
     for batch in tqdm(split_loader(dataset, settings, workers), desc="scoring slices", unit="batch",
-                      leave=False, disable=rank != 0):
+                      leave=False, disable=True if rank else None):  # None: shown on a terminal only
         images, anatomy = batch["image"].to(diffusion.device), batch.get("anatomy")
         region = scored_masks(batch["mask"], anatomy, settings)
         levels = slice_levels(anatomy, batch["mask"])

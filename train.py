@@ -14,8 +14,11 @@ best_model.pt. The test split is left alone: evaluate.py reports it once.
 """
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -68,7 +71,7 @@ def get_args(argv=None):
 
 
 # what `--resume` may change without making the run another one; everything else must be as the run was started
-RESUME_MAY_CHANGE = {"num_workers", "eval_every", "device", "precision", "eval_batch_size", "pack_windows",
+RESUME_MAY_CHANGE = {"num_workers", "fold_processes", "eval_every", "device", "precision", "eval_batch_size", "pack_windows",
                      "channels_last", "cache_dir", "run_label", "hf_model", "output_dir", "resume", "overwrite",
                      "new_schedule", "verify_cache"}
 SCHEDULE_FLAGS = ("lr", "epochs")  # changed only with --new_schedule
@@ -165,6 +168,8 @@ def main(argv=None):
     args = get_args(argv)
     # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
     rank, world, device = models.setup_distributed(args.device)
+    models.check_flag(args.fold_processes == 1 or world == 1, "fold_processes", args.fold_processes,
+                      "trains folds side by side in one process's place; under torchrun the processes share each fold")
     if args.folds:
         train_cv(args, rank, world, device)
     else:
@@ -374,7 +379,8 @@ def train_epoch(state, train_set, args, epoch, rank, world):
                                          persistent_workers=args.num_workers > 0)
     state.train_model.train()
     losses = []
-    bar = tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", disable=rank != 0, leave=False)
+    bar = tqdm(loader, total=state.steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", leave=False,
+               disable=True if rank else None)  # None: shown on a terminal only (not in a log file)
     for step, batch in enumerate(bar):
         if step >= state.steps_per_epoch:
             break
@@ -479,21 +485,60 @@ def train_cv(args, rank, world, device):
         record = saved if args.resume else cv.assign_folds(index, args.folds, args.seed, saved)
         if rank == 0 and not args.resume:
             cv.write_folds(args.output_dir, record)
-        for fold in [args.fold] if args.fold is not None else range(args.folds):
-            folder = cv.fold_dir(args.output_dir, fold)
-            # the fold's own files were checked with the run folder's: a fold without last.pt (never started, or
-            # killed in its first epoch) starts afresh
-            resume = args.resume and os.path.exists(os.path.join(folder, "last.pt"))
-            fold_args = argparse.Namespace(**vars(args) | {"output_dir": folder, "fold": fold, "resume": resume,
-                                                           "overwrite": True})
-            splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=args.dataset)
-            if rank == 0:
-                print(f"fold {fold} of {args.folds}: test {len(splits['patients']['test'])} patients, val "
-                      f"{len(splits['patients']['val'])}, train {len(splits['patients']['train'])} -> {fold_args.output_dir}")
-            train_one(fold_args, rank, world, device, splits)
+        runs = [fold_run(args, index, record, fold, rank)
+                for fold in ([args.fold] if args.fold is not None else range(args.folds))]
+        if args.fold_processes > 1 and len(runs) > 1:
+            train_folds_in_processes(runs, args.fold_processes, device)
+        else:
+            for fold_args, splits in runs:
+                train_one(fold_args, rank, world, device, splits)
     finally:
         if lock:
             runfiles.release_output_dir(lock)
+
+
+def fold_run(args, index, record, fold, rank):
+    """Fold k of a CV run as an ordinary run: (its args, into RUN/fold_<k>/; its splits record)."""
+    folder = cv.fold_dir(args.output_dir, fold)
+    # the fold's own files were checked with the run folder's: a fold without last.pt (never started, or killed in
+    # its first epoch) starts afresh
+    resume = args.resume and os.path.exists(os.path.join(folder, "last.pt"))
+    fold_args = argparse.Namespace(**vars(args) | {"output_dir": folder, "fold": fold, "resume": resume, "overwrite": True})
+    splits = cv.fold_splits_record(index, record, fold, data_dir=args.data_dir, dataset=args.dataset)
+    if rank == 0:
+        print(f"fold {fold} of {args.folds}: test {len(splits['patients']['test'])} patients, val "
+              f"{len(splits['patients']['val'])}, train {len(splits['patients']['train'])} -> {folder}")
+    return fold_args, splits
+
+
+def train_folds_in_processes(runs, processes, device):
+    """--fold_processes N: the folds trained N at a time, each in its own process with 1/N of torch's threads, its
+    output in RUN/fold_<k>.log. Why: one small model's step uses two CPU cores poorly; on our 2-core CPU two folds at
+    one thread each take 0.83x the time of one after the other at two threads (RESULTS, 2026-12-06). Each fold is
+    seeded on its own (train.train), so the order does not matter; its numbers move by the rounding of another thread
+    count only. The first fold to fail stops the run (the folds not started are cancelled)."""
+    threads = max(1, torch.get_num_threads() // processes)
+    print(f"training {len(runs)} folds, {processes} at a time, {threads} thread(s) each; progress in each RUN/fold_<k>.log")
+    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads): fold_args.fold for fold_args, splits in runs}
+        for job in concurrent.futures.as_completed(jobs):
+            try:
+                print(f"fold {jobs[job]}: {job.result()}", flush=True)
+            except SystemExit as e:  # a fold's one-line error, said with its fold
+                raise SystemExit(f"{e.code} (fold {jobs[job]})" if isinstance(e.code, str) else e.code) from None
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def train_fold_logged(fold_args, splits, device, threads):
+    """One fold in a process of train_folds_in_processes, printing into RUN/fold_<k>.log. -> the log's last line."""
+    torch.set_num_threads(threads)
+    log_path = os.path.normpath(fold_args.output_dir) + ".log"
+    with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train_one(fold_args, 0, 1, device, splits)
+    with open(log_path) as log:
+        return f"{[line.strip() for line in log if line.strip()][-1]} (log: {log_path})"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ assertions; the speed options themselves are tested in test_scoring.py."""
 import json
 
 import pytest
+import torch
 
 
 import bench
@@ -44,9 +45,22 @@ def test_bench_modes_keeps_naive_and_the_default(tmp_path):
     path = tmp_path / "bench.json"
     bench.main(["--image_size", "32", "--base_channels", "8", "--patch_size", "8", "--stride", "8",
                 "--slices", "4", "--train_steps", "1", "--repeats", "1", "--loader_images", "0",
-                "--threads", "1", "--modes", "default", "--json", str(path)])
+                "--threads", "1", "--modes", "default", "--time_torch_dropout", "--json", str(path)])
     report = json.loads(path.read_text())
     assert set(report["modes"]) == {"naive", report["default_mode"]}
+    # the reference step trained a copy: the same number of steps from the same start, timed on its own
+    reference = report["train"]["torch_dropout"]
+    assert reference["steps"] == report["train"]["steps"] == 1 and reference["steps_per_s"] > 0
+
+
+def test_the_reference_of_time_torch_dropout_is_a_copy_with_torch_dropout():
+    import models
+    from helpers import as_diffusion, tiny_unet
+    diffusion = as_diffusion(tiny_unet())
+    reference = bench.with_torch_dropout(diffusion)
+    kinds = lambda d: {type(m) for m in d.network.modules() if isinstance(m, torch.nn.Dropout)}  # noqa: E731
+    assert kinds(diffusion) == {models.Dropout} and kinds(reference) == {torch.nn.Dropout}
+    assert all(torch.equal(a, b) for a, b in zip(diffusion.network.parameters(), reference.network.parameters()))
 
 
 def test_bench_scale_writes_an_rsna_folder_and_times_the_index(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import cohort
 import config
@@ -189,6 +190,25 @@ def test_resume_continues_the_cv_run_where_it_stopped(cv_run):
     data_dir = json.loads((out / "fold_0" / "splits.json").read_text())["data_dir"]
     with pytest.raises(SystemExit, match="output dir is not empty; use --resume"):
         train.main(tiny_train_args(data_dir, out, "--folds", str(K)))
+
+
+def test_folds_trained_in_processes_are_the_folds_trained_in_turn(phantom_dir, tmp_path, no_figures):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a fold process gets 1 // 2 -> 1 thread: the same arithmetic as in turn at 1 thread
+    try:
+        flags = ("--folds", K, "--num_samples", "4")
+        quiet(train.main, tiny_train_args(phantom_dir, tmp_path / "in_turn", *flags))
+        quiet(train.main, tiny_train_args(phantom_dir, tmp_path / "side_by_side", *flags, "--fold_processes", 2))
+    finally:
+        torch.set_num_threads(threads)
+    for fold in range(K):
+        in_turn, side_by_side = (torch.load(tmp_path / run / f"fold_{fold}" / "last.pt", weights_only=True)["model"]
+                                 for run in ("in_turn", "side_by_side"))
+        assert all(torch.equal(in_turn[name], side_by_side[name]) for name in in_turn)
+        log = (tmp_path / "side_by_side" / f"fold_{fold}.log").read_text()
+        assert "epoch   1 |" in log and "done: best" in log and "\r" not in log  # no progress bars in a log file
+    with pytest.raises(SystemExit, match="--fold_processes 2: needs --folds K"):
+        train.main(tiny_train_args(phantom_dir, tmp_path / "plain", "--fold_processes", 2))
 
 
 def test_a_folds_model_never_sees_its_fold(cv_run):

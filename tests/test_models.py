@@ -258,3 +258,30 @@ def test_rebuild_runs_a_given_network_that_has_no_truth_value():
     x_t, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 500])
     with torch.no_grad():
         assert torch.allclose(diffusion.rebuild(x_t, t, network=NoLen(unet)), 2 * diffusion.rebuild(x_t, t))
+
+
+def test_dropout_keeps_one_minus_p_scales_the_kept_and_repeats_under_a_seed():
+    x = torch.ones(4, 8, 64, 64)
+    dropout = models.Dropout(0.1).train()
+    torch.manual_seed(3)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 131,072 draws: sd 0.0008
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))  # the expectation of every pixel is kept
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), y)  # a seeded epoch (train.train_epoch) repeats its masks
+    assert not torch.equal(dropout(x), y)
+    # neighbouring elements come from different 16-bit lanes of one draw: no pattern across them
+    lanes = kept.flatten()[: 4 * (kept.numel() // 4)].view(-1, 4).float()
+    assert (lanes.mean(0) - 0.9).abs().max() < 0.01 and abs(torch.corrcoef(lanes.T)[0, 1].item()) < 0.02
+    assert torch.equal(dropout.eval()(x), x) and isinstance(dropout, nn.Dropout)
+
+
+def test_dropout_passes_the_gradient_through_the_kept_elements_only():
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    y = models.Dropout(0.5).train()(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() * 2.0)
+    assert torch.equal(models.Dropout(0.0).train()(x), x)  # p = 0: nothing drawn, nothing dropped
+    unet = models.UNet(in_channels=1, base_channels=8, channel_mults=(1, 2), dropout=0.1)
+    assert all(type(block.dropout) is models.Dropout for block in unet.down_blocks[0])
