@@ -521,7 +521,9 @@ def train_folds_in_processes(runs, processes, device):
     print(f"training {len(runs)} folds, {processes} at a time, {threads} thread(s) each; progress in each RUN/fold_<k>.log")
     pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     try:
-        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads): fold_args.fold for fold_args, splits in runs}
+        start_method = multiprocessing.get_start_method()  # the platform's, before spawn's children overwrite theirs
+        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads, start_method): fold_args.fold
+                for fold_args, splits in runs}
         for job in concurrent.futures.as_completed(jobs):
             try:
                 print(f"fold {jobs[job]}: {job.result()}", flush=True)
@@ -531,9 +533,12 @@ def train_folds_in_processes(runs, processes, device):
         pool.shutdown(cancel_futures=True)
 
 
-def train_fold_logged(fold_args, splits, device, threads):
+def train_fold_logged(fold_args, splits, device, threads, start_method):
     """One fold in a process of train_folds_in_processes, printing into RUN/fold_<k>.log. -> the log's last line."""
     torch.set_num_threads(threads)
+    # a spawned process starts its own children by spawn too; the epoch's data loader workers (a new one each epoch)
+    # would then import everything again each epoch (~4 s an epoch here): start them as train.py alone does
+    multiprocessing.set_start_method(start_method, force=True)
     log_path = os.path.normpath(fold_args.output_dir) + ".log"
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train_one(fold_args, 0, 1, device, splits)
