@@ -72,6 +72,9 @@ def get_args(argv=None):
     p.add_argument("--time_torch_dropout", action="store_true",
                    help="also time the training step with torch's nn.Dropout (the step before models.Dropout), same "
                         "start, same steps, and print the ratio")
+    p.add_argument("--profile_training", type=int, default=0, metavar="STEPS",
+                   help="also profile this many more training steps (torch.profiler; they train the scored model further) and "
+                        "print the operators by their own time")
     p.add_argument("--time_bootstrap", action="store_true",
                    help="also time the evaluation's patient bootstrap (1000 samples) against a loop of sklearn calls")
     p.add_argument("--modes", nargs="+", default=None,
@@ -203,8 +206,9 @@ def load_slices(args, data_dir, input_hu):
     return rd.index, rd.cache, rd.cache.ok(rd.splits["train"]), np.concatenate([pos, matched])
 
 
-def bench_training(diffusion, train_images, args, device):
-    """Steps/s of train.py's step (models.Diffusion.loss under its precision, clipped AdamW)."""
+def bench_training(diffusion, train_images, args, device, profile=0):
+    """Steps/s of train.py's step (models.Diffusion.loss under its precision, clipped AdamW); profile: also profile
+    that many steps after the timed ones."""
     model = diffusion.network
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
@@ -226,10 +230,23 @@ def bench_training(diffusion, train_images, args, device):
         loss = step()
     sync(device)
     seconds = time.perf_counter() - t0
+    if profile:
+        profile_steps(step, profile, device)
     model.eval()
     return {"steps_per_s": args.train_steps / seconds, "images_per_s": args.train_steps * args.batch_size / seconds,
             "seconds": seconds, "steps": args.train_steps, "batch_size": args.batch_size,
             "precision": "bf16" if diffusion.autocast_dtype is not None else "fp32", "final_loss": loss.item()}
+
+
+def profile_steps(step, steps, device):
+    """Print where `steps` training steps spend their time: torch.profiler's operators by self time (the top 12)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {steps} training steps:\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=12))
 
 
 def with_torch_dropout(diffusion):
@@ -504,7 +521,7 @@ def main(argv=None):
 
     train_images = torch.from_numpy(cache.images[train_positions].astype(np.float32))
     torch_dropout = bench_training(with_torch_dropout(fresh), train_images, args, device) if args.time_torch_dropout else None
-    train = bench_training(fresh, train_images, args, device)
+    train = bench_training(fresh, train_images, args, device, profile=args.profile_training)
     print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
           f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
     if torch_dropout:

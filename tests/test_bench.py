@@ -41,16 +41,18 @@ def test_bench_tiny_run_writes_the_table(tmp_path):
     assert set(report["loader_images_per_s"]) == {"num_workers=0", "num_workers=1", "num_workers=2"}
 
 
-def test_bench_modes_keeps_naive_and_the_default(tmp_path):
+def test_bench_modes_keeps_naive_and_the_default(tmp_path, capsys):
     path = tmp_path / "bench.json"
     bench.main(["--image_size", "32", "--base_channels", "8", "--patch_size", "8", "--stride", "8",
                 "--slices", "4", "--train_steps", "1", "--repeats", "1", "--loader_images", "0",
-                "--threads", "1", "--modes", "default", "--time_torch_dropout", "--json", str(path)])
+                "--threads", "1", "--modes", "default", "--time_torch_dropout", "--profile_training", "1", "--json", str(path)])
     report = json.loads(path.read_text())
     assert set(report["modes"]) == {"naive", report["default_mode"]}
     # the reference step trained a copy: the same number of steps from the same start, timed on its own
     reference = report["train"]["torch_dropout"]
     assert reference["steps"] == report["train"]["steps"] == 1 and reference["steps_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "profile of 1 training steps" in printed and "aten::convolution_backward" in printed
 
 
 def test_the_reference_of_time_torch_dropout_is_a_copy_with_torch_dropout():
