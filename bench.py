@@ -238,6 +238,19 @@ def bench_training(diffusion, train_images, args, device, profile=0):
             "precision": "bf16" if diffusion.autocast_dtype is not None else "fp32", "final_loss": loss.item()}
 
 
+def time_training(fresh, train_images, args, device):
+    """bench_training of the fresh model (and, with --time_torch_dropout, first of a copy with torch's dropout), printed."""
+    torch_dropout = bench_training(with_torch_dropout(fresh), train_images, args, device) if args.time_torch_dropout else None
+    train = bench_training(fresh, train_images, args, device, profile=args.profile_training)
+    print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
+          f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
+    if torch_dropout:
+        train["torch_dropout"] = torch_dropout
+        print(f"  with torch's nn.Dropout: {torch_dropout['steps_per_s']:.2f} steps/s (final loss "
+              f"{torch_dropout['final_loss']:.4f}): models.Dropout is {train['steps_per_s'] / torch_dropout['steps_per_s']:.2f}x")
+    return train
+
+
 def profile_steps(step, steps, device):
     """Print where `steps` training steps spend their time: torch.profiler's operators by self time (the top 12)."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -519,15 +532,7 @@ def main(argv=None):
           f"{args.base_channels} | patch {base.patch_size} stride {base.stride} | {gflops:.3f} GFLOPs per forward | "
           f"{len(labels)} slices scored ({labels.sum()} hemorrhage)")
 
-    train_images = torch.from_numpy(cache.images[train_positions].astype(np.float32))
-    torch_dropout = bench_training(with_torch_dropout(fresh), train_images, args, device) if args.time_torch_dropout else None
-    train = bench_training(fresh, train_images, args, device, profile=args.profile_training)
-    print(f"training ({train['precision']}): {train['steps_per_s']:.2f} steps/s, {train['images_per_s']:.1f} images/s "
-          f"(batch {args.batch_size}, {args.train_steps} steps, final loss {train['final_loss']:.4f})")
-    if torch_dropout:
-        train["torch_dropout"] = torch_dropout
-        print(f"  with torch's nn.Dropout: {torch_dropout['steps_per_s']:.2f} steps/s (final loss "
-              f"{torch_dropout['final_loss']:.4f}): models.Dropout is {train['steps_per_s'] / torch_dropout['steps_per_s']:.2f}x")
+    train = time_training(fresh, torch.from_numpy(cache.images[train_positions].astype(np.float32)), args, device)
     if args.save_model:
         models.save_checkpoint(args.save_model, fresh, bench_train_steps=args.train_steps, bench_lr=args.lr)
     if trained is not None:
