@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import warnings
 
@@ -522,24 +523,43 @@ def train_folds_in_processes(runs, processes, device):
     pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     try:
         start_method = multiprocessing.get_start_method()  # the platform's, before spawn's children overwrite theirs
-        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads, start_method): fold_args.fold
+        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads, start_method): fold_args
                 for fold_args, splits in runs}
         for job in concurrent.futures.as_completed(jobs):
+            fold, log_path = jobs[job].fold, fold_log(jobs[job])
             try:
-                print(f"fold {jobs[job]}: {job.result()}", flush=True)
+                print(f"fold {fold}: {job.result()}", flush=True)
             except SystemExit as e:  # a fold's one-line error, said with its fold
-                raise SystemExit(f"{e.code} (fold {jobs[job]})" if isinstance(e.code, str) else e.code) from None
+                raise SystemExit(f"{e.code} (fold {fold})" if isinstance(e.code, str) else e.code) from None
+            except concurrent.futures.process.BrokenProcessPool:  # killed from outside (out of memory, a signal)
+                raise SystemExit(f"error: fold {fold}'s process died (out of memory? killed?); its log: {log_path}; "
+                                 "continue with --resume") from None
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def exit_with_parent(parent_pid):
+    """End this fold's process once train.py's is gone (killed from outside: `kill`, a scheduler). Otherwise it would go
+    on training and writing into the run unseen. Checkpoints are written to *.tmp and renamed, so a hard exit leaves
+    at most a .tmp file, which --resume removes."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def fold_log(fold_args):
+    """RUN/fold_<k>.log, beside the fold's folder (not in it: --overwrite clears the folder)."""
+    return os.path.normpath(fold_args.output_dir) + ".log"
 
 
 def train_fold_logged(fold_args, splits, device, threads, start_method):
     """One fold in a process of train_folds_in_processes, printing into RUN/fold_<k>.log. -> the log's last line."""
     torch.set_num_threads(threads)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     # a spawned process starts its own children by spawn too; the epoch's data loader workers (a new one each epoch)
     # would then import everything again each epoch (~4 s an epoch here): start them as train.py alone does
     multiprocessing.set_start_method(start_method, force=True)
-    log_path = os.path.normpath(fold_args.output_dir) + ".log"
+    log_path = fold_log(fold_args)
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train_one(fold_args, 0, 1, device, splits)
     with open(log_path) as log:

@@ -3,8 +3,14 @@ the fold assignment, what each fold's model may see, the out-of-fold scores, res
 import csv
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +29,7 @@ import scoring
 import sweep
 import train
 import trained
-from helpers import one_scan_folder, quiet, stand_in_figures, tiny_train_args
+from helpers import ROOT, one_scan_folder, quiet, stand_in_figures, tiny_train_args
 
 K = 2
 
@@ -209,6 +215,47 @@ def test_folds_trained_in_processes_are_the_folds_trained_in_turn(phantom_dir, t
         assert "epoch   1 |" in log and "done: best" in log and "\r" not in log  # no progress bars in a log file
     with pytest.raises(SystemExit, match="--fold_processes 2: needs --folds K"):
         train.main(tiny_train_args(phantom_dir, tmp_path / "plain", "--fold_processes", 2))
+
+
+def test_a_fold_process_killed_from_outside_stops_the_run_in_one_line(phantom_dir, tmp_path, no_figures):
+    def kill_the_first_fold_process():  # as the out-of-memory killer would, a second into its start
+        for _ in range(400):
+            children = multiprocessing.active_children()
+            if children:
+                time.sleep(1.0)
+                os.kill(children[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+    threading.Thread(target=kill_the_first_fold_process, daemon=True).start()
+    with pytest.raises(SystemExit, match=r"error: fold \d's process died \(out of memory\? killed\?\); its log: .*fold_\d\.log; "
+                                         "continue with --resume"):
+        quiet(train.main, tiny_train_args(phantom_dir, tmp_path / "run", "--folds", K, "--num_samples", 4, "--fold_processes", 2))
+
+
+def test_fold_processes_end_when_train_py_is_killed(phantom_dir, tmp_path):
+    # train.py in its own process, killed from outside (`kill -9`, a scheduler) once its fold processes are up
+    cmd = [sys.executable, "train.py", *tiny_train_args(phantom_dir, tmp_path / "run", "--folds", K, "--epochs", 50,
+                                                        "--num_samples", 4, "--fold_processes", 2)]
+    parent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    children = lambda: subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True,  # noqa: E731
+                                      text=True).stdout.split()
+    before = set(children())
+    try:
+        for _ in range(600):  # until both fold processes have started
+            if (tmp_path / "run" / "fold_0.log").exists() and (tmp_path / "run" / "fold_1.log").exists():
+                break
+            time.sleep(0.05)
+        folds = set(children()) - before
+        assert len(folds) >= 2
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(100):  # each notices within a second or two
+        if not folds & set(children()):
+            break
+        time.sleep(0.1)
+    assert not folds & set(children()), "a fold process outlived train.py"
 
 
 def test_a_folds_model_never_sees_its_fold(cv_run):
