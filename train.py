@@ -523,7 +523,7 @@ def train_folds_in_processes(runs, processes, device):
     pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     try:
         start_method = multiprocessing.get_start_method()  # the platform's, before spawn's children overwrite theirs
-        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads, start_method): fold_args
+        jobs = {pool.submit(train_fold_logged, fold_args, splits, device, threads, start_method, os.getpid()): fold_args
                 for fold_args, splits in runs}
         for job in concurrent.futures.as_completed(jobs):
             fold, log_path = jobs[job].fold, fold_log(jobs[job])
@@ -552,10 +552,12 @@ def fold_log(fold_args):
     return os.path.normpath(fold_args.output_dir) + ".log"
 
 
-def train_fold_logged(fold_args, splits, device, threads, start_method):
+def train_fold_logged(fold_args, splits, device, threads, start_method, parent_pid):
     """One fold in a process of train_folds_in_processes, printing into RUN/fold_<k>.log. -> the log's last line."""
     torch.set_num_threads(threads)
-    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # parent_pid is train.py's as it was when the fold was sent: had it died before this process got here, this
+    # process's parent would already be another one
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
     # a spawned process starts its own children by spawn too; the epoch's data loader workers (a new one each epoch)
     # would then import everything again each epoch (~4 s an epoch here): start them as train.py alone does
     multiprocessing.set_start_method(start_method, force=True)

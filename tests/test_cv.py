@@ -232,14 +232,23 @@ def test_a_fold_process_killed_from_outside_stops_the_run_in_one_line(phantom_di
         quiet(train.main, tiny_train_args(phantom_dir, tmp_path / "run", "--folds", K, "--num_samples", 4, "--fold_processes", 2))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc (Linux)")
 def test_fold_processes_end_when_train_py_is_killed(phantom_dir, tmp_path):
     # train.py in its own process, killed from outside (`kill -9`, a scheduler) once its fold processes are up
     cmd = [sys.executable, "train.py", *tiny_train_args(phantom_dir, tmp_path / "run", "--folds", K, "--epochs", 50,
                                                         "--num_samples", 4, "--fold_processes", 2)]
     parent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    children = lambda: subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True,  # noqa: E731
-                                      text=True).stdout.split()
+    def children():  # the pids of running processes started by multiprocessing's spawn, from /proc
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"multiprocessing.spawn" in f.read():
+                        pids.append(pid)
+            except OSError:  # gone meanwhile
+                pass
+        return pids
     before = set(children())
     try:
         for _ in range(600):  # until both fold processes have started
@@ -251,7 +260,7 @@ def test_fold_processes_end_when_train_py_is_killed(phantom_dir, tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    for _ in range(100):  # each notices within a second or two
+    for _ in range(600):  # each notices within a second or two (longer on a loaded machine: it may still be starting)
         if not folds & set(children()):
             break
         time.sleep(0.1)
