@@ -91,7 +91,7 @@ def keep_mask(shape, p):
 
 class Dropout(nn.Dropout):
     """nn.Dropout, with the mask of a CPU training step made by keep_mask. Why: torch's CPU dropout (bernoulli_) draws
-    one generator number per element on one thread; at the CT-ICH recipe's shapes that was 24 % of a training step on
+    one generator number per element on one thread; at the CT-ICH recipe's shapes that was 23 % of a training step on
     our 2-core AMD EPYC, keep_mask a quarter of it (RESULTS, 2026-12-06). Elsewhere (CUDA's fused kernel is fast) and
     in eval mode it is nn.Dropout. Both draw from torch's default generator, so a seeded epoch repeats exactly."""
 

@@ -170,7 +170,7 @@ def main(argv=None):
     # Under torchrun (world > 1) every process runs this script; rank 0 alone checks and writes --output_dir.
     rank, world, device = models.setup_distributed(args.device)
     models.check_flag(args.fold_processes == 1 or world == 1, "fold_processes", args.fold_processes,
-                      "trains folds side by side in one process's place; under torchrun the processes share each fold")
+                      "is not for torchrun (there the processes share each fold)")
     if args.folds:
         train_cv(args, rank, world, device)
     else:
@@ -548,7 +548,7 @@ def exit_with_parent(parent_pid):
 
 
 def fold_log(fold_args):
-    """RUN/fold_<k>.log, beside the fold's folder (not in it: --overwrite clears the folder)."""
+    """RUN/fold_<k>.log, beside the fold's folder (which holds the run's own files only)."""
     return os.path.normpath(fold_args.output_dir) + ".log"
 
 
@@ -562,7 +562,9 @@ def train_fold_logged(fold_args, splits, device, threads, start_method, parent_p
     # would then import everything again each epoch (~4 s an epoch here): start them as train.py alone does
     multiprocessing.set_start_method(start_method, force=True)
     log_path = fold_log(fold_args)
-    with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    # a resumed fold goes on with its log; a fold started afresh (or overwritten) starts a new one
+    with open(log_path, "a" if fold_args.resume else "w", buffering=1) as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train_one(fold_args, 0, 1, device, splits)
     with open(log_path) as log:
         return f"{[line.strip() for line in log if line.strip()][-1]} (log: {log_path})"

@@ -213,6 +213,9 @@ def test_folds_trained_in_processes_are_the_folds_trained_in_turn(phantom_dir, t
         assert all(torch.equal(in_turn[name], side_by_side[name]) for name in in_turn)
         log = (tmp_path / "side_by_side" / f"fold_{fold}.log").read_text()
         assert "epoch   1 |" in log and "done: best" in log and "\r" not in log  # no progress bars in a log file
+    # a run started again over the old one writes its logs afresh (a resumed one would go on with them)
+    quiet(train.main, tiny_train_args(phantom_dir, tmp_path / "side_by_side", *flags, "--fold_processes", 2, "--overwrite"))
+    assert (tmp_path / "side_by_side" / "fold_0.log").read_text().count("epoch   1 |") == 1
     with pytest.raises(SystemExit, match="--fold_processes 2: needs --folds K"):
         train.main(tiny_train_args(phantom_dir, tmp_path / "plain", "--fold_processes", 2))
 
