@@ -115,7 +115,7 @@ def resolve(cls, saved, overrides=None):
 
 # fields whose default is None, and framing (the model config's is the one read: models.complete_config): "not
 # recorded" is not worth a note for them
-_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "folds", "fold", "image_window", "framing"}
+_NONE_IS_DEFAULT = {"cache_dir", "max_steps", "patch_size", "stride", "pack_gap", "folds", "fold", "image_window", "framing"}
 
 
 def add_run_flags(p):

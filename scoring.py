@@ -84,6 +84,10 @@ class ScoringSettings:
     # bench.py (README, "Speed"): 49 windows in 9 passes at 128^2, 9-11x naive with bf16 + channels_last; slice
     # ROC-AUC moved by up to 0.02 against one window per pass on the phantom (<= 0.008 on CT-ICH), rho >= 0.976.
     pack_windows: bool = True
+    # Pixels between windows noised in one pass; None: patch_size // 2 (for_image), 9 passes. Gap 0 (windows edge to
+    # edge, 4 passes) scores 1.65-2x faster but lowered slice ROC-AUC out of fold on CT-ICH in all six pairs
+    # measured (-0.001 to -0.028; RESULTS.md 2026-12-06, sixth session): an option for screening, not the default.
+    pack_gap: int = None
     # bench.py: 1.3x at 128^2 with bf16 on this CPU (slightly slower at 64^2); the same map up to bf16 rounding.
     channels_last: bool = True
     # Options of the issue-13 method study, off by default (README, "Round two": each measured on validation,
@@ -110,7 +114,8 @@ class ScoringSettings:
     def for_image(self, image_size):
         """A copy with patch_size and stride filled in for this image size."""
         patch_size = self.patch_size or image_size // 4
-        return dataclasses.replace(self, patch_size=patch_size, stride=self.stride or patch_size // 2)
+        pack_gap = patch_size // 2 if self.pack_gap is None else self.pack_gap
+        return dataclasses.replace(self, patch_size=patch_size, stride=self.stride or patch_size // 2, pack_gap=pack_gap)
 
     def check(self, image_size, training=False):
         """self.for_image(image_size), or a one-line SystemExit naming the first flag that cannot work at this
@@ -128,6 +133,7 @@ class ScoringSettings:
         need(filled.patch_size <= image_size, "patch_size", filled.patch_size, f"larger than the image ({image_size} px)")
         need(filled.patch_size >= 2, "patch_size", filled.patch_size, "must be at least 2 pixels")
         need(filled.stride >= 1, "stride", filled.stride, "must be at least 1")
+        need(filled.pack_gap >= 0, "pack_gap", filled.pack_gap, "must be 0 (windows edge to edge) or more")
         need(filled.stride <= filled.patch_size, "stride", filled.stride,
              f"larger than the window (--patch_size {filled.patch_size}): pixels between windows would never be scored")
         need(len(self.eval_t) >= 1, "eval_t", "", "give at least one timestep")
@@ -147,11 +153,6 @@ class ScoringSettings:
         need(self.asymmetry in ASYMMETRIES, "asymmetry", self.asymmetry, f"one of {', '.join(ASYMMETRIES)}")
         need(self.normative in NORMATIVES, "normative", self.normative, f"one of {', '.join(NORMATIVES)}")
         return filled
-
-    @property
-    def pack_gap(self):
-        """Windows noised in one forward pass are at least this far apart (None: one window per pass)."""
-        return self.patch_size // 2 if self.pack_windows else None
 
     def as_dict(self):
         return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}
@@ -211,8 +212,12 @@ def add_scoring_flags(group, from_checkpoint=False, leave_out=()):
     group.add_argument("--skip_outside_mask", action=argparse.BooleanOptionalAction, default=default("skip_outside_mask"),
                        help="do not run windows that contain no intracranial pixel (faster; their error counts as 0)")
     group.add_argument("--pack_windows", action=argparse.BooleanOptionalAction, default=default("pack_windows"),
-                       help="noise several windows at least patch_size/2 apart in one forward pass (49 windows in 9 "
-                            "passes); --no-pack_windows runs one window per pass, as the spec")
+                       help="noise several windows at least --pack_gap apart in one forward pass (49 windows in 9 "
+                            "passes at the default gap); --no-pack_windows runs one window per pass, as the spec")
+    group.add_argument("--pack_gap", type=int, default=default("pack_gap"),
+                       help="pixels between windows noised in one pass (default: patch_size / 2, 49 windows in 9 "
+                            "passes; 0: edge to edge, 4 passes, 1.65-2x faster scoring, out-of-fold slice ROC-AUC on "
+                            "CT-ICH 0.001-0.028 lower)")
     group.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=default("channels_last"),
                        help="score in NHWC memory layout (weights converted for the call and back)")
     group.add_argument("--noise", default=default("noise"), choices=NOISES,
@@ -310,6 +315,7 @@ def window_jobs(settings, image_size, n_slices, brain_masks=None):
     """The forward passes that score n_slices slices, in a fixed order (so is the order of the sums): per t, per
     slice, per group of windows noised together (one window unless settings.pack_windows). With brain_masks
     (bool [N, H, W], on the CPU), windows that touch no brain are left out."""
+    settings = settings.for_image(image_size)  # the default gap, where a caller did not fill it in
     p = settings.patch_size
     windows = [Window(k, top, left) for k, (top, left) in enumerate(window_grid(image_size, p, settings.stride))]
     jobs = []
@@ -317,7 +323,7 @@ def window_jobs(settings, image_size, n_slices, brain_masks=None):
         for i in range(n_slices):
             kept = windows if brain_masks is None else [
                 w for w in windows if brain_masks[i, w.top:w.top + p, w.left:w.left + p].any()]
-            groups = [[w] for w in kept] if settings.pack_gap is None else pack_windows(kept, p, settings.stride, settings.pack_gap)
+            groups = pack_windows(kept, p, settings.stride, settings.pack_gap) if settings.pack_windows else [[w] for w in kept]
             jobs += [Job(i, t, group) for group in groups]
     return jobs
 

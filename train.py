@@ -73,7 +73,7 @@ def get_args(argv=None):
 
 # what `--resume` may change without making the run another one; everything else must be as the run was started
 RESUME_MAY_CHANGE = {"num_workers", "fold_processes", "eval_every", "device", "precision", "eval_batch_size", "pack_windows",
-                     "channels_last", "cache_dir", "run_label", "hf_model", "output_dir", "resume", "overwrite",
+                     "pack_gap", "channels_last", "cache_dir", "run_label", "hf_model", "output_dir", "resume", "overwrite",
                      "new_schedule", "verify_cache"}
 SCHEDULE_FLAGS = ("lr", "epochs")  # changed only with --new_schedule
 TRAIN_OUTPUTS = ("last.pt", "best_model.pt", "best_model_loss.pt", "training_history.json", "args.json", "splits.json",

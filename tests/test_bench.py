@@ -30,6 +30,10 @@ def test_bench_tiny_run_writes_the_table(tmp_path):
     assert report["modes"]["batched"]["forwards_per_slice"] == 16
     assert all(m["forwards_per_slice"] <= 16 for m in report["modes"].values())
     assert any(m["forwards_per_slice"] < 16 for name, m in report["modes"].items() if "pack" in name)
+    # windows edge to edge (stride = window here): the whole grid in one pass, against 4 at the default gap of 4
+    edge_to_edge = report["default_mode"] + "-gap0"
+    assert report["modes"][edge_to_edge]["forwards_per_slice"] == 1
+    assert report["modes"][report["default_mode"]]["forwards_per_slice"] == 4
 
     # batching changes nothing but the speed: same windows, same noise, fp32
     assert report["modes"]["batched"]["max_abs_map_diff_vs_naive"] < 1e-4

@@ -201,15 +201,19 @@ def test_packed_windows_are_apart_and_cover_every_window_once():
     assert len(scoring.pack_windows(grid, 32, 16, 16)) == 9  # every third window of every third row
 
 
-def test_packing_with_one_window_per_group_is_the_plain_map(monkeypatch):
+def test_packing_with_one_window_per_group_is_the_plain_map():
     model, scheduler, images = _tiny_setup()
     plain = score_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5)
     packed = score_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5, pack_windows=True)
     assert (packed > 0).all() and not torch.allclose(plain, packed, atol=1e-5)  # an approximation, not the same map
     # a gap wider than the image puts every window in a group of its own: the plain map again
-    monkeypatch.setattr(scoring.ScoringSettings, "pack_gap", property(lambda self: 1000))
-    alone = score_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5, pack_windows=True)
+    alone = score_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5, pack_windows=True,
+                       pack_gap=1000)
     assert torch.allclose(plain, alone, atol=1e-5)
+    # edge to edge (gap 0): fewer passes, and a map that differs from both
+    edge = score_maps(model, images, scheduler, patch_size=8, stride=4, seeds=[1, 2], eval_batch_size=5, pack_windows=True,
+                      pack_gap=0)
+    assert (edge > 0).all() and not torch.allclose(edge, packed, atol=1e-5)
 
 
 def test_smooth_along_scans_averages_scored_neighbours_of_the_same_scan_only():
@@ -350,7 +354,7 @@ def test_every_script_takes_its_scoring_defaults_from_the_settings_object(phanto
     flags = evaluate.get_args(["--checkpoint", "c.pt"])
     assert all(value is None for value in scoring_fields(flags).values())  # None: the run's value
     resolved, missing = config.resolve(scoring.ScoringSettings, {}, flags)
-    assert resolved == scoring.DEFAULTS and set(missing) == set(scoring.FIELDS) - {"patch_size", "stride"}
+    assert resolved == scoring.DEFAULTS and set(missing) == set(scoring.FIELDS) - {"patch_size", "stride", "pack_gap"}
     grid = sweep.get_args(["--checkpoint", "c.pt"])
     d = scoring.DEFAULTS  # the default setting is one point of the default grid
     assert set(d.eval_t) <= set(grid.eval_t) and d.residual in grid.residuals
@@ -361,7 +365,10 @@ def test_every_script_takes_its_scoring_defaults_from_the_settings_object(phanto
 def test_settings_window_rule_pack_gap_noise_seed_and_resolve():
     s = scoring.DEFAULTS.for_image(128)
     assert (s.patch_size, s.stride, s.pack_gap) == (32, 16, 16)
-    assert scoring.DEFAULTS.for_image(256).patch_size == 64 and dataclasses.replace(s, pack_windows=False).pack_gap is None
+    assert scoring.DEFAULTS.for_image(256).patch_size == 64 and scoring.DEFAULTS.for_image(256).pack_gap == 32
+    assert scoring.ScoringSettings(pack_gap=0).for_image(128).pack_gap == 0  # 0 is a gap, not "the default"
+    passes = {gap: scoring.passes_per_slice(dataclasses.replace(s, pack_gap=gap), 128) for gap in (16, 0)}
+    assert passes == {16: 9, 0: 4} and scoring.passes_per_slice(dataclasses.replace(s, pack_windows=False), 128) == 49
     assert scoring.ScoringSettings(patch_size=20).for_image(256).stride == 10
     assert scoring.noise_seed(3, 7) == 3 * 1_000_003 + 7
     saved = {"patch_size": 16, "stride": 8, "eval_t": [150], "residual": "abs", "score": "mean", "median_size": 0}
@@ -371,6 +378,16 @@ def test_settings_window_rule_pack_gap_noise_seed_and_resolve():
     assert set(missing) == {"eval_batch_size", "smooth_slices", "skip_outside_mask", "pack_windows", "channels_last"} | issue13_options
     assert resolved.smooth_slices == scoring.DEFAULTS.smooth_slices
     assert scoring.ScoringSettings.from_flags(resolved.as_dict()) == resolved  # what args.json holds reads back
+    assert resolved.for_image(64).pack_gap == 8  # a run saved before --pack_gap scores with the gap it had: patch / 2
+
+
+def test_a_saved_reference_is_not_read_for_another_pack_gap():
+    import types
+    import cv
+    run, checkpoint = types.SimpleNamespace(min_brain_fraction=0.15), {"epoch": 3, "metrics": {}}
+    settings = scoring.DEFAULTS.for_image(128)
+    keys = [cv.reference_key(dataclasses.replace(settings, pack_gap=gap), 1, run, checkpoint) for gap in (16, 0)]
+    assert keys[0] != keys[1]
 
 
 def test_every_residual_and_score_has_a_label_and_a_flag_choice():
